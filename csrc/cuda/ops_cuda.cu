@@ -1,0 +1,173 @@
+// CUDA backend of the shared time loops: cuBLAS GEMMs through ATen on the current stream and handle,
+// one fused pointwise kernel per step, a device guard, no synchronization and no allocation in the
+// loops. Registered for the CUDA dispatch key.
+#include <ATen/cuda/CUDABlas.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../layer_ops.h"
+
+namespace lstmfast {
+namespace {
+
+using namespace kernels;
+
+constexpr int kThreads = 256;
+
+// Sum of v over the block; deterministic (a fixed tree). All threads must call it.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v, acc_t* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
+    __syncthreads();
+  }
+  const acc_t r = shared[0];
+  __syncthreads();
+  return r;
+}
+
+// Grid: x = row (sequence) of this step, y = column blocks. With norms, y is 1 so a block owns a row.
+#define LSTMFAST_COLUMNS(width)                                                              \
+  for (int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; j < (width);             \
+       j += int64_t(gridDim.y) * blockDim.x)
+
+template <typename T, typename acc_t>
+__global__ void lstm_forward_kernel(LstmForwardStep<T> s) {
+  LSTMFAST_COLUMNS(s.hidden_size) lstm_forward_point<T, acc_t>(s, blockIdx.x, j);
+}
+
+template <typename T, typename acc_t>
+__global__ void lstm_backward_kernel(LstmBackwardStep<T> s, acc_t* hidden_norm, acc_t* cell_norm) {
+  __shared__ acc_t shared[kThreads];
+  acc_t hidden = 0, cell = 0;
+  LSTMFAST_COLUMNS(s.hidden_size) {
+    const auto sq = lstm_backward_point<T, acc_t>(s, blockIdx.x, j);
+    hidden += sq.hidden;
+    cell += sq.cell;
+  }
+  if (hidden_norm != nullptr) {
+    hidden = block_sum(hidden, shared);
+    if (threadIdx.x == 0) hidden_norm[blockIdx.x] = hidden;
+  }
+  if (cell_norm != nullptr) {
+    cell = block_sum(cell, shared);
+    if (threadIdx.x == 0) cell_norm[blockIdx.x] = cell;
+  }
+}
+
+template <typename T, typename acc_t>
+__global__ void rnn_forward_kernel(RnnForwardStep<T> s) {
+  LSTMFAST_COLUMNS(s.hidden_size) rnn_forward_point<T, acc_t>(s, blockIdx.x, j);
+}
+
+template <typename T, typename acc_t>
+__global__ void rnn_backward_kernel(RnnBackwardStep<T> s, acc_t* hidden_norm) {
+  __shared__ acc_t shared[kThreads];
+  acc_t hidden = 0;
+  LSTMFAST_COLUMNS(s.hidden_size) hidden += rnn_backward_point<T, acc_t>(s, blockIdx.x, j);
+  if (hidden_norm != nullptr) {
+    hidden = block_sum(hidden, shared);
+    if (threadIdx.x == 0) hidden_norm[blockIdx.x] = hidden;
+  }
+}
+
+template <typename T, typename acc_t>
+__global__ void sum_kernel(SumStep<T> s, acc_t* norm) {
+  __shared__ acc_t shared[kThreads];
+  acc_t total = 0;
+  LSTMFAST_COLUMNS(s.width) total += sum_point<T, acc_t>(s, blockIdx.x, j);
+  if (norm != nullptr) {
+    total = block_sum(total, shared);
+    if (threadIdx.x == 0) norm[blockIdx.x] = total;
+  }
+}
+
+struct CudaBackend {
+  static constexpr bool kReducedPrecision = true;
+  static constexpr const char* kDtypes = "float32, float64, float16 or bfloat16";
+
+  c10::cuda::CUDAGuard guard;
+  cudaStream_t stream;
+
+  explicit CudaBackend(const at::Tensor& input)
+      : guard(input.device()), stream(at::cuda::getCurrentCUDAStream()) {}
+
+  template <typename T>
+  void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
+            int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {
+    if (m == 0 || n == 0) return;
+    using acc_t = at::opmath_type<T>;
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
+    at::cuda::blas::gemm<T>(trans_b ? 't' : 'n', trans_a ? 't' : 'n', n, m, k,
+                            static_cast<acc_t>(alpha), b, ldb, a, lda, static_cast<acc_t>(beta), c,
+                            ldc);
+  }
+
+  template <typename T>
+  void copy(T* dst, const T* src, int64_t count) {
+    if (count == 0) return;
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(T), cudaMemcpyDeviceToDevice, stream));
+  }
+
+  static dim3 grid(int64_t rows, int64_t width, bool whole_rows) {
+    const int64_t blocks = whole_rows ? 1 : std::min<int64_t>((width + kThreads - 1) / kThreads, 65535);
+    return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(std::max<int64_t>(blocks, 1)));
+  }
+
+  template <typename T>
+  void lstm_forward(const LstmForwardStep<T>& s, int64_t rows) {
+    if (rows == 0) return;
+    lstm_forward_kernel<T, at::opmath_type<T>>
+        <<<grid(rows, s.hidden_size, false), kThreads, 0, stream>>>(s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename T, typename acc_t>
+  void lstm_backward(const LstmBackwardStep<T>& s, int64_t rows, acc_t* hidden_norm, acc_t* cell_norm) {
+    if (rows == 0) return;
+    const bool norms = hidden_norm != nullptr || cell_norm != nullptr;
+    lstm_backward_kernel<T, acc_t>
+        <<<grid(rows, s.hidden_size, norms), kThreads, 0, stream>>>(s, hidden_norm, cell_norm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename T>
+  void rnn_forward(const RnnForwardStep<T>& s, int64_t rows) {
+    if (rows == 0) return;
+    rnn_forward_kernel<T, at::opmath_type<T>>
+        <<<grid(rows, s.hidden_size, false), kThreads, 0, stream>>>(s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename T, typename acc_t>
+  void rnn_backward(const RnnBackwardStep<T>& s, int64_t rows, acc_t* hidden_norm) {
+    if (rows == 0) return;
+    rnn_backward_kernel<T, acc_t>
+        <<<grid(rows, s.hidden_size, hidden_norm != nullptr), kThreads, 0, stream>>>(s, hidden_norm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename T, typename acc_t>
+  void sum(const SumStep<T>& s, int64_t rows, acc_t* norm) {
+    if (rows == 0) return;
+    sum_kernel<T, acc_t><<<grid(rows, s.width, norm != nullptr), kThreads, 0, stream>>>(s, norm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lstmfast, CUDA, m) {
+  m.impl("lstm_forward", &lstm_forward<CudaBackend>);
+  m.impl("lstm_backward", &lstm_backward<CudaBackend>);
+  m.impl("rnn_forward", &rnn_forward<CudaBackend>);
+  m.impl("rnn_backward", &rnn_backward<CudaBackend>);
+}
+
+}  // namespace lstmfast

@@ -1,0 +1,219 @@
+// The time loops of one LSTM / RNN layer in one direction, written once for every device.
+//
+// A Backend supplies the device's primitives; all pointers it receives are raw device pointers:
+//   gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+//       row-major C(m, n) = alpha * op(A)(m, k) * op(B)(k, n) + beta * C
+//   copy(dst, src, count)                 count elements
+//   lstm_forward(step, rows)              LstmForwardStep over rows x H
+//   lstm_backward(step, rows, hidden_norm, cell_norm)   norms: (rows) or nullptr
+//   rnn_forward(step, rows), rnn_backward(step, rows, hidden_norm), sum(step, rows, norm)
+// The loops allocate nothing: every buffer is passed in.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "steps.h"
+
+namespace lstmfast::kernels {
+
+// Where each time step lives in the (N, *) row layout (design.md section 3).
+struct Sequence {
+  const int64_t* batch_sizes;  // (T) sequences alive at each step, non-increasing
+  const int64_t* offsets;      // (T) first row of each step
+  int64_t steps;               // T
+  int64_t batch;               // B
+  int64_t rows;                // N
+  bool reverse;
+
+  // The k-th step processed by the forward pass, and by the backward pass.
+  int64_t forward_step(int64_t k) const { return reverse ? steps - 1 - k : k; }
+  int64_t backward_step(int64_t k) const { return reverse ? k : steps - 1 - k; }
+  // The step whose states feed step t (-1: none, the initial state does).
+  int64_t prev_step(int64_t t) const {
+    return reverse ? (t + 1 < steps ? t + 1 : -1) : t - 1;
+  }
+  // How many of step t's rows take their previous state from prev_step(t); rows from there up
+  // to batch_sizes[t] start from the initial state (only in the reverse direction of packed input).
+  int64_t prev_rows(int64_t t) const {
+    const int64_t p = prev_step(t);
+    return p < 0 ? 0 : std::min(batch_sizes[p], batch_sizes[t]);
+  }
+};
+
+template <typename scalar_t>
+struct LstmForwardArgs {
+  Sequence seq;
+  int64_t input_size, hidden_size, proj_size;  // I, H, P
+  const scalar_t* input;   // (N, I)
+  const scalar_t* w_ih;    // (4H, I)
+  const scalar_t* w_hh;    // (4H, P)
+  const scalar_t* w_hr;    // (P, H), or nullptr without projection
+  const scalar_t* bias;    // (4H) b_ih + b_hh, or nullptr
+  scalar_t* output;        // (N, P)
+  scalar_t* hidden_state;  // (B, P): h0 in, h_n out
+  scalar_t* cell_state;    // (B, H): c0 in, c_n out
+  scalar_t* gates;         // (N, 4H) workspace; activated gates out when training
+  scalar_t* cells;         // (N, H) c_t out when training, else nullptr
+  scalar_t* hidden;        // (B, H) scratch for m_t with projection, else nullptr
+  bool training;
+};
+
+template <typename scalar_t, typename Backend>
+void lstm_forward(const LstmForwardArgs<scalar_t>& a, Backend& dev) {
+  const Sequence& q = a.seq;
+  const int64_t H = a.hidden_size, P = a.proj_size, G = 4 * H;
+  dev.gemm(false, true, q.rows, G, a.input_size, 1.0, a.input, a.input_size, a.w_ih, a.input_size,
+           0.0, a.gates, G);
+  for (int64_t k = 0; k < q.steps; ++k) {
+    const int64_t t = q.forward_step(k), rows = q.batch_sizes[t], r0 = q.offsets[t];
+    scalar_t* gates = a.gates + r0 * G;
+    dev.gemm(false, true, rows, G, P, 1.0, a.hidden_state, P, a.w_hh, P, 1.0, gates, G);
+    const bool projected = a.w_hr != nullptr;
+    LstmForwardStep<scalar_t> s{H,
+                                gates,
+                                a.bias,
+                                a.cell_state,
+                                a.cells != nullptr ? a.cells + r0 * H : nullptr,
+                                projected ? a.hidden : a.output + r0 * H,
+                                projected ? nullptr : a.hidden_state,
+                                a.training};
+    dev.lstm_forward(s, rows);
+    if (projected) {
+      scalar_t* out = a.output + r0 * P;
+      dev.gemm(false, true, rows, P, H, 1.0, a.hidden, H, a.w_hr, H, 0.0, out, P);
+      dev.copy(a.hidden_state, out, rows * P);
+    }
+  }
+}
+
+template <typename scalar_t, typename norm_t>
+struct LstmBackwardArgs {
+  Sequence seq;
+  int64_t hidden_size, proj_size;   // H, P
+  const scalar_t* w_hh;             // (4H, P)
+  const scalar_t* w_hr;             // (P, H), or nullptr
+  const scalar_t* output;           // (N, P) h_t
+  const scalar_t* gates;            // (N, 4H) activated gates
+  const scalar_t* cells;            // (N, H) c_t
+  const scalar_t* hidden_initial;   // (B, P) h0
+  const scalar_t* cell_initial;     // (B, H) c0
+  const scalar_t* grad_output;      // (N, P)
+  scalar_t* grad_hidden_state;      // (B, P): dL/dh_n in, dL/dh0 out
+  scalar_t* grad_cell_state;        // (B, H): dL/dc_n in, dL/dc0 out
+  scalar_t* grad_gates;             // (N, 4H) out
+  scalar_t* hidden_prev;            // (N, P) h_{t-1} of every row out (for dW_hh), or nullptr
+  scalar_t* grad_hidden_total;      // (N, P) dL/dh_t out with projection (for dW_hr), else nullptr
+  scalar_t* grad_hidden;            // (B, H) scratch for dL/dm_t with projection, else nullptr
+  norm_t* grad_hidden_norm;         // (N) ||dL/dh_t|| per row out, or nullptr
+  norm_t* grad_cell_norm;           // (N) ||dL/dc_t|| per row out, or nullptr
+  double grad_clip;                 // <= 0: none
+};
+
+// Copies h_{t-1} of step t's rows into hidden_prev: the rows fed by the previous step, then the
+// rows that start from the initial state.
+template <typename scalar_t, typename Backend>
+void gather_hidden_prev(const Sequence& q, int64_t t, int64_t width, const scalar_t* output,
+                        const scalar_t* hidden_initial, scalar_t* hidden_prev, Backend& dev) {
+  const int64_t rows = q.batch_sizes[t], split = q.prev_rows(t), p = q.prev_step(t);
+  scalar_t* dst = hidden_prev + q.offsets[t] * width;
+  if (split > 0) dev.copy(dst, output + q.offsets[p] * width, split * width);
+  if (rows > split) dev.copy(dst + split * width, hidden_initial + split * width, (rows - split) * width);
+}
+
+template <typename scalar_t, typename norm_t, typename Backend>
+void lstm_backward(const LstmBackwardArgs<scalar_t, norm_t>& a, Backend& dev) {
+  const Sequence& q = a.seq;
+  const int64_t H = a.hidden_size, P = a.proj_size, G = 4 * H;
+  for (int64_t k = 0; k < q.steps; ++k) {
+    const int64_t t = q.backward_step(k), rows = q.batch_sizes[t], r0 = q.offsets[t];
+    const int64_t p = q.prev_step(t);
+    norm_t* hidden_norm = a.grad_hidden_norm != nullptr ? a.grad_hidden_norm + r0 : nullptr;
+    LstmBackwardStep<scalar_t> s{H,
+                                 a.gates + r0 * G,
+                                 a.cells + r0 * H,
+                                 p < 0 ? nullptr : a.cells + q.offsets[p] * H,
+                                 a.cell_initial,
+                                 q.prev_rows(t),
+                                 a.grad_hidden_state,
+                                 a.grad_output + r0 * P,
+                                 a.grad_cell_state,
+                                 a.grad_gates + r0 * G,
+                                 a.grad_clip};
+    if (a.w_hr != nullptr) {
+      // dL/dh_t in full, then dL/dm_t = dL/dh_t * W_hr.
+      scalar_t* total = a.grad_hidden_total + r0 * P;
+      dev.sum(SumStep<scalar_t>{P, a.grad_hidden_state, a.grad_output + r0 * P, total}, rows,
+              hidden_norm);
+      dev.gemm(false, false, rows, H, P, 1.0, total, P, a.w_hr, H, 0.0, a.grad_hidden, H);
+      s.grad_hidden = a.grad_hidden;
+      s.grad_hidden_extra = nullptr;
+      hidden_norm = nullptr;
+    }
+    dev.lstm_backward(s, rows, hidden_norm,
+                      a.grad_cell_norm != nullptr ? a.grad_cell_norm + r0 : nullptr);
+    dev.gemm(false, false, rows, P, G, 1.0, s.grad_gates, G, a.w_hh, P, 0.0, a.grad_hidden_state, P);
+    if (a.hidden_prev != nullptr)
+      gather_hidden_prev(q, t, P, a.output, a.hidden_initial, a.hidden_prev, dev);
+  }
+}
+
+template <typename scalar_t>
+struct RnnForwardArgs {
+  Sequence seq;
+  int64_t input_size, hidden_size;  // I, H
+  const scalar_t* input;            // (N, I)
+  const scalar_t* w_ih;             // (H, I)
+  const scalar_t* w_hh;             // (H, H)
+  const scalar_t* bias;             // (H) b_ih + b_hh, or nullptr
+  scalar_t* output;                 // (N, H): pre-activations, then h_t
+  scalar_t* hidden_state;           // (B, H): h0 in, h_n out
+  Nonlinearity nonlinearity;
+};
+
+template <typename scalar_t, typename Backend>
+void rnn_forward(const RnnForwardArgs<scalar_t>& a, Backend& dev) {
+  const Sequence& q = a.seq;
+  const int64_t H = a.hidden_size;
+  dev.gemm(false, true, q.rows, H, a.input_size, 1.0, a.input, a.input_size, a.w_ih, a.input_size,
+           0.0, a.output, H);
+  for (int64_t k = 0; k < q.steps; ++k) {
+    const int64_t t = q.forward_step(k), rows = q.batch_sizes[t];
+    scalar_t* out = a.output + q.offsets[t] * H;
+    dev.gemm(false, true, rows, H, H, 1.0, a.hidden_state, H, a.w_hh, H, 1.0, out, H);
+    dev.rnn_forward(RnnForwardStep<scalar_t>{H, out, a.bias, a.hidden_state, a.nonlinearity}, rows);
+  }
+}
+
+template <typename scalar_t, typename norm_t>
+struct RnnBackwardArgs {
+  Sequence seq;
+  int64_t hidden_size;              // H
+  const scalar_t* w_hh;             // (H, H)
+  const scalar_t* output;           // (N, H) h_t
+  const scalar_t* hidden_initial;   // (B, H) h0
+  const scalar_t* grad_output;      // (N, H)
+  scalar_t* grad_hidden_state;      // (B, H): dL/dh_n in, dL/dh0 out
+  scalar_t* grad_pre;               // (N, H) out
+  scalar_t* hidden_prev;            // (N, H) h_{t-1} of every row out, or nullptr
+  norm_t* grad_hidden_norm;         // (N) or nullptr
+  Nonlinearity nonlinearity;
+  double grad_clip;
+};
+
+template <typename scalar_t, typename norm_t, typename Backend>
+void rnn_backward(const RnnBackwardArgs<scalar_t, norm_t>& a, Backend& dev) {
+  const Sequence& q = a.seq;
+  const int64_t H = a.hidden_size;
+  for (int64_t k = 0; k < q.steps; ++k) {
+    const int64_t t = q.backward_step(k), rows = q.batch_sizes[t], r0 = q.offsets[t];
+    RnnBackwardStep<scalar_t> s{H, a.output + r0 * H, a.grad_hidden_state, a.grad_output + r0 * H,
+                                a.grad_pre + r0 * H, a.nonlinearity, a.grad_clip};
+    dev.rnn_backward(s, rows, a.grad_hidden_norm != nullptr ? a.grad_hidden_norm + r0 : nullptr);
+    dev.gemm(false, false, rows, H, H, 1.0, s.grad_pre, H, a.w_hh, H, 0.0, a.grad_hidden_state, H);
+    if (a.hidden_prev != nullptr)
+      gather_hidden_prev(q, t, H, a.output, a.hidden_initial, a.hidden_prev, dev);
+  }
+}
+
+}  // namespace lstmfast::kernels

@@ -1,0 +1,425 @@
+// The four lstmfast ops (LSTM / RNN, forward / backward) for any device: argument checks, output
+// allocation, dtype dispatch, then the shared time loops of kernels/layer.h run on a Backend.
+// cpu/ops_cpu.cpp and cuda/ops_cuda.cu instantiate these with their Backend and register them.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <array>
+
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#include "kernels/layer.h"
+
+namespace lstmfast {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ---------------------------------------------------------------- checks
+
+inline void check_like(const char* op, const Tensor& t, const char* name, const Tensor& input) {
+  TORCH_CHECK(t.device() == input.device(), op, ": expected ", name, " on device ", input.device(),
+              " (the device of input), but got ", t.device());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": expected ", name, " to have dtype ",
+              input.scalar_type(), " (the dtype of input), but got ", t.scalar_type());
+}
+
+inline void check_shape(const char* op, const Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, op, ": expected ", name, " of shape ", expected, ", but got ",
+              t.sizes());
+}
+
+inline void check_optional(const char* op, const OptTensor& t, const char* name, const Tensor& input,
+                           at::IntArrayRef expected) {
+  if (!t.has_value()) return;
+  check_like(op, *t, name, input);
+  check_shape(op, *t, name, expected);
+}
+
+template <typename Backend>
+void check_dtype(const char* op, const Tensor& input) {
+  const auto t = input.scalar_type();
+  const bool ok = t == at::kFloat || t == at::kDouble ||
+                  (Backend::kReducedPrecision && (t == at::kHalf || t == at::kBFloat16));
+  TORCH_CHECK(ok, op, ": expected input of dtype ", Backend::kDtypes, " on ", input.device().type(),
+              ", but got ", t);
+}
+
+// The row layout of design.md section 3, owned on the host.
+struct Layout {
+  std::vector<int64_t> batch_sizes, offsets;
+  kernels::Sequence seq;
+  int64_t input_size;
+};
+
+inline Layout make_layout(const char* op, const Tensor& input, const OptTensor& batch_sizes,
+                          bool reverse) {
+  Layout l;
+  if (!batch_sizes.has_value()) {
+    TORCH_CHECK(input.dim() == 3, op, ": expected input of shape (T, B, I) (3-D) when batch_sizes "
+                "is not given, but got a ", input.dim(), "-D tensor of shape ", input.sizes());
+    const int64_t T = input.size(0), B = input.size(1);
+    l.batch_sizes.assign(T, B);
+    l.input_size = input.size(2);
+  } else {
+    const Tensor& bs = *batch_sizes;
+    TORCH_CHECK(input.dim() == 2, op, ": expected input of shape (N, I) (2-D, packed rows) when "
+                "batch_sizes is given, but got a ", input.dim(), "-D tensor of shape ", input.sizes());
+    TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(), op,
+                ": expected batch_sizes to be a 1-D int64 tensor on the CPU, but got a ", bs.dim(),
+                "-D ", bs.scalar_type(), " tensor on ", bs.device());
+    const Tensor c = bs.contiguous();
+    const int64_t* p = c.data_ptr<int64_t>();
+    l.batch_sizes.assign(p, p + c.numel());
+    for (size_t t = 0; t < l.batch_sizes.size(); ++t) {
+      TORCH_CHECK(l.batch_sizes[t] >= 1, op, ": expected every batch_sizes entry to be positive, but "
+                  "batch_sizes[", t, "] = ", l.batch_sizes[t]);
+      TORCH_CHECK(t == 0 || l.batch_sizes[t] <= l.batch_sizes[t - 1], op, ": expected batch_sizes "
+                  "to be non-increasing, but batch_sizes[", t, "] = ", l.batch_sizes[t],
+                  " > batch_sizes[", t - 1, "] = ", l.batch_sizes[t - 1]);
+    }
+    l.input_size = input.size(1);
+  }
+  l.offsets.resize(l.batch_sizes.size());
+  int64_t rows = 0;
+  for (size_t t = 0; t < l.batch_sizes.size(); ++t) {
+    l.offsets[t] = rows;
+    rows += l.batch_sizes[t];
+  }
+  if (batch_sizes.has_value()) {
+    TORCH_CHECK(rows == input.size(0), op, ": expected input to have sum(batch_sizes) = ", rows,
+                " rows, but got ", input.size(0));
+  }
+  const int64_t T = static_cast<int64_t>(l.batch_sizes.size());
+  l.seq = kernels::Sequence{l.batch_sizes.data(), l.offsets.data(), T,
+                            T > 0 ? l.batch_sizes[0] : (input.dim() == 3 ? input.size(1) : 0), rows,
+                            reverse};
+  return l;
+}
+
+inline Tensor rows_of(const Tensor& t, int64_t width) {
+  return t.contiguous().view({-1, width});
+}
+
+// b_ih + b_hh, whichever are given.
+inline OptTensor combined_bias(const OptTensor& b_ih, const OptTensor& b_hh) {
+  if (b_ih.has_value() && b_hh.has_value()) return *b_ih + *b_hh;
+  if (b_ih.has_value()) return b_ih->contiguous();
+  if (b_hh.has_value()) return b_hh->contiguous();
+  return std::nullopt;
+}
+
+inline Tensor state_or_zeros(const OptTensor& t, int64_t batch, int64_t width, const Tensor& like) {
+  if (t.has_value()) return t->contiguous().clone();
+  return at::zeros({batch, width}, like.options());
+}
+
+template <typename T>
+T* ptr_or_null(const OptTensor& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+inline kernels::Nonlinearity parse_nonlinearity(const char* op, std::string_view name) {
+  if (name == "tanh") return kernels::Nonlinearity::Tanh;
+  if (name == "relu") return kernels::Nonlinearity::Relu;
+  TORCH_CHECK(false, op, ": expected nonlinearity 'tanh' or 'relu', but got '", name, "'");
+}
+
+template <typename Backend, typename F>
+void dispatch_floating(const Tensor& input, F&& f) {
+  if constexpr (Backend::kReducedPrecision) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lstmfast",
+                                    [&] { f(scalar_t{}); });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstmfast", [&] { f(scalar_t{}); });
+  }
+}
+
+// Shapes of one layer's weights, read from w_hh (4H, P) or (H, H) and checked against the rest.
+struct LayerShape {
+  int64_t input_size, hidden_size, proj_size;
+};
+
+inline LayerShape check_weights(const char* op, int64_t gates, const Tensor& input, int64_t input_size,
+                                const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                const OptTensor& b_hh, const OptTensor& w_hr) {
+  check_like(op, w_ih, "w_ih", input);
+  check_like(op, w_hh, "w_hh", input);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % gates == 0 && w_hh.size(0) > 0, op,
+              ": expected w_hh of shape (", gates == 4 ? "4*hidden_size" : "hidden_size",
+              ", ", gates == 4 ? "proj_size or hidden_size" : "hidden_size", "), but got ",
+              w_hh.sizes());
+  const int64_t H = w_hh.size(0) / gates;
+  int64_t P = H;
+  if (w_hr.has_value()) {
+    check_like(op, *w_hr, "w_hr", input);
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == H && w_hr->size(0) >= 1 && w_hr->size(0) < H,
+                op, ": expected w_hr of shape (proj_size, hidden_size=", H,
+                ") with 0 < proj_size < hidden_size, but got ", w_hr->sizes());
+    P = w_hr->size(0);
+  }
+  check_shape(op, w_hh, "w_hh", {gates * H, P});
+  check_shape(op, w_ih, "w_ih", {gates * H, input_size});
+  check_optional(op, b_ih, "b_ih", input, {gates * H});
+  check_optional(op, b_hh, "b_hh", input, {gates * H});
+  return {input_size, H, P};
+}
+
+inline at::ScalarType norm_dtype(const Tensor& input) {
+  return at::toOpMathType(input.scalar_type());
+}
+
+// ---------------------------------------------------------------- LSTM
+
+template <typename Backend>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
+    const Tensor& input, const OptTensor& batch_sizes, const OptTensor& h0, const OptTensor& c0,
+    const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+    const OptTensor& w_hr, bool reverse, bool training) {
+  const char* op = "lstmfast.lstm_forward";
+  check_dtype<Backend>(op, input);
+  Layout l = make_layout(op, input, batch_sizes, reverse);
+  const auto s = check_weights(op, 4, input, l.input_size, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const int64_t B = l.seq.batch, N = l.seq.rows, H = s.hidden_size, P = s.proj_size;
+  check_optional(op, h0, "h0", input, {B, P});
+  check_optional(op, c0, "c0", input, {B, H});
+  Backend dev(input);
+
+  const Tensor x = rows_of(input, l.input_size);
+  const Tensor wi = w_ih.contiguous(), wh = w_hh.contiguous();
+  const OptTensor wr = w_hr.has_value() ? OptTensor(w_hr->contiguous()) : std::nullopt;
+  const OptTensor bias = combined_bias(b_ih, b_hh);
+  Tensor output = at::empty({N, P}, input.options());
+  Tensor h_n = state_or_zeros(h0, B, P, input);
+  Tensor c_n = state_or_zeros(c0, B, H, input);
+  Tensor gates = at::empty({N, 4 * H}, input.options());
+  Tensor cells = training ? at::empty({N, H}, input.options()) : at::empty({0}, input.options());
+  Tensor hidden = wr.has_value() ? at::empty({B, H}, input.options()) : Tensor();
+
+  dispatch_floating<Backend>(input, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    kernels::LstmForwardArgs<scalar_t> a{l.seq,
+                                         l.input_size,
+                                         H,
+                                         P,
+                                         x.data_ptr<scalar_t>(),
+                                         wi.data_ptr<scalar_t>(),
+                                         wh.data_ptr<scalar_t>(),
+                                         ptr_or_null<scalar_t>(wr),
+                                         ptr_or_null<scalar_t>(bias),
+                                         output.data_ptr<scalar_t>(),
+                                         h_n.data_ptr<scalar_t>(),
+                                         c_n.data_ptr<scalar_t>(),
+                                         gates.data_ptr<scalar_t>(),
+                                         training ? cells.data_ptr<scalar_t>() : nullptr,
+                                         wr.has_value() ? hidden.data_ptr<scalar_t>() : nullptr,
+                                         training};
+    kernels::lstm_forward(a, dev);
+  });
+  if (input.dim() == 3) output = output.view({input.size(0), input.size(1), P});
+  if (!training) gates = at::empty({0}, input.options());
+  return {output, h_n, c_n, gates, cells};
+}
+
+template <typename Backend>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
+    const Tensor& grad_output, const OptTensor& grad_h_n, const OptTensor& grad_c_n,
+    const Tensor& input, const OptTensor& batch_sizes, const OptTensor& h0, const OptTensor& c0,
+    const Tensor& w_ih, const Tensor& w_hh, const OptTensor& w_hr, const Tensor& output,
+    const Tensor& gates, const Tensor& cells, bool reverse, std::array<bool, 4> output_mask,
+    std::optional<double> grad_clip, bool return_norms) {
+  const char* op = "lstmfast.lstm_backward";
+  check_dtype<Backend>(op, input);
+  Layout l = make_layout(op, input, batch_sizes, reverse);
+  const auto s = check_weights(op, 4, input, l.input_size, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
+  const int64_t B = l.seq.batch, N = l.seq.rows, H = s.hidden_size, P = s.proj_size;
+  check_optional(op, h0, "h0", input, {B, P});
+  check_optional(op, c0, "c0", input, {B, H});
+  check_optional(op, grad_h_n, "grad_h_n", input, {B, P});
+  check_optional(op, grad_c_n, "grad_c_n", input, {B, H});
+  for (auto [t, name] : {std::pair{&output, "output"}, {&grad_output, "grad_output"}}) {
+    check_like(op, *t, name, input);
+    TORCH_CHECK(t->numel() == N * P && t->size(-1) == P, op, ": expected ", name, " with ", N,
+                " rows of size ", P, ", but got shape ", t->sizes());
+  }
+  check_like(op, gates, "gates", input);
+  check_shape(op, gates, "gates", {N, 4 * H});
+  check_like(op, cells, "cells", input);
+  check_shape(op, cells, "cells", {N, H});
+  TORCH_CHECK(!grad_clip.has_value() || *grad_clip > 0, op, ": expected grad_clip > 0, but got ",
+              *grad_clip);
+  Backend dev(input);
+  const auto [need_input, need_state, need_weights, need_bias] = output_mask;
+  (void)need_state;  // the initial states' gradients fall out of the loop for free
+
+  const Tensor out = rows_of(output, P), grad_out = rows_of(grad_output, P);
+  const Tensor wh = w_hh.contiguous();
+  const OptTensor wr = w_hr.has_value() ? OptTensor(w_hr->contiguous()) : std::nullopt;
+  const Tensor gates_c = gates.contiguous(), cells_c = cells.contiguous();
+  const Tensor h_init = state_or_zeros(h0, B, P, input), c_init = state_or_zeros(c0, B, H, input);
+  Tensor grad_h0 = state_or_zeros(grad_h_n, B, P, input);
+  Tensor grad_c0 = state_or_zeros(grad_c_n, B, H, input);
+  Tensor grad_gates = at::empty({N, 4 * H}, input.options());
+  Tensor hidden_prev = need_weights ? at::empty({N, P}, input.options()) : Tensor();
+  Tensor grad_hidden_total = wr.has_value() ? at::empty({N, P}, input.options()) : Tensor();
+  Tensor grad_hidden = wr.has_value() ? at::empty({B, H}, input.options()) : Tensor();
+  const auto norm_options = input.options().dtype(norm_dtype(input));
+  Tensor grad_h_norm = at::empty({return_norms ? N : 0}, norm_options);
+  Tensor grad_c_norm = at::empty({return_norms ? N : 0}, norm_options);
+
+  dispatch_floating<Backend>(input, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using norm_t = at::opmath_type<scalar_t>;
+    kernels::LstmBackwardArgs<scalar_t, norm_t> a{
+        l.seq,
+        H,
+        P,
+        wh.data_ptr<scalar_t>(),
+        ptr_or_null<scalar_t>(wr),
+        out.data_ptr<scalar_t>(),
+        gates_c.data_ptr<scalar_t>(),
+        cells_c.data_ptr<scalar_t>(),
+        h_init.data_ptr<scalar_t>(),
+        c_init.data_ptr<scalar_t>(),
+        grad_out.data_ptr<scalar_t>(),
+        grad_h0.data_ptr<scalar_t>(),
+        grad_c0.data_ptr<scalar_t>(),
+        grad_gates.data_ptr<scalar_t>(),
+        need_weights ? hidden_prev.data_ptr<scalar_t>() : nullptr,
+        wr.has_value() ? grad_hidden_total.data_ptr<scalar_t>() : nullptr,
+        wr.has_value() ? grad_hidden.data_ptr<scalar_t>() : nullptr,
+        return_norms ? grad_h_norm.data_ptr<norm_t>() : nullptr,
+        return_norms ? grad_c_norm.data_ptr<norm_t>() : nullptr,
+        grad_clip.value_or(0.0)};
+    kernels::lstm_backward(a, dev);
+  });
+  if (return_norms) {
+    grad_h_norm.sqrt_();
+    grad_c_norm.sqrt_();
+  }
+  const auto empty = at::empty({0}, input.options());
+  Tensor grad_input = need_input ? at::mm(grad_gates, w_ih).view(input.sizes()) : empty;
+  Tensor grad_w_ih = empty, grad_w_hh = empty, grad_w_hr = empty;
+  if (need_weights) {
+    grad_w_ih = at::mm(grad_gates.t(), rows_of(input, l.input_size));
+    grad_w_hh = at::mm(grad_gates.t(), hidden_prev);
+    if (wr.has_value()) {
+      // m_t = o * tanh(c_t), from the saved activations.
+      const Tensor hidden_all = gates_c.narrow(1, 3 * H, H) * cells_c.tanh();
+      grad_w_hr = at::mm(grad_hidden_total.t(), hidden_all);
+    }
+  }
+  Tensor grad_bias = need_bias ? grad_gates.sum(0) : empty;
+  return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_h_norm,
+          grad_c_norm};
+}
+
+// ---------------------------------------------------------------- RNN
+
+template <typename Backend>
+std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const OptTensor& batch_sizes,
+                                       const OptTensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+                                       const OptTensor& b_ih, const OptTensor& b_hh,
+                                       c10::string_view nonlinearity, bool reverse) {
+  const char* op = "lstmfast.rnn_forward";
+  check_dtype<Backend>(op, input);
+  const auto nl = parse_nonlinearity(op, nonlinearity);
+  Layout l = make_layout(op, input, batch_sizes, reverse);
+  const auto s = check_weights(op, 1, input, l.input_size, w_ih, w_hh, b_ih, b_hh, std::nullopt);
+  const int64_t B = l.seq.batch, N = l.seq.rows, H = s.hidden_size;
+  check_optional(op, h0, "h0", input, {B, H});
+  Backend dev(input);
+
+  const Tensor x = rows_of(input, l.input_size);
+  const Tensor wi = w_ih.contiguous(), wh = w_hh.contiguous();
+  const OptTensor bias = combined_bias(b_ih, b_hh);
+  Tensor output = at::empty({N, H}, input.options());
+  Tensor h_n = state_or_zeros(h0, B, H, input);
+  dispatch_floating<Backend>(input, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    kernels::RnnForwardArgs<scalar_t> a{l.seq,
+                                        l.input_size,
+                                        H,
+                                        x.data_ptr<scalar_t>(),
+                                        wi.data_ptr<scalar_t>(),
+                                        wh.data_ptr<scalar_t>(),
+                                        ptr_or_null<scalar_t>(bias),
+                                        output.data_ptr<scalar_t>(),
+                                        h_n.data_ptr<scalar_t>(),
+                                        nl};
+    kernels::rnn_forward(a, dev);
+  });
+  if (input.dim() == 3) output = output.view({input.size(0), input.size(1), H});
+  return {output, h_n};
+}
+
+template <typename Backend>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
+    const Tensor& grad_output, const OptTensor& grad_h_n, const Tensor& input,
+    const OptTensor& batch_sizes, const OptTensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+    const Tensor& output, c10::string_view nonlinearity, bool reverse,
+    std::array<bool, 4> output_mask, std::optional<double> grad_clip, bool return_norms) {
+  const char* op = "lstmfast.rnn_backward";
+  check_dtype<Backend>(op, input);
+  const auto nl = parse_nonlinearity(op, nonlinearity);
+  Layout l = make_layout(op, input, batch_sizes, reverse);
+  const auto s = check_weights(op, 1, input, l.input_size, w_ih, w_hh, std::nullopt, std::nullopt,
+                               std::nullopt);
+  const int64_t B = l.seq.batch, N = l.seq.rows, H = s.hidden_size;
+  check_optional(op, h0, "h0", input, {B, H});
+  check_optional(op, grad_h_n, "grad_h_n", input, {B, H});
+  for (auto [t, name] : {std::pair{&output, "output"}, {&grad_output, "grad_output"}}) {
+    check_like(op, *t, name, input);
+    TORCH_CHECK(t->numel() == N * H && t->size(-1) == H, op, ": expected ", name, " with ", N,
+                " rows of size ", H, ", but got shape ", t->sizes());
+  }
+  TORCH_CHECK(!grad_clip.has_value() || *grad_clip > 0, op, ": expected grad_clip > 0, but got ",
+              *grad_clip);
+  Backend dev(input);
+  const auto [need_input, need_state, need_weights, need_bias] = output_mask;
+  (void)need_state;
+
+  const Tensor out = rows_of(output, H), grad_out = rows_of(grad_output, H);
+  const Tensor wh = w_hh.contiguous();
+  const Tensor h_init = state_or_zeros(h0, B, H, input);
+  Tensor grad_h0 = state_or_zeros(grad_h_n, B, H, input);
+  Tensor grad_pre = at::empty({N, H}, input.options());
+  Tensor hidden_prev = need_weights ? at::empty({N, H}, input.options()) : Tensor();
+  Tensor grad_h_norm = at::empty({return_norms ? N : 0}, input.options().dtype(norm_dtype(input)));
+  dispatch_floating<Backend>(input, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using norm_t = at::opmath_type<scalar_t>;
+    kernels::RnnBackwardArgs<scalar_t, norm_t> a{
+        l.seq,
+        H,
+        wh.data_ptr<scalar_t>(),
+        out.data_ptr<scalar_t>(),
+        h_init.data_ptr<scalar_t>(),
+        grad_out.data_ptr<scalar_t>(),
+        grad_h0.data_ptr<scalar_t>(),
+        grad_pre.data_ptr<scalar_t>(),
+        need_weights ? hidden_prev.data_ptr<scalar_t>() : nullptr,
+        return_norms ? grad_h_norm.data_ptr<norm_t>() : nullptr,
+        nl,
+        grad_clip.value_or(0.0)};
+    kernels::rnn_backward(a, dev);
+  });
+  if (return_norms) grad_h_norm.sqrt_();
+  const auto empty = at::empty({0}, input.options());
+  Tensor grad_input = need_input ? at::mm(grad_pre, w_ih).view(input.sizes()) : empty;
+  Tensor grad_w_ih = empty, grad_w_hh = empty;
+  if (need_weights) {
+    grad_w_ih = at::mm(grad_pre.t(), rows_of(input, l.input_size));
+    grad_w_hh = at::mm(grad_pre.t(), hidden_prev);
+  }
+  Tensor grad_bias = need_bias ? grad_pre.sum(0) : empty;
+  return {grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias, grad_h_norm};
+}
+
+}  // namespace lstmfast

@@ -1,0 +1,41 @@
+// The lstmfast op schemas, and the Python module whose import registers them.
+//
+// Each op runs one layer in one direction over a whole sequence (design.md sections 2 and 3):
+//   input        (T, B, I) when batch_sizes is None, else (N, I) packed rows, time-major
+//   batch_sizes  (T) int64 on the CPU: sequences alive at each step, non-increasing (PackedSequence)
+//   h0 / c0      (B, P) / (B, H), zeros when None
+//   w_ih (G*H, I), w_hh (G*H, P), b_ih / b_hh (G*H), w_hr (P, H)   with G = 4 (LSTM) or 1 (RNN)
+// Training forwards also return what backward needs (gates (N, 4H) after activation, cells (N, H));
+// inference forwards return them empty. Backward's output_mask asks for the gradients of
+// [input, initial states, weights, biases]; gradients not asked for come back empty.
+#include <Python.h>
+#include <torch/library.h>
+
+// lstmfast._C is an otherwise empty module: importing it runs the registrations below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(lstmfast, m) {
+  m.def(
+      "lstm_forward(Tensor input, Tensor? batch_sizes, Tensor? h0, Tensor? c0, Tensor w_ih, "
+      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, bool training) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  m.def(
+      "lstm_backward(Tensor grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
+      "Tensor? batch_sizes, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, "
+      "Tensor output, Tensor gates, Tensor cells, bool reverse, bool[4] output_mask, "
+      "float? grad_clip, bool return_norms) "
+      "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_bias, Tensor grad_w_hr, Tensor grad_h_norm, Tensor grad_c_norm)");
+  m.def(
+      "rnn_forward(Tensor input, Tensor? batch_sizes, Tensor? h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, str nonlinearity, bool reverse) -> (Tensor output, Tensor h_n)");
+  m.def(
+      "rnn_backward(Tensor grad_output, Tensor? grad_h_n, Tensor input, Tensor? batch_sizes, "
+      "Tensor? h0, Tensor w_ih, Tensor w_hh, Tensor output, str nonlinearity, bool reverse, "
+      "bool[4] output_mask, float? grad_clip, bool return_norms) "
+      "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
+      "Tensor grad_h_norm)");
+}

@@ -1,0 +1,95 @@
+"""Loads the compiled ops (torch.ops.lstmfast.*) and gives each a fake implementation.
+
+The fakes describe output shapes from input shapes only (never from values or the device), so the ops
+work under torch.compile, FakeTensorMode and torch.library.opcheck.
+"""
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (importing it registers torch.ops.lstmfast.*)
+except ImportError as error:  # pragma: no cover - exercised only by a broken install
+    raise ImportError(
+        f"lstmfast: the compiled extension lstmfast._C failed to load ({error}). It must be built "
+        f"against the torch that runs it (torch {torch.__version__} here): reinstall with "
+        "`pip install --no-build-isolation .` from the lstmfast source tree."
+    ) from error
+
+ops = torch.ops.lstmfast
+
+
+def _layout(input, batch_sizes, h0):
+    """(rows N, batch B, leading shape of per-row outputs) of the op's sequence layout."""
+    if batch_sizes is None:
+        steps, batch = input.shape[0], input.shape[1]
+        return steps * batch, batch, (steps, batch)
+    rows = input.shape[0]
+    # Packed input: the batch is batch_sizes[0], a value, so take it from h0 when given.
+    batch = h0.shape[0] if h0 is not None else torch.library.get_ctx().new_dynamic_size()
+    return rows, batch, (rows,)
+
+
+def _empty(like):
+    return like.new_empty((0,))
+
+
+@torch.library.register_fake("lstmfast::lstm_forward")
+def _lstm_forward_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, training):
+    hidden, proj = w_hh.shape[0] // 4, w_hh.shape[1]
+    rows, batch, lead = _layout(input, batch_sizes, h0)
+    output = input.new_empty((*lead, proj))
+    gates = input.new_empty((rows, 4 * hidden)) if training else _empty(input)
+    cells = input.new_empty((rows, hidden)) if training else _empty(input)
+    return output, input.new_empty((batch, proj)), input.new_empty((batch, hidden)), gates, cells
+
+
+@torch.library.register_fake("lstmfast::lstm_backward")
+def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr,
+                        output, gates, cells, reverse, output_mask, grad_clip, return_norms):
+    hidden, proj = w_hh.shape[0] // 4, w_hh.shape[1]
+    rows, batch, _ = _layout(input, batch_sizes, h0)
+    need_input, _, need_weights, need_bias = output_mask
+    norm = input.new_empty((rows if return_norms else 0,), dtype=_norm_dtype(input.dtype))
+    return (
+        torch.empty_like(input) if need_input else _empty(input),
+        input.new_empty((batch, proj)),
+        input.new_empty((batch, hidden)),
+        torch.empty_like(w_ih) if need_weights else _empty(input),
+        torch.empty_like(w_hh) if need_weights else _empty(input),
+        input.new_empty((4 * hidden,)) if need_bias else _empty(input),
+        torch.empty_like(w_hr) if need_weights and w_hr is not None else _empty(input),
+        norm,
+        norm.clone(),
+    )
+
+
+@torch.library.register_fake("lstmfast::rnn_forward")
+def _rnn_forward_fake(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse):
+    hidden = w_hh.shape[0]
+    _, batch, lead = _layout(input, batch_sizes, h0)
+    return input.new_empty((*lead, hidden)), input.new_empty((batch, hidden))
+
+
+@torch.library.register_fake("lstmfast::rnn_backward")
+def _rnn_backward_fake(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, output, nonlinearity,
+                       reverse, output_mask, grad_clip, return_norms):
+    hidden = w_hh.shape[0]
+    rows, batch, _ = _layout(input, batch_sizes, h0)
+    need_input, _, need_weights, need_bias = output_mask
+    return (
+        torch.empty_like(input) if need_input else _empty(input),
+        input.new_empty((batch, hidden)),
+        torch.empty_like(w_ih) if need_weights else _empty(input),
+        torch.empty_like(w_hh) if need_weights else _empty(input),
+        input.new_empty((hidden,)) if need_bias else _empty(input),
+        input.new_empty((rows if return_norms else 0,), dtype=_norm_dtype(input.dtype)),
+    )
+
+
+def _norm_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def has_cuda_kernels():
+    """True when this build of lstmfast includes the CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("lstmfast::lstm_forward", "CUDA")

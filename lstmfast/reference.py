@@ -1,0 +1,90 @@
+"""Plain-PyTorch LSTM and Elman RNN layers: a time loop of torch ops under autograd.
+
+Same interface as :mod:`lstmfast.functional`. It is the oracle of the tests and the baseline of the
+benchmarks, so it favours obviousness over speed.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def _steps(input, batch_sizes):
+    """Rows, step slices and batch size of the sequence layout."""
+    if batch_sizes is None:
+        steps, batch = input.shape[0], input.shape[1]
+        rows = input.reshape(steps * batch, input.shape[2])
+        sizes = [batch] * steps
+    else:
+        rows, sizes = input, [int(s) for s in batch_sizes]
+        batch = sizes[0] if sizes else 0
+    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    return rows, list(zip(offsets, sizes)), batch
+
+
+def _run(input, batch_sizes, states, reverse, cell, out_width):
+    """Runs cell(x_t, states of the live rows) -> (h_t, new states) over the sequence."""
+    rows, steps, _ = _steps(input, batch_sizes)
+    outputs = [None] * len(steps)
+    order = range(len(steps) - 1, -1, -1) if reverse else range(len(steps))
+    for t in order:
+        offset, size = steps[t]
+        h_t, new = cell(rows[offset:offset + size], [s[:size] for s in states])
+        states = [torch.cat([n, s[size:]]) for n, s in zip(new, states)]
+        outputs[t] = h_t
+    output = torch.cat(outputs) if outputs else rows.new_zeros((0, out_width))
+    if batch_sizes is None:
+        output = output.reshape(input.shape[0], input.shape[1], out_width)
+    return output, states
+
+
+def _clip_hook(tensor, grad_clip):
+    if grad_clip is not None and tensor.requires_grad:
+        tensor.register_hook(lambda g: g.clamp(-grad_clip, grad_clip))
+    return tensor
+
+
+def _linear(x, w, b):
+    return x @ w.t() + b if b is not None else x @ w.t()
+
+
+def lstm(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+         b_hh: Optional[Tensor] = None, *, w_hr: Optional[Tensor] = None, h0: Optional[Tensor] = None,
+         c0: Optional[Tensor] = None, batch_sizes: Optional[Tensor] = None, reverse: bool = False,
+         grad_clip: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    hidden, proj = w_hh.shape[0] // 4, w_hh.shape[1]
+    _, _, batch = _steps(input, batch_sizes)
+    h = h0 if h0 is not None else input.new_zeros((batch, proj))
+    c = c0 if c0 is not None else input.new_zeros((batch, hidden))
+
+    def cell(x, state):
+        h_prev, c_prev = state
+        a = _clip_hook(_linear(x, w_ih, b_ih) + _linear(h_prev, w_hh, b_hh), grad_clip)
+        i, f, g, o = a.chunk(4, dim=1)
+        c_t = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
+        h_t = torch.sigmoid(o) * torch.tanh(c_t)
+        if w_hr is not None:
+            h_t = h_t @ w_hr.t()
+        return h_t, (h_t, c_t)
+
+    output, (h_n, c_n) = _run(input, batch_sizes, [h, c], reverse, cell, proj)
+    return output, h_n, c_n
+
+
+def rnn(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+        b_hh: Optional[Tensor] = None, *, nonlinearity: str = "tanh", h0: Optional[Tensor] = None,
+        batch_sizes: Optional[Tensor] = None, reverse: bool = False,
+        grad_clip: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    hidden = w_hh.shape[0]
+    _, _, batch = _steps(input, batch_sizes)
+    h = h0 if h0 is not None else input.new_zeros((batch, hidden))
+    activation = {"tanh": torch.tanh, "relu": torch.relu}[nonlinearity]
+
+    def cell(x, state):
+        a = _clip_hook(_linear(x, w_ih, b_ih) + _linear(state[0], w_hh, b_hh), grad_clip)
+        h_t = activation(a)
+        return h_t, (h_t,)
+
+    output, (h_n,) = _run(input, batch_sizes, [h], reverse, cell, hidden)
+    return output, h_n
