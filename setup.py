@@ -39,6 +39,18 @@ def want_cuda():
     return available
 
 
+def cublas_library():
+    """Path of the cuBLAS shared library to link: the toolkit's, else the one torch's wheel ships."""
+    roots = [os.path.join(cpp_extension.CUDA_HOME, d) for d in ("lib64", "lib", "targets/x86_64-linux/lib")]
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    roots += sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib")))
+    for root in roots:
+        found = sorted(glob.glob(os.path.join(root, "libcublas.so*")))
+        if found:
+            return found[0]
+    sys.exit(f"lstmfast: libcublas not found under {roots}")
+
+
 def extension():
     cuda = want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
@@ -55,7 +67,7 @@ def extension():
         extra["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
         print(f"lstmfast: building with CUDA for {os.environ['TORCH_CUDA_ARCH_LIST']}")
         return cpp_extension.CUDAExtension(
-            "lstmfast._C", sources, extra_compile_args=extra, extra_link_args=[]
+            "lstmfast._C", sources, extra_compile_args=extra, extra_link_args=[cublas_library()]
         )
     print("lstmfast: building for the CPU only")
     return cpp_extension.CppExtension("lstmfast._C", sources, extra_compile_args=extra)

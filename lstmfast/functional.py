@@ -7,18 +7,30 @@ its own last step.
 
 ``grad_clip=c`` clamps every element of dL/d(gate pre-activations) into ``[-c, c]`` inside the BPTT
 loop, at each step; ``None`` leaves gradients exactly as torch.nn computes them.
+
+On CUDA, float16 and bfloat16 run with float32 arithmetic inside the kernels; under
+``torch.autocast("cuda")`` the layer runs in the autocast dtype, like torch.nn's cuDNN layers.
 """
 
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._ops import ops
 
 
 def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _autocast(*tensors):
+    """Under CUDA autocast, run in the autocast dtype, as torch.nn's cuDNN layers do."""
+    if tensors[0].is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        return [t.to(dtype) if t is not None else None for t in tensors]
+    return list(tensors)
 
 
 def _check_grad_clip(grad_clip):
@@ -39,6 +51,7 @@ class LSTMFunction(torch.autograd.Function):
         return output, h_n, c_n
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
         input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output, gates, cells = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -74,6 +87,7 @@ class RNNFunction(torch.autograd.Function):
         return output, h_n
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output, grad_h_n):
         input, batch_sizes, h0, w_ih, w_hh, output = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -117,6 +131,7 @@ def lstm(
     ``h0 (B, P)``, ``c0 (B, H)``. Output ``(T, B, P)`` or ``(N, P)``; ``h_n (B, P)``, ``c_n (B, H)``.
     """
     _check_grad_clip(grad_clip)
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         return LSTMFunction.apply(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
                                   grad_clip)
@@ -143,6 +158,7 @@ def rnn(
     _check_grad_clip(grad_clip)
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    input, h0, w_ih, w_hh, b_ih, b_hh = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
         return RNNFunction.apply(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse,
                                  grad_clip)

@@ -94,8 +94,6 @@ class _RecurrentBase(nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
-        if getattr(self, "nonlinearity", "tanh") != "tanh":
-            s += ", nonlinearity={nonlinearity}"
         if self.grad_clip is not None:
             s += ", grad_clip={grad_clip}"
         return s.format(**self.__dict__)

@@ -1,13 +1,15 @@
 // CUDA backend of the shared time loops: cuBLAS GEMMs through ATen on the current stream and handle,
 // one fused pointwise kernel per step, a device guard, no synchronization and no allocation in the
 // loops. Registered for the CUDA dispatch key.
-#include <ATen/cuda/CUDABlas.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <cublas_v2.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 
 #include "../layer_ops.h"
 
@@ -98,15 +100,33 @@ struct CudaBackend {
   explicit CudaBackend(const at::Tensor& input)
       : guard(input.device()), stream(at::cuda::getCurrentCUDAStream()) {}
 
+  // cuBLAS on torch's handle for this device and stream. Reduced precision and float32 accumulate
+  // in float32 (no TF32), float64 in float64.
   template <typename T>
   void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
             int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {
     if (m == 0 || n == 0) return;
     using acc_t = at::opmath_type<T>;
+    cudaDataType_t type = CUDA_R_32F;
+    cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+    if constexpr (std::is_same_v<T, double>) {
+      type = CUDA_R_64F;
+      compute = CUBLAS_COMPUTE_64F;
+    } else if constexpr (std::is_same_v<T, at::Half>) {
+      type = CUDA_R_16F;
+    } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+      type = CUDA_R_16BF;
+    }
+    const acc_t alpha_acc = static_cast<acc_t>(alpha), beta_acc = static_cast<acc_t>(beta);
+    TORCH_CHECK(std::max({m, n, k, lda, ldb, ldc}) <= INT32_MAX,
+                "lstmfast: a GEMM dimension exceeds cuBLAS's 32-bit limit");
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
-    at::cuda::blas::gemm<T>(trans_b ? 't' : 'n', trans_a ? 't' : 'n', n, m, k,
-                            static_cast<acc_t>(alpha), b, ldb, a, lda, static_cast<acc_t>(beta), c,
-                            ldc);
+    const cublasStatus_t status = cublasGemmEx(
+        at::cuda::getCurrentCUDABlasHandle(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+        trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, int(n), int(m), int(k), &alpha_acc, b, type, int(ldb), a,
+        type, int(lda), &beta_acc, c, type, int(ldc), compute, CUBLAS_GEMM_DEFAULT);
+    TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "lstmfast: cublasGemmEx failed with status ",
+                static_cast<int>(status));
   }
 
   template <typename T>

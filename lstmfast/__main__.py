@@ -1,0 +1,33 @@
+"""The lstmfast command line: `python -m lstmfast SUBCOMMAND` (or the `lstmfast` script)."""
+
+import argparse
+import sys
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="lstmfast", description="Fused LSTM / RNN layers for PyTorch: benchmarks and demos.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("bench", help="speed of lstmfast vs torch.nn and the plain-PyTorch reference",
+                   add_help=False)
+    sub.add_parser("info", help="version, build (CPU/CUDA) and torch it runs on")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from . import bench
+        bench.main(rest)
+    elif args.command == "info":
+        import torch
+
+        import lstmfast
+        print(f"lstmfast {lstmfast.__version__} on torch {torch.__version__}; CUDA kernels: "
+              f"{'yes' if lstmfast.has_cuda_kernels() else 'no'}; CUDA device available: "
+              f"{torch.cuda.is_available()}")
+    else:
+        parser.print_help()
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The CUDA path: against the CPU path, torch.nn (cuDNN), reduced precision, streams, CUDA graphs.
+
+Skipped without a GPU. The shared grids of test_functional / test_ops / test_modules also run on CUDA
+through their `device` parameter (gradcheck and opcheck included).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import lstmfast
+from lstmfast import functional, reference
+from lstmfast._ops import ops
+
+from conftest import CUDA, TOLERANCES, assert_all_close, layer_sample, outputs_and_grads
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+
+VARIANTS = [dict(cell="lstm"), dict(cell="lstm", proj=3), dict(cell="rnn", nonlinearity="tanh"),
+            dict(cell="rnn", nonlinearity="relu")]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["lstm", "lstm_proj", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("lengths", [None, [6, 5, 5, 2, 1]], ids=["padded", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cuda_matches_cpu(variant, lengths, reverse, dtype):
+    kw = dict(variant, lengths=lengths, reverse=reverse, dtype=dtype, hidden=33, input_size=7, steps=6)
+    cpu_out, cpu_grads = outputs_and_grads(layer_sample(**kw), functional)
+    gpu_out, gpu_grads = outputs_and_grads(layer_sample(**kw, device="cuda"), functional)
+    assert_all_close([t.cpu() for t in gpu_out], cpu_out, **TOLERANCES[dtype])
+    assert_all_close([t.cpu() for t in gpu_grads], cpu_grads, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("LSTM", dict(num_layers=2, bidirectional=True)),
+    ("LSTM", dict(num_layers=2, proj_size=16, batch_first=True)),
+    ("LSTM", dict(num_layers=1, bias=False)),
+    ("RNN", dict(num_layers=2, bidirectional=True, nonlinearity="tanh")),
+    ("RNN", dict(num_layers=2, nonlinearity="relu", batch_first=True)),
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cuda_matches_cudnn(kind, options, dtype):
+    ours = getattr(lstmfast, kind)(24, 32, **options).to("cuda", dtype)
+    theirs = getattr(nn, kind)(24, 32, **options).to("cuda", dtype)
+    theirs.load_state_dict(ours.state_dict())
+    shape = (4, 9, 24) if options.get("batch_first") else (9, 4, 24)
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    results = []
+    for module in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        out, state = module(xi)
+        states = [state] if isinstance(state, torch.Tensor) else list(state)
+        loss = out.square().sum() + sum(s.sum() for s in states)
+        grads = torch.autograd.grad(loss, [xi] + list(module.parameters()))
+        results.append([out.detach()] + [s.detach() for s in states] + list(grads))
+    # cuDNN sums in its own order: float32 agrees to about 1e-5 relative, float64 to 1e-10.
+    tol = TOLERANCES[dtype] if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    assert_all_close(results[0], results[1], **tol)
+
+
+# Reduced precision: inputs and weights are rounded to the dtype, and the result is compared with
+# float32 computed from the same rounded values. Kernels keep float32 arithmetic; what differs is the
+# rounding of stored activations and GEMM operands. Stated tolerances, relative to the largest value:
+REDUCED = {torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["lstm", "lstm_proj", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("dtype", list(REDUCED), ids=["f16", "bf16"])
+def test_reduced_precision(variant, dtype):
+    kw = dict(variant, steps=20, batch=8, input_size=32, hidden=64, lengths=None)
+    low = layer_sample(**kw, dtype=dtype, device="cuda")
+    high = layer_sample(**kw, dtype=dtype, device="cuda")
+    high.args = tuple(None if a is None else a.detach().float().requires_grad_() for a in high.args)
+    for k in ("w_hr", "h0", "c0"):
+        if high.kwargs.get(k) is not None:
+            high.kwargs[k] = high.kwargs[k].detach().float().requires_grad_()
+    low_out, low_grads = outputs_and_grads(low, functional)
+    ref_out, ref_grads = outputs_and_grads(high, reference)
+    for got, want in zip(low_out + low_grads, ref_out + ref_grads):
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        error = (got.float() - want).abs().max() / want.abs().max().clamp_min(1e-3)
+        assert error <= REDUCED[dtype], f"relative error {error:.3g}"
+
+
+def test_autocast_runs_in_autocast_dtype():
+    module = lstmfast.LSTM(16, 32, num_layers=2).cuda()
+    x = torch.randn(10, 4, 16, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, (h, c) = module(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert module.weight_ih_l0.grad.dtype == torch.float32
+    expected, _ = module(x)
+    assert (out.float() - expected).abs().max() < 5e-2
+
+
+def test_non_default_stream():
+    sample = layer_sample("lstm", hidden=64, steps=30, batch=16, device="cuda", dtype=torch.float32)
+    expected_out, expected_grads = outputs_and_grads(sample, functional)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out, grads = outputs_and_grads(sample, functional)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert_all_close(out, expected_out, rtol=0, atol=0)
+    assert_all_close(grads, expected_grads, rtol=0, atol=0)
+
+
+def test_compile_reduce_overhead():
+    """CUDA graphs: the ops launch on the current stream with no synchronization, so they capture."""
+    model = nn.Sequential()
+    lstm = lstmfast.LSTM(16, 32, num_layers=2, bidirectional=True).cuda()
+    head = nn.Linear(64, 1).cuda()
+
+    def step(x):
+        out, _ = lstm(x)
+        return head(out).square().mean()
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(12, 4, 16, device="cuda")
+    with torch.no_grad():
+        expected = step(x)
+        for _ in range(3):
+            got = compiled(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    del model
+
+
+def test_long_sequence_is_finite():
+    module = lstmfast.LSTM(8, 64).cuda()
+    x = torch.randn(4000, 4, 8, device="cuda", requires_grad=True)
+    out, (h, c) = module(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+def test_mixed_devices_are_refused():
+    s = layer_sample("lstm", requires_grad=False, device="cuda")
+    x, w_ih, w_hh, b_ih, b_hh = s.args
+    with pytest.raises(RuntimeError, match="expected w_hh on device cuda:0 \\(the device of input\\), but got cpu"):
+        ops.lstm_forward(x, None, None, None, w_ih, w_hh.cpu(), b_ih, b_hh, None, False, False)
+    with pytest.raises(RuntimeError, match="expected batch_sizes to be a 1-D int64 tensor on the CPU"):
+        ops.lstm_forward(x.view(-1, x.shape[-1]), torch.full((5,), 3, device="cuda"), s.kwargs["h0"],
+                         s.kwargs["c0"], w_ih, w_hh, b_ih, b_hh, None, False, False)
+
+
+def test_memcheck_subset():
+    """A small forward + backward of every cell: the subset gpu_check.sh runs under compute-sanitizer."""
+    for variant in VARIANTS:
+        for lengths in (None, [4, 3, 1]):
+            for dtype in (torch.float32, torch.bfloat16):
+                sample = layer_sample(**variant, steps=4, hidden=40, lengths=lengths, reverse=True,
+                                      dtype=dtype, device="cuda")
+                out, grads = outputs_and_grads(sample, functional)
+                assert all(torch.isfinite(t).all() for t in out + grads)

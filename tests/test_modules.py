@@ -1,0 +1,250 @@
+"""lstmfast.LSTM / lstmfast.RNN against torch.nn.LSTM / torch.nn.RNN loaded with the same weights."""
+
+import itertools
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
+
+import lstmfast
+
+from conftest import DEVICES, TOLERANCES, assert_all_close
+
+
+def pair(kind, device="cpu", dtype=torch.float64, **options):
+    """An lstmfast module and a torch.nn module with identical weights."""
+    ours = getattr(lstmfast, kind)(**options).to(device=device, dtype=dtype)
+    theirs = getattr(nn, kind)(**options).to(device=device, dtype=dtype)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def run(module, x, hx, cotangent_seed=3):
+    """Outputs, final states and gradients of input, hx and every parameter."""
+    leaf = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
+    inputs = [leaf] + ([hx] if isinstance(hx, torch.Tensor) else list(hx or []))
+    output, state = module(x, hx)
+    states = [state] if isinstance(state, torch.Tensor) else list(state)
+    data = output.data if isinstance(output, nn.utils.rnn.PackedSequence) else output
+    outs = [data] + states
+    g = torch.Generator().manual_seed(cotangent_seed)
+    cotangents = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outs]
+    grads = torch.autograd.grad(outs, inputs + list(module.parameters()), cotangents)
+    return [o.detach() for o in outs], list(grads)
+
+
+def make_input(module, batch_first, seq=5, batch=3, unbatched=False, hx=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = next(module.parameters())
+    rand = lambda *s: torch.randn(s, generator=g, dtype=torch.float64).to(p).requires_grad_()  # noqa: E731
+    shape = (seq, module.input_size) if unbatched else (
+        (batch, seq, module.input_size) if batch_first else (seq, batch, module.input_size))
+    x = rand(*shape)
+    if not hx:
+        return x, None
+    n = module.num_layers * (2 if module.bidirectional else 1)
+    lead = (n,) if unbatched else (n, batch)
+    out = module.proj_size or module.hidden_size
+    if isinstance(module, (lstmfast.LSTM, nn.LSTM)):
+        return x, (rand(*lead, out), rand(*lead, module.hidden_size))
+    return x, rand(*lead, module.hidden_size)
+
+
+GRID = list(itertools.product([1, 2, 3], [False, True], [False, True], [True, False]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("hx", [False, True], ids=["nohx", "hx"])
+@pytest.mark.parametrize("proj", [0, 2], ids=["noproj", "proj"])
+@pytest.mark.parametrize("layers,bidirectional,batch_first,bias", GRID)
+def test_lstm_parity(layers, bidirectional, batch_first, bias, proj, hx, dtype):
+    ours, theirs = pair("LSTM", dtype=dtype, input_size=4, hidden_size=5, num_layers=layers,
+                        bidirectional=bidirectional, batch_first=batch_first, bias=bias, proj_size=proj)
+    x, h = make_input(ours, batch_first, hx=hx)
+    x, h = x.to(dtype), None if h is None else tuple(t.to(dtype).detach().requires_grad_() for t in h)
+    x = x.detach().requires_grad_()
+    got, want = run(ours, x, h), run(theirs, x, h)
+    assert_all_close(got[0], want[0], **TOLERANCES[dtype])
+    assert_all_close(got[1], want[1], **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("hx", [False, True], ids=["nohx", "hx"])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("layers,bidirectional,batch_first,bias", GRID)
+def test_rnn_parity(layers, bidirectional, batch_first, bias, nonlinearity, hx, dtype):
+    ours, theirs = pair("RNN", dtype=dtype, input_size=4, hidden_size=5, num_layers=layers,
+                        bidirectional=bidirectional, batch_first=batch_first, bias=bias,
+                        nonlinearity=nonlinearity)
+    x, h = make_input(ours, batch_first, hx=hx)
+    x = x.to(dtype).detach().requires_grad_()
+    h = None if h is None else h.to(dtype).detach().requires_grad_()
+    got, want = run(ours, x, h), run(theirs, x, h)
+    assert_all_close(got[0], want[0], **TOLERANCES[dtype])
+    assert_all_close(got[1], want[1], **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("hx", [False, True])
+def test_unbatched_input(kind, hx):
+    ours, theirs = pair(kind, input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    x, h = make_input(ours, False, unbatched=True, hx=hx)
+    got, want = run(ours, x, h), run(theirs, x, h)
+    assert got[0][0].shape == want[0][0].shape == (5, 8)
+    assert_all_close(got[0] + got[1], want[0] + want[1], **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("kind,proj", [("LSTM", 0), ("LSTM", 2), ("RNN", 0)])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("hx", [False, True])
+def test_packed_unsorted(kind, proj, bidirectional, hx):
+    """PackedSequence with enforce_sorted=False: output, and final states in the caller's order."""
+    options = dict(input_size=3, hidden_size=5, num_layers=2, bidirectional=bidirectional)
+    if proj:
+        options["proj_size"] = proj
+    ours, theirs = pair(kind, **options)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (3, 6, 1, 6, 4)]
+    packed = pack_sequence(seqs, enforce_sorted=False)
+    packed.data.requires_grad_()
+    _, h = make_input(ours, False, batch=5, hx=hx)
+    got, want = run(ours, packed, h), run(theirs, packed, h)
+    assert_all_close(got[0], want[0], **TOLERANCES[torch.float64])
+    assert_all_close(got[1], want[1], **TOLERANCES[torch.float64])
+    out, _ = ours(packed, h)
+    assert isinstance(out, nn.utils.rnn.PackedSequence)
+    torch.testing.assert_close(out.unsorted_indices, packed.unsorted_indices)
+    padded, lengths = pad_packed_sequence(out)
+    assert lengths.tolist() == [3, 6, 1, 6, 4]
+
+
+def test_gradcheck_two_layer_bidirectional_projected():
+    module = lstmfast.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2).double()
+    seqs = [torch.randn(n, 3, dtype=torch.float64) for n in (4, 2, 3)]
+    packed = pack_sequence(seqs, enforce_sorted=False)
+    data = packed.data.clone().requires_grad_()
+    h0 = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(4, 3, 4, dtype=torch.float64, requires_grad=True)
+    params = list(module.parameters())
+
+    def f(data, h0, c0, *weights):
+        for p, w in zip(params, weights):
+            p.data = w.detach()
+        names = module._flat_weights_names
+        out, (h, c) = torch.func.functional_call(
+            module, dict(zip(names, weights)),
+            (nn.utils.rnn.PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
+                                         packed.unsorted_indices), (h0, c0)))
+        return out.data, h, c
+
+    weights = [p.detach().clone().requires_grad_() for p in params]
+    assert torch.autograd.gradcheck(f, [data, h0, c0, *weights], eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("LSTM", dict(num_layers=2, bidirectional=True, proj_size=3, bias=False)),
+    ("RNN", dict(num_layers=3, nonlinearity="relu", batch_first=True, dropout=0.5)),
+])
+def test_parameters_and_repr_match_torch(kind, options):
+    ours, theirs = pair(kind, input_size=4, hidden_size=6, **options)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
+    assert ours.extra_repr() == theirs.extra_repr()
+    # state dicts move both ways
+    theirs2 = getattr(nn, kind)(input_size=4, hidden_size=6, **options).double()
+    theirs2.load_state_dict(ours.state_dict())
+    ours2 = getattr(lstmfast, kind)(input_size=4, hidden_size=6, **options).double()
+    ours2.load_state_dict(theirs2.state_dict())
+    for a, b in zip(ours.parameters(), ours2.parameters()):
+        assert torch.equal(a, b)
+    ours.flatten_parameters()  # accepted as a no-op
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_initialization_like_torch(kind):
+    """Every parameter uniform in [-1/sqrt(H), 1/sqrt(H)], as torch.nn initializes."""
+    module = getattr(lstmfast, kind)(8, 64, num_layers=2)
+    bound = 64 ** -0.5
+    for p in module.parameters():
+        assert p.abs().max() <= bound
+        assert p.abs().max() > 0.9 * bound
+        assert abs(p.mean().item()) < 0.2 * bound
+
+
+def test_forget_bias():
+    module = lstmfast.LSTM(3, 16, num_layers=2, bidirectional=True, forget_bias=1.0)
+    bound = 16 ** -0.5
+    for name, p in module.named_parameters():
+        if name.startswith("bias_ih"):
+            assert (p[16:32] >= 1 - bound).all() and (p[16:32] <= 1 + bound).all()
+            assert p[:16].abs().max() <= bound
+
+
+def test_dropout_between_layers():
+    """Dropout acts between layers in training only; p=1 zeroes the second layer's input as torch does."""
+    ours, theirs = pair("LSTM", input_size=3, hidden_size=4, num_layers=2, dropout=1.0)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0], rtol=1e-10, atol=1e-10)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0], rtol=1e-10, atol=1e-10)
+    ours.train()
+    with torch.no_grad():
+        a, b = ours(x)[0], ours(x)[0]
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_module_serialization(kind, tmp_path):
+    module = getattr(lstmfast, kind)(3, 4, num_layers=2, bidirectional=True).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    expected = module(x)[0]
+    for clone in (pickle.loads(pickle.dumps(module)), __import__("copy").deepcopy(module)):
+        torch.testing.assert_close(clone(x)[0], expected, rtol=0, atol=0)
+    torch.save(module, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x)[0], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_device_and_dtype(device):
+    module = lstmfast.LSTM(3, 4, device=device, dtype=torch.float64)
+    assert all(p.device.type == device and p.dtype == torch.float64 for p in module.parameters())
+    out, (h, c) = module(torch.randn(2, 5, 3, device=device, dtype=torch.float64))
+    assert out.device.type == device and out.shape == (2, 5, 4)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda m: m(torch.randn(5, 2, 7, dtype=torch.float64)), "input.size\\(-1\\) must be equal to input_size. Expected 3, got 7"),
+    (lambda m: m(torch.randn(5, 2, 3, 1, dtype=torch.float64)), "Expected input to be 2D or 3D, got 4D"),
+    (lambda m: m(torch.randn(5, 2, 3, dtype=torch.float32)), "input must have the type torch.float64"),
+    (lambda m: m(torch.randn(5, 2, 3, dtype=torch.float64), (torch.zeros(1, 2, 4, dtype=torch.float64),) * 2),
+     "Expected hx\\[1\\] size \\(2, 2, 4\\), got \\(1, 2, 4\\)|Expected hx\\[0\\] size \\(2, 2, 4\\), got \\(1, 2, 4\\)"),
+    (lambda m: m(torch.randn(5, 2, 3, dtype=torch.float64), torch.zeros(2, 2, 4, dtype=torch.float64)),
+     "expected hx to be a tuple"),
+    (lambda m: m(torch.randn(5, 3, dtype=torch.float64), (torch.zeros(2, 1, 4, dtype=torch.float64),) * 2),
+     "For unbatched 2-D input, hx\\[0\\] should also be 2-D"),
+])
+def test_module_bad_input(bad, match):
+    module = lstmfast.LSTM(3, 4, num_layers=2).double()
+    with pytest.raises(ValueError, match=match):
+        bad(module)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(proj_size=6), "proj_size has to be smaller than hidden_size"),
+    (dict(dropout=1.5), "dropout must be a number in \\[0, 1\\]"),
+    (dict(num_layers=0), "num_layers must be a positive integer"),
+    (dict(hidden_size=0), "hidden_size must be a positive integer"),
+    (dict(grad_clip=0.0), "grad_clip must be None or a number > 0"),
+])
+def test_constructor_bad_arguments(kwargs, match):
+    options = dict(input_size=3, hidden_size=4) | kwargs
+    with pytest.raises(ValueError, match=match):
+        lstmfast.LSTM(**options)
+
+
+def test_rnn_bad_nonlinearity():
+    with pytest.raises(ValueError, match="Unknown nonlinearity 'sigmoid'"):
+        lstmfast.RNN(3, 4, nonlinearity="sigmoid")
