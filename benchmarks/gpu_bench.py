@@ -48,6 +48,7 @@ def measure(kind, T, B, H, dtype):
     ours = getattr(lstmfast, kind)(H, H).to("cuda", dtype)
     theirs = getattr(nn, kind)(H, H).to("cuda", dtype)
     theirs.load_state_dict(ours.state_dict())
+    theirs.flatten_parameters()  # cuDNN's fast path wants its weights in one flat buffer
     x = torch.randn(T, B, H, device="cuda", dtype=dtype)
     x_grad = x.clone().requires_grad_()
     row = dict(kind=kind, T=T, B=B, H=H, dtype=str(dtype).replace("torch.", ""))

@@ -25,9 +25,14 @@ rc=$?; result $rc
 if [ $rc != 0 ]; then tail -40 "$DIR/build.log"; exit 1; fi
 
 phase tests
-timeout 200 $PY -m pytest tests -q -p no:cacheprovider -rs --junitxml="$DIR/tests.xml" > "$DIR/tests.log" 2>&1
-result $?
-tail -5 "$DIR/tests.log"
+# One pytest per file, so that a crash in one cannot hide the results of the others.
+for f in tests/test_*.py; do
+  name=$(basename "$f" .py)
+  timeout 200 $PY -m pytest "$f" -q -p no:cacheprovider -rfs --tb=short --junitxml="$DIR/$name.xml" \
+    > "$DIR/$name.log" 2>&1
+  rc=$?; echo "   $name: exit $rc, $(tail -1 "$DIR/$name.log")" | tee -a "$DIR/summary.txt"
+  [ $rc = 0 ] || status=1
+done
 
 phase memcheck
 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 7 --log-file "$DIR/memcheck.txt" \

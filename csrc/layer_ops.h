@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 
 #include <array>
+#include <cstdio>
 
 #include <optional>
 #include <string_view>
@@ -23,16 +24,33 @@ using OptTensor = std::optional<Tensor>;
 
 // ---------------------------------------------------------------- checks
 
+// Error messages format numbers, shapes, dtypes and devices into strings here instead of streaming
+// them: a GPU machine's g++ instantiated libstdc++'s numeric stream insertion inside the extension,
+// and that copy crashed the process on the first message with a number in it.
+inline std::string str(int64_t v) { return std::to_string(v); }
+inline std::string str(double v) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%g", v);
+  return buffer;
+}
+inline std::string str(at::IntArrayRef shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+inline std::string str(at::ScalarType t) { return c10::toString(t); }
+inline std::string str(const c10::Device& d) { return d.str(); }
+
 inline void check_like(const char* op, const Tensor& t, const char* name, const Tensor& input) {
-  TORCH_CHECK(t.device() == input.device(), op, ": expected ", name, " on device ", input.device(),
-              " (the device of input), but got ", t.device());
+  TORCH_CHECK(t.device() == input.device(), op, ": expected ", name, " on device ",
+              str(input.device()), " (the device of input), but got ", str(t.device()));
   TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": expected ", name, " to have dtype ",
-              input.scalar_type(), " (the dtype of input), but got ", t.scalar_type());
+              str(input.scalar_type()), " (the dtype of input), but got ", str(t.scalar_type()));
 }
 
 inline void check_shape(const char* op, const Tensor& t, const char* name, at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes() == expected, op, ": expected ", name, " of shape ", expected, ", but got ",
-              t.sizes());
+  TORCH_CHECK(t.sizes() == expected, op, ": expected ", name, " of shape ", str(expected),
+              ", but got ", str(t.sizes()));
 }
 
 inline void check_optional(const char* op, const OptTensor& t, const char* name, const Tensor& input,
@@ -47,15 +65,21 @@ void check_dtype(const char* op, const Tensor& input) {
   const auto t = input.scalar_type();
   const bool ok = t == at::kFloat || t == at::kDouble ||
                   (Backend::kReducedPrecision && (t == at::kHalf || t == at::kBFloat16));
-  TORCH_CHECK(ok, op, ": expected input of dtype ", Backend::kDtypes, " on ", input.device().type(),
-              ", but got ", t);
+  TORCH_CHECK(ok, op, ": expected input of dtype ", Backend::kDtypes, " on ",
+              c10::DeviceTypeName(input.device().type(), /*lower_case=*/true), ", but got ", str(t));
 }
 
 // The row layout of design.md section 3, owned on the host.
 struct Layout {
   std::vector<int64_t> batch_sizes, offsets;
-  kernels::Sequence seq;
-  int64_t input_size;
+  int64_t batch = 0, rows = 0, input_size = 0;
+  bool reverse = false;
+
+  // A view for the kernels; valid while this Layout lives and is not modified.
+  kernels::Sequence sequence() const {
+    return {batch_sizes.data(), offsets.data(), static_cast<int64_t>(batch_sizes.size()), batch, rows,
+            reverse};
+  }
 };
 
 inline Layout make_layout(const char* op, const Tensor& input, const OptTensor& batch_sizes,
@@ -63,26 +87,27 @@ inline Layout make_layout(const char* op, const Tensor& input, const OptTensor& 
   Layout l;
   if (!batch_sizes.has_value()) {
     TORCH_CHECK(input.dim() == 3, op, ": expected input of shape (T, B, I) (3-D) when batch_sizes "
-                "is not given, but got a ", input.dim(), "-D tensor of shape ", input.sizes());
+                "is not given, but got a ", str(input.dim()), "-D tensor of shape ", str(input.sizes()));
     const int64_t T = input.size(0), B = input.size(1);
     l.batch_sizes.assign(T, B);
     l.input_size = input.size(2);
   } else {
     const Tensor& bs = *batch_sizes;
     TORCH_CHECK(input.dim() == 2, op, ": expected input of shape (N, I) (2-D, packed rows) when "
-                "batch_sizes is given, but got a ", input.dim(), "-D tensor of shape ", input.sizes());
+                "batch_sizes is given, but got a ", str(input.dim()), "-D tensor of shape ",
+                str(input.sizes()));
     TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(), op,
-                ": expected batch_sizes to be a 1-D int64 tensor on the CPU, but got a ", bs.dim(),
-                "-D ", bs.scalar_type(), " tensor on ", bs.device());
+                ": expected batch_sizes to be a 1-D int64 tensor on the CPU, but got a ",
+                str(bs.dim()), "-D ", str(bs.scalar_type()), " tensor on ", str(bs.device()));
     const Tensor c = bs.contiguous();
     const int64_t* p = c.data_ptr<int64_t>();
     l.batch_sizes.assign(p, p + c.numel());
-    for (size_t t = 0; t < l.batch_sizes.size(); ++t) {
+    for (int64_t t = 0; t < static_cast<int64_t>(l.batch_sizes.size()); ++t) {
       TORCH_CHECK(l.batch_sizes[t] >= 1, op, ": expected every batch_sizes entry to be positive, but "
-                  "batch_sizes[", t, "] = ", l.batch_sizes[t]);
+                  "batch_sizes[", str(t), "] = ", str(l.batch_sizes[t]));
       TORCH_CHECK(t == 0 || l.batch_sizes[t] <= l.batch_sizes[t - 1], op, ": expected batch_sizes "
-                  "to be non-increasing, but batch_sizes[", t, "] = ", l.batch_sizes[t],
-                  " > batch_sizes[", t - 1, "] = ", l.batch_sizes[t - 1]);
+                  "to be non-increasing, but batch_sizes[", str(t), "] = ", str(l.batch_sizes[t]),
+                  " > batch_sizes[", str(t - 1), "] = ", str(l.batch_sizes[t - 1]));
     }
     l.input_size = input.size(1);
   }
@@ -93,13 +118,12 @@ inline Layout make_layout(const char* op, const Tensor& input, const OptTensor& 
     rows += l.batch_sizes[t];
   }
   if (batch_sizes.has_value()) {
-    TORCH_CHECK(rows == input.size(0), op, ": expected input to have sum(batch_sizes) = ", rows,
-                " rows, but got ", input.size(0));
+    TORCH_CHECK(rows == input.size(0), op, ": expected input to have sum(batch_sizes) = ", str(rows),
+                " rows, but got ", str(input.size(0)));
   }
-  const int64_t T = static_cast<int64_t>(l.batch_sizes.size());
-  l.seq = kernels::Sequence{l.batch_sizes.data(), l.offsets.data(), T,
-                            T > 0 ? l.batch_sizes[0] : (input.dim() == 3 ? input.size(1) : 0), rows,
-                            reverse};
+  l.batch = !l.batch_sizes.empty() ? l.batch_sizes[0] : (input.dim() == 3 ? input.size(1) : 0);
+  l.rows = rows;
+  l.reverse = reverse;
   return l;
 }
 
@@ -128,7 +152,7 @@ T* ptr_or_null(const OptTensor& t) {
 inline kernels::Nonlinearity parse_nonlinearity(const char* op, std::string_view name) {
   if (name == "tanh") return kernels::Nonlinearity::Tanh;
   if (name == "relu") return kernels::Nonlinearity::Relu;
-  TORCH_CHECK(false, op, ": expected nonlinearity 'tanh' or 'relu', but got '", name, "'");
+  TORCH_CHECK(false, op, ": expected nonlinearity 'tanh' or 'relu', but got '", std::string(name), "'");
 }
 
 template <typename Backend, typename F>
@@ -154,14 +178,14 @@ inline LayerShape check_weights(const char* op, int64_t gates, const Tensor& inp
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % gates == 0 && w_hh.size(0) > 0, op,
               ": expected w_hh of shape (", gates == 4 ? "4*hidden_size" : "hidden_size",
               ", ", gates == 4 ? "proj_size or hidden_size" : "hidden_size", "), but got ",
-              w_hh.sizes());
+              str(w_hh.sizes()));
   const int64_t H = w_hh.size(0) / gates;
   int64_t P = H;
   if (w_hr.has_value()) {
     check_like(op, *w_hr, "w_hr", input);
     TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == H && w_hr->size(0) >= 1 && w_hr->size(0) < H,
-                op, ": expected w_hr of shape (proj_size, hidden_size=", H,
-                ") with 0 < proj_size < hidden_size, but got ", w_hr->sizes());
+                op, ": expected w_hr of shape (proj_size, hidden_size=", str(H),
+                ") with 0 < proj_size < hidden_size, but got ", str(w_hr->sizes()));
     P = w_hr->size(0);
   }
   check_shape(op, w_hh, "w_hh", {gates * H, P});
@@ -186,7 +210,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   check_dtype<Backend>(op, input);
   Layout l = make_layout(op, input, batch_sizes, reverse);
   const auto s = check_weights(op, 4, input, l.input_size, w_ih, w_hh, b_ih, b_hh, w_hr);
-  const int64_t B = l.seq.batch, N = l.seq.rows, H = s.hidden_size, P = s.proj_size;
+  const int64_t B = l.batch, N = l.rows, H = s.hidden_size, P = s.proj_size;
   check_optional(op, h0, "h0", input, {B, P});
   check_optional(op, c0, "c0", input, {B, H});
   Backend dev(input);
@@ -204,7 +228,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
 
   dispatch_floating<Backend>(input, [&](auto tag) {
     using scalar_t = decltype(tag);
-    kernels::LstmForwardArgs<scalar_t> a{l.seq,
+    kernels::LstmForwardArgs<scalar_t> a{l.sequence(),
                                          l.input_size,
                                          H,
                                          P,
@@ -238,22 +262,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   check_dtype<Backend>(op, input);
   Layout l = make_layout(op, input, batch_sizes, reverse);
   const auto s = check_weights(op, 4, input, l.input_size, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
-  const int64_t B = l.seq.batch, N = l.seq.rows, H = s.hidden_size, P = s.proj_size;
+  const int64_t B = l.batch, N = l.rows, H = s.hidden_size, P = s.proj_size;
   check_optional(op, h0, "h0", input, {B, P});
   check_optional(op, c0, "c0", input, {B, H});
   check_optional(op, grad_h_n, "grad_h_n", input, {B, P});
   check_optional(op, grad_c_n, "grad_c_n", input, {B, H});
   for (auto [t, name] : {std::pair{&output, "output"}, {&grad_output, "grad_output"}}) {
     check_like(op, *t, name, input);
-    TORCH_CHECK(t->numel() == N * P && t->size(-1) == P, op, ": expected ", name, " with ", N,
-                " rows of size ", P, ", but got shape ", t->sizes());
+    TORCH_CHECK(t->numel() == N * P && t->size(-1) == P, op, ": expected ", name, " with ", str(N),
+                " rows of size ", str(P), ", but got shape ", str(t->sizes()));
   }
   check_like(op, gates, "gates", input);
   check_shape(op, gates, "gates", {N, 4 * H});
   check_like(op, cells, "cells", input);
   check_shape(op, cells, "cells", {N, H});
   TORCH_CHECK(!grad_clip.has_value() || *grad_clip > 0, op, ": expected grad_clip > 0, but got ",
-              *grad_clip);
+              str(*grad_clip));
   Backend dev(input);
   const auto [need_input, need_state, need_weights, need_bias] = output_mask;
   (void)need_state;  // the initial states' gradients fall out of the loop for free
@@ -277,7 +301,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     using scalar_t = decltype(tag);
     using norm_t = at::opmath_type<scalar_t>;
     kernels::LstmBackwardArgs<scalar_t, norm_t> a{
-        l.seq,
+        l.sequence(),
         H,
         P,
         wh.data_ptr<scalar_t>(),
@@ -333,7 +357,7 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const OptTensor& bat
   const auto nl = parse_nonlinearity(op, nonlinearity);
   Layout l = make_layout(op, input, batch_sizes, reverse);
   const auto s = check_weights(op, 1, input, l.input_size, w_ih, w_hh, b_ih, b_hh, std::nullopt);
-  const int64_t B = l.seq.batch, N = l.seq.rows, H = s.hidden_size;
+  const int64_t B = l.batch, N = l.rows, H = s.hidden_size;
   check_optional(op, h0, "h0", input, {B, H});
   Backend dev(input);
 
@@ -344,7 +368,7 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const OptTensor& bat
   Tensor h_n = state_or_zeros(h0, B, H, input);
   dispatch_floating<Backend>(input, [&](auto tag) {
     using scalar_t = decltype(tag);
-    kernels::RnnForwardArgs<scalar_t> a{l.seq,
+    kernels::RnnForwardArgs<scalar_t> a{l.sequence(),
                                         l.input_size,
                                         H,
                                         x.data_ptr<scalar_t>(),
@@ -372,16 +396,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   Layout l = make_layout(op, input, batch_sizes, reverse);
   const auto s = check_weights(op, 1, input, l.input_size, w_ih, w_hh, std::nullopt, std::nullopt,
                                std::nullopt);
-  const int64_t B = l.seq.batch, N = l.seq.rows, H = s.hidden_size;
+  const int64_t B = l.batch, N = l.rows, H = s.hidden_size;
   check_optional(op, h0, "h0", input, {B, H});
   check_optional(op, grad_h_n, "grad_h_n", input, {B, H});
   for (auto [t, name] : {std::pair{&output, "output"}, {&grad_output, "grad_output"}}) {
     check_like(op, *t, name, input);
-    TORCH_CHECK(t->numel() == N * H && t->size(-1) == H, op, ": expected ", name, " with ", N,
-                " rows of size ", H, ", but got shape ", t->sizes());
+    TORCH_CHECK(t->numel() == N * H && t->size(-1) == H, op, ": expected ", name, " with ", str(N),
+                " rows of size ", str(H), ", but got shape ", str(t->sizes()));
   }
   TORCH_CHECK(!grad_clip.has_value() || *grad_clip > 0, op, ": expected grad_clip > 0, but got ",
-              *grad_clip);
+              str(*grad_clip));
   Backend dev(input);
   const auto [need_input, need_state, need_weights, need_bias] = output_mask;
   (void)need_state;
@@ -397,7 +421,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
     using scalar_t = decltype(tag);
     using norm_t = at::opmath_type<scalar_t>;
     kernels::RnnBackwardArgs<scalar_t, norm_t> a{
-        l.seq,
+        l.sequence(),
         H,
         wh.data_ptr<scalar_t>(),
         out.data_ptr<scalar_t>(),

@@ -62,15 +62,25 @@ def test_cuda_matches_cudnn(kind, options, dtype):
         loss = out.square().sum() + sum(s.sum() for s in states)
         grads = torch.autograd.grad(loss, [xi] + list(module.parameters()))
         results.append([out.detach()] + [s.detach() for s in states] + list(grads))
-    # cuDNN sums in its own order: float32 agrees to about 1e-5 relative, float64 to 1e-10.
-    tol = TOLERANCES[dtype] if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
-    assert_all_close(results[0], results[1], **tol)
+    if dtype == torch.float64:
+        assert_all_close(results[0], results[1], **TOLERANCES[dtype])
+        return
+    # float32: cuDNN sums in its own order, and through two bidirectional layers elementwise rtol
+    # failed on elements near zero (seen on an H100); hold each tensor to 1e-5 norm-wise instead.
+    for i, (got, want) in enumerate(zip(*results)):
+        error = (got - want).norm() / want.norm().clamp_min(1e-6)
+        assert error <= 1e-5, f"tensor {i}: relative error {error:.3g}"
 
 
 # Reduced precision: inputs and weights are rounded to the dtype, and the result is compared with
 # float32 computed from the same rounded values. Kernels keep float32 arithmetic; what differs is the
-# rounding of stored activations and GEMM operands. Stated tolerances, relative to the largest value:
+# rounding of stored activations and GEMM operands. Stated tolerances, on the norm-wise relative error
+# ||got - want|| / ||want|| (a pure-torch float16 / bfloat16 reference measures about 1e-3 / 1e-2):
 REDUCED = {torch.float16: 1e-2, torch.bfloat16: 4e-2}
+# ReLU's derivative jumps at 0, so rounding flips units whose pre-activation is near 0 and moves the
+# gradients by far more than rounding error (a pure-torch bfloat16 reference: 9% on this sample). For
+# the relu RNN only outputs and final states are held to REDUCED; its gradients to RELU_GRAD.
+RELU_GRAD = {torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=["lstm", "lstm_proj", "rnn_tanh", "rnn_relu"])
@@ -85,10 +95,12 @@ def test_reduced_precision(variant, dtype):
             high.kwargs[k] = high.kwargs[k].detach().float().requires_grad_()
     low_out, low_grads = outputs_and_grads(low, functional)
     ref_out, ref_grads = outputs_and_grads(high, reference)
-    for got, want in zip(low_out + low_grads, ref_out + ref_grads):
+    relu = variant.get("nonlinearity") == "relu"
+    for i, (got, want) in enumerate(zip(low_out + low_grads, ref_out + ref_grads)):
         assert got.dtype == dtype and torch.isfinite(got).all()
-        error = (got.float() - want).abs().max() / want.abs().max().clamp_min(1e-3)
-        assert error <= REDUCED[dtype], f"relative error {error:.3g}"
+        error = (got.float() - want).norm() / want.norm().clamp_min(1e-3)
+        bound = RELU_GRAD[dtype] if relu and i >= len(low_out) else REDUCED[dtype]
+        assert error <= bound, f"tensor {i}: relative error {error:.3g} > {bound}"
 
 
 def test_autocast_runs_in_autocast_dtype():

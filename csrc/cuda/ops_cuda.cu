@@ -125,8 +125,8 @@ struct CudaBackend {
         at::cuda::getCurrentCUDABlasHandle(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
         trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, int(n), int(m), int(k), &alpha_acc, b, type, int(ldb), a,
         type, int(lda), &beta_acc, c, type, int(ldc), compute, CUBLAS_GEMM_DEFAULT);
-    TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "lstmfast: cublasGemmEx failed with status ",
-                static_cast<int>(status));
+    TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "lstmfast: cublasGemmEx failed: ",
+                cublasGetStatusString(status));
   }
 
   template <typename T>

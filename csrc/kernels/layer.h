@@ -110,15 +110,13 @@ struct LstmBackwardArgs {
   double grad_clip;                 // <= 0: none
 };
 
-// Copies h_{t-1} of step t's rows into hidden_prev: the rows fed by the previous step, then the
-// rows that start from the initial state.
-template <typename scalar_t, typename Backend>
-void gather_hidden_prev(const Sequence& q, int64_t t, int64_t width, const scalar_t* output,
-                        const scalar_t* hidden_initial, scalar_t* hidden_prev, Backend& dev) {
-  const int64_t rows = q.batch_sizes[t], split = q.prev_rows(t), p = q.prev_step(t);
-  scalar_t* dst = hidden_prev + q.offsets[t] * width;
-  if (split > 0) dev.copy(dst, output + q.offsets[p] * width, split * width);
-  if (rows > split) dev.copy(dst + split * width, hidden_initial + split * width, (rows - split) * width);
+// Where step t's rows find h_{t-1}: the previous step's output rows, then h0 for the rest.
+template <typename scalar_t>
+PrevHidden<scalar_t> prev_hidden_of(const Sequence& q, int64_t t, int64_t width, const scalar_t* output,
+                                    const scalar_t* hidden_initial, scalar_t* hidden_prev) {
+  const int64_t p = q.prev_step(t);
+  return {width, hidden_prev == nullptr ? nullptr : hidden_prev + q.offsets[t] * width,
+          p < 0 ? nullptr : output + q.offsets[p] * width, hidden_initial, q.prev_rows(t)};
 }
 
 template <typename scalar_t, typename norm_t, typename Backend>
@@ -139,7 +137,8 @@ void lstm_backward(const LstmBackwardArgs<scalar_t, norm_t>& a, Backend& dev) {
                                  a.grad_output + r0 * P,
                                  a.grad_cell_state,
                                  a.grad_gates + r0 * G,
-                                 a.grad_clip};
+                                 a.grad_clip,
+                                 prev_hidden_of(q, t, P, a.output, a.hidden_initial, a.hidden_prev)};
     if (a.w_hr != nullptr) {
       // dL/dh_t in full, then dL/dm_t = dL/dh_t * W_hr.
       scalar_t* total = a.grad_hidden_total + r0 * P;
@@ -153,8 +152,6 @@ void lstm_backward(const LstmBackwardArgs<scalar_t, norm_t>& a, Backend& dev) {
     dev.lstm_backward(s, rows, hidden_norm,
                       a.grad_cell_norm != nullptr ? a.grad_cell_norm + r0 : nullptr);
     dev.gemm(false, false, rows, P, G, 1.0, s.grad_gates, G, a.w_hh, P, 0.0, a.grad_hidden_state, P);
-    if (a.hidden_prev != nullptr)
-      gather_hidden_prev(q, t, P, a.output, a.hidden_initial, a.hidden_prev, dev);
   }
 }
 
@@ -207,12 +204,16 @@ void rnn_backward(const RnnBackwardArgs<scalar_t, norm_t>& a, Backend& dev) {
   const int64_t H = a.hidden_size;
   for (int64_t k = 0; k < q.steps; ++k) {
     const int64_t t = q.backward_step(k), rows = q.batch_sizes[t], r0 = q.offsets[t];
-    RnnBackwardStep<scalar_t> s{H, a.output + r0 * H, a.grad_hidden_state, a.grad_output + r0 * H,
-                                a.grad_pre + r0 * H, a.nonlinearity, a.grad_clip};
+    RnnBackwardStep<scalar_t> s{H,
+                                a.output + r0 * H,
+                                a.grad_hidden_state,
+                                a.grad_output + r0 * H,
+                                a.grad_pre + r0 * H,
+                                a.nonlinearity,
+                                a.grad_clip,
+                                prev_hidden_of(q, t, H, a.output, a.hidden_initial, a.hidden_prev)};
     dev.rnn_backward(s, rows, a.grad_hidden_norm != nullptr ? a.grad_hidden_norm + r0 : nullptr);
     dev.gemm(false, false, rows, H, H, 1.0, s.grad_pre, H, a.w_hh, H, 0.0, a.grad_hidden_state, H);
-    if (a.hidden_prev != nullptr)
-      gather_hidden_prev(q, t, H, a.output, a.hidden_initial, a.hidden_prev, dev);
   }
 }
 

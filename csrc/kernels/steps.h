@@ -48,6 +48,23 @@ LSTMFAST_HD void lstm_forward_point(const LstmForwardStep<scalar_t>& s, int64_t 
   if (s.hidden_state != nullptr) s.hidden_state[e] = r.hidden;
 }
 
+// Collects h_{t-1} of a step's rows, for the whole-sequence GEMM dW_hh = sum_t da_t^T h_{t-1}.
+template <typename scalar_t>
+struct PrevHidden {
+  int64_t width;               // P
+  scalar_t* out;               // (rows, P) h_{t-1} of this step's rows, or nullptr (not needed)
+  const scalar_t* from_prev;   // (split, P) the previous step's h rows
+  const scalar_t* initial;     // (B, P) h0, for rows b >= split
+  int64_t split;
+};
+
+template <typename scalar_t>
+LSTMFAST_HD void prev_hidden_point(const PrevHidden<scalar_t>& s, int64_t b, int64_t j) {
+  if (s.out == nullptr || j >= s.width) return;
+  const int64_t e = b * s.width + j;
+  s.out[e] = b < s.split ? s.from_prev[e] : s.initial[e];
+}
+
 template <typename scalar_t>
 struct LstmBackwardStep {
   int64_t hidden_size;              // H
@@ -61,6 +78,7 @@ struct LstmBackwardStep {
   scalar_t* grad_cell_state;        // (rows, H) running dL/dc: from later steps in, dL/dc_{t-1} out
   scalar_t* grad_gates;             // (rows, 4H) dL/d(pre-activations) out
   double grad_clip;                 // <= 0: no clipping
+  PrevHidden<scalar_t> prev_hidden; // width P <= H
 };
 
 template <typename acc_t>
@@ -87,6 +105,7 @@ LSTMFAST_HD SquaredNorms<acc_t> lstm_backward_point(const LstmBackwardStep<scala
   d[2 * H + j] = r.a_g;
   d[3 * H + j] = r.a_o;
   s.grad_cell_state[e] = r.cell_prev;
+  prev_hidden_point(s.prev_hidden, b, j);
   return {grad_hidden * grad_hidden, r.cell * r.cell};
 }
 
@@ -118,6 +137,7 @@ struct RnnBackwardStep {
   scalar_t* grad_pre;                // (rows, H) dL/d(pre-activation) out
   Nonlinearity nonlinearity;
   double grad_clip;                  // <= 0: no clipping
+  PrevHidden<scalar_t> prev_hidden;  // width H
 };
 
 // Returns the square of dL/dh_t at this element.
@@ -127,6 +147,7 @@ LSTMFAST_HD acc_t rnn_backward_point(const RnnBackwardStep<scalar_t>& s, int64_t
   const acc_t grad_hidden = acc_t(s.grad_hidden[e]) + acc_t(s.grad_hidden_extra[e]);
   const acc_t d = grad_hidden * rnn_activation_grad(acc_t(s.hidden[e]), s.nonlinearity);
   s.grad_pre[e] = clip(d, acc_t(s.grad_clip));
+  prev_hidden_point(s.prev_hidden, b, j);
   return grad_hidden * grad_hidden;
 }
 
