@@ -5,6 +5,7 @@ torch.nn, so state dicts move freely between the two. Each layer and direction i
 op (lstmfast.functional); layers, directions, dropout, batch_first and PackedSequence are composed here.
 """
 
+import functools
 import math
 from typing import Optional
 
@@ -36,6 +37,9 @@ class _RecurrentBase(nn.Module):
             raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} "
                              f"and hidden_size={hidden_size}")
         functional._check_grad_clip(grad_clip)
+        # Set by lstmfast.diagnostics while it measures gradient flow: called as
+        # recorder(layer, direction, hidden_norms, cell_norms) from inside backward.
+        self._gradient_recorder = None
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size, self.grad_clip = bidirectional, proj_size, grad_clip
@@ -126,6 +130,42 @@ class _RecurrentBase(nn.Module):
     def _run_layer(self, input, batch_sizes, states, layer, direction):
         raise NotImplementedError
 
+    def _norm_sink(self, layer, direction):
+        if self._gradient_recorder is None:
+            return None
+        return functools.partial(self._gradient_recorder, layer, direction)
+
+    # ------------------------------------------------------------------ conversion
+
+    _torch_class = None
+
+    @classmethod
+    def from_torch(cls, module: nn.Module) -> "_RecurrentBase":
+        """An lstmfast layer equivalent to a torch.nn one. It shares the torch module's Parameter
+        objects (so optimizers built on them keep working), device, dtype and training mode."""
+        if type(module) is not cls._torch_class:
+            raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls._torch_class.__name__}, "
+                            f"got {type(module).__name__}")
+        options = dict(num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
+                       dropout=module.dropout, bidirectional=module.bidirectional)
+        options.update(cls._extra_options(module))
+        new = cls(module.input_size, module.hidden_size, **options, device="meta")
+        for name in module._flat_weights_names:
+            setattr(new, name, getattr(module, name))
+        return new.train(module.training)
+
+    def to_torch(self) -> nn.Module:
+        """The equivalent torch.nn layer, sharing this module's Parameter objects."""
+        options = dict(num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
+                       dropout=self.dropout, bidirectional=self.bidirectional)
+        options.update(self._torch_options())
+        module = self._torch_class(self.input_size, self.hidden_size, **options, device="meta")
+        for name in self._flat_weights_names:
+            setattr(module, name, getattr(self, name))
+        if module.weight_ih_l0.device.type == "cuda":
+            module.flatten_parameters()
+        return module.train(self.training)
+
     def _state_sizes(self, batch):
         raise NotImplementedError
 
@@ -208,6 +248,14 @@ class LSTM(_RecurrentBase):
 
     _gates = 4
     _mode = "LSTM"
+    _torch_class = nn.LSTM
+
+    @staticmethod
+    def _extra_options(module):
+        return dict(proj_size=module.proj_size)
+
+    def _torch_options(self):
+        return dict(proj_size=self.proj_size)
 
     def __init__(self, *args, forget_bias: float = 0.0, **kwargs):
         self.forget_bias = float(forget_bias)
@@ -230,7 +278,7 @@ class LSTM(_RecurrentBase):
         w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, direction)
         return functional.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=states[0], c0=states[1],
                                batch_sizes=batch_sizes, reverse=direction == 1,
-                               grad_clip=self.grad_clip)
+                               grad_clip=self.grad_clip, norm_sink=self._norm_sink(layer, direction))
 
 
 class RNN(_RecurrentBase):
@@ -240,6 +288,14 @@ class RNN(_RecurrentBase):
     """
 
     _gates = 1
+    _torch_class = nn.RNN
+
+    @staticmethod
+    def _extra_options(module):
+        return dict(nonlinearity=module.nonlinearity)
+
+    def _torch_options(self):
+        return dict(nonlinearity=self.nonlinearity)
 
     def __init__(self, *args, nonlinearity: str = "tanh", **kwargs):
         if nonlinearity not in ("tanh", "relu"):
@@ -260,4 +316,26 @@ class RNN(_RecurrentBase):
         w_ih, w_hh, b_ih, b_hh, _ = self._layer_weights(layer, direction)
         return functional.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=self.nonlinearity,
                               h0=states[0], batch_sizes=batch_sizes, reverse=direction == 1,
-                              grad_clip=self.grad_clip)
+                              grad_clip=self.grad_clip, norm_sink=self._norm_sink(layer, direction))
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replaces every torch.nn.LSTM / torch.nn.RNN inside `model` (or `model` itself) by the lstmfast
+    equivalent, in place, keeping the very same Parameter objects, device, dtype and training mode.
+    Returns the model (the new layer when `model` itself is an LSTM / RNN)."""
+    return _swap(model, {nn.LSTM: LSTM.from_torch, nn.RNN: RNN.from_torch})
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`convert`: lstmfast layers back to torch.nn ones."""
+    return _swap(model, {LSTM: LSTM.to_torch, RNN: RNN.to_torch})
+
+
+def _swap(model, table):
+    if type(model) in table:
+        return table[type(model)](model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in table:
+                setattr(parent, name, table[type(child)](child))
+    return model

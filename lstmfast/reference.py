@@ -23,14 +23,17 @@ def _steps(input, batch_sizes):
     return rows, list(zip(offsets, sizes)), batch
 
 
-def _run(input, batch_sizes, states, reverse, cell, out_width):
-    """Runs cell(x_t, states of the live rows) -> (h_t, new states) over the sequence."""
+def _run(input, batch_sizes, states, reverse, cell, out_width, on_step=None):
+    """Runs cell(x_t, states of the live rows) -> (h_t, new states) over the sequence.
+    on_step(t, new states) sees each step's states (tests retain their gradients)."""
     rows, steps, _ = _steps(input, batch_sizes)
     outputs = [None] * len(steps)
     order = range(len(steps) - 1, -1, -1) if reverse else range(len(steps))
     for t in order:
         offset, size = steps[t]
         h_t, new = cell(rows[offset:offset + size], [s[:size] for s in states])
+        if on_step is not None:
+            on_step(t, new)
         states = [torch.cat([n, s[size:]]) for n, s in zip(new, states)]
         outputs[t] = h_t
     output = torch.cat(outputs) if outputs else rows.new_zeros((0, out_width))
@@ -52,7 +55,7 @@ def _linear(x, w, b):
 def lstm(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
          b_hh: Optional[Tensor] = None, *, w_hr: Optional[Tensor] = None, h0: Optional[Tensor] = None,
          c0: Optional[Tensor] = None, batch_sizes: Optional[Tensor] = None, reverse: bool = False,
-         grad_clip: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
+         grad_clip: Optional[float] = None, on_step=None) -> Tuple[Tensor, Tensor, Tensor]:
     hidden, proj = w_hh.shape[0] // 4, w_hh.shape[1]
     _, _, batch = _steps(input, batch_sizes)
     h = h0 if h0 is not None else input.new_zeros((batch, proj))
@@ -68,14 +71,14 @@ def lstm(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = Non
             h_t = h_t @ w_hr.t()
         return h_t, (h_t, c_t)
 
-    output, (h_n, c_n) = _run(input, batch_sizes, [h, c], reverse, cell, proj)
+    output, (h_n, c_n) = _run(input, batch_sizes, [h, c], reverse, cell, proj, on_step)
     return output, h_n, c_n
 
 
 def rnn(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
         b_hh: Optional[Tensor] = None, *, nonlinearity: str = "tanh", h0: Optional[Tensor] = None,
         batch_sizes: Optional[Tensor] = None, reverse: bool = False,
-        grad_clip: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+        grad_clip: Optional[float] = None, on_step=None) -> Tuple[Tensor, Tensor]:
     hidden = w_hh.shape[0]
     _, _, batch = _steps(input, batch_sizes)
     h = h0 if h0 is not None else input.new_zeros((batch, hidden))
@@ -86,5 +89,5 @@ def rnn(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None
         h_t = activation(a)
         return h_t, (h_t,)
 
-    output, (h_n,) = _run(input, batch_sizes, [h], reverse, cell, hidden)
+    output, (h_n,) = _run(input, batch_sizes, [h], reverse, cell, hidden, on_step)
     return output, h_n

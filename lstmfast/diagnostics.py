@@ -1,0 +1,101 @@
+"""Gradient flow through time, measured inside the BPTT kernels.
+
+:func:`gradient_flow` runs one forward and backward pass of an lstmfast LSTM / RNN and returns, for
+every layer, direction, time step and sequence, the norms of dL/dh_t (and dL/dc_t for an LSTM) that
+the backward kernels computed in their reverse loop — where those gradients exist anyway, so no second
+pass — plus the norms of dL/dx_t. It shows the vanishing (or exploding) gradient directly.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from .modules import LSTM, _RecurrentBase
+
+
+@dataclass
+class GradientFlow:
+    """Per-step gradient norms of one backward pass. NaN marks steps after a sequence has ended."""
+
+    hidden: Tensor  # (layers * directions, T, B): ||dL/dh_t||
+    cell: Optional[Tensor]  # (layers * directions, T, B): ||dL/dc_t|| (LSTM), else None
+    input: Tensor  # (T, B): ||dL/dx_t||
+    loss: float
+
+
+def last_step_loss(output, batch_first=False):
+    """The default loss: the sum of the outputs at the last time step."""
+    return (output[:, -1] if batch_first else output[-1]).sum()
+
+
+def _to_steps(rows: Tensor, batch_sizes: Tensor, batch: int) -> Tensor:
+    """(N) values in the packed row layout -> (T, B) with NaN where a sequence has ended."""
+    out = rows.new_full((len(batch_sizes), batch), float("nan"))
+    offset = 0
+    for t, size in enumerate(batch_sizes.tolist()):
+        out[t, :size] = rows[offset:offset + size]
+        offset += size
+    return out
+
+
+def gradient_flow(module: _RecurrentBase, inputs, loss_fn: Optional[Callable] = None,
+                  hx=None) -> GradientFlow:
+    """Measures the per-step gradient norms of `loss_fn(output)` through an lstmfast LSTM / RNN.
+
+    `inputs`: a tensor as the module takes it (batched), or a PackedSequence (then `loss_fn` is
+    required). `loss_fn(output) -> scalar`; by default the sum of the outputs at the last step.
+    """
+    if not isinstance(module, _RecurrentBase):
+        raise TypeError(f"gradient_flow expects an lstmfast.LSTM or lstmfast.RNN, got {type(module).__name__}")
+    packed = isinstance(inputs, PackedSequence)
+    if packed:
+        if loss_fn is None:
+            raise ValueError("gradient_flow: pass loss_fn for PackedSequence input")
+        leaf = inputs.data.detach().requires_grad_()
+        x = PackedSequence(leaf, inputs.batch_sizes, inputs.sorted_indices, inputs.unsorted_indices)
+        batch_sizes, batch = inputs.batch_sizes, int(inputs.batch_sizes[0])
+    else:
+        if inputs.dim() != 3:
+            raise ValueError(f"gradient_flow expects batched 3-D input, got {inputs.dim()}-D")
+        leaf = x = inputs.detach().requires_grad_()
+        steps, batch = (inputs.shape[1], inputs.shape[0]) if module.batch_first else inputs.shape[:2]
+        batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
+    if loss_fn is None:
+        loss_fn = lambda out: last_step_loss(out, module.batch_first)  # noqa: E731
+
+    recorded = {}
+
+    def record(layer, direction, hidden, cell):
+        recorded[(layer, direction)] = (hidden.detach(), None if cell is None else cell.detach())
+
+    module._gradient_recorder = record
+    try:
+        output, _ = module(x, hx)
+        loss = loss_fn(output)
+        (grad_input,) = torch.autograd.grad(loss, leaf)
+    finally:
+        module._gradient_recorder = None
+
+    keys = [(layer, d) for layer in range(module.num_layers) for d in range(module._directions)]
+    missing = [k for k in keys if k not in recorded]
+    if missing:
+        raise RuntimeError(f"gradient_flow: no gradient reached layers/directions {missing}")
+
+    def steps_of(rows):
+        if packed:
+            table = _to_steps(rows, batch_sizes, batch)
+            return table[:, inputs.unsorted_indices] if inputs.unsorted_indices is not None else table
+        return rows.view(len(batch_sizes), batch)
+
+    hidden = torch.stack([steps_of(recorded[k][0]) for k in keys])
+    cell = torch.stack([steps_of(recorded[k][1]) for k in keys]) if isinstance(module, LSTM) else None
+    if packed:
+        input_norms = steps_of(grad_input.norm(dim=-1))
+    else:
+        input_norms = grad_input.norm(dim=-1)
+        if module.batch_first:
+            input_norms = input_norms.transpose(0, 1)
+    return GradientFlow(hidden, cell, input_norms, float(loss.detach()))
