@@ -9,11 +9,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="lstmfast", description="Fused LSTM / RNN layers for PyTorch: benchmarks and demos.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("demo", help="the vanishing-gradient lab: gradient flow, adding problem, speed",
+                   add_help=False)
     sub.add_parser("bench", help="speed of lstmfast vs torch.nn and the plain-PyTorch reference",
                    add_help=False)
     sub.add_parser("info", help="version, build (CPU/CUDA) and torch it runs on")
     args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
+    if args.command == "demo":
+        from . import demo
+        demo.main(rest)
+    elif args.command == "bench":
         from . import bench
         bench.main(rest)
     elif args.command == "info":
