@@ -58,9 +58,14 @@ def extension():
     # error messages on a GPU machine whose compiler was newer than torch's runtime libstdc++.
     cxx = ["-O3", "-std=c++20"]
     extra = {"cxx": cxx}
+    link = []
     if os.environ.get("LSTMFAST_SANITIZE"):
-        flags = ["-fsanitize=" + os.environ["LSTMFAST_SANITIZE"], "-fno-omit-frame-pointer", "-g"]
-        extra["cxx"] = ["-O1", "-std=c++20"] + flags
+        # e.g. LSTMFAST_SANITIZE=address,undefined (CI's sanitizer step). Linked with the same flag so
+        # the module names its sanitizer runtimes; running it inside CPython still needs libasan
+        # LD_PRELOADed (see .ci/sanitize).
+        sanitize = "-fsanitize=" + os.environ["LSTMFAST_SANITIZE"]
+        extra["cxx"] = ["-O1", "-std=c++20", sanitize, "-fno-omit-frame-pointer", "-g"]
+        link = [sanitize]
     if cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         # Default architectures: Ampere, Ada, Hopper, plus PTX for newer GPUs. TORCH_CUDA_ARCH_LIST
@@ -70,10 +75,11 @@ def extension():
         extra["nvcc"] = ["-O3", "-std=c++20", "-lineinfo"]
         print(f"lstmfast: building with CUDA for {os.environ['TORCH_CUDA_ARCH_LIST']}")
         return cpp_extension.CUDAExtension(
-            "lstmfast._C", sources, extra_compile_args=extra, extra_link_args=[cublas_library()]
+            "lstmfast._C", sources, extra_compile_args=extra, extra_link_args=[cublas_library()] + link
         )
     print("lstmfast: building for the CPU only")
-    return cpp_extension.CppExtension("lstmfast._C", sources, extra_compile_args=extra)
+    return cpp_extension.CppExtension("lstmfast._C", sources, extra_compile_args=extra,
+                                      extra_link_args=link)
 
 
 setup(

@@ -69,6 +69,9 @@ void check_dtype(const char* op, const Tensor& input) {
               c10::DeviceTypeName(input.device().type(), /*lower_case=*/true), ", but got ", str(t));
 }
 
+// The most rows one op takes: BLAS sizes and leading dimensions are 32-bit ints.
+constexpr int64_t kMaxRows = 2147483647;
+
 // The row layout of design.md section 3, owned on the host.
 struct Layout {
   std::vector<int64_t> batch_sizes, offsets;
@@ -115,12 +118,17 @@ inline Layout make_layout(const char* op, const Tensor& input, const OptTensor& 
   int64_t rows = 0;
   for (size_t t = 0; t < l.batch_sizes.size(); ++t) {
     l.offsets[t] = rows;
-    rows += l.batch_sizes[t];
+    TORCH_CHECK(!__builtin_add_overflow(rows, l.batch_sizes[t], &rows), op,
+                ": expected sum(batch_sizes) to fit in int64, but it overflows at batch_sizes[",
+                str(static_cast<int64_t>(t)), "] = ", str(l.batch_sizes[t]));
   }
   if (batch_sizes.has_value()) {
     TORCH_CHECK(rows == input.size(0), op, ": expected input to have sum(batch_sizes) = ", str(rows),
                 " rows, but got ", str(input.size(0)));
   }
+  // The CPU BLAS (LP64) and cuBLAS take 32-bit sizes; offsets and element indices are 64-bit.
+  TORCH_CHECK(rows <= kMaxRows, op, ": expected at most ", str(kMaxRows),
+              " rows (sum(batch_sizes), or T*B), the largest size BLAS accepts, but got ", str(rows));
   l.batch = !l.batch_sizes.empty() ? l.batch_sizes[0] : (input.dim() == 3 ? input.size(1) : 0);
   l.rows = rows;
   l.reverse = reverse;

@@ -15,6 +15,7 @@ On CUDA, float16 and bfloat16 run with float32 arithmetic inside the kernels; un
 ``torch.autocast("cuda")`` the layer runs in the autocast dtype, like torch.nn's cuDNN layers.
 """
 
+import numbers
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -42,7 +43,9 @@ def _autocast(*tensors):
 
 
 def _check_grad_clip(grad_clip):
-    if grad_clip is not None and not grad_clip > 0:
+    if grad_clip is None:
+        return
+    if isinstance(grad_clip, bool) or not isinstance(grad_clip, numbers.Real) or not grad_clip > 0:
         raise ValueError(f"grad_clip must be None or a number > 0, got {grad_clip!r}")
 
 

@@ -27,8 +27,10 @@ class _RecurrentBase(nn.Module):
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("num_layers", num_layers)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "input_size" else 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            least = 0 if name == "input_size" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                kind = "non-negative" if least == 0 else "positive"
+                raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
         if not isinstance(proj_size, int) or proj_size < 0:
@@ -106,6 +108,12 @@ class _RecurrentBase(nn.Module):
 
     def _check_input(self, input: Tensor, packed: bool):
         weight = self.weight_ih_l0
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{type(self).__name__}: expected input to be a Tensor or a PackedSequence, "
+                            f"got {type(input).__name__}")
+        if packed and input.dim() != 2:
+            raise ValueError(f"{type(self).__name__}: expected PackedSequence data of shape (N, "
+                             f"input_size) (2-D), got {input.dim()}D tensor")
         if not packed and input.dim() not in (2, 3):
             raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D "
                              f"tensor")
@@ -190,11 +198,12 @@ class _RecurrentBase(nn.Module):
             # Packed input needs explicit zeros: the op reads the batch size off h0.
             states = [data.new_zeros(s) for s in sizes] if packed else [None] * len(sizes)
         else:
-            states = [hx] if isinstance(hx, Tensor) else list(hx)
+            states = list(hx) if isinstance(hx, (tuple, list)) else [hx]
             names = ["hx"] if len(sizes) == 1 else ["hx[0]", "hx[1]"]
-            if len(states) != len(sizes):
+            if len(states) != len(sizes) or not all(isinstance(s, Tensor) for s in states):
                 raise ValueError(f"{type(self).__name__}: expected hx to be "
-                                 f"{'a tensor' if len(sizes) == 1 else 'a tuple (h_0, c_0)'}")
+                                 f"{'a tensor' if len(sizes) == 1 else 'a tuple (h_0, c_0)'}, got "
+                                 f"{type(hx).__name__} of {[type(s).__name__ for s in states]}")
             if unbatched:
                 for s, name in zip(states, names):
                     if s.dim() != 2:

@@ -80,17 +80,19 @@ LSTMFAST_HD LstmCellGrad<acc_t> lstm_cell_backward(acc_t i, acc_t f, acc_t g, ac
 
 enum class Nonlinearity : int { Tanh = 0, Relu = 1 };
 
+// relu is written so that NaN passes through (NaN < 0 is false), as torch.relu does.
 template <typename acc_t>
 LSTMFAST_HD acc_t rnn_activation(acc_t a, Nonlinearity nl) {
   if (nl == Nonlinearity::Tanh) return tanh_(a);
-  return a > acc_t(0) ? a : acc_t(0);
+  return a < acc_t(0) ? acc_t(0) : a;
 }
 
-// phi'(a) expressed through the saved output h = phi(a).
+// phi'(a) expressed through the saved output h = phi(a). For relu, as torch's threshold_backward:
+// zero where h <= 0, one elsewhere (NaN included, so a NaN output passes its gradient on).
 template <typename acc_t>
 LSTMFAST_HD acc_t rnn_activation_grad(acc_t h, Nonlinearity nl) {
   if (nl == Nonlinearity::Tanh) return acc_t(1) - h * h;
-  return h > acc_t(0) ? acc_t(1) : acc_t(0);
+  return h <= acc_t(0) ? acc_t(0) : acc_t(1);
 }
 
 }  // namespace lstmfast::kernels
