@@ -1,14 +1,16 @@
-// CPU backend of the shared time loops: BLAS GEMMs on raw pointers, pointwise steps split over rows
-// with at::parallel_for (each row's work, norms included, stays on one thread, so results do not
-// depend on the thread count).
+// CPU backend of the shared time loops: BLAS GEMMs on raw pointers, vectorized pointwise steps
+// (pointwise.h) split over rows with at::parallel_for (each row's work, norms included, stays on one
+// thread, so results do not depend on the thread count).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
 #include "../layer_ops.h"
+#include "pointwise.h"
 
 // The Fortran BLAS that torch links (MKL on x86 builds) exports these; they are weak so that a torch
 // without them still loads lstmfast, which then falls back to at::mm on borrowed buffers.
@@ -22,6 +24,47 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 }
 
 namespace lstmfast {
+
+namespace cpu {
+
+namespace {
+// The instruction set picked once per process: LSTMFAST_CPU_ISA if set (and supported), else the widest.
+int chosen_isa() {
+  static const int isa = [] {
+    const bool ok[3] = {avx512::supported(), avx2::supported(), true};
+    const char* names[3] = {"avx512", "avx2", "baseline"};
+    if (const char* want = std::getenv("LSTMFAST_CPU_ISA"); want != nullptr && *want != '\0') {
+      for (int i = 0; i < 3; ++i) {
+        if (std::strcmp(want, names[i]) == 0) {
+          TORCH_CHECK(ok[i], "lstmfast: LSTMFAST_CPU_ISA=", want, " but this CPU does not support it");
+          return i;
+        }
+      }
+      TORCH_CHECK(false, "lstmfast: LSTMFAST_CPU_ISA must be avx512, avx2 or baseline, but got '",
+                  want, "'");
+    }
+    return ok[0] ? 0 : (ok[1] ? 1 : 2);
+  }();
+  return isa;
+}
+}  // namespace
+
+template <>
+const PointwiseKernels<float>& pointwise_kernels<float>() {
+  static const PointwiseKernels<float>* k[3] = {&avx512::pointwise_float(), &avx2::pointwise_float(),
+                                                &baseline::pointwise_float()};
+  return *k[chosen_isa()];
+}
+
+template <>
+const PointwiseKernels<double>& pointwise_kernels<double>() {
+  static const PointwiseKernels<double>* k[3] = {
+      &avx512::pointwise_double(), &avx2::pointwise_double(), &baseline::pointwise_double()};
+  return *k[chosen_isa()];
+}
+
+}  // namespace cpu
+
 namespace {
 
 using namespace kernels;
@@ -75,59 +118,50 @@ struct CpuBackend {
     if (count > 0) std::memcpy(dst, src, count * sizeof(T));
   }
 
-  // Runs body(b) for every row, rows split between threads in chunks of about 16k elements.
+  // Runs body(begin, end) over row ranges split between threads, in chunks of at least about 32k
+  // elements: below that, waking a second thread costs more than it saves.
   template <typename F>
   static void for_rows(int64_t rows, int64_t width, const F& body) {
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) body(b);
-    });
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1));
+    if (rows <= grain) {
+      body(int64_t(0), rows);
+      return;
+    }
+    at::parallel_for(0, rows, grain, body);
   }
 
   template <typename T>
   void lstm_forward(const LstmForwardStep<T>& s, int64_t rows) {
-    for_rows(rows, 4 * s.hidden_size, [&](int64_t b) {
-      for (int64_t j = 0; j < s.hidden_size; ++j) lstm_forward_point<T, T>(s, b, j);
-    });
+    const auto& k = cpu::pointwise_kernels<T>();
+    for_rows(rows, 4 * s.hidden_size, [&](int64_t begin, int64_t end) { k.lstm_forward(s, begin, end); });
   }
 
   template <typename T>
   void lstm_backward(const LstmBackwardStep<T>& s, int64_t rows, T* hidden_norm, T* cell_norm) {
-    for_rows(rows, 4 * s.hidden_size, [&](int64_t b) {
-      T hidden = 0, cell = 0;
-      for (int64_t j = 0; j < s.hidden_size; ++j) {
-        const auto sq = lstm_backward_point<T, T>(s, b, j);
-        hidden += sq.hidden;
-        cell += sq.cell;
-      }
-      if (hidden_norm != nullptr) hidden_norm[b] = hidden;
-      if (cell_norm != nullptr) cell_norm[b] = cell;
+    const auto& k = cpu::pointwise_kernels<T>();
+    for_rows(rows, 4 * s.hidden_size, [&](int64_t begin, int64_t end) {
+      k.lstm_backward(s, begin, end, hidden_norm, cell_norm);
     });
   }
 
   template <typename T>
   void rnn_forward(const RnnForwardStep<T>& s, int64_t rows) {
-    for_rows(rows, s.hidden_size, [&](int64_t b) {
-      for (int64_t j = 0; j < s.hidden_size; ++j) rnn_forward_point<T, T>(s, b, j);
-    });
+    const auto& k = cpu::pointwise_kernels<T>();
+    for_rows(rows, s.hidden_size, [&](int64_t begin, int64_t end) { k.rnn_forward(s, begin, end); });
   }
 
   template <typename T>
   void rnn_backward(const RnnBackwardStep<T>& s, int64_t rows, T* hidden_norm) {
-    for_rows(rows, s.hidden_size, [&](int64_t b) {
-      T hidden = 0;
-      for (int64_t j = 0; j < s.hidden_size; ++j) hidden += rnn_backward_point<T, T>(s, b, j);
-      if (hidden_norm != nullptr) hidden_norm[b] = hidden;
+    const auto& k = cpu::pointwise_kernels<T>();
+    for_rows(rows, s.hidden_size, [&](int64_t begin, int64_t end) {
+      k.rnn_backward(s, begin, end, hidden_norm);
     });
   }
 
   template <typename T>
   void sum(const SumStep<T>& s, int64_t rows, T* norm) {
-    for_rows(rows, s.width, [&](int64_t b) {
-      T total = 0;
-      for (int64_t j = 0; j < s.width; ++j) total += sum_point<T, T>(s, b, j);
-      if (norm != nullptr) norm[b] = total;
-    });
+    const auto& k = cpu::pointwise_kernels<T>();
+    for_rows(rows, s.width, [&](int64_t begin, int64_t end) { k.sum(s, begin, end, norm); });
   }
 };
 
