@@ -2,12 +2,14 @@
 // (pointwise.h) split over rows with at::parallel_for (each row's work, norms included, stays on one
 // thread, so results do not depend on the thread count).
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "../layer_ops.h"
 #include "pointwise.h"
@@ -90,16 +92,65 @@ void aten_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T al
                 view(b, k, n, ldb, trans_b), beta == T(0) ? T(1) : beta, alpha);
 }
 
+// Row-major C(m, n) = A(m, k) B(k, n) (+ C when accumulate) for float, through oneDNN's brgemm
+// micro-kernels (at::native::cpublas::brgemm; it uses AVX-512 where MKL's sgemm on some CPUs does not,
+// and falls back to BLAS where oneDNN has no kernel). C is cut into fixed blocks, each one brgemm call
+// on one thread: the blocks do not depend on the thread count, so neither do the results.
+void blocked_brgemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                    int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  constexpr int64_t kRowBlock = 64, kColBlock = 256;
+  const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock, col_blocks = (n + kColBlock - 1) / kColBlock;
+  const auto block = [&](int64_t index) {
+    const int64_t r0 = (index / col_blocks) * kRowBlock, c0 = (index % col_blocks) * kColBlock;
+    at::native::cpublas::brgemm(std::min(kRowBlock, m - r0), std::min(kColBlock, n - c0), k, lda, ldb,
+                                ldc, accumulate, a + r0 * lda, b + c0, c + r0 * ldc + c0, false);
+  };
+  const int64_t blocks = row_blocks * col_blocks;
+  // A second thread pays off from about half a million multiply-adds per block.
+  if (blocks > 1 && std::min(kRowBlock, m) * std::min(kColBlock, n) * k >= (int64_t(1) << 19)) {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) block(i);
+    });
+  } else {
+    for (int64_t i = 0; i < blocks; ++i) block(i);
+  }
+}
+
 struct CpuBackend {
   static constexpr bool kReducedPrecision = false;
   static constexpr const char* kDtypes = "float32 or float64";
 
   explicit CpuBackend(const at::Tensor&) {}
 
+  // Transposed copies of weight matrices, made once per op call (brgemm wants B as (k, n) rows).
+  struct Transposed {
+    const void* source;
+    int64_t rows, cols, ld;
+    at::Tensor copy;
+  };
+  std::vector<Transposed> transposed_;
+
+  // B given as op(B) = B^T with B (n, k) of row stride ld: its (k, n) contiguous transpose.
+  const float* transposed(const float* b, int64_t n, int64_t k, int64_t ld) {
+    for (const auto& t : transposed_) {
+      if (t.source == b && t.rows == n && t.cols == k && t.ld == ld) return t.copy.data_ptr<float>();
+    }
+    at::Tensor view = at::from_blob(const_cast<float*>(b), {n, k}, {ld, 1}, at::kFloat);
+    transposed_.push_back({b, n, k, ld, view.t().contiguous()});
+    return transposed_.back().copy.data_ptr<float>();
+  }
+
   template <typename T>
   void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
             int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {
     if (m == 0 || n == 0) return;
+    if constexpr (std::is_same_v<T, float>) {
+      if (!trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0) {
+        const float* b_rows = trans_b ? transposed(b, n, k, ldb) : b;
+        blocked_brgemm(m, n, k, a, lda, b_rows, trans_b ? n : ldb, beta == 1.0, c, ldc);
+        return;
+      }
+    }
     const T alpha_t = static_cast<T>(alpha), beta_t = static_cast<T>(beta);
     auto* gemm = blas_gemm<T>();
     if (gemm == nullptr || k == 0) {
