@@ -98,12 +98,17 @@ void aten_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T al
 // on one thread: the blocks do not depend on the thread count, so neither do the results.
 void blocked_brgemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                     int64_t ldb, bool accumulate, float* c, int64_t ldc) {
-  constexpr int64_t kRowBlock = 64, kColBlock = 256;
+  // A 64 x 512 panel of A and a 512 x 256 panel of B stay in a 2 MB L2 cache together.
+  constexpr int64_t kRowBlock = 64, kColBlock = 256, kDepthBlock = 512;
   const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock, col_blocks = (n + kColBlock - 1) / kColBlock;
   const auto block = [&](int64_t index) {
     const int64_t r0 = (index / col_blocks) * kRowBlock, c0 = (index % col_blocks) * kColBlock;
-    at::native::cpublas::brgemm(std::min(kRowBlock, m - r0), std::min(kColBlock, n - c0), k, lda, ldb,
-                                ldc, accumulate, a + r0 * lda, b + c0, c + r0 * ldc + c0, false);
+    const int64_t rows = std::min(kRowBlock, m - r0), cols = std::min(kColBlock, n - c0);
+    for (int64_t d0 = 0; d0 < k; d0 += kDepthBlock) {
+      at::native::cpublas::brgemm(rows, cols, std::min(kDepthBlock, k - d0), lda, ldb, ldc,
+                                  accumulate || d0 > 0, a + r0 * lda + d0, b + d0 * ldb + c0,
+                                  c + r0 * ldc + c0, false);
+    }
   };
   const int64_t blocks = row_blocks * col_blocks;
   // A second thread pays off from about half a million multiply-adds per block.
@@ -162,6 +167,24 @@ struct CpuBackend {
     const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
     gemm(&ta, &tb, &mi, &ni, &ki, &alpha_t, b, &la, a, &lb, &beta_t, c, &lc);
+  }
+
+  // a (M, K) @ b (K, N). float32 goes through blocked_brgemm; a weight gradient a = g^T (g an (N, X)
+  // row-major sequence buffer) is computed as (b^T g)^T, transposing the narrower b instead of g.
+  static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+    if (a.scalar_type() != at::kFloat || a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
+    if (!a.is_contiguous() && a.t().is_contiguous() && b.is_contiguous()) {
+      return row_major_mm(b.t(), a.t()).t().contiguous();
+    }
+    return row_major_mm(a, b);
+  }
+
+  static at::Tensor row_major_mm(const at::Tensor& a, const at::Tensor& b) {
+    const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+    const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+    at::Tensor c = at::empty({M, N}, a.options());
+    blocked_brgemm(M, N, K, ac.data_ptr<float>(), K, bc.data_ptr<float>(), N, false, c.data_ptr<float>(), N);
+    return c;
   }
 
   template <typename T>
