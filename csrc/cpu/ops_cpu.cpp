@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -64,6 +65,8 @@ const PointwiseKernels<double>& pointwise_kernels<double>() {
       &avx512::pointwise_double(), &avx2::pointwise_double(), &baseline::pointwise_double()};
   return *k[chosen_isa()];
 }
+
+std::string isa_name() { return pointwise_kernels<float>().isa; }
 
 }  // namespace cpu
 
@@ -246,6 +249,10 @@ TORCH_LIBRARY_IMPL(lstmfast, CPU, m) {
   m.impl("lstm_backward", &lstm_backward<CpuBackend>);
   m.impl("rnn_forward", &rnn_forward<CpuBackend>);
   m.impl("rnn_backward", &rnn_backward<CpuBackend>);
+}
+
+TORCH_LIBRARY_IMPL(lstmfast, CompositeExplicitAutograd, m) {
+  m.impl("cpu_isa", &cpu::isa_name);
 }
 
 }  // namespace lstmfast
