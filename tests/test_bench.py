@@ -4,6 +4,8 @@ It makes no speed claim: speed is measured by running the benchmark, never by te
 import json
 import math
 
+import pytest
+
 from lstmfast import bench
 
 
@@ -34,6 +36,7 @@ def test_quick_benchmark_json(tmp_path):
 
 
 def test_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib (extra 'plot')")
     result = bench.main(["--quick", "--min-run-time", "0.001", "--no-progress", "--no-reference"])
     path = tmp_path / "speedups.png"
     bench.plot(result, str(path))
