@@ -337,15 +337,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   }
   // Gradients not asked for come back as distinct empty tensors (outputs must not alias).
   const auto empty = [&] { return at::empty({0}, input.options()); };
-  Tensor grad_input = need_input ? at::mm(grad_gates, w_ih).view(input.sizes()) : empty();
+  Tensor grad_input = need_input ? dev.mm(grad_gates, w_ih).view(input.sizes()) : empty();
   Tensor grad_w_ih = empty(), grad_w_hh = empty(), grad_w_hr = empty();
   if (need_weights) {
-    grad_w_ih = at::mm(grad_gates.t(), rows_of(input, l.input_size));
-    grad_w_hh = at::mm(grad_gates.t(), hidden_prev);
+    grad_w_ih = dev.mm(grad_gates.t(), rows_of(input, l.input_size));
+    grad_w_hh = dev.mm(grad_gates.t(), hidden_prev);
     if (wr.has_value()) {
       // m_t = o * tanh(c_t), from the saved activations.
       const Tensor hidden_all = gates_c.narrow(1, 3 * H, H) * cells_c.tanh();
-      grad_w_hr = at::mm(grad_hidden_total.t(), hidden_all);
+      grad_w_hr = dev.mm(grad_hidden_total.t(), hidden_all);
     }
   }
   Tensor grad_bias = need_bias ? grad_gates.sum(0) : empty();
@@ -445,11 +445,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   });
   if (return_norms) grad_h_norm.sqrt_();
   const auto empty = [&] { return at::empty({0}, input.options()); };
-  Tensor grad_input = need_input ? at::mm(grad_pre, w_ih).view(input.sizes()) : empty();
+  Tensor grad_input = need_input ? dev.mm(grad_pre, w_ih).view(input.sizes()) : empty();
   Tensor grad_w_ih = empty(), grad_w_hh = empty();
   if (need_weights) {
-    grad_w_ih = at::mm(grad_pre.t(), rows_of(input, l.input_size));
-    grad_w_hh = at::mm(grad_pre.t(), hidden_prev);
+    grad_w_ih = dev.mm(grad_pre.t(), rows_of(input, l.input_size));
+    grad_w_hh = dev.mm(grad_pre.t(), hidden_prev);
   }
   Tensor grad_bias = need_bias ? grad_pre.sum(0) : empty();
   return {grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias, grad_h_norm};

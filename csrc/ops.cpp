@@ -38,4 +38,6 @@ TORCH_LIBRARY(lstmfast, m) {
       "bool[4] output_mask, float? grad_clip, bool return_norms) "
       "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
       "Tensor grad_h_norm)");
+  // Which build of the CPU pointwise passes runs here ("avx512", "avx2" or "baseline"); no tensors.
+  m.def("cpu_isa() -> str");
 }

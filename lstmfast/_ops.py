@@ -93,3 +93,9 @@ def _norm_dtype(dtype):
 def has_cuda_kernels():
     """True when this build of lstmfast includes the CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("lstmfast::lstm_forward", "CUDA")
+
+
+def cpu_isa():
+    """The instruction set of the CPU kernels' pointwise passes: "avx512", "avx2" or "baseline" (the
+    widest this CPU supports, or the one named by the environment variable LSTMFAST_CPU_ISA)."""
+    return ops.cpu_isa()

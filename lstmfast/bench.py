@@ -1,92 +1,219 @@
-"""Speed benchmark: lstmfast against torch.nn and lstmfast.reference on the CPU (or a GPU).
+"""Speed benchmark: lstmfast against torch.nn (oneDNN and native paths) and lstmfast.reference.
 
 Every row builds the contenders with identical weights and inputs and times them in the same run with
 torch.utils.benchmark, so the reported ratios (competitor time / lstmfast time; > 1 means lstmfast is
-faster) are robust on shared, noisy machines.
+faster) are robust on shared, noisy machines. Per row: inference forward (no grad) and training step
+(forward + backward) times, speedups, the peak memory a training step allocates (torch's CPU allocator,
+through the profiler) and efficiency: the layer's useful GEMM FLOPs per second as a fraction of a
+large GEMM's FLOPs per second measured in the same run.
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
 import platform
 import time
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from torch.utils import benchmark as tb
 
-from . import functional, reference
+from . import reference
 from .modules import LSTM, RNN
+
+CONTENDERS = ("lstmfast", "torch.nn", "torch.nn-native", "reference")
+MODES = ("fwd", "train")
 
 
 @dataclass
 class Case:
-    kind: str  # "LSTM" or "RNN"
+    kind: str  # "LSTM" or "RNN" (tanh)
     T: int
     B: int
     H: int
     I: int  # noqa: E741
     dtype: str = "float32"
+    layers: int = 1
+    bidirectional: bool = False
+    proj: int = 0
+    packed: bool = False  # PackedSequence with mixed lengths (longest T)
+    group: str = "grid"  # "grid", or the extra row's name
 
     @property
     def label(self):
-        return f"{self.kind} T={self.T} B={self.B} H={self.H} {self.dtype}"
+        s = f"{self.kind} T={self.T} B={self.B} H={self.H}"
+        if self.layers > 1:
+            s += f" L={self.layers}"
+        if self.bidirectional:
+            s += " bi"
+        if self.proj:
+            s += f" P={self.proj}"
+        if self.packed:
+            s += " packed"
+        if self.dtype != "float32":
+            s += f" {self.dtype}"
+        return s
 
 
-def _reference_module(module):
-    """A callable running lstmfast.reference with the module's (single-layer) weights."""
+def lengths_of(case: Case) -> List[int]:
+    """Mixed sequence lengths for packed rows: from T down to about T/4, in shuffled order."""
+    lengths = [max(1, case.T - (case.T * 3 * b) // (4 * max(1, case.B - 1))) for b in range(case.B)]
+    return [lengths[(7 * b) % case.B] for b in range(case.B)] if case.B % 7 else lengths
+
+
+def gemm_flops(case: Case, tokens: int) -> float:
+    """Useful multiply-add FLOPs of one forward pass: the layer's matrix products over all tokens."""
+    gates = 4 if case.kind == "LSTM" else 1
+    out = case.proj or case.H
+    dirs = 2 if case.bidirectional else 1
+    flops = 0.0
+    for layer in range(case.layers):
+        inp = case.I if layer == 0 else out * dirs
+        per_token = 2 * gates * case.H * (inp + out) + (2 * case.H * case.proj if case.proj else 0)
+        flops += dirs * tokens * per_token
+    return flops
+
+
+class _Reference(nn.Module):
+    """lstmfast's module composition (layers, directions, packing) over lstmfast.reference's cells."""
+
+    def __init__(self, ours):
+        super().__init__()
+        self.ours = ours
+
+    def forward(self, x):
+        ours = self.ours
+        original = type(ours)._run_layer
+
+        def run_layer(input, batch_sizes, states, layer, direction):
+            w_ih, w_hh, b_ih, b_hh, w_hr = ours._layer_weights(layer, direction)
+            if isinstance(ours, LSTM):
+                return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=states[0], c0=states[1],
+                                      batch_sizes=batch_sizes, reverse=direction == 1)
+            return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=ours.nonlinearity,
+                                 h0=states[0], batch_sizes=batch_sizes, reverse=direction == 1)
+
+        ours._run_layer = run_layer
+        try:
+            return ours(x)
+        finally:
+            del ours._run_layer
+            assert type(ours)._run_layer is original
+
+
+def _native(module):
+    """torch.nn with oneDNN (mkldnn) disabled: ATen's native RNN path."""
     def run(x):
-        w = [module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0]
-        if isinstance(module, LSTM):
-            return reference.lstm(x, *w)
-        return reference.rnn(x, *w, nonlinearity=module.nonlinearity)
+        with torch.backends.mkldnn.flags(enabled=False):
+            return module(x)
     return run
 
 
-def contenders(case: Case, with_reference: bool):
-    """name -> callable(x) for every contender of this case, all with the same weights."""
+def build(case: Case, contenders) -> Dict[str, Callable]:
     dtype = getattr(torch, case.dtype)
     torch.manual_seed(0)
-    ours = (LSTM if case.kind == "LSTM" else RNN)(case.I, case.H).to(dtype)
-    theirs = getattr(nn, case.kind)(case.I, case.H).to(dtype)
+    kwargs = dict(num_layers=case.layers, bidirectional=case.bidirectional)
+    if case.kind == "LSTM":
+        kwargs["proj_size"] = case.proj
+    ours = (LSTM if case.kind == "LSTM" else RNN)(case.I, case.H, **kwargs).to(dtype)
+    theirs = getattr(nn, case.kind)(case.I, case.H, **kwargs).to(dtype)
     theirs.load_state_dict(ours.state_dict())
-    result = {"lstmfast": ours, "torch.nn": theirs}
-    if with_reference:
-        result["reference"] = _reference_module(ours)
-    return result, list(ours.parameters()) + list(theirs.parameters())
+    runners = {"lstmfast": ours, "torch.nn": theirs, "torch.nn-native": _native(theirs),
+               "reference": _Reference(ours)}
+    return {name: runners[name] for name in contenders}, list(ours.parameters()) + list(theirs.parameters())
 
 
-def time_case(case: Case, with_reference=True, min_run_time=0.3) -> dict:
+def make_input(case: Case, requires_grad: bool):
     dtype = getattr(torch, case.dtype)
-    runners, params = contenders(case, with_reference)
-    x = torch.randn(case.T, case.B, case.I, dtype=dtype)
-    x_grad = x.clone().requires_grad_()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(case.T, case.B, case.I, generator=g, dtype=dtype)
+    if case.packed:
+        x = pack_padded_sequence(x, torch.tensor(lengths_of(case)), enforce_sorted=False)
+        data = x.data.clone().requires_grad_(requires_grad)
+        return PackedSequence(data, x.batch_sizes, x.sorted_indices, x.unsorted_indices), data
+    x = x.requires_grad_(requires_grad)
+    return x, x
+
+
+def tokens_of(case: Case) -> int:
+    return sum(lengths_of(case)) if case.packed else case.T * case.B
+
+
+def _statements(fn, case: Case, params):
+    x, _ = make_input(case, False)
+    x_grad, leaf = make_input(case, True)
+
+    def forward():
+        with torch.no_grad():
+            fn(x)
+
+    def train():
+        out = fn(x_grad)[0]
+        out = out.data if isinstance(out, PackedSequence) else out
+        out.backward(torch.ones_like(out))
+        for p in params:
+            p.grad = None
+        leaf.grad = None
+
+    return {"fwd": forward, "train": train}
+
+
+def peak_memory_mb(stmt) -> float:
+    """Peak bytes a call allocates through torch's CPU allocator (net of what it started with)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        stmt()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def measure(stmt, label, sub_label, description, min_run_time) -> float:
+    for _ in range(2):  # first calls compile kernels, create oneDNN primitives, start threads
+        stmt()
+    timer = tb.Timer(stmt="stmt()", globals={"stmt": stmt}, label=label, sub_label=sub_label,
+                     description=description, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def time_case(case: Case, contenders=CONTENDERS, min_run_time=0.3, gemm_gflops=None,
+              memory=True) -> dict:
+    runners, params = build(case, contenders)
     row = asdict(case)
+    row["label"] = case.label
     for name, fn in runners.items():
-        def forward(fn=fn):
-            with torch.no_grad():
-                fn(x)
-
-        def train(fn=fn):
-            out = fn(x_grad)[0]
-            out.backward(torch.ones_like(out))
-            for p in params:
-                p.grad = None
-            x_grad.grad = None
-
-        for mode, stmt in (("fwd", forward), ("train", train)):
-            t = tb.Timer(stmt="stmt()", globals={"stmt": stmt}, label=case.label, sub_label=mode,
-                         description=name, num_threads=torch.get_num_threads())
-            row[f"{name}_{mode}_ms"] = t.blocked_autorange(min_run_time=min_run_time).median * 1e3
+        stmts = _statements(fn, case, params)
+        for mode in MODES:
+            row[f"{name}_{mode}_ms"] = measure(stmts[mode], case.label, mode, name, min_run_time)
+        if memory and name in ("lstmfast", "torch.nn"):
+            stmts["train"]()  # warm caches so that only the step's own allocations count
+            row[f"{name}_train_peak_mb"] = peak_memory_mb(stmts["train"])
     for name in runners:
         if name == "lstmfast":
             continue
-        for mode in ("fwd", "train"):
+        for mode in MODES:
             row[f"speedup_{mode}_vs_{name}"] = row[f"{name}_{mode}_ms"] / row[f"lstmfast_{mode}_ms"]
+    if gemm_gflops:
+        peak = gemm_gflops[case.dtype]
+        flops = gemm_flops(case, tokens_of(case))
+        row["efficiency_fwd"] = flops / (row["lstmfast_fwd_ms"] * 1e-3) / (peak * 1e9)
+        row["efficiency_train"] = 3 * flops / (row["lstmfast_train_ms"] * 1e-3) / (peak * 1e9)
     return row
+
+
+def large_gemm_gflops(dtype: str, n: int, min_run_time: float) -> float:
+    a = torch.randn(n, n, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, dtype=getattr(torch, dtype))
+    ms = measure(lambda: torch.mm(a, b), f"GEMM {n}", dtype, "torch.mm", min_run_time)
+    return 2 * n**3 / (ms * 1e-3) / 1e9
 
 
 def geomean(values):
@@ -96,63 +223,162 @@ def geomean(values):
 
 def default_cases(quick: bool) -> List[Case]:
     if quick:
-        return [Case("LSTM", 16, 8, 64, 64), Case("RNN", 16, 8, 64, 64)]
-    grid = itertools.product(["LSTM", "RNN"], [(128, 8, 256), (128, 64, 256), (64, 32, 1024), (512, 1, 64)])
-    return [Case(kind, T, B, H, H) for kind, (T, B, H) in grid]
+        grid = [Case(kind, 16, 8, 64, 64) for kind in ("LSTM", "RNN")]
+        extras = [
+            Case("LSTM", 16, 4, 32, 32, layers=2, bidirectional=True, group="bidirectional 2-layer"),
+            Case("LSTM", 16, 6, 32, 32, packed=True, group="packed"),
+            Case("LSTM", 16, 4, 32, 32, dtype="float64", group="float64"),
+            Case("LSTM", 16, 4, 32, 32, proj=16, group="proj_size"),
+        ]
+        return grid + extras
+    grid = [Case(kind, T, B, H, H)
+            for kind, T, B, H in itertools.product(("LSTM", "RNN"), (16, 128, 512), (1, 8, 64), (64, 256, 1024))]
+    extras = [
+        Case("LSTM", 128, 16, 256, 256, layers=2, bidirectional=True, group="bidirectional 2-layer"),
+        Case("LSTM", 128, 16, 256, 256, packed=True, group="packed"),
+        Case("LSTM", 128, 16, 256, 256, dtype="float64", group="float64"),
+        Case("LSTM", 128, 16, 512, 256, proj=128, group="proj_size"),
+    ]
+    return grid + extras
 
 
-def run(cases: List[Case], with_reference=True, progress=True, min_run_time=0.3) -> dict:
+def cost_ratios(quick: bool, min_run_time: float) -> dict:
+    """lstmfast only: PackedSequence vs padded input of the same total tokens, and bidirectional vs
+    unidirectional (training step times; 1.0 = free, 2.0 = bidirectional costs two directions)."""
+    T, B, H = (16, 6, 32) if quick else (128, 16, 256)
+    packed = Case("LSTM", T, B, H, H, packed=True)
+    tokens = tokens_of(packed)
+    padded = Case("LSTM", max(1, round(tokens / B)), B, H, H)
+    uni, bi = Case("LSTM", T, B, H, H), Case("LSTM", T, B, H, H, bidirectional=True)
+    times = {}
+    for name, case in (("packed", packed), ("padded", padded), ("unidirectional", uni), ("bidirectional", bi)):
+        runners, params = build(case, ("lstmfast",))
+        times[name] = measure(_statements(runners["lstmfast"], case, params)["train"], case.label, "train",
+                              "lstmfast", min_run_time)
+    return {
+        "packed_vs_padded": dict(ratio=times["packed"] / times["padded"] * tokens_of(padded) / tokens,
+                                 packed_ms=times["packed"], padded_ms=times["padded"], tokens=tokens,
+                                 note="time per token, packed / padded (training step)"),
+        "bidirectional_vs_unidirectional": dict(ratio=times["bidirectional"] / times["unidirectional"],
+                                                bidirectional_ms=times["bidirectional"],
+                                                unidirectional_ms=times["unidirectional"],
+                                                note="training step time, bidirectional / unidirectional"),
+    }
+
+
+def summarize(rows: List[dict]) -> dict:
+    summary = {}
+    keys = sorted({k for r in rows for k in r if k.startswith("speedup_")})
+    groups = [("LSTM", lambda r: r["kind"] == "LSTM" and r["group"] == "grid"),
+              ("RNN", lambda r: r["kind"] == "RNN" and r["group"] == "grid")]
+    groups += [(g, lambda r, g=g: r["group"] == g) for g in dict.fromkeys(r["group"] for r in rows) if g != "grid"]
+    for name, member in groups:
+        for key in keys:
+            values = [r[key] for r in rows if member(r) and key in r]
+            if values:
+                summary[f"{name} {key}"] = dict(geomean=geomean(values), min=min(values), rows=len(values))
+    memory = [r["lstmfast_train_peak_mb"] / r["torch.nn_train_peak_mb"] for r in rows
+              if r.get("torch.nn_train_peak_mb")]
+    if memory:
+        summary["peak memory lstmfast / torch.nn (training step)"] = dict(geomean=geomean(memory),
+                                                                          max=max(memory), rows=len(memory))
+    return summary
+
+
+def run(cases: List[Case], contenders=CONTENDERS, progress=True, min_run_time=0.3, quick=False) -> dict:
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
+    gemm_n = 512 if quick else 2048
+    gemm = {dtype: large_gemm_gflops(dtype, gemm_n, min_run_time) for dtype in sorted({c.dtype for c in cases})}
     iterator = tqdm(cases, desc="benchmark", unit="case") if progress and tqdm else cases
     rows = []
     for case in iterator:
         if hasattr(iterator, "set_postfix_str"):
             iterator.set_postfix_str(case.label)
-        rows.append(time_case(case, with_reference, min_run_time))
-    summary = {}
-    for key in sorted({k for r in rows for k in r if k.startswith("speedup_")}):
-        for kind in ("LSTM", "RNN"):
-            values = [r[key] for r in rows if r["kind"] == kind and key in r]
-            if values:
-                summary[f"{kind} {key}"] = dict(geomean=geomean(values), min=min(values))
+        rows.append(time_case(case, contenders, min_run_time, gemm))
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-                processor=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"),
+                processor=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d %H:%M"),
+                large_gemm_gflops=gemm, large_gemm_n=gemm_n,
                 note="speedup = competitor time / lstmfast time, measured in the same run")
-    return dict(meta=meta, rows=rows, summary=summary)
+    return dict(meta=meta, rows=rows, summary=summarize(rows), cost_ratios=cost_ratios(quick, min_run_time))
 
 
 def format_table(result: dict) -> str:
     rows = result["rows"]
-    names = [n for n in ("lstmfast", "torch.nn", "reference") if f"{n}_fwd_ms" in rows[0]]
-    head = f"{'case':34}" + "".join(f"{n + ' fwd/train ms':>28}" for n in names)
-    head += "".join(f"{'x vs ' + n + ' fwd/train':>26}" for n in names[1:])
-    lines = [head, "-" * len(head)]
+    others = [n for n in CONTENDERS[1:] if f"{n}_fwd_ms" in rows[0]]
+    head = f"{'case':36}{'lstmfast ms fwd/train':>24}" + "".join(f"{'x vs ' + n:>22}" for n in others)
+    head += f"{'peak MB ours/nn':>18}{'eff fwd/train':>16}"
+    lines = [f"threads={result['meta']['threads']}  large GEMM GFLOP/s: "
+             + ", ".join(f"{k} {v:.0f}" for k, v in result["meta"]["large_gemm_gflops"].items()),
+             "speedup columns: competitor time / lstmfast time, forward (no grad) / training step", "",
+             head, "-" * len(head)]
     for r in rows:
-        line = f"{Case(**{k: r[k] for k in ('kind', 'T', 'B', 'H', 'I', 'dtype')}).label:34}"
-        line += "".join(f"{r[n + '_fwd_ms']:13.3f}/{r[n + '_train_ms']:<14.3f}" for n in names)
-        line += "".join(f"{r[f'speedup_fwd_vs_{n}']:12.2f}/{r[f'speedup_train_vs_{n}']:<13.2f}"
-                        for n in names[1:])
-        lines.append(line)
+        line = f"{r['label']:36}{r['lstmfast_fwd_ms']:11.3f}/{r['lstmfast_train_ms']:<12.3f}"
+        line += "".join(f"{r[f'speedup_fwd_vs_{n}']:11.2f}/{r[f'speedup_train_vs_{n}']:<10.2f}" for n in others)
+        mem = (f"{r['lstmfast_train_peak_mb']:8.1f}/{r['torch.nn_train_peak_mb']:<9.1f}"
+               if "torch.nn_train_peak_mb" in r else " " * 18)
+        eff = f"{r['efficiency_fwd']:7.2f}/{r['efficiency_train']:<8.2f}" if "efficiency_fwd" in r else ""
+        lines.append(line + mem + eff)
     lines.append("")
     for key, s in result["summary"].items():
-        lines.append(f"{key}: geometric mean {s['geomean']:.2f}x, min {s['min']:.2f}x")
+        if "geomean" in s and "min" in s:
+            lines.append(f"{key}: geometric mean {s['geomean']:.2f}x, min {s['min']:.2f}x ({s['rows']} rows)")
+        else:
+            lines.append(f"{key}: geometric mean {s['geomean']:.2f}, max {s['max']:.2f} ({s['rows']} rows)")
+    for key, s in result["cost_ratios"].items():
+        lines.append(f"{key}: {s['ratio']:.2f} ({s['note']})")
     return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    others = [n for n in CONTENDERS[1:] if f"speedup_train_vs_{n}" in rows[0]]
+    fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.22 * len(rows) + 1.5)), sharey=True)
+    y = list(range(len(rows)))
+    for ax, mode in zip(axes, MODES):
+        width = 0.8 / max(1, len(others))
+        for i, name in enumerate(others):
+            ax.barh([v + i * width for v in y], [r[f"speedup_{mode}_vs_{name}"] for r in rows], height=width,
+                    label=f"vs {name}")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_title(f"lstmfast speedup, {'inference forward' if mode == 'fwd' else 'training step'}")
+        ax.set_xlabel("competitor time / lstmfast time")
+    axes[0].set_yticks([v + 0.4 - 0.4 / max(1, len(others)) for v in y])
+    axes[0].set_yticklabels([r["label"] for r in rows], fontsize=7)
+    axes[0].invert_yaxis()
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"lstmfast {result['meta']['date']}, torch {result['meta']['torch']}, "
+                 f"{result['meta']['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="lstmfast bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a small grid (seconds)")
-    parser.add_argument("--json", metavar="PATH", help="write rows and summary as JSON")
+    parser.add_argument("--quick", action="store_true", help="a small grid (well under a minute)")
+    parser.add_argument("--json", metavar="PATH", help="write rows, summary and cost ratios as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of the speedups")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow plain-PyTorch contender")
-    parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds per measurement")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="seconds per measurement (default 0.3, 0.05 with --quick)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    result = run(default_cases(args.quick), not args.no_reference,
-                 min_run_time=0.05 if args.quick else args.min_run_time)
+    contenders = tuple(c for c in CONTENDERS if not (args.no_reference and c == "reference"))
+    min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 0.3)
+    result = run(default_cases(args.quick), contenders, progress=not args.no_progress,
+                 min_run_time=min_run_time, quick=args.quick)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    if args.plot:
+        plot(result, args.plot)
     return result

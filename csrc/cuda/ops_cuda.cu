@@ -100,6 +100,9 @@ struct CudaBackend {
   explicit CudaBackend(const at::Tensor& input)
       : guard(input.device()), stream(at::cuda::getCurrentCUDAStream()) {}
 
+  // Whole-sequence products (input and weight gradients): torch's own matmul.
+  static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
+
   // cuBLAS on torch's handle for this device and stream. Reduced precision and float32 accumulate
   // in float32 (no TF32), float64 in float64.
   template <typename T>

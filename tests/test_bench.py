@@ -1,0 +1,43 @@
+"""Smoke test of the benchmark (`python -m lstmfast bench --quick`): it runs and its JSON is complete.
+It makes no speed claim: speed is measured by running the benchmark, never by tests."""
+
+import json
+import math
+
+import pytest
+
+from lstmfast import bench
+
+
+def test_quick_benchmark_json(tmp_path):
+    path = tmp_path / "bench.json"
+    result = bench.main(["--quick", "--min-run-time", "0.001", "--no-progress", "--json", str(path)])
+    loaded = json.loads(path.read_text())
+    assert loaded == json.loads(json.dumps(result))
+    assert loaded["meta"]["threads"] >= 1
+    assert all(v > 0 and math.isfinite(v) for v in loaded["meta"]["large_gemm_gflops"].values())
+    rows = loaded["rows"]
+    groups = {r["group"] for r in rows}
+    assert {"grid", "bidirectional 2-layer", "packed", "float64", "proj_size"} <= groups
+    assert {r["kind"] for r in rows if r["group"] == "grid"} == {"LSTM", "RNN"}
+    for r in rows:
+        for name in bench.CONTENDERS:
+            for mode in bench.MODES:
+                assert r[f"{name}_{mode}_ms"] > 0
+        ratios = [v for k, v in r.items() if k.startswith(("speedup_", "efficiency_"))]
+        assert len(ratios) == 2 * (len(bench.CONTENDERS) - 1) + 2
+        assert all(v > 0 and math.isfinite(v) for v in ratios), r
+        assert r["lstmfast_train_peak_mb"] > 0 and r["torch.nn_train_peak_mb"] > 0
+    for s in loaded["summary"].values():
+        assert s["geomean"] > 0 and math.isfinite(s["geomean"])
+    for key in ("packed_vs_padded", "bidirectional_vs_unidirectional"):
+        ratio = loaded["cost_ratios"][key]["ratio"]
+        assert ratio > 0 and math.isfinite(ratio)
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib (extra 'plot')")
+    result = bench.main(["--quick", "--min-run-time", "0.001", "--no-progress", "--no-reference"])
+    path = tmp_path / "speedups.png"
+    bench.plot(result, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

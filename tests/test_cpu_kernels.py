@@ -1,0 +1,73 @@
+"""The CPU kernels' own guarantees: every instruction-set build agrees with the reference, and results
+are bitwise identical whatever the thread count."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lstmfast
+from lstmfast import functional, reference
+
+from conftest import TOLERANCES, assert_all_close, layer_sample, outputs_and_grads
+
+# H = 37 covers whole vectors and a partial last one at every width; large inputs saturate the gates.
+SHAPES = dict(steps=6, batch=5, input_size=9, hidden=37)
+
+
+def _check_against_reference():
+    for dtype in (torch.float64, torch.float32):
+        for kw in (dict(cell="lstm"), dict(cell="lstm", proj=11, lengths=[6, 4, 4, 1], reverse=True),
+                   dict(cell="rnn"), dict(cell="rnn", nonlinearity="relu", grad_clip=0.5)):
+            sample = layer_sample(**SHAPES, **kw, dtype=dtype)
+            with torch.no_grad():
+                sample.args[0].mul_(6)
+            out, grads = outputs_and_grads(sample, functional)
+            ref_out, ref_grads = outputs_and_grads(sample, reference)
+            assert_all_close(out, ref_out, **TOLERANCES[dtype])
+            assert_all_close(grads, ref_grads, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_instruction_set_matches_reference(isa):
+    """Each build of the pointwise passes (forced with LSTMFAST_CPU_ISA) in a fresh process."""
+    code = ("import sys; sys.path.insert(0, {tests!r}); import torch, lstmfast, test_cpu_kernels as t; "
+            "t._check_against_reference(); print(lstmfast.cpu_isa())").format(tests=os.path.dirname(__file__))
+    env = dict(os.environ, LSTMFAST_CPU_ISA=isa)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if proc.returncode != 0 and "does not support it" in proc.stderr:
+        pytest.skip(f"this CPU has no {isa}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == isa
+
+
+def test_default_instruction_set_matches_reference():
+    _check_against_reference()
+
+
+def _train(threads, dtype, module_kwargs, packed):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        m = lstmfast.LSTM(96, 160, **module_kwargs).to(dtype)
+        x = torch.randn(40, 70, 96, dtype=dtype, requires_grad=True)
+        inp = torch.nn.utils.rnn.pack_padded_sequence(x, [40 - i // 3 for i in range(70)]) if packed else x
+        out = m(inp)[0]
+        out = out.data if packed else out
+        out.backward(torch.randn_like(out))
+        return [out, x.grad] + [p.grad for p in m.parameters()]
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 threads")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("module_kwargs,packed", [({}, False), (dict(proj_size=50, bidirectional=True), True)],
+                         ids=["plain", "proj-bi-packed"])
+def test_bitwise_identical_across_thread_counts(dtype, module_kwargs, packed):
+    one, two = _train(1, dtype, module_kwargs, packed), _train(2, dtype, module_kwargs, packed)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
