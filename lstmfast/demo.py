@@ -264,7 +264,12 @@ def write_report(results: dict, path: str):
               f"{fmt_ratio(c['forget_bias_over_lstm'])}x. An untrained LSTM's gradient still vanishes, only "
               "more slowly: its forget gates start near 0.5 (near 0.73 with forget bias 1), and the cell "
               "path multiplies the gradient by them at every step. Large recurrent weights make the tanh "
-              f"RNN's gradient grow instead (exploding at W_hh scales {c['rnn_tanh_exploding_scales']}).", ""]
+              f"RNN's gradient grow instead (exploding at W_hh scales {c['rnn_tanh_exploding_scales']})."]
+    for e in results["trained_flow"]:
+        lines.append(f"After training on the adding problem, the {e['label'].split()[0]}'s gradient changes "
+                     f"by a factor {e['factor_per_step']:.3f} per step (at distance 50: "
+                     f"{fmt_ratio(at_distance(e, 50))}).")
+    lines += [""]
     lines += ["## 2. Learning a long dependency: the adding problem",
               f"Trivial predictor MSE {TRIVIAL_MSE:.3f}. H = {results['config']['hidden_size']}, batch 64, "
               "Adam lr 3e-3, gradient norm clipped to 1, LSTM forget bias 1; solved = test MSE below "
