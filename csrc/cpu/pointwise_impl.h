@@ -75,10 +75,20 @@ inline T horizontal_sum(Vec<T> v) {
   return s;
 }
 
-// e^x. x is clamped to where the result and 2^n are normal floats (NaN passes through).
+inline vfloat exp_in_range(vfloat x);
+inline vdouble exp_in_range(vdouble x);
+
+// e^x like libm at the ends: +inf above the range where 2^n is a normal float, 0 below it, NaN
+// passes through (so sigmoid(-inf) = 0 and NaN/Inf propagate as in torch). Inside, Cephes.
 inline vfloat exp(vfloat x) {
+  const vfloat overflow = select(x > 88.3762626647949f, splat<vfloat>(__builtin_inff()), vfloat{});
+  const auto underflow = x < -87.3365478515625f;
   x = select(x > 88.3762626647949f, splat<vfloat>(88.3762626647949f), x);
-  x = select(x < -87.3365478515625f, splat<vfloat>(-87.3365478515625f), x);
+  x = select(underflow, splat<vfloat>(-87.3365478515625f), x);
+  return select(underflow, vfloat{}, exp_in_range(x) + overflow);
+}
+
+inline vfloat exp_in_range(vfloat x) {
   // n = round(x / ln 2): adding 1.5 * 2^23 rounds to an integer, which the low mantissa bits hold.
   const float magic = 12582912.0f;
   const vfloat t = x * 1.44269504088896341f + magic;
@@ -99,8 +109,14 @@ inline vfloat exp(vfloat x) {
 }
 
 inline vdouble exp(vdouble x) {
+  const vdouble overflow = select(x > 709.0, splat<vdouble>(__builtin_inf()), vdouble{});
+  const auto underflow = x < -708.3964185322641;
   x = select(x > 709.0, splat<vdouble>(709.0), x);
-  x = select(x < -708.3964185322641, splat<vdouble>(-708.3964185322641), x);
+  x = select(underflow, splat<vdouble>(-708.3964185322641), x);
+  return select(underflow, vdouble{}, exp_in_range(x) + overflow);
+}
+
+inline vdouble exp_in_range(vdouble x) {
   const double magic = 6755399441055744.0;  // 1.5 * 2^52
   const vdouble t = x * 1.4426950408889634073599 + magic;
   const vint64 n_bits = reinterpret_cast<vint64>(t) - reinterpret_cast<vint64>(splat<vdouble>(magic));
@@ -239,7 +255,8 @@ void rnn_forward(const RnnForwardStep<T>& s, int64_t begin, int64_t end) {
       const int64_t n = std::min<int64_t>(kLanes<T>, H - j), e = b * H + j;
       Vec<T> a = load(s.hidden + e, n);
       if (s.bias != nullptr) a += load(s.bias + j, n);
-      const Vec<T> h = s.nonlinearity == Nonlinearity::Tanh ? tanh(a) : select(a > 0, a, Vec<T>{});
+      // relu as torch computes it: NaN stays NaN.
+      const Vec<T> h = s.nonlinearity == Nonlinearity::Tanh ? tanh(a) : select(a < 0, Vec<T>{}, a);
       store(s.hidden + e, h, n);
       store(s.hidden_state + e, h, n);
     }
@@ -258,7 +275,7 @@ void rnn_backward(const RnnBackwardStep<T>& s, int64_t begin, int64_t end, T* hi
       const Vec<T> h = load(s.hidden + e, n);
       const Vec<T> slope = s.nonlinearity == Nonlinearity::Tanh
                                ? 1 - h * h
-                               : select(h > 0, splat<Vec<T>>(T(1)), Vec<T>{});
+                               : select(h <= 0, Vec<T>{}, splat<Vec<T>>(T(1)));
       store(s.grad_pre + e, clip(grad_hidden * slope, grad_clip), n);
       hidden_sq += grad_hidden * grad_hidden;
     }
