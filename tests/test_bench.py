@@ -36,7 +36,6 @@ def test_quick_benchmark_json(tmp_path):
 
 
 def test_plot(tmp_path):
-    pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib (extra 'plot')")
     result = bench.main(["--quick", "--min-run-time", "0.001", "--no-progress", "--no-reference"])
     path = tmp_path / "speedups.png"
     bench.plot(result, str(path))
