@@ -86,6 +86,21 @@ def outputs_and_grads(sample: LayerSample, module, seed=1):
     return [o.detach() for o in outputs], list(grads)
 
 
+def module_outputs_and_grads(module, x, hx, leaves, cotangent_seed=3):
+    """Runs a module (LSTM / RNN, ours or torch.nn's), back-propagates fixed random cotangents of the
+    output and every final state, and returns them with the gradients of `leaves` and every parameter
+    (zeros for a tensor the outputs do not depend on)."""
+    output, state = module(x, hx)
+    states = [state] if isinstance(state, torch.Tensor) else list(state)
+    data = output.data if isinstance(output, torch.nn.utils.rnn.PackedSequence) else output
+    outs = [data] + states
+    g = torch.Generator().manual_seed(cotangent_seed)
+    cotangents = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outs]
+    grads = torch.autograd.grad(outs, list(leaves) + list(module.parameters()), cotangents,
+                                allow_unused=True)
+    return [o.detach() for o in outs], [torch.zeros(()) if g is None else g for g in grads]
+
+
 def assert_all_close(actual, expected, **tolerance):
     assert len(actual) == len(expected)
     for i, (a, e) in enumerate(zip(actual, expected)):

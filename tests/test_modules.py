@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
 import lstmfast
 
-from conftest import DEVICES, TOLERANCES, assert_all_close
+from conftest import DEVICES, TOLERANCES, assert_all_close, module_outputs_and_grads
 
 
 def pair(kind, device="cpu", dtype=torch.float64, **options):
@@ -21,18 +21,11 @@ def pair(kind, device="cpu", dtype=torch.float64, **options):
     return ours, theirs
 
 
-def run(module, x, hx, cotangent_seed=3):
+def run(module, x, hx):
     """Outputs, final states and gradients of input, hx and every parameter."""
     leaf = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
     inputs = [leaf] + ([hx] if isinstance(hx, torch.Tensor) else list(hx or []))
-    output, state = module(x, hx)
-    states = [state] if isinstance(state, torch.Tensor) else list(state)
-    data = output.data if isinstance(output, nn.utils.rnn.PackedSequence) else output
-    outs = [data] + states
-    g = torch.Generator().manual_seed(cotangent_seed)
-    cotangents = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outs]
-    grads = torch.autograd.grad(outs, inputs + list(module.parameters()), cotangents)
-    return [o.detach() for o in outs], list(grads)
+    return module_outputs_and_grads(module, x, hx, inputs)
 
 
 def make_input(module, batch_first, seq=5, batch=3, unbatched=False, hx=False, seed=0):

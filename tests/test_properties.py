@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_sequence
 import lstmfast
 from lstmfast import functional, reference
 
-from conftest import TOLERANCES, assert_all_close, layer_sample
+from conftest import TOLERANCES, assert_all_close, layer_sample, module_outputs_and_grads
 
 
 def outputs_and_grads(sample, module, seed=1):
@@ -132,17 +132,6 @@ def module_cases(draw):
                 hx=draw(st.booleans()), dtype=draw(DTYPES), seed=draw(st.integers(0, 2**16)))
 
 
-def _module_run(module, x, hx, leaves, cotangent_seed=3):
-    output, state = module(x, hx)
-    states = [state] if isinstance(state, torch.Tensor) else list(state)
-    data = output.data if isinstance(output, nn.utils.rnn.PackedSequence) else output
-    outs = [data] + states
-    g = torch.Generator().manual_seed(cotangent_seed)
-    cotangents = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outs]
-    grads = torch.autograd.grad(outs, leaves + list(module.parameters()), cotangents, allow_unused=True)
-    return [o.detach() for o in outs], [torch.zeros(()) if g is None else g for g in grads]
-
-
 @settings(max_examples=150, **SETTINGS)
 @given(case=module_cases())
 def test_modules_match_torch_nn(case):
@@ -178,7 +167,7 @@ def test_modules_match_torch_nn(case):
         else:
             hx = rand(*lead, options["hidden_size"]).requires_grad_()
             leaves.append(hx)
-    got, want = _module_run(ours, x, hx, leaves), _module_run(theirs, x, hx, leaves)
+    got, want = module_outputs_and_grads(ours, x, hx, leaves), module_outputs_and_grads(theirs, x, hx, leaves)
     assert_all_close(got[0], want[0], **TOLERANCES[dtype])
     assert_all_close(got[1], want[1], **TOLERANCES[dtype])
 
@@ -190,6 +179,6 @@ def test_zero_batch_module(kind):
     theirs = getattr(nn, kind)(3, 4, num_layers=2, bidirectional=True).double()
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(5, 0, 3, dtype=torch.float64, requires_grad=True)
-    got, want = _module_run(ours, x, None, [x]), _module_run(theirs, x, None, [x])
+    got, want = module_outputs_and_grads(ours, x, None, [x]), module_outputs_and_grads(theirs, x, None, [x])
     assert [t.shape for t in got[0]] == [t.shape for t in want[0]]
     assert_all_close(got[1], want[1], **TOLERANCES[torch.float64])
