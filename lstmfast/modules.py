@@ -19,7 +19,6 @@ from . import functional
 
 class _RecurrentBase(nn.Module):
     _gates = 1
-    _mode = "RNN"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -146,6 +145,12 @@ class _RecurrentBase(nn.Module):
     # ------------------------------------------------------------------ conversion
 
     _torch_class = None
+    # Constructor options shared with torch.nn beyond (input_size, hidden_size), read off either kind.
+    _options = ("num_layers", "bias", "batch_first", "dropout", "bidirectional")
+
+    @classmethod
+    def _options_of(cls, module):
+        return {name: getattr(module, name) for name in cls._options}
 
     @classmethod
     def from_torch(cls, module: nn.Module) -> "_RecurrentBase":
@@ -154,20 +159,15 @@ class _RecurrentBase(nn.Module):
         if type(module) is not cls._torch_class:
             raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls._torch_class.__name__}, "
                             f"got {type(module).__name__}")
-        options = dict(num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
-                       dropout=module.dropout, bidirectional=module.bidirectional)
-        options.update(cls._extra_options(module))
-        new = cls(module.input_size, module.hidden_size, **options, device="meta")
+        new = cls(module.input_size, module.hidden_size, **cls._options_of(module), device="meta")
         for name in module._flat_weights_names:
             setattr(new, name, getattr(module, name))
         return new.train(module.training)
 
     def to_torch(self) -> nn.Module:
         """The equivalent torch.nn layer, sharing this module's Parameter objects."""
-        options = dict(num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
-                       dropout=self.dropout, bidirectional=self.bidirectional)
-        options.update(self._torch_options())
-        module = self._torch_class(self.input_size, self.hidden_size, **options, device="meta")
+        module = self._torch_class(self.input_size, self.hidden_size, **self._options_of(self),
+                                   device="meta")
         for name in self._flat_weights_names:
             setattr(module, name, getattr(self, name))
         if module.weight_ih_l0.device.type == "cuda":
@@ -256,15 +256,8 @@ class LSTM(_RecurrentBase):
     """
 
     _gates = 4
-    _mode = "LSTM"
     _torch_class = nn.LSTM
-
-    @staticmethod
-    def _extra_options(module):
-        return dict(proj_size=module.proj_size)
-
-    def _torch_options(self):
-        return dict(proj_size=self.proj_size)
+    _options = _RecurrentBase._options + ("proj_size",)
 
     def __init__(self, *args, forget_bias: float = 0.0, **kwargs):
         self.forget_bias = float(forget_bias)
@@ -298,13 +291,7 @@ class RNN(_RecurrentBase):
 
     _gates = 1
     _torch_class = nn.RNN
-
-    @staticmethod
-    def _extra_options(module):
-        return dict(nonlinearity=module.nonlinearity)
-
-    def _torch_options(self):
-        return dict(nonlinearity=self.nonlinearity)
+    _options = _RecurrentBase._options + ("nonlinearity",)
 
     def __init__(self, *args, nonlinearity: str = "tanh", **kwargs):
         if nonlinearity not in ("tanh", "relu"):
@@ -313,10 +300,6 @@ class RNN(_RecurrentBase):
             raise ValueError("proj_size argument is only supported for LSTM, not RNN")
         self.nonlinearity = nonlinearity
         super().__init__(*args, **kwargs)
-
-    @property
-    def _mode(self):
-        return "RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU"
 
     def _state_sizes(self, batch):
         return [(self.num_layers * self._directions, batch, self.hidden_size)]
