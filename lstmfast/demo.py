@@ -8,6 +8,7 @@ Writes results.json, PNG plots and report.md to --out.
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from . import diagnostics
-from .modules import LSTM, RNN
+from .modules import LSTM, RNN, unconvert
 
 TRIVIAL_MSE = 1.0 / 6.0  # predicting the mean sum 1.0: Var(u1 + u2) for u ~ U(0, 1)
 SOLVED_MSE = 0.01
@@ -150,10 +151,7 @@ def training_step_speed(length: int, hidden: int, device: str, min_run_time: flo
     x, y = adding_batch(64, length, torch.Generator().manual_seed(0), device)
     for kind in ("LSTM", "RNN"):
         ours = Regressor(kind, hidden).to(device)
-        theirs = Regressor(kind, hidden).to(device)
-        theirs.rnn = getattr(nn, kind)(2, hidden, batch_first=True).to(device)
-        theirs.rnn.load_state_dict(ours.rnn.state_dict())
-        theirs.head.load_state_dict(ours.head.state_dict())
+        theirs = unconvert(copy.deepcopy(ours))  # the same model and weights on torch.nn's layers
         times = {}
         for name, model in (("lstmfast", ours), ("torch.nn", theirs)):
             def step(model=model):
