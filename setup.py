@@ -56,16 +56,19 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # Default symbol visibility: a hidden copy of libstdc++'s stream templates crashed when formatting
     # error messages on a GPU machine whose compiler was newer than torch's runtime libstdc++.
-    cxx = ["-O3", "-std=c++20"]
+    # -fopenmp: at::parallel_for is inlined from torch's headers and only runs in parallel when the
+    # extension itself is compiled with OpenMP (torch's CPU builds use the OpenMP backend; the
+    # libgomp.so.1 that torch loads first is the one the extension then uses).
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     extra = {"cxx": cxx}
-    link = []
+    link = ["-fopenmp"]
     if os.environ.get("LSTMFAST_SANITIZE"):
         # e.g. LSTMFAST_SANITIZE=address,undefined (CI's sanitizer step). Linked with the same flag so
         # the module names its sanitizer runtimes; running it inside CPython still needs libasan
         # LD_PRELOADed (see .ci/sanitize).
         sanitize = "-fsanitize=" + os.environ["LSTMFAST_SANITIZE"]
-        extra["cxx"] = ["-O1", "-std=c++20", sanitize, "-fno-omit-frame-pointer", "-g"]
-        link = [sanitize]
+        extra["cxx"] = ["-O1", "-std=c++20", "-fopenmp", sanitize, "-fno-omit-frame-pointer", "-g"]
+        link = ["-fopenmp", sanitize]
     if cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         # Default architectures: Ampere, Ada, Hopper, plus PTX for newer GPUs. TORCH_CUDA_ARCH_LIST
