@@ -4,6 +4,7 @@ are bitwise identical whatever the thread count."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -71,3 +72,58 @@ def test_bitwise_identical_across_thread_counts(dtype, module_kwargs, packed):
     one, two = _train(1, dtype, module_kwargs, packed), _train(2, dtype, module_kwargs, packed)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
+
+
+# Large enough per step (batch x gates x hidden x width >= 2^15 multiply-adds) for the CPU backend to run
+# the time loop on a team of threads (float32 with AVX-512); 37 and 21 leave partial 16-column panels.
+TEAM_CASES = [dict(cell="lstm"), dict(cell="lstm", proj=21, reverse=True),
+              dict(cell="lstm", lengths=[7] * 9 + [5] * 8 + [2] * 7, reverse=True),
+              dict(cell="rnn"), dict(cell="rnn", nonlinearity="relu", grad_clip=0.05)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kw", TEAM_CASES, ids=["lstm", "proj-reverse", "packed-reverse", "rnn", "relu-clip"])
+def test_threaded_time_loop_matches_reference(kw, dtype):
+    sample = layer_sample(**dict(dict(steps=7, batch=24, input_size=19, hidden=37), **kw), dtype=dtype)
+    out, grads = outputs_and_grads(sample, functional)
+    ref_out, ref_grads = outputs_and_grads(sample, reference)
+    assert_all_close(out, ref_out, **TOLERANCES[dtype])
+    assert_all_close(grads, ref_grads, **TOLERANCES[dtype])
+
+
+def _busy_threads(seconds_of_work):
+    """How many of this process's OS threads gained at least 0.1 s of CPU time while work() ran."""
+    def cpu_times():
+        times = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                times[tid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except OSError:
+                pass
+        return times
+    before = cpu_times()
+    seconds_of_work()
+    after = cpu_times()
+    return sum(1 for tid, t in after.items() if t - before.get(tid, 0.0) >= 0.1)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2 or not os.path.isdir("/proc/self/task"),
+                    reason="needs 2 threads and Linux /proc")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_work_is_spread_over_threads(dtype):
+    """The CPU kernels really run on several threads (at::parallel_for is serial in an extension built
+    without OpenMP, which went unnoticed until this test)."""
+    torch.manual_seed(0)
+    m = lstmfast.LSTM(256, 256).to(dtype)
+    x = torch.randn(64, 64, 256, dtype=dtype)
+
+    def work():
+        with torch.no_grad():
+            for _ in range(100):
+                m(x)
+                if time.perf_counter() - start > 1.5:
+                    break
+    start = time.perf_counter()
+    assert _busy_threads(work) >= 2

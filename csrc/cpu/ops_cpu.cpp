@@ -5,7 +5,13 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
+#include <exception>
+#include <thread>
+#include <utility>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -13,6 +19,7 @@
 #include <vector>
 
 #include "../layer_ops.h"
+#include "gemm.h"
 #include "pointwise.h"
 
 // The Fortran BLAS that torch links (MKL on x86 builds) exports these; they are weak so that a torch
@@ -67,6 +74,9 @@ const PointwiseKernels<double>& pointwise_kernels<double>() {
 }
 
 std::string isa_name() { return pointwise_kernels<float>().isa; }
+
+// lstmfast's own AVX-512 GEMM (gemm.h) runs the float32 products when the AVX-512 kernels are chosen.
+bool packed_gemm_enabled() { return chosen_isa() == 0; }
 
 }  // namespace cpu
 
@@ -124,13 +134,173 @@ void blocked_brgemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda
   }
 }
 
+// A barrier for the threads of one OpenMP team that spins (the steps it separates take microseconds),
+// yielding the core after a while in case the machine is oversubscribed.
+class SpinBarrier {
+ public:
+  void reset(int threads) {
+    threads_ = threads;
+    arrived_.store(0, std::memory_order_relaxed);
+  }
+  void wait() {
+    const int generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == threads_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins < 4096) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  int threads_ = 1;
+  std::atomic<int> arrived_{0};
+  std::atomic<int> generation_{0};
+};
+
+// Thrown by every thread of a team at the same point when one of them failed (see CpuBackend::run).
+struct TeamAbort {};
+
 struct CpuBackend {
   static constexpr bool kReducedPrecision = false;
   static constexpr const char* kDtypes = "float32 or float64";
 
   explicit CpuBackend(const at::Tensor&) {}
 
-  // Transposed copies of weight matrices, made once per op call (brgemm wants B as (k, n) rows).
+  // ---- Threads. Outside run()'s team, each operation below splits its own work with
+  // at::parallel_for. Inside a team, every thread runs the whole time loop (the same calls in the
+  // same order), each operation does this thread's static share and ends with a barrier: one
+  // parallel region per op call instead of one or two per time step, and each thread keeps the same
+  // share of the weights (in its own cache) at every step. Every element is computed by the same code
+  // either way, so results do not depend on the thread count.
+  bool team_ = false;
+  SpinBarrier barrier_;
+  std::exception_ptr team_error_;
+
+  // Runs f (a time loop over this backend) with a team of threads for float32 with lstmfast's GEMM,
+  // when a step has enough work (step_work multiply-adds) to share; otherwise f runs as is. Nothing in
+  // a time loop throws except the weight packing, which makes every thread throw together.
+  template <typename T, typename F>
+  void run(int64_t step_work, const F& f) {
+    const int threads = at::get_num_threads();
+    if (!std::is_same_v<T, float> || !cpu::packed_gemm_enabled() || step_work < kTeamWork || threads < 2 ||
+        at::in_parallel_region()) {
+      f();
+      return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+      {
+        barrier_.reset(omp_get_num_threads());
+        team_ = true;
+      }  // (implicit barrier)
+      try {
+        at::internal::ThreadIdGuard tid(omp_get_thread_num());
+        f();
+      } catch (const TeamAbort&) {
+      }
+    }
+    team_ = false;
+    if (team_error_) std::rethrow_exception(team_error_);
+  }
+
+  // A team pays off from about this many multiply-adds per step.
+  static constexpr int64_t kTeamWork = int64_t(1) << 15;
+
+  // body(begin, end) over [0, n): this thread's share in a team (then a barrier), else split into
+  // chunks of at least `grain` with at::parallel_for.
+  template <typename F>
+  void share(int64_t n, int64_t grain, const F& body) {
+    if (!team_) {
+      if (n <= grain) body(int64_t(0), n);
+      else at::parallel_for(0, n, grain, body);
+      return;
+    }
+    const int64_t threads = omp_get_num_threads(), chunk = (n + threads - 1) / threads;
+    const int64_t begin = std::min(n, omp_get_thread_num() * chunk), end = std::min(n, begin + chunk);
+    if (begin < end) body(begin, end);
+    barrier_.wait();
+  }
+
+  // ---- GEMMs.
+
+  // Row-major C(m, n) = A(m, k) B(k, n) (+ C when accumulate) through lstmfast's AVX-512 GEMM (gemm.h).
+  // Products of a few rows (one time step) split B's panels between threads; taller ones split into
+  // blocks of rows x panels. Each element is computed by one micro-kernel call in a fixed order.
+  void packed_gemm(int64_t m, int64_t n, int64_t k, cpu::avx512::MatrixA a, cpu::avx512::MatrixB b,
+                   bool accumulate, float* c, int64_t ldc) {
+    constexpr int64_t kRowBlock = 128, kPanelBlock = 16;
+    const int64_t panels = cpu::avx512::panels_of(n);
+    if (m <= kRowBlock) {
+      // A second thread pays off from about 64k multiply-adds.
+      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (m * cpu::avx512::kPanel * k));
+      share(panels, grain, [&](int64_t begin, int64_t end) {
+        cpu::avx512::gemm(n, k, a, b, c, ldc, accumulate, 0, m, begin, end);
+      });
+      return;
+    }
+    const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
+    const int64_t panel_blocks = (panels + kPanelBlock - 1) / kPanelBlock;
+    share(row_blocks * panel_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r0 = (i / panel_blocks) * kRowBlock, p0 = (i % panel_blocks) * kPanelBlock;
+        cpu::avx512::gemm(n, k, a, b, c, ldc, accumulate, r0, std::min(m, r0 + kRowBlock), p0,
+                          std::min(panels, p0 + kPanelBlock));
+      }
+    });
+  }
+
+  // Weights packed for packed_gemm, once per op call and matrix. The slots are published with an
+  // atomic count, so that a team's threads look them up without a lock; a miss happens in every
+  // thread of a team at once (they run the same calls), and is filled between two barriers.
+  struct Packed {
+    const float* source;
+    int64_t k, n, ld;
+    at::Tensor data;
+  };
+  static constexpr int kPackedSlots = 8;
+  Packed packed_[kPackedSlots];
+  std::atomic<int> packed_count_{0};
+
+  // op(B) = W^T, W (n, k) with row stride ld, packed.
+  const float* packed_transpose(const float* w, int64_t k, int64_t n, int64_t ld) {
+    const int count = packed_count_.load(std::memory_order_acquire);
+    for (int i = 0; i < count; ++i) {
+      const Packed& p = packed_[i];
+      if (p.source == w && p.k == k && p.n == n && p.ld == ld) return p.data.data_ptr<float>();
+    }
+    if (team_) barrier_.wait();
+    if (!team_ || omp_get_thread_num() == 0) {
+      try {
+        TORCH_CHECK(count < kPackedSlots, "lstmfast: internal error: too many packed weights");
+        packed_[count] = {w, k, n, ld, at::empty({cpu::avx512::packed_size(k, n)}, at::kFloat)};
+      } catch (...) {
+        team_error_ = std::current_exception();
+      }
+    }
+    if (team_) barrier_.wait();
+    if (team_error_) {
+      if (team_) throw TeamAbort{};
+      std::rethrow_exception(std::exchange(team_error_, nullptr));
+    }
+    float* out = packed_[count].data.data_ptr<float>();
+    share(cpu::avx512::panels_of(n), 16, [&](int64_t begin, int64_t end) {
+      cpu::avx512::pack_b(w, k, n, ld, true, out, begin, end);
+    });
+    packed_count_.store(count + 1, std::memory_order_release);
+    return out;
+  }
+
+  // Transposed copies of weight matrices for blocked_brgemm (B as (k, n) rows), once per op call.
   struct Transposed {
     const void* source;
     int64_t rows, cols, ld;
@@ -153,7 +323,16 @@ struct CpuBackend {
             int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {
     if (m == 0 || n == 0) return;
     if constexpr (std::is_same_v<T, float>) {
-      if (!trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0) {
+      const bool plain = !trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0;
+      if (plain && cpu::packed_gemm_enabled()) {
+        // B read in place when it is row-major; a transposed weight is packed once per call.
+        const cpu::avx512::MatrixB bm = trans_b
+            ? cpu::avx512::packed_matrix(packed_transpose(b, k, n, ldb), k)
+            : cpu::avx512::row_major_matrix(b, ldb);
+        packed_gemm(m, n, k, {a, lda, 1}, bm, beta == 1.0, c, ldc);
+        return;
+      }
+      if (plain) {
         const float* b_rows = trans_b ? transposed(b, n, k, ldb) : b;
         blocked_brgemm(m, n, k, a, lda, b_rows, trans_b ? n : ldb, beta == 1.0, c, ldc);
         return;
@@ -172,10 +351,22 @@ struct CpuBackend {
     gemm(&ta, &tb, &mi, &ni, &ki, &alpha_t, b, &la, a, &lb, &beta_t, c, &lc);
   }
 
-  // a (M, K) @ b (K, N). float32 goes through blocked_brgemm; a weight gradient a = g^T (g an (N, X)
-  // row-major sequence buffer) is computed as (b^T g)^T, transposing the narrower b instead of g.
+  // a (M, K) @ b (K, N) as a new tensor (whole-sequence products, outside any team). float32 with
+  // AVX-512: A is read through its strides (a weight gradient G^T X reads G in place) and B's rows in
+  // place. Otherwise blocked_brgemm, where a weight gradient a = g^T (g an (N, X) row-major sequence
+  // buffer) is computed as (b^T g)^T, transposing the narrower b instead of g.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
     if (a.scalar_type() != at::kFloat || a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
+    if (cpu::packed_gemm_enabled()) {
+      const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
+      const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+      at::Tensor c = at::empty({M, N}, a.options());
+      CpuBackend dev(a);
+      dev.packed_gemm(M, N, K, {a.data_ptr<float>(), a.stride(0), a.stride(1)},
+                      cpu::avx512::row_major_matrix(bc.data_ptr<float>(), bc.stride(0)), false,
+                      c.data_ptr<float>(), N);
+      return c;
+    }
     if (!a.is_contiguous() && a.t().is_contiguous() && b.is_contiguous()) {
       return row_major_mm(b.t(), a.t()).t().contiguous();
     }
@@ -190,21 +381,23 @@ struct CpuBackend {
     return c;
   }
 
+  // ---- Copies and pointwise steps.
+
   template <typename T>
   void copy(T* dst, const T* src, int64_t count) {
-    if (count > 0) std::memcpy(dst, src, count * sizeof(T));
-  }
-
-  // Runs body(begin, end) over row ranges split between threads, in chunks of at least about 32k
-  // elements: below that, waking a second thread costs more than it saves.
-  template <typename F>
-  static void for_rows(int64_t rows, int64_t width, const F& body) {
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1));
-    if (rows <= grain) {
-      body(int64_t(0), rows);
+    if (count <= 0) return;
+    if (!team_) {
+      std::memcpy(dst, src, count * sizeof(T));
       return;
     }
-    at::parallel_for(0, rows, grain, body);
+    share(count, 1, [&](int64_t begin, int64_t end) { std::memcpy(dst + begin, src + begin, (end - begin) * sizeof(T)); });
+  }
+
+  // Runs body(begin, end) over row ranges, each row on one thread; outside a team, in chunks of at
+  // least about 32k elements (below that, waking a second thread costs more than it saves).
+  template <typename F>
+  void for_rows(int64_t rows, int64_t width, const F& body) {
+    share(rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)), body);
   }
 
   template <typename T>

@@ -100,6 +100,12 @@ struct CudaBackend {
   explicit CudaBackend(const at::Tensor& input)
       : guard(input.device()), stream(at::cuda::getCurrentCUDAStream()) {}
 
+  // Runs a time loop (the CPU backend may run it on a team of threads; here kernels queue on the stream).
+  template <typename T, typename F>
+  void run(int64_t, const F& f) {
+    f();
+  }
+
   // Whole-sequence products (input and weight gradients): torch's own matmul.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
 

@@ -7,7 +7,10 @@
 //   lstm_forward(step, rows)              LstmForwardStep over rows x H
 //   lstm_backward(step, rows, hidden_norm, cell_norm)   norms: (rows) or nullptr
 //   rnn_forward(step, rows), rnn_backward(step, rows, hidden_norm), sum(step, rows, norm)
-// The loops allocate nothing: every buffer is passed in. The backward ops also use the Backend's
+// The loops allocate nothing: every buffer is passed in. The ops call each loop through
+//   run<scalar_t>(step_work, f)          f() runs the loop; the CPU backend may run it on every thread
+//                                        of a team, each primitive then doing that thread's share
+// so a loop must make the same calls in the same order whatever thread runs it. The backward ops also use the Backend's
 //   mm(a, b)                              a (M, K) @ b (K, N) as a new tensor, for whole-sequence products
 // (layer_ops.h).
 #pragma once
