@@ -230,7 +230,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   Tensor output = at::empty({N, P}, input.options());
   Tensor h_n = state_or_zeros(h0, B, P, input);
   Tensor c_n = state_or_zeros(c0, B, H, input);
-  Tensor gates = at::empty({N, 4 * H}, input.options());
+  // Inference keeps no gates: the backend may then project the input a few steps at a time.
+  const int64_t gate_rows = training ? N : dev.inference_gate_rows(N, B, 4 * H);
+  Tensor gates = at::empty({gate_rows, 4 * H}, input.options());
   Tensor cells = training ? at::empty({N, H}, input.options()) : at::empty({0}, input.options());
   Tensor hidden = wr.has_value() ? at::empty({B, H}, input.options()) : Tensor();
 
@@ -249,6 +251,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
                                          h_n.data_ptr<scalar_t>(),
                                          c_n.data_ptr<scalar_t>(),
                                          gates.data_ptr<scalar_t>(),
+                                         gate_rows,
                                          training ? cells.data_ptr<scalar_t>() : nullptr,
                                          wr.has_value() ? hidden.data_ptr<scalar_t>() : nullptr,
                                          training};

@@ -127,3 +127,16 @@ def test_work_is_spread_over_threads(dtype):
                     break
     start = time.perf_counter()
     assert _busy_threads(work) >= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kw", [dict(), dict(lengths=[40] * 10 + [31] * 6 + [3] * 4, reverse=True)],
+                         ids=["padded", "packed-reverse"])
+def test_inference_projects_the_input_in_chunks(kw, dtype):
+    """Without grad, the CPU backend projects the input about 2 MB of gates at a time (here ~25 of the
+    40 steps per chunk): the result must not depend on where the chunks fall."""
+    sample = layer_sample(**dict(dict(steps=40, batch=20, input_size=24, hidden=256), **kw), dtype=dtype,
+                          requires_grad=False)
+    out = functional.lstm(*sample.args, **sample.kwargs)
+    ref = reference.lstm(*sample.args, **sample.kwargs)
+    assert_all_close(out, ref, **TOLERANCES[dtype])

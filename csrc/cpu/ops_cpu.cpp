@@ -231,6 +231,14 @@ struct CpuBackend {
     barrier_.wait();
   }
 
+  // Rows of the gates workspace in inference (at least the batch): the input is projected a few steps
+  // at a time, into a workspace of about 2 MB that stays in cache for the steps that read it, with at
+  // least 128 rows per product.
+  static int64_t inference_gate_rows(int64_t rows, int64_t batch, int64_t width) {
+    const int64_t cached = (int64_t(2) << 20) / (sizeof(float) * std::max<int64_t>(width, 1));
+    return std::min(rows, std::max({batch, int64_t(128), cached}));
+  }
+
   // ---- GEMMs.
 
   // Row-major C(m, n) = A(m, k) B(k, n) (+ C when accumulate) through lstmfast's AVX-512 GEMM (gemm.h).

@@ -106,6 +106,9 @@ struct CudaBackend {
     f();
   }
 
+  // Inference projects the whole input at once (one large GEMM).
+  static int64_t inference_gate_rows(int64_t rows, int64_t, int64_t) { return rows; }
+
   // Whole-sequence products (input and weight gradients): torch's own matmul.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
 

@@ -22,6 +22,11 @@
 
 namespace lstmfast::kernels {
 
+// A range [begin, end) of rows.
+struct Rows {
+  int64_t begin, end;
+};
+
 // Where each time step lives in the (N, *) row layout (design.md section 3).
 struct Sequence {
   const int64_t* batch_sizes;  // (T) sequences alive at each step, non-increasing
@@ -37,6 +42,18 @@ struct Sequence {
   // The step whose states feed step t (-1: none, the initial state does).
   int64_t prev_step(int64_t t) const {
     return reverse ? (t + 1 < steps ? t + 1 : -1) : t - 1;
+  }
+  // The rows of forward steps k, k+1, ... that fit in `capacity` rows (at least step k's).
+  Rows forward_rows(int64_t k, int64_t capacity) const {
+    const int64_t first = forward_step(k);
+    Rows r{offsets[first], offsets[first] + batch_sizes[first]};
+    for (int64_t next = k + 1; next < steps; ++next) {
+      const int64_t t = forward_step(next);
+      const Rows grown{std::min(r.begin, offsets[t]), std::max(r.end, offsets[t] + batch_sizes[t])};
+      if (grown.end - grown.begin > capacity) break;
+      r = grown;
+    }
+    return r;
   }
   // How many of step t's rows take their previous state from prev_step(t); rows from there up
   // to batch_sizes[t] start from the initial state (only in the reverse direction of packed input).
@@ -58,7 +75,8 @@ struct LstmForwardArgs {
   scalar_t* output;        // (N, P)
   scalar_t* hidden_state;  // (B, P): h0 in, h_n out
   scalar_t* cell_state;    // (B, H): c0 in, c_n out
-  scalar_t* gates;         // (N, 4H) workspace; activated gates out when training
+  scalar_t* gates;         // (gate_rows, 4H) workspace; when training (gate_rows = N) activated gates out
+  int64_t gate_rows;       // N, or fewer (>= B): the input projection is then made a few steps at a time
   scalar_t* cells;         // (N, H) c_t out when training, else nullptr
   scalar_t* hidden;        // (B, H) scratch for m_t with projection, else nullptr
   bool training;
@@ -68,11 +86,18 @@ template <typename scalar_t, typename Backend>
 void lstm_forward(const LstmForwardArgs<scalar_t>& a, Backend& dev) {
   const Sequence& q = a.seq;
   const int64_t H = a.hidden_size, P = a.proj_size, G = 4 * H;
-  dev.gemm(false, true, q.rows, G, a.input_size, 1.0, a.input, a.input_size, a.w_ih, a.input_size,
-           0.0, a.gates, G);
+  int64_t projected_lo = 0, projected_hi = 0;  // the input rows whose projection the workspace holds
   for (int64_t k = 0; k < q.steps; ++k) {
     const int64_t t = q.forward_step(k), rows = q.batch_sizes[t], r0 = q.offsets[t];
-    scalar_t* gates = a.gates + r0 * G;
+    if (r0 < projected_lo || r0 + rows > projected_hi) {
+      // x_t W_ih^T for as many of the next steps as the workspace holds (all of them when it has N rows).
+      const Rows chunk = q.forward_rows(k, a.gate_rows);
+      projected_lo = chunk.begin;
+      projected_hi = chunk.end;
+      dev.gemm(false, true, chunk.end - chunk.begin, G, a.input_size, 1.0, a.input + chunk.begin * a.input_size,
+               a.input_size, a.w_ih, a.input_size, 0.0, a.gates, G);
+    }
+    scalar_t* gates = a.gates + (r0 - projected_lo) * G;
     dev.gemm(false, true, rows, G, P, 1.0, a.hidden_state, P, a.w_hh, P, 1.0, gates, G);
     const bool projected = a.w_hr != nullptr;
     LstmForwardStep<scalar_t> s{H,
