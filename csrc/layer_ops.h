@@ -17,6 +17,10 @@
 
 #include "kernels/layer.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace lstmfast {
 
 using at::Tensor;
@@ -207,6 +211,69 @@ inline at::ScalarType norm_dtype(const Tensor& input) {
   return at::toOpMathType(input.scalar_type());
 }
 
+// Advises Linux to back the 2 MB-aligned part of [p, p + bytes) with transparent huge pages (only advice:
+// a failure changes nothing).
+inline void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 2 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// A (rows, width) scratch buffer that nothing returned by the op aliases. On the CPU it comes from a
+// small per-thread cache of blocks, reused once no tensor uses them any more (their storage is then
+// only referenced by the cache), like oneDNN's scratchpad: fresh pages for every call's gates
+// gradients and packed weights would cost page faults by the hundred thousand. The cache keeps at most
+// four blocks, each as large as the largest request that needed it. Elsewhere: at::empty (CUDA has
+// torch's caching allocator).
+inline Tensor workspace(int64_t rows, int64_t width, const at::TensorOptions& options) {
+  if (!options.device().is_cpu()) return at::empty({rows, width}, options);
+  constexpr int64_t kBlocks = 4, kRound = int64_t(2) << 20;
+  thread_local std::vector<Tensor> blocks;
+  const int64_t bytes = rows * width * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+  Tensor* chosen = nullptr;
+  for (Tensor& b : blocks) {
+    if (b.storage().use_count() == 1 && b.nbytes() >= static_cast<size_t>(bytes) &&
+        (chosen == nullptr || b.nbytes() < chosen->nbytes())) {
+      chosen = &b;
+    }
+  }
+  if (chosen == nullptr) {
+    // Replace the smallest free block when the cache is full; keep a fresh block when none is free.
+    Tensor block = at::empty({(bytes + kRound - 1) / kRound * kRound}, options.dtype(at::kByte));
+    advise_huge_pages(block.data_ptr(), block.nbytes());
+    Tensor* smallest = nullptr;
+    for (Tensor& b : blocks) {
+      if (b.storage().use_count() == 1 && (smallest == nullptr || b.nbytes() < smallest->nbytes())) smallest = &b;
+    }
+    if (static_cast<int64_t>(blocks.size()) < kBlocks) {
+      blocks.push_back(block);
+      chosen = &blocks.back();
+    } else if (smallest != nullptr) {
+      *smallest = block;
+      chosen = smallest;
+    } else {
+      return block.view(options.dtype().toScalarType()).narrow(0, 0, rows * width).view({rows, width});
+    }
+  }
+  return chosen->view(options.dtype().toScalarType()).narrow(0, 0, rows * width).view({rows, width});
+}
+
+// A new (rows, width) sequence buffer. Large CPU buffers ask Linux for transparent huge pages: the
+// allocator maps them fresh on most calls, and touching them 4 kB page by 4 kB page (hundreds of
+// thousands of page faults per training step at T=128, B=8, H=256) cost as much as the arithmetic.
+inline Tensor sequence_buffer(int64_t rows, int64_t width, const at::TensorOptions& options) {
+  Tensor t = at::empty({rows, width}, options);
+  if (t.is_cpu()) advise_huge_pages(t.data_ptr(), t.nbytes());
+  return t;
+}
+
 // ---------------------------------------------------------------- LSTM
 
 template <typename Backend>
@@ -227,13 +294,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const Tensor wi = w_ih.contiguous(), wh = w_hh.contiguous();
   const OptTensor wr = w_hr.has_value() ? OptTensor(w_hr->contiguous()) : std::nullopt;
   const OptTensor bias = combined_bias(b_ih, b_hh);
-  Tensor output = at::empty({N, P}, input.options());
+  Tensor output = sequence_buffer(N, P, input.options());
   Tensor h_n = state_or_zeros(h0, B, P, input);
   Tensor c_n = state_or_zeros(c0, B, H, input);
-  // Inference keeps no gates: the backend may then project the input a few steps at a time.
+  // Inference keeps no gates (a workspace): the backend may then project the input a few steps at a time.
   const int64_t gate_rows = training ? N : dev.inference_gate_rows(N, B, 4 * H);
-  Tensor gates = at::empty({gate_rows, 4 * H}, input.options());
-  Tensor cells = training ? at::empty({N, H}, input.options()) : at::empty({0}, input.options());
+  Tensor gates = training ? sequence_buffer(N, 4 * H, input.options()) : workspace(gate_rows, 4 * H, input.options());
+  Tensor cells = training ? sequence_buffer(N, H, input.options()) : at::empty({0}, input.options());
   Tensor hidden = wr.has_value() ? at::empty({B, H}, input.options()) : Tensor();
 
   dispatch_floating<Backend>(input, [&](auto tag) {
@@ -300,9 +367,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const Tensor h_init = state_or_zeros(h0, B, P, input), c_init = state_or_zeros(c0, B, H, input);
   Tensor grad_h0 = state_or_zeros(grad_h_n, B, P, input);
   Tensor grad_c0 = state_or_zeros(grad_c_n, B, H, input);
-  Tensor grad_gates = at::empty({N, 4 * H}, input.options());
-  Tensor hidden_prev = need_weights ? at::empty({N, P}, input.options()) : Tensor();
-  Tensor grad_hidden_total = wr.has_value() ? at::empty({N, P}, input.options()) : Tensor();
+  Tensor grad_gates = workspace(N, 4 * H, input.options());
+  Tensor hidden_prev = need_weights ? workspace(N, P, input.options()) : Tensor();
+  Tensor grad_hidden_total = wr.has_value() ? workspace(N, P, input.options()) : Tensor();
   Tensor grad_hidden = wr.has_value() ? at::empty({B, H}, input.options()) : Tensor();
   const auto norm_options = input.options().dtype(norm_dtype(input));
   Tensor grad_h_norm = at::empty({return_norms ? N : 0}, norm_options);
@@ -375,7 +442,7 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const OptTensor& bat
   const Tensor x = rows_of(input, l.input_size);
   const Tensor wi = w_ih.contiguous(), wh = w_hh.contiguous();
   const OptTensor bias = combined_bias(b_ih, b_hh);
-  Tensor output = at::empty({N, H}, input.options());
+  Tensor output = sequence_buffer(N, H, input.options());
   Tensor h_n = state_or_zeros(h0, B, H, input);
   dispatch_floating<Backend>(input, [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -425,8 +492,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   const Tensor wh = w_hh.contiguous();
   const Tensor h_init = state_or_zeros(h0, B, H, input);
   Tensor grad_h0 = state_or_zeros(grad_h_n, B, H, input);
-  Tensor grad_pre = at::empty({N, H}, input.options());
-  Tensor hidden_prev = need_weights ? at::empty({N, H}, input.options()) : Tensor();
+  Tensor grad_pre = workspace(N, H, input.options());
+  Tensor hidden_prev = need_weights ? workspace(N, H, input.options()) : Tensor();
   Tensor grad_h_norm = at::empty({return_norms ? N : 0}, input.options().dtype(norm_dtype(input)));
   dispatch_floating<Backend>(input, [&](auto tag) {
     using scalar_t = decltype(tag);

@@ -140,3 +140,20 @@ def test_inference_projects_the_input_in_chunks(kw, dtype):
     out = functional.lstm(*sample.args, **sample.kwargs)
     ref = reference.lstm(*sample.args, **sample.kwargs)
     assert_all_close(out, ref, **TOLERANCES[dtype])
+
+
+def test_reused_workspaces_leave_earlier_results_alone():
+    """Scratch buffers are cached per thread and reused: results from earlier calls (held by the caller)
+    must stay as they were, and a call must give the same bits after calls of other sizes."""
+    def run(hidden, batch):
+        sample = layer_sample(steps=30, batch=batch, input_size=16, hidden=hidden, proj=hidden // 2,
+                              dtype=torch.float32)
+        outputs, grads = outputs_and_grads(sample, functional)
+        return outputs + grads
+
+    first = run(64, 24)
+    kept = [t.clone() for t in first]
+    for hidden, batch in [(200, 40), (16, 3), (128, 64)]:
+        run(hidden, batch)
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))
+    assert all(torch.equal(a, b) for a, b in zip(run(64, 24), kept))

@@ -290,7 +290,7 @@ struct CpuBackend {
     if (!team_ || omp_get_thread_num() == 0) {
       try {
         TORCH_CHECK(count < kPackedSlots, "lstmfast: internal error: too many packed weights");
-        packed_[count] = {w, k, n, ld, at::empty({cpu::avx512::packed_size(k, n)}, at::kFloat)};
+        packed_[count] = {w, k, n, ld, workspace(1, cpu::avx512::packed_size(k, n), at::kFloat)};
       } catch (...) {
         team_error_ = std::current_exception();
       }
