@@ -1,5 +1,6 @@
-// lstmfast's own float32 GEMM for AVX-512 CPUs: C(m, n) (+)= A(m, k) B(k, n), with B packed once per op
-// call into panels of 16 columns (one 512-bit vector wide) so that the micro-kernels stream it.
+// lstmfast's own GEMM for AVX-512 CPUs, float32 and float64: C(m, n) (+)= A(m, k) B(k, n), B in panels
+// one 512-bit vector wide (16 floats or 8 doubles), either packed once per op call (pack_b) so that the
+// micro-kernels stream it, or read in place from a row-major matrix.
 //
 // Every element of C is summed over k in the same order whatever tile shape or thread computes it, so
 // results do not depend on the thread count or on how the work is split. Threading lives in
@@ -10,37 +11,58 @@
 
 namespace lstmfast::cpu::avx512 {
 
-constexpr int64_t kPanel = 16;  // columns per packed panel
+template <typename T>
+constexpr int64_t kPanel = 64 / sizeof(T);  // columns per panel
 
-inline int64_t panels_of(int64_t n) { return (n + kPanel - 1) / kPanel; }
-// Floats in a packed (k, n) matrix.
-inline int64_t packed_size(int64_t k, int64_t n) { return panels_of(n) * kPanel * k; }
+template <typename T>
+inline int64_t panels_of(int64_t n) {
+  return (n + kPanel<T> - 1) / kPanel<T>;
+}
+// Elements of a packed (k, n) matrix.
+template <typename T>
+inline int64_t packed_size(int64_t k, int64_t n) {
+  return panels_of<T>(n) * kPanel<T> * k;
+}
 
-// Packs panels [panel_begin, panel_end) of B (k, n): out[(p k + kk) 16 + c] = B(kk, 16 p + c), zero past
-// column n. B is read as b[kk * ld + j], or, when transposed, b[j * ld + kk] (B = W^T, W an (n, k) matrix).
-void pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, float* out,
-            int64_t panel_begin, int64_t panel_end);
+// Packs panels [panel_begin, panel_end) of B (k, n): out[(p k + kk) w + c] = B(kk, w p + c) with w the
+// panel width, zero past column n. B is read as b[kk * ld + j], or, when transposed, b[j * ld + kk]
+// (B = W^T, W an (n, k) matrix).
+template <typename T>
+void pack_b(const T* b, int64_t k, int64_t n, int64_t ld, bool transposed, T* out, int64_t panel_begin,
+            int64_t panel_end);
 
 // A(r, kk) = data[r * row_stride + kk * depth_stride]: any strides, e.g. (1, ld) for a transposed
 // row-major matrix (the weight gradients' G^T X reads G in place).
+template <typename T>
 struct MatrixA {
-  const float* data;
+  const T* data;
   int64_t row_stride, depth_stride;
 };
 
-// B(kk, 16 p + c) = data[kk * depth_stride + p * panel_stride + c]: packed (pack_b), or a row-major
+// B(kk, w p + c) = data[kk * depth_stride + p * panel_stride + c]: packed by pack_b, or a row-major
 // matrix read in place.
+template <typename T>
 struct MatrixB {
-  const float* data;
+  const T* data;
   int64_t depth_stride, panel_stride;
 };
 
-inline MatrixB packed_matrix(const float* packed, int64_t k) { return {packed, kPanel, k * kPanel}; }
-inline MatrixB row_major_matrix(const float* b, int64_t ld) { return {b, ld, kPanel}; }
+template <typename T>
+inline MatrixB<T> packed_matrix(const T* packed, int64_t k) {
+  return {packed, kPanel<T>, k * kPanel<T>};
+}
+template <typename T>
+inline MatrixB<T> row_major_matrix(const T* b, int64_t ld) {
+  return {b, ld, kPanel<T>};
+}
+
+// Panels per micro-kernel tile when a product has m rows (tiles have min(m, 8) rows).
+int64_t panels_per_tile(int64_t m);
 
 // C rows [row_begin, row_end) x panels [panel_begin, panel_end) of C(m, n) = A B (+ C when accumulate),
 // with k the depth. The columns of a panel past n are neither read nor written.
-void gemm(int64_t n, int64_t k, MatrixA a, MatrixB b, float* c, int64_t ldc, bool accumulate,
+template <typename T>
+void gemm(int64_t n, int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, bool accumulate,
           int64_t row_begin, int64_t row_end, int64_t panel_begin, int64_t panel_end);
 
 }  // namespace lstmfast::cpu::avx512

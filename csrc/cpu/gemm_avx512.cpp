@@ -1,4 +1,4 @@
-// The AVX-512 float32 GEMM of gemm.h: register-tiled micro-kernels over B packed in 16-column panels.
+// The AVX-512 GEMM of gemm.h: register-tiled micro-kernels over B in panels one vector wide.
 #include "gemm.h"
 
 #include <algorithm>
@@ -16,40 +16,69 @@
 namespace lstmfast::cpu::avx512 {
 namespace {
 
+// One 512-bit vector of T, with masks over its lanes.
+template <typename T>
+struct Simd;
+
+template <>
+struct Simd<float> {
+  using V = __m512;
+  using Mask = __mmask16;
+  static constexpr Mask kAll = 0xFFFF;
+  static V load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(float* p, Mask m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  static V broadcast(float x) { return _mm512_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+};
+
+template <>
+struct Simd<double> {
+  using V = __m512d;
+  using Mask = __mmask8;
+  static constexpr Mask kAll = 0xFF;
+  static V load(Mask m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
+  static void store(double* p, Mask m, V v) { _mm512_mask_storeu_pd(p, m, v); }
+  static V broadcast(double x) { return _mm512_set1_pd(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+};
+
 // At most this many 512-bit accumulators per tile (of 32 registers: the rest hold B and A).
 constexpr int kAccumulators = 24;
 constexpr int kMaxRows = 8, kMaxPanels = 8;
-constexpr int64_t kDepthBlock = 512;
+constexpr int64_t kDepthBlockBytes = 2048;  // depth per block: 512 floats or 256 doubles
 
-using TileFn = void (*)(int64_t k, MatrixA a, MatrixB b, float* c, int64_t ldc, bool accumulate,
-                        __mmask16 last);
+template <typename T>
+using TileFn = void (*)(int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, bool accumulate,
+                        typename Simd<T>::Mask last);
 
-// C(MR, 16 NV) (+)= A(MR, k) B(k, 16 NV), a and b pointing at the tile's first row and panel; `last` masks the columns of the last panel that exist. Each C element starts from C or 0 and adds
-// a(r, kk) b(kk, j) for kk = 0, 1, ... with one fused multiply-add each: the same operations whatever
-// MR and NV are.
-template <int MR, int NV>
-void tile(int64_t k, MatrixA a, MatrixB b, float* c, int64_t ldc, bool accumulate, __mmask16 last) {
-  __m512 acc[MR * NV];
+// C(MR, w NV) (+)= A(MR, k) B(k, w NV), a and b pointing at the tile's first row and panel; `last` masks
+// the columns of the last panel that exist. Each C element starts from C or 0 and adds a(r, kk) b(kk, j)
+// for kk = 0, 1, ... with one fused multiply-add each: the same operations whatever MR and NV are.
+// (The accumulators are one flat array, indexed by constants after unrolling, which GCC keeps in
+// registers; a 2-D array was spilled to the stack at every step.)
+template <typename T, int MR, int NV>
+void tile(int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, bool accumulate,
+          typename Simd<T>::Mask last) {
+  using S = Simd<T>;
+  typename S::V acc[MR * NV];
 #pragma GCC unroll 32
   for (int i = 0; i < MR * NV; ++i) {
     const int r = i / NV, v = i % NV;
-    const __mmask16 m = accumulate ? (v == NV - 1 ? last : __mmask16(0xFFFF)) : __mmask16(0);
-    acc[i] = _mm512_maskz_loadu_ps(m, c + r * ldc + v * kPanel);
+    const typename S::Mask m = accumulate ? (v == NV - 1 ? last : S::kAll) : typename S::Mask(0);
+    acc[i] = S::load(m, c + r * ldc + v * kPanel<T>);
   }
-  const float* ap = a.data;
-  const float* bp = b.data;
+  const T* ap = a.data;
+  const T* bp = b.data;
   const int64_t as = a.row_stride, bs = b.panel_stride;
   for (int64_t kk = 0; kk < k; ++kk) {
-    __m512 bv[NV];
+    typename S::V bv[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      bv[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xFFFF), bp + v * bs);
-    }
+    for (int v = 0; v < NV; ++v) bv[v] = S::load(v == NV - 1 ? last : S::kAll, bp + v * bs);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512 x = _mm512_set1_ps(ap[r * as]);
+      const typename S::V x = S::broadcast(ap[r * as]);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r * NV + v] = _mm512_fmadd_ps(x, bv[v], acc[r * NV + v]);
+      for (int v = 0; v < NV; ++v) acc[r * NV + v] = S::fma(x, bv[v], acc[r * NV + v]);
     }
     ap += a.depth_stride;
     bp += b.depth_stride;
@@ -57,82 +86,98 @@ void tile(int64_t k, MatrixA a, MatrixB b, float* c, int64_t ldc, bool accumulat
 #pragma GCC unroll 32
   for (int i = 0; i < MR * NV; ++i) {
     const int r = i / NV, v = i % NV;
-    _mm512_mask_storeu_ps(c + r * ldc + v * kPanel, v == NV - 1 ? last : __mmask16(0xFFFF), acc[i]);
+    S::store(c + r * ldc + v * kPanel<T>, v == NV - 1 ? last : S::kAll, acc[i]);
   }
 }
 
-template <int MR, int NV>
-constexpr TileFn tile_or_null() {
-  if constexpr (MR * NV <= kAccumulators) return &tile<MR, NV>;
+template <typename T, int MR, int NV>
+constexpr TileFn<T> tile_or_null() {
+  if constexpr (MR * NV <= kAccumulators) return &tile<T, MR, NV>;
   else return nullptr;
 }
 
-template <int MR, int... V>
-constexpr std::array<TileFn, kMaxPanels> row_of(std::integer_sequence<int, V...>) {
-  return {tile_or_null<MR, V + 1>()...};
+template <typename T, int MR, int... V>
+constexpr std::array<TileFn<T>, kMaxPanels> row_of(std::integer_sequence<int, V...>) {
+  return {tile_or_null<T, MR, V + 1>()...};
 }
 
-template <int... R>
-constexpr std::array<std::array<TileFn, kMaxPanels>, kMaxRows> table_of(std::integer_sequence<int, R...>) {
-  return {row_of<R + 1>(std::make_integer_sequence<int, kMaxPanels>())...};
+template <typename T, int... R>
+constexpr std::array<std::array<TileFn<T>, kMaxPanels>, kMaxRows> table_of(std::integer_sequence<int, R...>) {
+  return {row_of<T, R + 1>(std::make_integer_sequence<int, kMaxPanels>())...};
 }
 
-constexpr auto kTiles = table_of(std::make_integer_sequence<int, kMaxRows>());
-
-// Panels per tile for tiles of `rows` rows: as many as the accumulators allow (several independent
-// accumulators also hide the multiply-add latency when there are few rows).
-int panels_for(int64_t rows) { return std::min<int64_t>(kMaxPanels, kAccumulators / std::min<int64_t>(rows, kMaxRows)); }
+template <typename T>
+constexpr auto kTiles = table_of<T>(std::make_integer_sequence<int, kMaxRows>());
 
 }  // namespace
 
-void pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, float* out,
-            int64_t panel_begin, int64_t panel_end) {
+// As many panels as the accumulators allow (several independent accumulators also hide the
+// multiply-add latency when there are few rows).
+int64_t panels_per_tile(int64_t m) {
+  return std::min<int64_t>(kMaxPanels, kAccumulators / std::clamp<int64_t>(m, 1, kMaxRows));
+}
+
+template <typename T>
+void pack_b(const T* b, int64_t k, int64_t n, int64_t ld, bool transposed, T* out, int64_t panel_begin,
+            int64_t panel_end) {
+  constexpr int64_t w = kPanel<T>;
   for (int64_t p = panel_begin; p < panel_end; ++p) {
-    float* panel = out + p * k * kPanel;
-    const int64_t j0 = p * kPanel, cols = std::min(kPanel, n - j0);
+    T* panel = out + p * k * w;
+    const int64_t j0 = p * w, cols = std::min(w, n - j0);
     if (!transposed) {
       for (int64_t kk = 0; kk < k; ++kk) {
-        float* dst = panel + kk * kPanel;
-        std::memcpy(dst, b + kk * ld + j0, cols * sizeof(float));
-        std::fill(dst + cols, dst + kPanel, 0.0f);
+        T* dst = panel + kk * w;
+        std::memcpy(dst, b + kk * ld + j0, cols * sizeof(T));
+        std::fill(dst + cols, dst + w, T(0));
       }
       continue;
     }
-    // B(kk, j) = W(j, kk): 16 rows of W become one panel, 16 x 16 blocks at a time through L1.
-    if (cols < kPanel) std::fill(panel, panel + k * kPanel, 0.0f);
-    for (int64_t k0 = 0; k0 < k; k0 += kPanel) {
-      const int64_t depth = std::min(kPanel, k - k0);
+    // B(kk, j) = W(j, kk): w rows of W become one panel, w x w blocks at a time through L1.
+    if (cols < w) std::fill(panel, panel + k * w, T(0));
+    for (int64_t k0 = 0; k0 < k; k0 += w) {
+      const int64_t depth = std::min(w, k - k0);
       for (int64_t c = 0; c < cols; ++c) {
-        const float* src = b + (j0 + c) * ld + k0;
-        for (int64_t d = 0; d < depth; ++d) panel[(k0 + d) * kPanel + c] = src[d];
+        const T* src = b + (j0 + c) * ld + k0;
+        for (int64_t d = 0; d < depth; ++d) panel[(k0 + d) * w + c] = src[d];
       }
     }
   }
 }
 
-void gemm(int64_t n, int64_t k, MatrixA a, MatrixB b, float* c, int64_t ldc, bool accumulate,
+template <typename T>
+void gemm(int64_t n, int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, bool accumulate,
           int64_t row_begin, int64_t row_end, int64_t panel_begin, int64_t panel_end) {
+  using Mask = typename Simd<T>::Mask;
   if (row_end <= row_begin || panel_end <= panel_begin) return;
-  const int64_t panels = panels_of(n);
+  constexpr int64_t w = kPanel<T>, depth_block = kDepthBlockBytes / sizeof(T);
+  const int64_t panels = panels_of<T>(n);
   const int rows_per_tile = static_cast<int>(std::min<int64_t>(kMaxRows, row_end - row_begin));
-  const int panels_per_tile = panels_for(rows_per_tile);
+  const int tile_panels = static_cast<int>(panels_per_tile(rows_per_tile));
   // Depth blocks keep a block of A and a tile's panels in L2; a partial sum stored to C and loaded
-  // back is the same float it was in the register, so blocking does not change results.
-  for (int64_t k0 = 0; k0 < k; k0 += kDepthBlock) {
-    const int64_t depth = std::min(kDepthBlock, k - k0);
-    for (int64_t p = panel_begin; p < panel_end; p += panels_per_tile) {
-      const int nv = static_cast<int>(std::min<int64_t>(panels_per_tile, panel_end - p));
-      const int64_t tail = n - (p + nv - 1) * kPanel;
-      const __mmask16 last = p + nv == panels && tail < kPanel ? __mmask16((1u << tail) - 1) : __mmask16(0xFFFF);
-      const MatrixB bt{b.data + p * b.panel_stride + k0 * b.depth_stride, b.depth_stride, b.panel_stride};
+  // back is the same number it was in the register, so blocking does not change results.
+  for (int64_t k0 = 0; k0 < k; k0 += depth_block) {
+    const int64_t depth = std::min(depth_block, k - k0);
+    for (int64_t p = panel_begin; p < panel_end; p += tile_panels) {
+      const int nv = static_cast<int>(std::min<int64_t>(tile_panels, panel_end - p));
+      const int64_t tail = n - (p + nv - 1) * w;
+      const Mask last = p + nv == panels && tail < w ? Mask((1u << tail) - 1) : Simd<T>::kAll;
+      const MatrixB<T> bt{b.data + p * b.panel_stride + k0 * b.depth_stride, b.depth_stride, b.panel_stride};
       for (int64_t r = row_begin; r < row_end; r += rows_per_tile) {
         const int mr = static_cast<int>(std::min<int64_t>(rows_per_tile, row_end - r));
-        const MatrixA at{a.data + r * a.row_stride + k0 * a.depth_stride, a.row_stride, a.depth_stride};
-        kTiles[mr - 1][nv - 1](depth, at, bt, c + r * ldc + p * kPanel, ldc, accumulate || k0 > 0, last);
+        const MatrixA<T> at{a.data + r * a.row_stride + k0 * a.depth_stride, a.row_stride, a.depth_stride};
+        kTiles<T>[mr - 1][nv - 1](depth, at, bt, c + r * ldc + p * w, ldc, accumulate || k0 > 0, last);
       }
     }
   }
 }
+
+#define LSTMFAST_INSTANTIATE(T)                                                                        \
+  template void pack_b<T>(const T*, int64_t, int64_t, int64_t, bool, T*, int64_t, int64_t);          \
+  template void gemm<T>(int64_t, int64_t, MatrixA<T>, MatrixB<T>, T*, int64_t, bool, int64_t, int64_t, \
+                        int64_t, int64_t);
+LSTMFAST_INSTANTIATE(float)
+LSTMFAST_INSTANTIATE(double)
+#undef LSTMFAST_INSTANTIATE
 
 }  // namespace lstmfast::cpu::avx512
 
@@ -141,8 +186,17 @@ void gemm(int64_t n, int64_t k, MatrixA a, MatrixB b, float* c, int64_t ldc, boo
 #else  // not x86-64: ops_cpu.cpp never calls these (avx512::supported() is false)
 
 namespace lstmfast::cpu::avx512 {
-void pack_b(const float*, int64_t, int64_t, int64_t, bool, float*, int64_t, int64_t) {}
-void gemm(int64_t, int64_t, MatrixA, MatrixB, float*, int64_t, bool, int64_t, int64_t, int64_t, int64_t) {}
+int64_t panels_per_tile(int64_t) { return 1; }
+template <typename T>
+void pack_b(const T*, int64_t, int64_t, int64_t, bool, T*, int64_t, int64_t) {}
+template <typename T>
+void gemm(int64_t, int64_t, MatrixA<T>, MatrixB<T>, T*, int64_t, bool, int64_t, int64_t, int64_t, int64_t) {}
+template void pack_b<float>(const float*, int64_t, int64_t, int64_t, bool, float*, int64_t, int64_t);
+template void pack_b<double>(const double*, int64_t, int64_t, int64_t, bool, double*, int64_t, int64_t);
+template void gemm<float>(int64_t, int64_t, MatrixA<float>, MatrixB<float>, float*, int64_t, bool, int64_t,
+                          int64_t, int64_t, int64_t);
+template void gemm<double>(int64_t, int64_t, MatrixA<double>, MatrixB<double>, double*, int64_t, bool,
+                           int64_t, int64_t, int64_t, int64_t);
 }  // namespace lstmfast::cpu::avx512
 
 #endif

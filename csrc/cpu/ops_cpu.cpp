@@ -185,14 +185,13 @@ struct CpuBackend {
   SpinBarrier barrier_;
   std::exception_ptr team_error_;
 
-  // Runs f (a time loop over this backend) with a team of threads for float32 with lstmfast's GEMM,
-  // when a step has enough work (step_work multiply-adds) to share; otherwise f runs as is. Nothing in
+  // Runs f (a time loop over this backend) with a team of threads when lstmfast's GEMM is in use (AVX-512)
+  // and a step has enough work (step_work multiply-adds) to share; otherwise f runs as is. Nothing in
   // a time loop throws except the weight packing, which makes every thread throw together.
   template <typename T, typename F>
   void run(int64_t step_work, const F& f) {
     const int threads = at::get_num_threads();
-    if (!std::is_same_v<T, float> || !cpu::packed_gemm_enabled() || step_work < kTeamWork || threads < 2 ||
-        at::in_parallel_region()) {
+    if (!cpu::packed_gemm_enabled() || step_work < kTeamWork || threads < 2 || at::in_parallel_region()) {
       f();
       return;
     }
@@ -244,15 +243,18 @@ struct CpuBackend {
   // Row-major C(m, n) = A(m, k) B(k, n) (+ C when accumulate) through lstmfast's AVX-512 GEMM (gemm.h).
   // Products of a few rows (one time step) split B's panels between threads; taller ones split into
   // blocks of rows x panels. Each element is computed by one micro-kernel call in a fixed order.
-  void packed_gemm(int64_t m, int64_t n, int64_t k, cpu::avx512::MatrixA a, cpu::avx512::MatrixB b,
-                   bool accumulate, float* c, int64_t ldc) {
-    constexpr int64_t kRowBlock = 128, kPanelBlock = 16;
-    const int64_t panels = cpu::avx512::panels_of(n);
+  template <typename T>
+  void packed_gemm(int64_t m, int64_t n, int64_t k, cpu::avx512::MatrixA<T> a, cpu::avx512::MatrixB<T> b,
+                   bool accumulate, T* c, int64_t ldc) {
+    // Blocks of 24 panels split evenly into tiles of 3, 4, 6 or 8 panels (tiles of 8, 6, 4 or 3 rows).
+    constexpr int64_t kRowBlock = 128, kPanelBlock = 24;
+    const int64_t panels = cpu::avx512::panels_of<T>(n);
     if (m <= kRowBlock) {
-      // A second thread pays off from about 64k multiply-adds.
-      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (m * cpu::avx512::kPanel * k));
-      share(panels, grain, [&](int64_t begin, int64_t end) {
-        cpu::avx512::gemm(n, k, a, b, c, ldc, accumulate, 0, m, begin, end);
+      // Threads get whole tiles' worth of panels; a second thread pays off from about 64k multiply-adds.
+      const int64_t group = cpu::avx512::panels_per_tile(m), groups = (panels + group - 1) / group;
+      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (m * group * cpu::avx512::kPanel<T> * k));
+      share(groups, grain, [&](int64_t begin, int64_t end) {
+        cpu::avx512::gemm<T>(n, k, a, b, c, ldc, accumulate, 0, m, begin * group, std::min(panels, end * group));
       });
       return;
     }
@@ -261,36 +263,42 @@ struct CpuBackend {
     share(row_blocks * panel_blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t r0 = (i / panel_blocks) * kRowBlock, p0 = (i % panel_blocks) * kPanelBlock;
-        cpu::avx512::gemm(n, k, a, b, c, ldc, accumulate, r0, std::min(m, r0 + kRowBlock), p0,
-                          std::min(panels, p0 + kPanelBlock));
+        cpu::avx512::gemm<T>(n, k, a, b, c, ldc, accumulate, r0, std::min(m, r0 + kRowBlock), p0,
+                             std::min(panels, p0 + kPanelBlock));
       }
     });
   }
 
-  // Weights packed for packed_gemm, once per op call and matrix. The slots are published with an
-  // atomic count, so that a team's threads look them up without a lock; a miss happens in every
-  // thread of a team at once (they run the same calls), and is filled between two barriers.
+  // Weights packed for packed_gemm, once per op call and matrix (the steps multiply by the same weights
+  // T times; each panel is then one contiguous stream). The slots are published
+  // with an atomic count, so that a team's threads look them up without a lock; a miss happens in
+  // every thread of a team at once (they run the same calls), and is filled between two barriers.
   struct Packed {
-    const float* source;
+    const void* source;
     int64_t k, n, ld;
+    bool transposed;
     at::Tensor data;
   };
   static constexpr int kPackedSlots = 8;
   Packed packed_[kPackedSlots];
   std::atomic<int> packed_count_{0};
 
-  // op(B) = W^T, W (n, k) with row stride ld, packed.
-  const float* packed_transpose(const float* w, int64_t k, int64_t n, int64_t ld) {
+  // op(B) (k, n) packed: B = b (k, n) with row stride ld, or B = W^T with W = b (n, k) when transposed.
+  template <typename T>
+  const T* packed(const T* b, int64_t k, int64_t n, int64_t ld, bool transposed) {
     const int count = packed_count_.load(std::memory_order_acquire);
     for (int i = 0; i < count; ++i) {
       const Packed& p = packed_[i];
-      if (p.source == w && p.k == k && p.n == n && p.ld == ld) return p.data.data_ptr<float>();
+      if (p.source == b && p.k == k && p.n == n && p.ld == ld && p.transposed == transposed) {
+        return p.data.data_ptr<T>();
+      }
     }
     if (team_) barrier_.wait();
     if (!team_ || omp_get_thread_num() == 0) {
       try {
         TORCH_CHECK(count < kPackedSlots, "lstmfast: internal error: too many packed weights");
-        packed_[count] = {w, k, n, ld, workspace(1, cpu::avx512::packed_size(k, n), at::kFloat)};
+        packed_[count] = {b, k, n, ld, transposed,
+                          workspace(1, cpu::avx512::packed_size<T>(k, n), c10::CppTypeToScalarType<T>::value)};
       } catch (...) {
         team_error_ = std::current_exception();
       }
@@ -300,9 +308,9 @@ struct CpuBackend {
       if (team_) throw TeamAbort{};
       std::rethrow_exception(std::exchange(team_error_, nullptr));
     }
-    float* out = packed_[count].data.data_ptr<float>();
-    share(cpu::avx512::panels_of(n), 16, [&](int64_t begin, int64_t end) {
-      cpu::avx512::pack_b(w, k, n, ld, true, out, begin, end);
+    T* out = packed_[count].data.data_ptr<T>();
+    share(cpu::avx512::panels_of<T>(n), 16, [&](int64_t begin, int64_t end) {
+      cpu::avx512::pack_b<T>(b, k, n, ld, transposed, out, begin, end);
     });
     packed_count_.store(count + 1, std::memory_order_release);
     return out;
@@ -330,16 +338,13 @@ struct CpuBackend {
   void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
             int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {
     if (m == 0 || n == 0) return;
+    const bool plain = !trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0;
+    if (plain && cpu::packed_gemm_enabled()) {
+      packed_gemm<T>(m, n, k, {a, lda, 1}, cpu::avx512::packed_matrix(packed(b, k, n, ldb, trans_b), k),
+                     beta == 1.0, c, ldc);
+      return;
+    }
     if constexpr (std::is_same_v<T, float>) {
-      const bool plain = !trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0;
-      if (plain && cpu::packed_gemm_enabled()) {
-        // B read in place when it is row-major; a transposed weight is packed once per call.
-        const cpu::avx512::MatrixB bm = trans_b
-            ? cpu::avx512::packed_matrix(packed_transpose(b, k, n, ldb), k)
-            : cpu::avx512::row_major_matrix(b, ldb);
-        packed_gemm(m, n, k, {a, lda, 1}, bm, beta == 1.0, c, ldc);
-        return;
-      }
       if (plain) {
         const float* b_rows = trans_b ? transposed(b, n, k, ldb) : b;
         blocked_brgemm(m, n, k, a, lda, b_rows, trans_b ? n : ldb, beta == 1.0, c, ldc);
@@ -359,22 +364,25 @@ struct CpuBackend {
     gemm(&ta, &tb, &mi, &ni, &ki, &alpha_t, b, &la, a, &lb, &beta_t, c, &lc);
   }
 
-  // a (M, K) @ b (K, N) as a new tensor (whole-sequence products, outside any team). float32 with
-  // AVX-512: A is read through its strides (a weight gradient G^T X reads G in place) and B's rows in
-  // place. Otherwise blocked_brgemm, where a weight gradient a = g^T (g an (N, X) row-major sequence
-  // buffer) is computed as (b^T g)^T, transposing the narrower b instead of g.
+  // a (M, K) @ b (K, N) as a new tensor (whole-sequence products, outside any team). With AVX-512: A is
+  // read through its strides (a weight gradient G^T X reads G in place) and B's rows in place. Else
+  // float32 goes through blocked_brgemm, where a weight gradient a = g^T (g an (N, X) row-major
+  // sequence buffer) is computed as (b^T g)^T, transposing the narrower b instead of g.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
-    if (a.scalar_type() != at::kFloat || a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
+    if (a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
     if (cpu::packed_gemm_enabled()) {
-      const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
-      const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-      at::Tensor c = at::empty({M, N}, a.options());
-      CpuBackend dev(a);
-      dev.packed_gemm(M, N, K, {a.data_ptr<float>(), a.stride(0), a.stride(1)},
-                      cpu::avx512::row_major_matrix(bc.data_ptr<float>(), bc.stride(0)), false,
-                      c.data_ptr<float>(), N);
-      return c;
+      return AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "lstmfast_mm", [&] {
+        const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
+        const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+        at::Tensor c = sequence_buffer(M, N, a.options());
+        CpuBackend dev(a);
+        dev.packed_gemm<scalar_t>(M, N, K, {a.data_ptr<scalar_t>(), a.stride(0), a.stride(1)},
+                                  cpu::avx512::row_major_matrix(bc.data_ptr<scalar_t>(), bc.stride(0)), false,
+                                  c.data_ptr<scalar_t>(), N);
+        return c;
+      });
     }
+    if (a.scalar_type() != at::kFloat) return at::mm(a, b);
     if (!a.is_contiguous() && a.t().is_contiguous() && b.is_contiguous()) {
       return row_major_mm(b.t(), a.t()).t().contiguous();
     }
