@@ -13,6 +13,10 @@ namespace lstmfast::cpu::avx512 {
 
 template <typename T>
 constexpr int64_t kPanel = 64 / sizeof(T);  // columns per panel
+constexpr int kMaxRows = 8, kMaxPanels = 8;   // the largest micro-kernel tile's rows and panels
+constexpr int64_t kDepthBlockBytes = 2048;    // depth per block: 512 floats or 256 doubles
+constexpr int64_t kTallPanels = 16;           // panels per block of B in gemm_tall
+constexpr int64_t kTallRows = 64;             // rows per block of A in gemm_tall
 
 template <typename T>
 inline int64_t panels_of(int64_t n) {
@@ -64,5 +68,19 @@ int64_t panels_per_tile(int64_t m);
 template <typename T>
 void gemm(int64_t n, int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, bool accumulate,
           int64_t row_begin, int64_t row_end, int64_t panel_begin, int64_t panel_end);
+
+// C rows [0, m) x panels [panel_begin, panel_end) of C = A B (+ C when accumulate) for products with many
+// rows and a row-major B read in place, e.g. the weight gradients G^T X: per depth block, 16 panels of B
+// at a time are packed (then reused by every row) and 64 rows of A are gathered into contiguous 8-row
+// tiles (then reused by 16 panels), so the micro-kernels stream contiguous memory instead of one cache
+// line per page. Same sums in the same order as gemm. `scratch` holds
+// gemm_tall_scratch<T>() elements.
+template <typename T>
+constexpr int64_t gemm_tall_scratch() {
+  return (kDepthBlockBytes / sizeof(T)) * (kTallRows + kTallPanels * kPanel<T>);
+}
+template <typename T>
+void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_t ldb, T* c, int64_t ldc,
+               bool accumulate, int64_t panel_begin, int64_t panel_end, T* scratch);
 
 }  // namespace lstmfast::cpu::avx512

@@ -44,8 +44,6 @@ struct Simd<double> {
 
 // At most this many 512-bit accumulators per tile (of 32 registers: the rest hold B and A).
 constexpr int kAccumulators = 24;
-constexpr int kMaxRows = 8, kMaxPanels = 8;
-constexpr int64_t kDepthBlockBytes = 2048;  // depth per block: 512 floats or 256 doubles
 
 template <typename T>
 using TileFn = void (*)(int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, bool accumulate,
@@ -171,10 +169,53 @@ void gemm(int64_t n, int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, b
   }
 }
 
+template <typename T>
+void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_t ldb, T* c, int64_t ldc,
+               bool accumulate, int64_t panel_begin, int64_t panel_end, T* scratch) {
+  constexpr int64_t w = kPanel<T>, depth_block = kDepthBlockBytes / sizeof(T);
+  T* a_block = scratch;                            // kTallRows rows of A: 8-row tiles of (depth, 8)
+  T* b_block = scratch + depth_block * kTallRows;  // kTallPanels panels of (depth, w)
+  for (int64_t k0 = 0; k0 < k; k0 += depth_block) {
+    const int64_t depth = std::min(depth_block, k - k0);
+    for (int64_t p0 = panel_begin; p0 < panel_end; p0 += kTallPanels) {
+      const int64_t p1 = std::min(panel_end, p0 + kTallPanels), cols = std::min(n, p1 * w) - p0 * w;
+      pack_b<T>(b + k0 * ldb + p0 * w, depth, cols, ldb, false, b_block, 0, p1 - p0);
+      for (int64_t r0 = 0; r0 < m; r0 += kTallRows) {
+        const int64_t rows = std::min(kTallRows, m - r0);
+        const T* src = a.data + r0 * a.row_stride + k0 * a.depth_stride;
+        if (a.row_stride == 1) {
+          // A = G^T: a step's rows are contiguous in G; copy them a step at a time, tile by tile.
+          for (int64_t kk = 0; kk < depth; ++kk) {
+            const T* from = src + kk * a.depth_stride;
+            int64_t t = 0;
+            for (; t + kMaxRows <= rows; t += kMaxRows) {
+              std::memcpy(a_block + t * depth + kk * kMaxRows, from + t, kMaxRows * sizeof(T));
+            }
+            for (; t < rows; ++t) a_block[(t / kMaxRows) * kMaxRows * depth + kk * kMaxRows + t % kMaxRows] = from[t];
+          }
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* from = src + r * a.row_stride;
+            T* to = a_block + (r / kMaxRows) * kMaxRows * depth + r % kMaxRows;
+            for (int64_t kk = 0; kk < depth; ++kk) to[kk * kMaxRows] = from[kk * a.depth_stride];
+          }
+        }
+        for (int64_t t = 0; t < rows; t += kMaxRows) {
+          gemm<T>(cols, depth, {a_block + t * depth, 1, kMaxRows}, packed_matrix<T>(b_block, depth),
+                  c + (r0 + t) * ldc + p0 * w, ldc, accumulate || k0 > 0, 0, std::min<int64_t>(kMaxRows, rows - t),
+                  0, p1 - p0);
+        }
+      }
+    }
+  }
+}
+
 #define LSTMFAST_INSTANTIATE(T)                                                                        \
   template void pack_b<T>(const T*, int64_t, int64_t, int64_t, bool, T*, int64_t, int64_t);          \
   template void gemm<T>(int64_t, int64_t, MatrixA<T>, MatrixB<T>, T*, int64_t, bool, int64_t, int64_t, \
-                        int64_t, int64_t);
+                        int64_t, int64_t);                                                             \
+  template void gemm_tall<T>(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, T*, int64_t, bool,  \
+                             int64_t, int64_t, T*);
 LSTMFAST_INSTANTIATE(float)
 LSTMFAST_INSTANTIATE(double)
 #undef LSTMFAST_INSTANTIATE
@@ -197,6 +238,12 @@ template void gemm<float>(int64_t, int64_t, MatrixA<float>, MatrixB<float>, floa
                           int64_t, int64_t, int64_t);
 template void gemm<double>(int64_t, int64_t, MatrixA<double>, MatrixB<double>, double*, int64_t, bool,
                            int64_t, int64_t, int64_t, int64_t);
+template <typename T>
+void gemm_tall(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, T*, int64_t, bool, int64_t, int64_t, T*) {}
+template void gemm_tall<float>(int64_t, int64_t, int64_t, MatrixA<float>, const float*, int64_t, float*, int64_t,
+                               bool, int64_t, int64_t, float*);
+template void gemm_tall<double>(int64_t, int64_t, int64_t, MatrixA<double>, const double*, int64_t, double*,
+                                int64_t, bool, int64_t, int64_t, double*);
 }  // namespace lstmfast::cpu::avx512
 
 #endif

@@ -269,6 +269,29 @@ struct CpuBackend {
     });
   }
 
+  // C(m, n) = A(m, k) B(k, n) for a whole-sequence product with B row-major in place, through
+  // avx512::gemm_tall: threads split B's panels (or, for narrow B, A's rows), each with its own scratch.
+  template <typename T>
+  void tall_gemm(int64_t m, int64_t n, int64_t k, cpu::avx512::MatrixA<T> a, const T* b, int64_t ldb, T* c,
+                 int64_t ldc) {
+    namespace x = cpu::avx512;
+    const int64_t panels = x::panels_of<T>(n), group = x::panels_per_tile(x::kMaxRows);
+    const auto run_part = [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+      thread_local std::vector<T> scratch(x::gemm_tall_scratch<T>());
+      x::gemm_tall<T>(r1 - r0, n, k, {a.data + r0 * a.row_stride, a.row_stride, a.depth_stride}, b, ldb,
+                      c + r0 * ldc, ldc, false, p0, p1, scratch.data());
+    };
+    if (panels >= 4 * group) {
+      const int64_t groups = (panels + group - 1) / group;
+      share(groups, 1, [&](int64_t begin, int64_t end) { run_part(0, m, begin * group, std::min(panels, end * group)); });
+    } else {
+      const int64_t blocks = (m + x::kTallRows - 1) / x::kTallRows;
+      share(blocks, 1, [&](int64_t begin, int64_t end) {
+        run_part(begin * x::kTallRows, std::min(m, end * x::kTallRows), 0, panels);
+      });
+    }
+  }
+
   // Weights packed for packed_gemm, once per op call and matrix (the steps multiply by the same weights
   // T times; each panel is then one contiguous stream). The slots are published
   // with an atomic count, so that a team's threads look them up without a lock; a miss happens in
@@ -365,7 +388,8 @@ struct CpuBackend {
   }
 
   // a (M, K) @ b (K, N) as a new tensor (whole-sequence products, outside any team). With AVX-512: A is
-  // read through its strides (a weight gradient G^T X reads G in place) and B's rows in place. Else
+  // read through its strides (a weight gradient G^T X reads G in place) and B's rows in place, both
+  // copied block by block into contiguous tiles (tall_gemm). Else
   // float32 goes through blocked_brgemm, where a weight gradient a = g^T (g an (N, X) row-major
   // sequence buffer) is computed as (b^T g)^T, transposing the narrower b instead of g.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
@@ -376,9 +400,8 @@ struct CpuBackend {
         const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
         at::Tensor c = sequence_buffer(M, N, a.options());
         CpuBackend dev(a);
-        dev.packed_gemm<scalar_t>(M, N, K, {a.data_ptr<scalar_t>(), a.stride(0), a.stride(1)},
-                                  cpu::avx512::row_major_matrix(bc.data_ptr<scalar_t>(), bc.stride(0)), false,
-                                  c.data_ptr<scalar_t>(), N);
+        dev.tall_gemm<scalar_t>(M, N, K, {a.data_ptr<scalar_t>(), a.stride(0), a.stride(1)}, bc.data_ptr<scalar_t>(),
+                                bc.stride(0), c.data_ptr<scalar_t>(), N);
         return c;
       });
     }
