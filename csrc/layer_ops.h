@@ -17,9 +17,7 @@
 
 #include "kernels/layer.h"
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+
 
 namespace lstmfast {
 
@@ -211,21 +209,6 @@ inline at::ScalarType norm_dtype(const Tensor& input) {
   return at::toOpMathType(input.scalar_type());
 }
 
-// Advises Linux to back the 2 MB-aligned part of [p, p + bytes) with transparent huge pages (only advice:
-// a failure changes nothing).
-inline void advise_huge_pages(void* p, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < 2 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 // A (rows, width) scratch buffer that nothing returned by the op aliases. On the CPU it comes from a
 // small per-thread cache of blocks, reused once no tensor uses them any more (their storage is then
 // only referenced by the cache), like oneDNN's scratchpad: fresh pages for every call's gates
@@ -247,7 +230,6 @@ inline Tensor workspace(int64_t rows, int64_t width, const at::TensorOptions& op
   if (chosen == nullptr) {
     // Replace the smallest free block when the cache is full; keep a fresh block when none is free.
     Tensor block = at::empty({(bytes + kRound - 1) / kRound * kRound}, options.dtype(at::kByte));
-    advise_huge_pages(block.data_ptr(), block.nbytes());
     Tensor* smallest = nullptr;
     for (Tensor& b : blocks) {
       if (b.storage().use_count() == 1 && (smallest == nullptr || b.nbytes() < smallest->nbytes())) smallest = &b;
@@ -265,14 +247,6 @@ inline Tensor workspace(int64_t rows, int64_t width, const at::TensorOptions& op
   return chosen->view(options.dtype().toScalarType()).narrow(0, 0, rows * width).view({rows, width});
 }
 
-// A new (rows, width) sequence buffer. Large CPU buffers ask Linux for transparent huge pages: the
-// allocator maps them fresh on most calls, and touching them 4 kB page by 4 kB page (hundreds of
-// thousands of page faults per training step at T=128, B=8, H=256) cost as much as the arithmetic.
-inline Tensor sequence_buffer(int64_t rows, int64_t width, const at::TensorOptions& options) {
-  Tensor t = at::empty({rows, width}, options);
-  if (t.is_cpu()) advise_huge_pages(t.data_ptr(), t.nbytes());
-  return t;
-}
 
 // ---------------------------------------------------------------- LSTM
 
@@ -294,13 +268,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const Tensor wi = w_ih.contiguous(), wh = w_hh.contiguous();
   const OptTensor wr = w_hr.has_value() ? OptTensor(w_hr->contiguous()) : std::nullopt;
   const OptTensor bias = combined_bias(b_ih, b_hh);
-  Tensor output = sequence_buffer(N, P, input.options());
+  Tensor output = at::empty({N, P}, input.options());
   Tensor h_n = state_or_zeros(h0, B, P, input);
   Tensor c_n = state_or_zeros(c0, B, H, input);
   // Inference keeps no gates (a workspace): the backend may then project the input a few steps at a time.
   const int64_t gate_rows = training ? N : dev.inference_gate_rows(N, B, 4 * H);
-  Tensor gates = training ? sequence_buffer(N, 4 * H, input.options()) : workspace(gate_rows, 4 * H, input.options());
-  Tensor cells = training ? sequence_buffer(N, H, input.options()) : at::empty({0}, input.options());
+  Tensor gates = training ? at::empty({N, 4 * H}, input.options())
+                          : workspace(gate_rows, 4 * H, input.options());
+  Tensor cells = training ? at::empty({N, H}, input.options()) : at::empty({0}, input.options());
   Tensor hidden = wr.has_value() ? at::empty({B, H}, input.options()) : Tensor();
 
   dispatch_floating<Backend>(input, [&](auto tag) {
@@ -442,7 +417,7 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const OptTensor& bat
   const Tensor x = rows_of(input, l.input_size);
   const Tensor wi = w_ih.contiguous(), wh = w_hh.contiguous();
   const OptTensor bias = combined_bias(b_ih, b_hh);
-  Tensor output = sequence_buffer(N, H, input.options());
+  Tensor output = at::empty({N, H}, input.options());
   Tensor h_n = state_or_zeros(h0, B, H, input);
   dispatch_floating<Backend>(input, [&](auto tag) {
     using scalar_t = decltype(tag);

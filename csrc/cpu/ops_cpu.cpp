@@ -270,7 +270,7 @@ struct CpuBackend {
   }
 
   // C(m, n) = A(m, k) B(k, n) for a whole-sequence product with B row-major in place, through
-  // avx512::gemm_tall: threads split B's panels (or, for narrow B, A's rows), each with its own scratch.
+  // avx512::gemm_tall: threads split A's rows (or, for few rows, B's panels), each with its own scratch.
   template <typename T>
   void tall_gemm(int64_t m, int64_t n, int64_t k, cpu::avx512::MatrixA<T> a, const T* b, int64_t ldb, T* c,
                  int64_t ldc) {
@@ -281,14 +281,14 @@ struct CpuBackend {
       x::gemm_tall<T>(r1 - r0, n, k, {a.data + r0 * a.row_stride, a.row_stride, a.depth_stride}, b, ldb,
                       c + r0 * ldc, ldc, false, p0, p1, scratch.data());
     };
-    if (panels >= 4 * group) {
-      const int64_t groups = (panels + group - 1) / group;
-      share(groups, 1, [&](int64_t begin, int64_t end) { run_part(0, m, begin * group, std::min(panels, end * group)); });
-    } else {
-      const int64_t blocks = (m + x::kTallRows - 1) / x::kTallRows;
+    const int64_t blocks = (m + x::kTallRows - 1) / x::kTallRows;
+    if (blocks >= 8) {  // rows split evenly enough
       share(blocks, 1, [&](int64_t begin, int64_t end) {
         run_part(begin * x::kTallRows, std::min(m, end * x::kTallRows), 0, panels);
       });
+    } else {
+      const int64_t groups = (panels + group - 1) / group;
+      share(groups, 1, [&](int64_t begin, int64_t end) { run_part(0, m, begin * group, std::min(panels, end * group)); });
     }
   }
 
@@ -398,7 +398,7 @@ struct CpuBackend {
       return AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "lstmfast_mm", [&] {
         const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
         const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-        at::Tensor c = sequence_buffer(M, N, a.options());
+        at::Tensor c = at::empty({M, N}, a.options());
         CpuBackend dev(a);
         dev.tall_gemm<scalar_t>(M, N, K, {a.data_ptr<scalar_t>(), a.stride(0), a.stride(1)}, bc.data_ptr<scalar_t>(),
                                 bc.stride(0), c.data_ptr<scalar_t>(), N);
