@@ -297,7 +297,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
                                          training ? cells.data_ptr<scalar_t>() : nullptr,
                                          wr.has_value() ? hidden.data_ptr<scalar_t>() : nullptr,
                                          training};
-    dev.template run<scalar_t>(B * 4 * H * P, [&] { kernels::lstm_forward(a, dev); });
+    dev.template run<scalar_t>(B, 4 * H, P, [&] { kernels::lstm_forward(a, dev); });
   });
   if (input.dim() == 3) output = output.view({input.size(0), input.size(1), P});
   if (!training) gates = at::empty({0}, input.options());
@@ -374,7 +374,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
         return_norms ? grad_h_norm.data_ptr<norm_t>() : nullptr,
         return_norms ? grad_c_norm.data_ptr<norm_t>() : nullptr,
         grad_clip.value_or(0.0)};
-    dev.template run<scalar_t>(B * 4 * H * P, [&] { kernels::lstm_backward(a, dev); });
+    dev.template run<scalar_t>(B, 4 * H, P, [&] { kernels::lstm_backward(a, dev); });
   });
   if (return_norms) {
     grad_h_norm.sqrt_();
@@ -431,7 +431,7 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const OptTensor& bat
                                         output.data_ptr<scalar_t>(),
                                         h_n.data_ptr<scalar_t>(),
                                         nl};
-    dev.template run<scalar_t>(B * H * H, [&] { kernels::rnn_forward(a, dev); });
+    dev.template run<scalar_t>(B, H, H, [&] { kernels::rnn_forward(a, dev); });
   });
   if (input.dim() == 3) output = output.view({input.size(0), input.size(1), H});
   return {output, h_n};
@@ -486,7 +486,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
         return_norms ? grad_h_norm.data_ptr<norm_t>() : nullptr,
         nl,
         grad_clip.value_or(0.0)};
-    dev.template run<scalar_t>(B * H * H, [&] { kernels::rnn_backward(a, dev); });
+    dev.template run<scalar_t>(B, H, H, [&] { kernels::rnn_backward(a, dev); });
   });
   if (return_norms) grad_h_norm.sqrt_();
   const auto empty = [&] { return at::empty({0}, input.options()); };

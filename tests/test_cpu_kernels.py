@@ -75,14 +75,18 @@ def test_bitwise_identical_across_thread_counts(dtype, module_kwargs, packed):
 
 
 # Large enough per step (batch x gates x hidden x width >= 2^15 multiply-adds) for the CPU backend to run
-# the time loop on a team of threads (float32 with AVX-512); 37 and 21 leave partial 16-column panels.
-TEAM_CASES = [dict(cell="lstm"), dict(cell="lstm", proj=21, reverse=True),
-              dict(cell="lstm", lengths=[7] * 9 + [5] * 8 + [2] * 7, reverse=True),
-              dict(cell="rnn"), dict(cell="rnn", nonlinearity="relu", grad_clip=0.05)]
+# the time loop on a team of threads (with AVX-512); 37 and 21 leave partial panels. With small weights
+# and batch 24 the team splits the batch; the last two cases' weights (> 256 kB) make it split the
+# weights' panels instead.
+TEAM_CASES = {"lstm": dict(cell="lstm"), "proj-reverse": dict(cell="lstm", proj=21, reverse=True),
+              "packed-reverse": dict(cell="lstm", lengths=[7] * 9 + [5] * 8 + [2] * 7, reverse=True),
+              "rnn": dict(cell="rnn"), "relu-clip": dict(cell="rnn", nonlinearity="relu", grad_clip=0.05),
+              "lstm-panels": dict(cell="lstm", hidden=165, batch=10, lengths=[7] * 6 + [3] * 4),
+              "rnn-panels": dict(cell="rnn", hidden=330, batch=4, reverse=True)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("kw", TEAM_CASES, ids=["lstm", "proj-reverse", "packed-reverse", "rnn", "relu-clip"])
+@pytest.mark.parametrize("kw", TEAM_CASES.values(), ids=TEAM_CASES.keys())
 def test_threaded_time_loop_matches_reference(kw, dtype):
     sample = layer_sample(**dict(dict(steps=7, batch=24, input_size=19, hidden=37), **kw), dtype=dtype)
     out, grads = outputs_and_grads(sample, functional)

@@ -177,24 +177,34 @@ struct CpuBackend {
 
   // ---- Threads. Outside run()'s team, each operation below splits its own work with
   // at::parallel_for. Inside a team, every thread runs the whole time loop (the same calls in the
-  // same order), each operation does this thread's static share and ends with a barrier: one
-  // parallel region per op call instead of one or two per time step, and each thread keeps the same
-  // share of the weights (in its own cache) at every step. Every element is computed by the same code
-  // either way, so results do not depend on the thread count.
-  bool team_ = false;
+  // same order): one parallel region per op call instead of one or two per time step. A team splits
+  // each step one of two ways:
+  //  - by batch rows (row_team_), when the batch is large enough and the weights small enough to sit
+  //    in every core's cache: each thread owns a fixed part of the batch for the whole sequence, and
+  //    a row's recurrence only involves that row, so the steps need no barrier at all;
+  //  - by the weights' panels otherwise: each thread multiplies by the same panels at every step (its
+  //    share of the weights stays in its own cache), and each operation ends with a barrier.
+  // Every element is computed by the same code either way, so results do not depend on the thread
+  // count.
+  bool team_ = false, row_team_ = false;
+  int64_t team_batch_ = 0;
   SpinBarrier barrier_;
   std::exception_ptr team_error_;
 
-  // Runs f (a time loop over this backend) with a team of threads when lstmfast's GEMM is in use (AVX-512)
-  // and a step has enough work (step_work multiply-adds) to share; otherwise f runs as is. Nothing in
-  // a time loop throws except the weight packing, which makes every thread throw together.
+  // Runs f (a time loop over this backend whose steps multiply up to `batch` rows by a (depth, width)
+  // weight) with a team of threads when lstmfast's GEMM is in use (AVX-512) and a step has enough work
+  // to share; otherwise f runs as is. Nothing in a time loop throws except the weight packing, which
+  // makes every thread throw together.
   template <typename T, typename F>
-  void run(int64_t step_work, const F& f) {
+  void run(int64_t batch, int64_t width, int64_t depth, const F& f) {
     const int threads = at::get_num_threads();
-    if (!cpu::packed_gemm_enabled() || step_work < kTeamWork || threads < 2 || at::in_parallel_region()) {
+    if (!cpu::packed_gemm_enabled() || batch * width * depth < kTeamWork || threads < 2 ||
+        at::in_parallel_region()) {
       f();
       return;
     }
+    row_team_ = batch >= 4 * threads && width * depth * static_cast<int64_t>(sizeof(T)) <= kRowTeamWeightBytes;
+    team_batch_ = batch;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp single
@@ -208,12 +218,21 @@ struct CpuBackend {
       } catch (const TeamAbort&) {
       }
     }
-    team_ = false;
+    team_ = row_team_ = false;
     if (team_error_) std::rethrow_exception(team_error_);
   }
 
   // A team pays off from about this many multiply-adds per step.
   static constexpr int64_t kTeamWork = int64_t(1) << 15;
+  // Weights up to this size (a quarter of a core's L2 here) let a team split the batch instead.
+  static constexpr int64_t kRowTeamWeightBytes = int64_t(256) << 10;
+
+  // This thread's rows [begin, end) of a step with `rows` rows, in a row team.
+  std::pair<int64_t, int64_t> own_rows(int64_t rows) const {
+    const int64_t threads = omp_get_num_threads(), chunk = (team_batch_ + threads - 1) / threads;
+    const int64_t begin = std::min(rows, omp_get_thread_num() * chunk);
+    return {begin, std::min(rows, begin + chunk)};
+  }
 
   // body(begin, end) over [0, n): this thread's share in a team (then a barrier), else split into
   // chunks of at least `grain` with at::parallel_for.
@@ -357,10 +376,27 @@ struct CpuBackend {
     return transposed_.back().copy.data_ptr<float>();
   }
 
+  // One time step's product (row b of C depends only on row b of A): in a row team, this thread's rows
+  // against the whole (packed) weight, without a barrier; otherwise gemm.
+  template <typename T>
+  void step_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
+                 int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {
+    if (!row_team_ || trans_a || alpha != 1.0 || (beta != 0.0 && beta != 1.0) || k == 0) {
+      gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      return;
+    }
+    const T* weights = packed(b, k, n, ldb, trans_b);
+    const auto [begin, end] = own_rows(m);
+    cpu::avx512::gemm<T>(n, k, {a, lda, 1}, cpu::avx512::packed_matrix(weights, k), c, ldc, beta == 1.0, begin,
+                         end, 0, cpu::avx512::panels_of<T>(n));
+  }
+
   template <typename T>
   void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
             int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {
     if (m == 0 || n == 0) return;
+    // In a row team the other threads may still be on earlier steps, reading what this writes.
+    if (row_team_) barrier_.wait();
     const bool plain = !trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0;
     if (plain && cpu::packed_gemm_enabled()) {
       packed_gemm<T>(m, n, k, {a, lda, 1}, cpu::avx512::packed_matrix(packed(b, k, n, ldb, trans_b), k),
@@ -423,19 +459,22 @@ struct CpuBackend {
   // ---- Copies and pointwise steps.
 
   template <typename T>
-  void copy(T* dst, const T* src, int64_t count) {
-    if (count <= 0) return;
-    if (!team_) {
-      std::memcpy(dst, src, count * sizeof(T));
-      return;
-    }
-    share(count, 1, [&](int64_t begin, int64_t end) { std::memcpy(dst + begin, src + begin, (end - begin) * sizeof(T)); });
+  void copy_rows(T* dst, const T* src, int64_t rows, int64_t width) {
+    for_rows(rows, width, [&](int64_t begin, int64_t end) {
+      if (end > begin) std::memcpy(dst + begin * width, src + begin * width, (end - begin) * width * sizeof(T));
+    });
   }
 
-  // Runs body(begin, end) over row ranges, each row on one thread; outside a team, in chunks of at
-  // least about 32k elements (below that, waking a second thread costs more than it saves).
+  // Runs body(begin, end) over row ranges, each row on one thread: in a row team this thread's rows;
+  // outside a team in chunks of at least about 32k elements (below that, waking a second thread costs
+  // more than it saves).
   template <typename F>
   void for_rows(int64_t rows, int64_t width, const F& body) {
+    if (row_team_) {
+      const auto [begin, end] = own_rows(rows);
+      if (begin < end) body(begin, end);
+      return;
+    }
     share(rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)), body);
   }
 

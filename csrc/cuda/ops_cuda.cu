@@ -102,7 +102,7 @@ struct CudaBackend {
 
   // Runs a time loop (the CPU backend may run it on a team of threads; here kernels queue on the stream).
   template <typename T, typename F>
-  void run(int64_t, const F& f) {
+  void run(int64_t, int64_t, int64_t, const F& f) {
     f();
   }
 
@@ -142,9 +142,16 @@ struct CudaBackend {
   }
 
   template <typename T>
-  void copy(T* dst, const T* src, int64_t count) {
-    if (count == 0) return;
-    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(T), cudaMemcpyDeviceToDevice, stream));
+  void copy_rows(T* dst, const T* src, int64_t rows, int64_t width) {
+    if (rows * width == 0) return;
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, rows * width * sizeof(T), cudaMemcpyDeviceToDevice, stream));
+  }
+
+  // One time step's product: the same GEMM (the CPU backend may split it by rows).
+  template <typename T>
+  void step_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
+                 int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {
+    gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
 
   static dim3 grid(int64_t rows, int64_t width, bool whole_rows) {

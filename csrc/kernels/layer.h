@@ -3,14 +3,20 @@
 // A Backend supplies the device's primitives; all pointers it receives are raw device pointers:
 //   gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 //       row-major C(m, n) = alpha * op(A)(m, k) * op(B)(k, n) + beta * C
-//   copy(dst, src, count)                 count elements
+//   step_gemm(same arguments)             the same, for one time step's rows: row b of C depends only
+//                                         on row b of A, and B is one of the layer's weights
+//   copy_rows(dst, src, rows, width)      rows x width elements
 //   lstm_forward(step, rows)              LstmForwardStep over rows x H
 //   lstm_backward(step, rows, hidden_norm, cell_norm)   norms: (rows) or nullptr
 //   rnn_forward(step, rows), rnn_backward(step, rows, hidden_norm), sum(step, rows, norm)
 // The loops allocate nothing: every buffer is passed in. The ops call each loop through
-//   run<scalar_t>(step_work, f)          f() runs the loop; the CPU backend may run it on every thread
-//                                        of a team, each primitive then doing that thread's share
-// so a loop must make the same calls in the same order whatever thread runs it. The backward ops also use the Backend's
+//   run<scalar_t>(batch, width, depth, f)  f() runs the loop, whose steps multiply up to `batch` rows
+//                                        by a (depth, width) weight; the CPU backend may run it on
+//                                        every thread of a team, each primitive then doing that
+//                                        thread's share
+// so a loop must make the same calls in the same order whatever thread runs it, and every per-step
+// primitive (step_gemm, copy_rows, the pointwise steps) must touch only the step's own rows: a team
+// may give each thread a fixed part of the batch for the whole sequence. The backward ops also use the Backend's
 //   mm(a, b)                              a (M, K) @ b (K, N) as a new tensor, for whole-sequence products
 // (layer_ops.h).
 #pragma once
@@ -98,7 +104,7 @@ void lstm_forward(const LstmForwardArgs<scalar_t>& a, Backend& dev) {
                a.input_size, a.w_ih, a.input_size, 0.0, a.gates, G);
     }
     scalar_t* gates = a.gates + (r0 - projected_lo) * G;
-    dev.gemm(false, true, rows, G, P, 1.0, a.hidden_state, P, a.w_hh, P, 1.0, gates, G);
+    dev.step_gemm(false, true, rows, G, P, 1.0, a.hidden_state, P, a.w_hh, P, 1.0, gates, G);
     const bool projected = a.w_hr != nullptr;
     LstmForwardStep<scalar_t> s{H,
                                 gates,
@@ -111,8 +117,8 @@ void lstm_forward(const LstmForwardArgs<scalar_t>& a, Backend& dev) {
     dev.lstm_forward(s, rows);
     if (projected) {
       scalar_t* out = a.output + r0 * P;
-      dev.gemm(false, true, rows, P, H, 1.0, a.hidden, H, a.w_hr, H, 0.0, out, P);
-      dev.copy(a.hidden_state, out, rows * P);
+      dev.step_gemm(false, true, rows, P, H, 1.0, a.hidden, H, a.w_hr, H, 0.0, out, P);
+      dev.copy_rows(a.hidden_state, out, rows, P);
     }
   }
 }
@@ -174,14 +180,14 @@ void lstm_backward(const LstmBackwardArgs<scalar_t, norm_t>& a, Backend& dev) {
       scalar_t* total = a.grad_hidden_total + r0 * P;
       dev.sum(SumStep<scalar_t>{P, a.grad_hidden_state, a.grad_output + r0 * P, total}, rows,
               hidden_norm);
-      dev.gemm(false, false, rows, H, P, 1.0, total, P, a.w_hr, H, 0.0, a.grad_hidden, H);
+      dev.step_gemm(false, false, rows, H, P, 1.0, total, P, a.w_hr, H, 0.0, a.grad_hidden, H);
       s.grad_hidden = a.grad_hidden;
       s.grad_hidden_extra = nullptr;
       hidden_norm = nullptr;
     }
     dev.lstm_backward(s, rows, hidden_norm,
                       a.grad_cell_norm != nullptr ? a.grad_cell_norm + r0 : nullptr);
-    dev.gemm(false, false, rows, P, G, 1.0, s.grad_gates, G, a.w_hh, P, 0.0, a.grad_hidden_state, P);
+    dev.step_gemm(false, false, rows, P, G, 1.0, s.grad_gates, G, a.w_hh, P, 0.0, a.grad_hidden_state, P);
   }
 }
 
@@ -207,7 +213,7 @@ void rnn_forward(const RnnForwardArgs<scalar_t>& a, Backend& dev) {
   for (int64_t k = 0; k < q.steps; ++k) {
     const int64_t t = q.forward_step(k), rows = q.batch_sizes[t];
     scalar_t* out = a.output + q.offsets[t] * H;
-    dev.gemm(false, true, rows, H, H, 1.0, a.hidden_state, H, a.w_hh, H, 1.0, out, H);
+    dev.step_gemm(false, true, rows, H, H, 1.0, a.hidden_state, H, a.w_hh, H, 1.0, out, H);
     dev.rnn_forward(RnnForwardStep<scalar_t>{H, out, a.bias, a.hidden_state, a.nonlinearity}, rows);
   }
 }
@@ -243,7 +249,7 @@ void rnn_backward(const RnnBackwardArgs<scalar_t, norm_t>& a, Backend& dev) {
                                 a.grad_clip,
                                 prev_hidden_of(q, t, H, a.output, a.hidden_initial, a.hidden_prev)};
     dev.rnn_backward(s, rows, a.grad_hidden_norm != nullptr ? a.grad_hidden_norm + r0 : nullptr);
-    dev.gemm(false, false, rows, H, H, 1.0, s.grad_pre, H, a.w_hh, H, 0.0, a.grad_hidden_state, H);
+    dev.step_gemm(false, false, rows, H, H, 1.0, s.grad_pre, H, a.w_hh, H, 0.0, a.grad_hidden_state, H);
   }
 }
 
