@@ -209,42 +209,65 @@ inline at::ScalarType norm_dtype(const Tensor& input) {
   return at::toOpMathType(input.scalar_type());
 }
 
-// A (rows, width) scratch buffer that nothing returned by the op aliases. On the CPU it comes from a
-// small per-thread cache of blocks, reused once no tensor uses them any more (their storage is then
-// only referenced by the cache), like oneDNN's scratchpad: fresh pages for every call's gates
-// gradients and packed weights would cost page faults by the hundred thousand. The cache keeps at most
-// four blocks, each as large as the largest request that needed it. Elsewhere: at::empty (CUDA has
-// torch's caching allocator).
-inline Tensor workspace(int64_t rows, int64_t width, const at::TensorOptions& options) {
-  if (!options.device().is_cpu()) return at::empty({rows, width}, options);
-  constexpr int64_t kBlocks = 4, kRound = int64_t(2) << 20;
-  thread_local std::vector<Tensor> blocks;
-  const int64_t bytes = rows * width * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
-  Tensor* chosen = nullptr;
-  for (Tensor& b : blocks) {
-    if (b.storage().use_count() == 1 && b.nbytes() >= static_cast<size_t>(bytes) &&
-        (chosen == nullptr || b.nbytes() < chosen->nbytes())) {
-      chosen = &b;
-    }
+// Buffers for one op call that the caller never sees: scratch space, and the activations saved for
+// backward. On the CPU, those of 1 MB and more come from a small per-thread cache of blocks (like
+// oneDNN's scratchpad), a block being reused once nothing references its storage but the cache: fresh
+// pages for every call's gates and gates gradients cost page faults by the hundred thousand per second
+// of training. The cache keeps at most kBlocks blocks of up to kLargest bytes each (larger buffers are
+// allocated as usual); empty_cpu_cache frees it. Elsewhere: at::empty (CUDA has torch's caching
+// allocator).
+struct WorkspaceCache {
+  static constexpr size_t kBlocks = 8;
+  static constexpr int64_t kSmallest = int64_t(1) << 20, kLargest = int64_t(256) << 20;
+  std::vector<Tensor> blocks;
+
+  static WorkspaceCache& of_this_thread() {
+    thread_local WorkspaceCache cache;
+    return cache;
   }
-  if (chosen == nullptr) {
-    // Replace the smallest free block when the cache is full; keep a fresh block when none is free.
-    Tensor block = at::empty({(bytes + kRound - 1) / kRound * kRound}, options.dtype(at::kByte));
+
+  static bool free(const Tensor& block) { return block.storage().use_count() == 1; }
+
+  // A byte block of at least `bytes`: the smallest free cached one that fits, else a new one of exactly
+  // `bytes`, cached in place of the smallest free block when the cache is full.
+  Tensor take(int64_t bytes) {
+    if (bytes < kSmallest || bytes > kLargest) return at::empty({bytes}, at::kByte);
+    Tensor* chosen = nullptr;
+    for (Tensor& b : blocks) {
+      if (free(b) && static_cast<int64_t>(b.nbytes()) >= bytes && (chosen == nullptr || b.nbytes() < chosen->nbytes())) {
+        chosen = &b;
+      }
+    }
+    if (chosen != nullptr) return *chosen;
+    Tensor block = at::empty({bytes}, at::kByte);
+    if (blocks.size() < kBlocks) {
+      blocks.push_back(block);
+      return block;
+    }
     Tensor* smallest = nullptr;
     for (Tensor& b : blocks) {
-      if (b.storage().use_count() == 1 && (smallest == nullptr || b.nbytes() < smallest->nbytes())) smallest = &b;
+      if (free(b) && (smallest == nullptr || b.nbytes() < smallest->nbytes())) smallest = &b;
     }
-    if (static_cast<int64_t>(blocks.size()) < kBlocks) {
-      blocks.push_back(block);
-      chosen = &blocks.back();
-    } else if (smallest != nullptr) {
-      *smallest = block;
-      chosen = smallest;
-    } else {
-      return block.view(options.dtype().toScalarType()).narrow(0, 0, rows * width).view({rows, width});
-    }
+    if (smallest != nullptr) *smallest = block;
+    return block;
   }
-  return chosen->view(options.dtype().toScalarType()).narrow(0, 0, rows * width).view({rows, width});
+
+  int64_t bytes() const {
+    int64_t total = 0;
+    for (const Tensor& b : blocks) total += static_cast<int64_t>(b.nbytes());
+    return total;
+  }
+};
+
+inline Tensor workspace(int64_t rows, int64_t width, const at::TensorOptions& options) {
+  if (!options.device().is_cpu()) return at::empty({rows, width}, options);
+  const at::ScalarType dtype = c10::typeMetaToScalarType(options.dtype());
+  const int64_t count = rows * width;
+  return WorkspaceCache::of_this_thread()
+      .take(count * static_cast<int64_t>(c10::elementSize(dtype)))
+      .view(dtype)
+      .narrow(0, 0, count)
+      .view({rows, width});
 }
 
 
@@ -273,9 +296,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   Tensor c_n = state_or_zeros(c0, B, H, input);
   // Inference keeps no gates (a workspace): the backend may then project the input a few steps at a time.
   const int64_t gate_rows = training ? N : dev.inference_gate_rows(N, B, 4 * H);
-  Tensor gates = training ? at::empty({N, 4 * H}, input.options())
-                          : workspace(gate_rows, 4 * H, input.options());
-  Tensor cells = training ? at::empty({N, H}, input.options()) : at::empty({0}, input.options());
+  // gates and cells only reach the caller's autograd graph (saved for backward).
+  Tensor gates = workspace(gate_rows, 4 * H, input.options());
+  Tensor cells = training ? workspace(N, H, input.options()) : at::empty({0}, input.options());
   Tensor hidden = wr.has_value() ? at::empty({B, H}, input.options()) : Tensor();
 
   dispatch_floating<Backend>(input, [&](auto tag) {

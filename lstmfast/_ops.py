@@ -95,6 +95,17 @@ def has_cuda_kernels():
     return torch._C._dispatch_has_kernel_for_dispatch_key("lstmfast::lstm_forward", "CUDA")
 
 
+def empty_cpu_cache():
+    """Frees the CPU buffers lstmfast keeps for reuse on the calling thread (scratch space and saved
+    activations of earlier calls, once nothing else uses them), like torch.cuda.empty_cache()."""
+    ops.empty_cpu_cache()
+
+
+def cpu_cache_bytes():
+    """Bytes of CPU buffers lstmfast keeps for reuse on the calling thread (at most 8 blocks)."""
+    return ops.cpu_cache_bytes()
+
+
 def cpu_isa():
     """The instruction set of the CPU kernels' pointwise passes: "avx512", "avx2" or "baseline" (the
     widest this CPU supports, or the one named by the environment variable LSTMFAST_CPU_ISA)."""

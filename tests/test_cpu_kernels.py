@@ -161,3 +161,21 @@ def test_reused_workspaces_leave_earlier_results_alone():
         run(hidden, batch)
     assert all(torch.equal(a, b) for a, b in zip(first, kept))
     assert all(torch.equal(a, b) for a, b in zip(run(64, 24), kept))
+
+
+def test_buffer_cache_is_reported_and_emptied():
+    """Large CPU buffers (here the saved gates and the gates gradients) are kept for reuse, counted by
+    cpu_cache_bytes() and freed by empty_cpu_cache(); the result does not change with the cache."""
+    lstmfast.empty_cpu_cache()
+    assert lstmfast.cpu_cache_bytes() == 0
+    sample = layer_sample(steps=64, batch=16, input_size=32, hidden=128, dtype=torch.float32)
+    first = outputs_and_grads(sample, functional)
+    held = lstmfast.cpu_cache_bytes()
+    assert held >= 64 * 16 * 4 * 128 * 4  # at least the (T B, 4H) gates
+    second = outputs_and_grads(sample, functional)
+    assert lstmfast.cpu_cache_bytes() == held  # reused, not grown
+    lstmfast.empty_cpu_cache()
+    assert lstmfast.cpu_cache_bytes() == 0
+    third = outputs_and_grads(sample, functional)
+    for a, b, c in zip(first[0] + first[1], second[0] + second[1], third[0] + third[1]):
+        assert torch.equal(a, b) and torch.equal(a, c)

@@ -524,6 +524,8 @@ TORCH_LIBRARY_IMPL(lstmfast, CPU, m) {
 
 TORCH_LIBRARY_IMPL(lstmfast, CompositeExplicitAutograd, m) {
   m.impl("cpu_isa", &cpu::isa_name);
+  m.impl("cpu_cache_bytes", [] { return WorkspaceCache::of_this_thread().bytes(); });
+  m.impl("empty_cpu_cache", [] { WorkspaceCache::of_this_thread().blocks.clear(); });
 }
 
 }  // namespace lstmfast
