@@ -80,6 +80,9 @@ struct Layout {
   int64_t batch = 0, rows = 0, input_size = 0;
   bool reverse = false;
 
+  // Every step has the whole batch (padded input): step t's rows are then one block of B rows.
+  bool uniform() const { return batch_sizes.empty() || batch_sizes.front() == batch_sizes.back(); }
+
   // A view for the kernels; valid while this Layout lives and is not modified.
   kernels::Sequence sequence() const {
     return {batch_sizes.data(), offsets.data(), static_cast<int64_t>(batch_sizes.size()), batch, rows,
@@ -271,6 +274,25 @@ inline Tensor workspace(int64_t rows, int64_t width, const at::TensorOptions& op
 }
 
 
+// dW_hh = sum_t G_t^T h_{t-1} from the gradients G (N, X) of the pre-activations. With packed input the
+// backward loop collects the h_{t-1} rows (hidden_prev); with every step the same batch they are the
+// previous step's output rows and h0, read in place: two products (the second accumulated into the
+// first), and no (N, P) copy.
+template <typename Backend>
+Tensor grad_recurrent_weight(Backend& dev, const Layout& l, const Tensor& grad, const Tensor& out,
+                             const Tensor& h_init, const Tensor& hidden_prev) {
+  if (hidden_prev.defined()) return dev.mm(grad.t(), hidden_prev);
+  const int64_t B = l.batch, N = l.rows;
+  if (N == 0) return at::zeros({grad.size(1), out.size(1)}, grad.options());
+  // The first step processed (the last one in reverse) starts from h0; every other step t from the
+  // output of the step before it, B rows earlier (later in reverse).
+  Tensor w = dev.mm(grad.narrow(0, l.reverse ? N - B : 0, B).t(), h_init);
+  if (N > B) {
+    dev.addmm_(w, grad.narrow(0, l.reverse ? 0 : B, N - B).t(), out.narrow(0, l.reverse ? B : 0, N - B));
+  }
+  return w;
+}
+
 // ---------------------------------------------------------------- LSTM
 
 template <typename Backend>
@@ -366,7 +388,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Tensor grad_h0 = state_or_zeros(grad_h_n, B, P, input);
   Tensor grad_c0 = state_or_zeros(grad_c_n, B, H, input);
   Tensor grad_gates = workspace(N, 4 * H, input.options());
-  Tensor hidden_prev = need_weights ? workspace(N, P, input.options()) : Tensor();
+  Tensor hidden_prev = need_weights && !l.uniform() ? workspace(N, P, input.options()) : Tensor();
   Tensor grad_hidden_total = wr.has_value() ? workspace(N, P, input.options()) : Tensor();
   Tensor grad_hidden = wr.has_value() ? at::empty({B, H}, input.options()) : Tensor();
   const auto norm_options = input.options().dtype(norm_dtype(input));
@@ -391,7 +413,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
         grad_h0.data_ptr<scalar_t>(),
         grad_c0.data_ptr<scalar_t>(),
         grad_gates.data_ptr<scalar_t>(),
-        need_weights ? hidden_prev.data_ptr<scalar_t>() : nullptr,
+        hidden_prev.defined() ? hidden_prev.data_ptr<scalar_t>() : nullptr,
         wr.has_value() ? grad_hidden_total.data_ptr<scalar_t>() : nullptr,
         wr.has_value() ? grad_hidden.data_ptr<scalar_t>() : nullptr,
         return_norms ? grad_h_norm.data_ptr<norm_t>() : nullptr,
@@ -409,7 +431,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Tensor grad_w_ih = empty(), grad_w_hh = empty(), grad_w_hr = empty();
   if (need_weights) {
     grad_w_ih = dev.mm(grad_gates.t(), rows_of(input, l.input_size));
-    grad_w_hh = dev.mm(grad_gates.t(), hidden_prev);
+    grad_w_hh = grad_recurrent_weight(dev, l, grad_gates, out, h_init, hidden_prev);
     if (wr.has_value()) {
       // m_t = o * tanh(c_t), from the saved activations.
       const Tensor hidden_all = gates_c.narrow(1, 3 * H, H) * cells_c.tanh();
@@ -491,7 +513,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   const Tensor h_init = state_or_zeros(h0, B, H, input);
   Tensor grad_h0 = state_or_zeros(grad_h_n, B, H, input);
   Tensor grad_pre = workspace(N, H, input.options());
-  Tensor hidden_prev = need_weights ? workspace(N, H, input.options()) : Tensor();
+  Tensor hidden_prev = need_weights && !l.uniform() ? workspace(N, H, input.options()) : Tensor();
   Tensor grad_h_norm = at::empty({return_norms ? N : 0}, input.options().dtype(norm_dtype(input)));
   dispatch_floating<Backend>(input, [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -505,7 +527,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
         grad_out.data_ptr<scalar_t>(),
         grad_h0.data_ptr<scalar_t>(),
         grad_pre.data_ptr<scalar_t>(),
-        need_weights ? hidden_prev.data_ptr<scalar_t>() : nullptr,
+        hidden_prev.defined() ? hidden_prev.data_ptr<scalar_t>() : nullptr,
         return_norms ? grad_h_norm.data_ptr<norm_t>() : nullptr,
         nl,
         grad_clip.value_or(0.0)};
@@ -517,7 +539,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   Tensor grad_w_ih = empty(), grad_w_hh = empty();
   if (need_weights) {
     grad_w_ih = dev.mm(grad_pre.t(), rows_of(input, l.input_size));
-    grad_w_hh = dev.mm(grad_pre.t(), hidden_prev);
+    grad_w_hh = grad_recurrent_weight(dev, l, grad_pre, out, h_init, hidden_prev);
   }
   Tensor grad_bias = need_bias ? grad_pre.sum(0) : empty();
   return {grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias, grad_h_norm};

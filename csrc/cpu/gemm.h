@@ -70,7 +70,8 @@ void gemm(int64_t n, int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, b
           int64_t row_begin, int64_t row_end, int64_t panel_begin, int64_t panel_end);
 
 // C rows [0, m) x panels [panel_begin, panel_end) of C = A B (+ C when accumulate) for products with many
-// rows and a row-major B read in place, e.g. the weight gradients G^T X: per depth block, 16 panels of B
+// rows, B read in place (b[kk * ldb + j], or b[j * ldb + kk] when b_transposed), e.g. the weight
+// gradients G^T X or the input projection X W_ih^T: per depth block, 16 panels of B
 // at a time are packed (then reused by every row) and 64 rows of A are gathered into contiguous 8-row
 // tiles (then reused by 16 panels), so the micro-kernels stream contiguous memory instead of one cache
 // line per page. Same sums in the same order as gemm. `scratch` holds
@@ -80,7 +81,7 @@ constexpr int64_t gemm_tall_scratch() {
   return (kDepthBlockBytes / sizeof(T)) * (kTallRows + kTallPanels * kPanel<T>);
 }
 template <typename T>
-void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_t ldb, T* c, int64_t ldc,
-               bool accumulate, int64_t panel_begin, int64_t panel_end, T* scratch);
+void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_t ldb, bool b_transposed,
+               T* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end, T* scratch);
 
 }  // namespace lstmfast::cpu::avx512

@@ -170,8 +170,8 @@ void gemm(int64_t n, int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, b
 }
 
 template <typename T>
-void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_t ldb, T* c, int64_t ldc,
-               bool accumulate, int64_t panel_begin, int64_t panel_end, T* scratch) {
+void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_t ldb, bool b_transposed,
+               T* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end, T* scratch) {
   constexpr int64_t w = kPanel<T>, depth_block = kDepthBlockBytes / sizeof(T);
   T* a_block = scratch;                            // kTallRows rows of A: 8-row tiles of (depth, 8)
   T* b_block = scratch + depth_block * kTallRows;  // kTallPanels panels of (depth, w)
@@ -179,7 +179,8 @@ void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_
     const int64_t depth = std::min(depth_block, k - k0);
     for (int64_t p0 = panel_begin; p0 < panel_end; p0 += kTallPanels) {
       const int64_t p1 = std::min(panel_end, p0 + kTallPanels), cols = std::min(n, p1 * w) - p0 * w;
-      pack_b<T>(b + k0 * ldb + p0 * w, depth, cols, ldb, false, b_block, 0, p1 - p0);
+      const T* block = b_transposed ? b + p0 * w * ldb + k0 : b + k0 * ldb + p0 * w;
+      pack_b<T>(block, depth, cols, ldb, b_transposed, b_block, 0, p1 - p0);
       for (int64_t r0 = 0; r0 < m; r0 += kTallRows) {
         const int64_t rows = std::min(kTallRows, m - r0);
         const T* src = a.data + r0 * a.row_stride + k0 * a.depth_stride;
@@ -214,8 +215,8 @@ void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_
   template void pack_b<T>(const T*, int64_t, int64_t, int64_t, bool, T*, int64_t, int64_t);          \
   template void gemm<T>(int64_t, int64_t, MatrixA<T>, MatrixB<T>, T*, int64_t, bool, int64_t, int64_t, \
                         int64_t, int64_t);                                                             \
-  template void gemm_tall<T>(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, T*, int64_t, bool,  \
-                             int64_t, int64_t, T*);
+  template void gemm_tall<T>(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, bool, T*, int64_t, \
+                             bool, int64_t, int64_t, T*);
 LSTMFAST_INSTANTIATE(float)
 LSTMFAST_INSTANTIATE(double)
 #undef LSTMFAST_INSTANTIATE
@@ -239,11 +240,12 @@ template void gemm<float>(int64_t, int64_t, MatrixA<float>, MatrixB<float>, floa
 template void gemm<double>(int64_t, int64_t, MatrixA<double>, MatrixB<double>, double*, int64_t, bool,
                            int64_t, int64_t, int64_t, int64_t);
 template <typename T>
-void gemm_tall(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, T*, int64_t, bool, int64_t, int64_t, T*) {}
-template void gemm_tall<float>(int64_t, int64_t, int64_t, MatrixA<float>, const float*, int64_t, float*, int64_t,
-                               bool, int64_t, int64_t, float*);
-template void gemm_tall<double>(int64_t, int64_t, int64_t, MatrixA<double>, const double*, int64_t, double*,
-                                int64_t, bool, int64_t, int64_t, double*);
+void gemm_tall(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, bool, T*, int64_t, bool, int64_t, int64_t,
+               T*) {}
+template void gemm_tall<float>(int64_t, int64_t, int64_t, MatrixA<float>, const float*, int64_t, bool, float*,
+                               int64_t, bool, int64_t, int64_t, float*);
+template void gemm_tall<double>(int64_t, int64_t, int64_t, MatrixA<double>, const double*, int64_t, bool,
+                                double*, int64_t, bool, int64_t, int64_t, double*);
 }  // namespace lstmfast::cpu::avx512
 
 #endif

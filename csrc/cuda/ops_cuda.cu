@@ -111,6 +111,7 @@ struct CudaBackend {
 
   // Whole-sequence products (input and weight gradients): torch's own matmul.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
+  static void addmm_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) { c.addmm_(a, b); }
 
   // cuBLAS on torch's handle for this device and stream. Reduced precision and float32 accumulate
   // in float32 (no TF32), float64 in float64.
