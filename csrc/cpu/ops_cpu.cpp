@@ -291,7 +291,7 @@ struct CpuBackend {
   }
 
   // C(m, n) = A(m, k) B(k, n) for a whole-sequence product with B row-major in place, through
-  // avx512::gemm_tall: threads split A's rows (or, for few rows, B's panels), each with its own scratch.
+  // avx512::gemm_tall: threads split A's rows or B's panels, each with its own scratch.
   template <typename T>
   void tall_gemm(int64_t m, int64_t n, int64_t k, cpu::avx512::MatrixA<T> a, const T* b, int64_t ldb,
                  bool b_transposed, T* c, int64_t ldc, bool accumulate) {
@@ -302,13 +302,18 @@ struct CpuBackend {
       x::gemm_tall<T>(r1 - r0, n, k, {a.data + r0 * a.row_stride, a.row_stride, a.depth_stride}, b, ldb,
                       b_transposed, c + r0 * ldc, ldc, accumulate, p0, p1, scratch.data());
     };
-    const int64_t blocks = (m + x::kTallRows - 1) / x::kTallRows;
-    if (blocks >= 8) {  // rows split evenly enough
+    // Split whichever of A's 64-row blocks and B's tile-wide panel groups shares out more evenly (the
+    // busiest thread's share of the whole; rows on a tie).
+    const int64_t blocks = (m + x::kTallRows - 1) / x::kTallRows, groups = (panels + group - 1) / group;
+    const int64_t threads = team_ ? omp_get_num_threads() : at::get_num_threads();
+    const auto busiest = [&](int64_t units) {
+      return static_cast<double>((units + threads - 1) / threads) / static_cast<double>(units);
+    };
+    if (busiest(blocks) <= busiest(groups)) {
       share(blocks, 1, [&](int64_t begin, int64_t end) {
         run_part(begin * x::kTallRows, std::min(m, end * x::kTallRows), 0, panels);
       });
     } else {
-      const int64_t groups = (panels + group - 1) / group;
       share(groups, 1, [&](int64_t begin, int64_t end) { run_part(0, m, begin * group, std::min(panels, end * group)); });
     }
   }
