@@ -17,8 +17,6 @@
 
 #include "kernels/layer.h"
 
-
-
 namespace lstmfast {
 
 using at::Tensor;
@@ -231,27 +229,29 @@ struct WorkspaceCache {
 
   static bool free(const Tensor& block) { return block.storage().use_count() == 1; }
 
+  // The smallest free cached block of at least `bytes`, or nullptr.
+  Tensor* smallest_free(int64_t bytes) {
+    Tensor* smallest = nullptr;
+    for (Tensor& b : blocks) {
+      if (free(b) && static_cast<int64_t>(b.nbytes()) >= bytes &&
+          (smallest == nullptr || b.nbytes() < smallest->nbytes())) {
+        smallest = &b;
+      }
+    }
+    return smallest;
+  }
+
   // A byte block of at least `bytes`: the smallest free cached one that fits, else a new one of exactly
   // `bytes`, cached in place of the smallest free block when the cache is full.
   Tensor take(int64_t bytes) {
     if (bytes < kSmallest || bytes > kLargest) return at::empty({bytes}, at::kByte);
-    Tensor* chosen = nullptr;
-    for (Tensor& b : blocks) {
-      if (free(b) && static_cast<int64_t>(b.nbytes()) >= bytes && (chosen == nullptr || b.nbytes() < chosen->nbytes())) {
-        chosen = &b;
-      }
-    }
-    if (chosen != nullptr) return *chosen;
+    if (Tensor* fits = smallest_free(bytes)) return *fits;
     Tensor block = at::empty({bytes}, at::kByte);
     if (blocks.size() < kBlocks) {
       blocks.push_back(block);
-      return block;
+    } else if (Tensor* replaced = smallest_free(0)) {
+      *replaced = block;
     }
-    Tensor* smallest = nullptr;
-    for (Tensor& b : blocks) {
-      if (free(b) && (smallest == nullptr || b.nbytes() < smallest->nbytes())) smallest = &b;
-    }
-    if (smallest != nullptr) *smallest = block;
     return block;
   }
 
@@ -272,7 +272,6 @@ inline Tensor workspace(int64_t rows, int64_t width, const at::TensorOptions& op
       .narrow(0, 0, count)
       .view({rows, width});
 }
-
 
 // dW_hh = sum_t G_t^T h_{t-1} from the gradients G (N, X) of the pre-activations. With packed input the
 // backward loop collects the h_{t-1} rows (hidden_prev); with every step the same batch they are the

@@ -6,6 +6,14 @@
 #include <cstring>
 #include <utility>
 
+// The float and double instances the rest of lstmfast links against.
+#define LSTMFAST_INSTANTIATE(T)                                                                        \
+  template void pack_b<T>(const T*, int64_t, int64_t, int64_t, bool, T*, int64_t, int64_t);          \
+  template void gemm<T>(int64_t, int64_t, MatrixA<T>, MatrixB<T>, T*, int64_t, bool, int64_t, int64_t, \
+                        int64_t, int64_t);                                                             \
+  template void gemm_tall<T>(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, bool, T*, int64_t, \
+                             bool, int64_t, int64_t, T*);
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
 #include <immintrin.h>
@@ -184,21 +192,22 @@ void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_
       for (int64_t r0 = 0; r0 < m; r0 += kTallRows) {
         const int64_t rows = std::min(kTallRows, m - r0);
         const T* src = a.data + r0 * a.row_stride + k0 * a.depth_stride;
+        // Where A(r0 + r, k0 + kk) goes: row r's tile, then the step, then the row within the tile.
+        const auto slot = [&](int64_t r, int64_t kk) {
+          return a_block + (r / kMaxRows) * kMaxRows * depth + kk * kMaxRows + r % kMaxRows;
+        };
         if (a.row_stride == 1) {
           // A = G^T: a step's rows are contiguous in G; copy them a step at a time, tile by tile.
           for (int64_t kk = 0; kk < depth; ++kk) {
             const T* from = src + kk * a.depth_stride;
-            int64_t t = 0;
-            for (; t + kMaxRows <= rows; t += kMaxRows) {
-              std::memcpy(a_block + t * depth + kk * kMaxRows, from + t, kMaxRows * sizeof(T));
-            }
-            for (; t < rows; ++t) a_block[(t / kMaxRows) * kMaxRows * depth + kk * kMaxRows + t % kMaxRows] = from[t];
+            int64_t r = 0;
+            for (; r + kMaxRows <= rows; r += kMaxRows) std::memcpy(slot(r, kk), from + r, kMaxRows * sizeof(T));
+            for (; r < rows; ++r) *slot(r, kk) = from[r];
           }
         } else {
           for (int64_t r = 0; r < rows; ++r) {
             const T* from = src + r * a.row_stride;
-            T* to = a_block + (r / kMaxRows) * kMaxRows * depth + r % kMaxRows;
-            for (int64_t kk = 0; kk < depth; ++kk) to[kk * kMaxRows] = from[kk * a.depth_stride];
+            for (int64_t kk = 0; kk < depth; ++kk) *slot(r, kk) = from[kk * a.depth_stride];
           }
         }
         for (int64_t t = 0; t < rows; t += kMaxRows) {
@@ -211,15 +220,8 @@ void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_
   }
 }
 
-#define LSTMFAST_INSTANTIATE(T)                                                                        \
-  template void pack_b<T>(const T*, int64_t, int64_t, int64_t, bool, T*, int64_t, int64_t);          \
-  template void gemm<T>(int64_t, int64_t, MatrixA<T>, MatrixB<T>, T*, int64_t, bool, int64_t, int64_t, \
-                        int64_t, int64_t);                                                             \
-  template void gemm_tall<T>(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, bool, T*, int64_t, \
-                             bool, int64_t, int64_t, T*);
 LSTMFAST_INSTANTIATE(float)
 LSTMFAST_INSTANTIATE(double)
-#undef LSTMFAST_INSTANTIATE
 
 }  // namespace lstmfast::cpu::avx512
 
@@ -233,19 +235,13 @@ template <typename T>
 void pack_b(const T*, int64_t, int64_t, int64_t, bool, T*, int64_t, int64_t) {}
 template <typename T>
 void gemm(int64_t, int64_t, MatrixA<T>, MatrixB<T>, T*, int64_t, bool, int64_t, int64_t, int64_t, int64_t) {}
-template void pack_b<float>(const float*, int64_t, int64_t, int64_t, bool, float*, int64_t, int64_t);
-template void pack_b<double>(const double*, int64_t, int64_t, int64_t, bool, double*, int64_t, int64_t);
-template void gemm<float>(int64_t, int64_t, MatrixA<float>, MatrixB<float>, float*, int64_t, bool, int64_t,
-                          int64_t, int64_t, int64_t);
-template void gemm<double>(int64_t, int64_t, MatrixA<double>, MatrixB<double>, double*, int64_t, bool,
-                           int64_t, int64_t, int64_t, int64_t);
 template <typename T>
 void gemm_tall(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, bool, T*, int64_t, bool, int64_t, int64_t,
                T*) {}
-template void gemm_tall<float>(int64_t, int64_t, int64_t, MatrixA<float>, const float*, int64_t, bool, float*,
-                               int64_t, bool, int64_t, int64_t, float*);
-template void gemm_tall<double>(int64_t, int64_t, int64_t, MatrixA<double>, const double*, int64_t, bool,
-                                double*, int64_t, bool, int64_t, int64_t, double*);
+LSTMFAST_INSTANTIATE(float)
+LSTMFAST_INSTANTIATE(double)
 }  // namespace lstmfast::cpu::avx512
 
 #endif
+
+#undef LSTMFAST_INSTANTIATE

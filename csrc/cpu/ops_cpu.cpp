@@ -75,7 +75,8 @@ const PointwiseKernels<double>& pointwise_kernels<double>() {
 
 std::string isa_name() { return pointwise_kernels<float>().isa; }
 
-// lstmfast's own AVX-512 GEMM (gemm.h) runs the float32 products when the AVX-512 kernels are chosen.
+// lstmfast's own AVX-512 GEMM (gemm.h) runs the float32 and float64 products when the AVX-512 kernels
+// are chosen.
 bool packed_gemm_enabled() { return chosen_isa() == 0; }
 
 }  // namespace cpu
@@ -223,18 +224,21 @@ struct CpuBackend {
   }
 
   // Products of more rows than this are whole-sequence products (tall_gemm), not steps.
-  static constexpr int64_t kTallRows = 128;
+  static constexpr int64_t kStepRows = 128;
   // A team pays off from about this many multiply-adds per step.
   static constexpr int64_t kTeamWork = int64_t(1) << 15;
   // Weights up to this size (a quarter of a core's L2 here) let a team split the batch instead.
   static constexpr int64_t kRowTeamWeightBytes = int64_t(256) << 10;
 
-  // This thread's rows [begin, end) of a step with `rows` rows, in a row team.
-  std::pair<int64_t, int64_t> own_rows(int64_t rows) const {
-    const int64_t threads = omp_get_num_threads(), chunk = (team_batch_ + threads - 1) / threads;
-    const int64_t begin = std::min(rows, omp_get_thread_num() * chunk);
-    return {begin, std::min(rows, begin + chunk)};
+  // In a team, this thread's static share [begin, end) of [0, total), cut off at n.
+  static std::pair<int64_t, int64_t> thread_share(int64_t total, int64_t n) {
+    const int64_t threads = omp_get_num_threads(), chunk = (total + threads - 1) / threads;
+    const int64_t begin = std::min(n, omp_get_thread_num() * chunk);
+    return {begin, std::min(n, begin + chunk)};
   }
+
+  // This thread's rows of a step with `rows` rows, in a row team (its part of the whole batch).
+  std::pair<int64_t, int64_t> own_rows(int64_t rows) const { return thread_share(team_batch_, rows); }
 
   // body(begin, end) over [0, n): this thread's share in a team (then a barrier), else split into
   // chunks of at least `grain` with at::parallel_for.
@@ -245,8 +249,7 @@ struct CpuBackend {
       else at::parallel_for(0, n, grain, body);
       return;
     }
-    const int64_t threads = omp_get_num_threads(), chunk = (n + threads - 1) / threads;
-    const int64_t begin = std::min(n, omp_get_thread_num() * chunk), end = std::min(n, begin + chunk);
+    const auto [begin, end] = thread_share(n, n);
     if (begin < end) body(begin, end);
     barrier_.wait();
   }
@@ -261,32 +264,19 @@ struct CpuBackend {
 
   // ---- GEMMs.
 
-  // Row-major C(m, n) = A(m, k) B(k, n) (+ C when accumulate) through lstmfast's AVX-512 GEMM (gemm.h).
-  // Products of a few rows (one time step) split B's panels between threads; taller ones split into
-  // blocks of rows x panels. Each element is computed by one micro-kernel call in a fixed order.
+  // Row-major C(m, n) = A(m, k) B(k, n) (+ C when accumulate) through lstmfast's AVX-512 GEMM (gemm.h),
+  // for a product of at most kStepRows rows (one time step; taller ones go through tall_gemm). Threads
+  // split B's panels, whole tiles' worth at a time; each element is computed by one micro-kernel call in
+  // a fixed order.
   template <typename T>
   void packed_gemm(int64_t m, int64_t n, int64_t k, cpu::avx512::MatrixA<T> a, cpu::avx512::MatrixB<T> b,
                    bool accumulate, T* c, int64_t ldc) {
-    // Blocks of 24 panels split evenly into tiles of 3, 4, 6 or 8 panels (tiles of 8, 6, 4 or 3 rows).
-    constexpr int64_t kRowBlock = 128, kPanelBlock = 24;
     const int64_t panels = cpu::avx512::panels_of<T>(n);
-    if (m <= kRowBlock) {
-      // Threads get whole tiles' worth of panels; a second thread pays off from about 64k multiply-adds.
-      const int64_t group = cpu::avx512::panels_per_tile(m), groups = (panels + group - 1) / group;
-      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (m * group * cpu::avx512::kPanel<T> * k));
-      share(groups, grain, [&](int64_t begin, int64_t end) {
-        cpu::avx512::gemm<T>(n, k, a, b, c, ldc, accumulate, 0, m, begin * group, std::min(panels, end * group));
-      });
-      return;
-    }
-    const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
-    const int64_t panel_blocks = (panels + kPanelBlock - 1) / kPanelBlock;
-    share(row_blocks * panel_blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t r0 = (i / panel_blocks) * kRowBlock, p0 = (i % panel_blocks) * kPanelBlock;
-        cpu::avx512::gemm<T>(n, k, a, b, c, ldc, accumulate, r0, std::min(m, r0 + kRowBlock), p0,
-                             std::min(panels, p0 + kPanelBlock));
-      }
+    // A second thread pays off from about 64k multiply-adds.
+    const int64_t group = cpu::avx512::panels_per_tile(m), groups = (panels + group - 1) / group;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (m * group * cpu::avx512::kPanel<T> * k));
+    share(groups, grain, [&](int64_t begin, int64_t end) {
+      cpu::avx512::gemm<T>(n, k, a, b, c, ldc, accumulate, 0, m, begin * group, std::min(panels, end * group));
     });
   }
 
@@ -417,7 +407,7 @@ struct CpuBackend {
     // In a row team the other threads may still be on earlier steps, reading what this writes.
     if (row_team_) barrier_.wait();
     const bool plain = !trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0;
-    if (plain && cpu::packed_gemm_enabled() && m > kTallRows) {
+    if (plain && cpu::packed_gemm_enabled() && m > kStepRows) {
       // A product of many rows (the input projection) packs B block by block as it goes.
       tall_gemm<T>(m, n, k, {a, lda, 1}, b, ldb, trans_b, c, ldc, beta == 1.0);
       return;
@@ -454,15 +444,9 @@ struct CpuBackend {
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
     if (a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
     if (cpu::packed_gemm_enabled()) {
-      return AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "lstmfast_mm", [&] {
-        const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
-        const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-        at::Tensor c = at::empty({M, N}, a.options());
-        CpuBackend dev(a);
-        dev.tall_gemm<scalar_t>(M, N, K, {a.data_ptr<scalar_t>(), a.stride(0), a.stride(1)}, bc.data_ptr<scalar_t>(),
-                                bc.stride(0), false, c.data_ptr<scalar_t>(), N, false);
-        return c;
-      });
+      at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+      tall_product(c, a, b, false);
+      return c;
     }
     if (a.scalar_type() != at::kFloat) return at::mm(a, b);
     if (!a.is_contiguous() && a.t().is_contiguous() && b.is_contiguous()) {
@@ -478,11 +462,18 @@ struct CpuBackend {
       c.addmm_(a, b);
       return;
     }
-    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "lstmfast_addmm", [&] {
+    tall_product(c, a, b, true);
+  }
+
+  // c (contiguous) = a @ b, or c += a @ b when accumulate, through tall_gemm: a read through its
+  // strides, b's rows in place.
+  static void tall_product(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "lstmfast_tall_product", [&] {
       const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
       CpuBackend dev(a);
       dev.tall_gemm<scalar_t>(a.size(0), b.size(1), a.size(1), {a.data_ptr<scalar_t>(), a.stride(0), a.stride(1)},
-                              bc.data_ptr<scalar_t>(), bc.stride(0), false, c.data_ptr<scalar_t>(), c.size(1), true);
+                              bc.data_ptr<scalar_t>(), bc.stride(0), false, c.data_ptr<scalar_t>(), c.size(1),
+                              accumulate);
     });
   }
 

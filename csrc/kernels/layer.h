@@ -16,7 +16,8 @@
 //                                        thread's share
 // so a loop must make the same calls in the same order whatever thread runs it, and every per-step
 // primitive (step_gemm, copy_rows, the pointwise steps) must touch only the step's own rows: a team
-// may give each thread a fixed part of the batch for the whole sequence. The backward ops also use the Backend's
+// may give each thread a fixed part of the batch for the whole sequence.
+// The backward ops also use the Backend's
 //   mm(a, b)                              a (M, K) @ b (K, N) as a new tensor, for whole-sequence products
 //   addmm_(c, a, b)                       c += a @ b
 // (layer_ops.h).
