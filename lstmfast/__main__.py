@@ -22,12 +22,8 @@ def main(argv=None):
         from . import bench
         bench.main(rest)
     elif args.command == "info":
-        import torch
-
-        import lstmfast
-        print(f"lstmfast {lstmfast.__version__} on torch {torch.__version__}; CUDA kernels: "
-              f"{'yes' if lstmfast.has_cuda_kernels() else 'no'}; CUDA device available: "
-              f"{torch.cuda.is_available()}")
+        from . import build_summary
+        print(build_summary(detail=True))
     else:
         parser.print_help()
         return 2

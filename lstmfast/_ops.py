@@ -110,3 +110,30 @@ def cpu_isa():
     """The instruction set of the CPU kernels' pointwise passes: "avx512", "avx2" or "baseline" (the
     widest this CPU supports, or the one named by the environment variable LSTMFAST_CPU_ISA)."""
     return ops.cpu_isa()
+
+
+def build_summary(detail=False):
+    """What this copy of lstmfast._C was built with, and why: one line (or several with detail=True).
+    Read from lstmfast/_build_info.py, which setup.py writes at build time."""
+    import lstmfast
+
+    try:
+        from ._build_info import BUILD
+    except ImportError:  # built by other means than setup.py
+        BUILD = {}
+    cuda = has_cuda_kernels()
+    kind = f"CUDA kernels for {BUILD.get('archs', 'unknown architectures')}" if cuda else "CPU only"
+    line = (f"lstmfast {lstmfast.__version__} on torch {torch.__version__}: {kind}; CPU kernels "
+            f"{cpu_isa()}; CUDA device available: {torch.cuda.is_available()}")
+    if not detail:
+        return line
+    lines = [line]
+    if BUILD:
+        lines.append(f"  built against torch {BUILD['torch']} (CUDA {BUILD['torch_cuda']}): {BUILD['reason']}")
+        if BUILD.get("archs"):
+            lines.append(f"  CUDA architectures: {BUILD['archs']} ({BUILD['archs_reason']})")
+        if BUILD.get("remedy"):
+            lines.append(f"  {BUILD['remedy']}")
+    else:
+        lines.append("  no build record (lstmfast/_build_info.py is written by setup.py)")
+    return "\n".join(lines)
