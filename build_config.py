@@ -101,15 +101,19 @@ PROBE_SOURCE = "".join(f"#include <{h}>\n" for h in REQUIRED_HEADERS) + (
 )
 
 
-def probe_compile(nvcc: str, include_dirs: Sequence[str], run: Runner = subprocess.run) -> Optional[str]:
-    """Compiles a tiny CUDA file with nvcc and the host compiler the build will use. None when it
-    works, else nvcc's first error line (an unsupported host compiler, a header missing, ...)."""
+def probe_compile(nvcc: str, include_dirs: Sequence[str], system_dirs: Sequence[str] = (),
+                  run: Runner = subprocess.run) -> Optional[str]:
+    """Compiles a tiny CUDA file with nvcc and the host compiler the build will use, the headers
+    searched as the build searches them (include_dirs, then system_dirs). None when it works, else
+    nvcc's first error line (an unsupported host compiler, a header missing, ...)."""
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "probe.cu")
         with open(source, "w") as f:
             f.write(PROBE_SOURCE)
         args = [nvcc, "-std=c++17", "-c", source, "-o", os.path.join(tmp, "probe.o")]
         args += [f"-I{d}" for d in include_dirs]
+        for folder in system_dirs:
+            args += ["-isystem", folder]
         try:
             done = run(args, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as error:
@@ -129,7 +133,7 @@ def cuda_archs(environ: Dict[str, str], visible: Sequence[Tuple[int, int]]) -> T
     if visible:
         return ";".join(f"{major}.{minor}" for major, minor in sorted(set(visible))), \
             "the GPUs visible at build time"
-    return DEFAULT_ARCHS, "the default list (no GPU visible at build time)"
+    return DEFAULT_ARCHS, "the default list: no GPU visible at build time"
 
 
 @dataclass
@@ -140,7 +144,7 @@ class CudaPlan:
     reason: str
     remedy: str = HOW_TO_GET_CUDA
     root: Optional[str] = None
-    include_dirs: List[str] = field(default_factory=list)
+    include_dirs: List[str] = field(default_factory=list)  # the wheels', searched after the toolkit's
     library_dirs: List[str] = field(default_factory=list)
 
 
@@ -167,14 +171,13 @@ def plan(forced: Optional[bool], torch_cuda: Optional[str], environ: Dict[str, s
         return CudaPlan(False, f"{nvcc} is CUDA {found} but torch was built with CUDA {torch_cuda}", root=root)
     wheel_includes, wheel_libs = wheel_dirs(site_packages)
     # Only the wheels' folders that hold a header we need (cudnn, nccl, ... stay out of the way).
-    wheel_includes = [d for d in wheel_includes if not missing_headers([d]) or
-                      len(missing_headers([d])) < len(REQUIRED_HEADERS)]
-    includes = [os.path.join(root, "include")] + wheel_includes
-    missing = missing_headers(includes)
+    wheel_includes = [d for d in wheel_includes if len(missing_headers([d])) < len(REQUIRED_HEADERS)]
+    toolkit_includes = [os.path.join(root, "include")]
+    missing = missing_headers(toolkit_includes + wheel_includes)
     if missing:
         return CudaPlan(False, f"{', '.join(missing)} found neither in {root}/include nor in torch's "
                                f"nvidia-* wheels", root=root)
-    problem = probe_compile(nvcc, includes, run)
+    problem = probe_compile(nvcc, toolkit_includes, wheel_includes, run)
     if problem:
         return CudaPlan(False, f"a test compile with {nvcc} failed: {problem}", root=root)
     return CudaPlan(True, f"CUDA {version[0]}.{version[1]} toolkit at {root} ({source})", root=root,

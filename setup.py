@@ -66,11 +66,23 @@ def visible_gpus():
         return []
 
 
-def write_build_info(info):
-    """lstmfast/_build_info.py: what was built and why, for `python -m lstmfast info`."""
-    with open(os.path.join(ROOT, "lstmfast", "_build_info.py"), "w") as f:
-        f.write('"""Written by setup.py: how this copy of lstmfast._C was built."""\n\n')
-        f.write(f"BUILD = {info!r}\n")
+BUILD_INFO = {}
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's extension builder (ninja), which also writes lstmfast/_build_info.py: what was built and
+    why, for `python -m lstmfast info` (only when something is built, not on `setup.py --version`)."""
+
+    def run(self):
+        # In the source tree (in-place and editable builds) and, for a wheel, beside the built package
+        # (build_py has copied the package by now).
+        folders = [ROOT] if self.inplace else [ROOT, self.build_lib]
+        for folder in folders:
+            os.makedirs(os.path.join(folder, "lstmfast"), exist_ok=True)
+            with open(os.path.join(folder, "lstmfast", "_build_info.py"), "w") as f:
+                f.write('"""Written by setup.py: how this copy of lstmfast._C was built."""\n\n')
+                f.write(f"BUILD = {BUILD_INFO!r}\n")
+        super().run()
 
 
 def extension():
@@ -91,9 +103,10 @@ def extension():
         sanitize = "-fsanitize=" + os.environ["LSTMFAST_SANITIZE"]
         extra["cxx"] = ["-O1", "-std=c++20", "-fopenmp", sanitize, "-fno-omit-frame-pointer", "-g"]
         link = ["-fopenmp", sanitize]
-    info = {"cuda": plan.cuda, "reason": plan.reason, "remedy": None if plan.cuda else plan.remedy,
+    info = BUILD_INFO
+    info.update({"cuda": plan.cuda, "reason": plan.reason, "remedy": None if plan.cuda else plan.remedy,
             "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda}
+            "torch_cuda": torch.version.cuda})
     if plan.cuda:
         # torch's build helpers take nvcc, headers and libraries from cpp_extension.CUDA_HOME.
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = plan.root
@@ -103,17 +116,19 @@ def extension():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         # No --use_fast_math: its tanh/exp approximations would cost float32 its 1e-5 agreement.
         extra["nvcc"] = ["-O3", "-std=c++20", "-lineinfo"]
+        # The wheels' headers only fill what the toolkit lacks: searched after its -I folders.
+        for folder in plan.include_dirs:
+            extra["cxx"] += ["-isystem", folder]
+            extra["nvcc"] += ["-isystem", folder]
         print(f"lstmfast: building with CUDA for {archs} ({why}); {plan.reason}", flush=True)
-        write_build_info(info)
         return cpp_extension.CUDAExtension(
-            "lstmfast._C", sources, include_dirs=plan.include_dirs, extra_compile_args=extra,
+            "lstmfast._C", sources, extra_compile_args=extra,
             extra_link_args=[cublas_library(plan)] + link)
-    write_build_info(info)
     return cpp_extension.CppExtension("lstmfast._C", sources, extra_compile_args=extra,
                                       extra_link_args=link)
 
 
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import logging
 import math
 import platform
 import time
@@ -21,11 +22,28 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
-from torch.utils import benchmark as tb
 
 from . import reference
 from ._ops import empty_cpu_cache
 from .modules import LSTM, RNN
+
+
+
+def _import_torch_benchmark():
+    """torch.utils.benchmark, imported without the "No CUDA runtime is found" warning that the
+    torch.utils.cpp_extension it imports logs on a CUDA build of torch with no GPU: nothing a user
+    running a CPU benchmark can act on."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        logger.setLevel(level)
+    return benchmark
+
+
+tb = _import_torch_benchmark()
 
 CONTENDERS = ("lstmfast", "torch.nn", "torch.nn-native", "reference")
 MODES = ("fwd", "train")

@@ -145,7 +145,7 @@ def train_adding(kind: str, length: int, hidden: int, steps: int, seed: int, dev
 # ---------------------------------------------------------------------------- part 3: speed
 
 def training_step_speed(length: int, hidden: int, device: str, min_run_time: float) -> dict:
-    from torch.utils import benchmark as tb
+    from .bench import tb
 
     results = {}
     x, y = adding_batch(64, length, torch.Generator().manual_seed(0), device)
@@ -305,6 +305,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     from tqdm import tqdm
 
+    from . import build_summary
+    print(build_summary(), flush=True)
     lengths = [int(v) for v in (args.lengths or ("50" if args.quick else "50,100,200")).split(",")]
     default_steps = {50: 1500, 100: 2500, 200: 3500}
     if args.steps:
