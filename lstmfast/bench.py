@@ -45,6 +45,25 @@ def _import_torch_benchmark():
 
 tb = _import_torch_benchmark()
 
+
+def cpu_description() -> str:
+    """The CPU's model and the features that decide lstmfast's and oneDNN's kernels, e.g.
+    "AMD EPYC (avx512f, avx512_bf16)": every benchmark says what it ran on."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+    return f"{model} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+
 CONTENDERS = ("lstmfast", "torch.nn", "torch.nn-native", "reference")
 MODES = ("fwd", "train")
 
@@ -320,7 +339,7 @@ def run(cases: List[Case], contenders=CONTENDERS, progress=True, min_run_time=0.
             iterator.set_postfix_str(case.label)
         rows.append(time_case(case, contenders, min_run_time, gemm))
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-                processor=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d %H:%M"),
+                processor=cpu_description(), date=time.strftime("%Y-%m-%d %H:%M"),
                 large_gemm_gflops=gemm, large_gemm_n=gemm_n,
                 note="speedup = competitor time / lstmfast time, measured in the same run")
     return dict(meta=meta, rows=rows, summary=summarize(rows), cost_ratios=cost_ratios(quick, min_run_time))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import diagnostics
+from .bench import cpu_description
 from .modules import LSTM, RNN, unconvert
 
 TRIVIAL_MSE = 1.0 / 6.0  # predicting the mean sum 1.0: Var(u1 + u2) for u ~ U(0, 1)
@@ -241,8 +242,9 @@ def write_report(results: dict, path: str):
     c = results["claims"]
     lines = ["# The vanishing gradient, measured", "",
              f"lstmfast {results['meta']['lstmfast']}, torch {results['meta']['torch']}, "
-             f"{results['meta']['date']}, {results['meta']['threads']} threads, device {results['config']['device']}.",
-             f"Command: `{results['meta']['command']}`", "",
+             f"{results['meta']['date']}, {results['meta']['threads']} threads on {results['meta'].get('cpu', '?')}, "
+             f"device {results['config']['device']}.",
+             f"Command: `{results['meta']['command']}` ({results['meta']['seconds']} s)", "",
              "## 1. Gradient flow through time",
              f"Norm of dL/dh_t relative to its value at the loss's step, for a loss on the last step "
              f"(T = {results['config']['steps']}, H = {results['config']['hidden_size']}, "
@@ -344,7 +346,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     import lstmfast
     results = dict(
         meta=dict(lstmfast=lstmfast.__version__, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                  threads=torch.get_num_threads(), machine=platform.machine(),
+                  threads=torch.get_num_threads(), machine=platform.machine(), cpu=cpu_description(),
                   command="python -m lstmfast demo" + (" " + " ".join(argv) if argv else ""),
                   seconds=None),
         config=dict(device=args.device, seed=args.seed, steps=args.flow_steps, hidden_size=args.hidden_size,
