@@ -156,7 +156,7 @@ def plan(forced: Optional[bool], torch_cuda: Optional[str], environ: Dict[str, s
     if forced is False:
         return CudaPlan(False, "LSTMFAST_CUDA=0 asks for the CPU build")
     if torch_cuda is None:
-        return CudaPlan(False, "the installed torch is a CPU build (torch.version.cuda is None)",
+        return CudaPlan(False, "the installed torch is a CPU build",
                         HOW_TO_GET_CUDA_TORCH)
     root, source = toolkit_root(environ, which, run, torch_guess)
     if root is None:

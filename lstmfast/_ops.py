@@ -122,14 +122,16 @@ def build_summary(detail=False):
     except ImportError:  # built by other means than setup.py
         BUILD = {}
     cuda = has_cuda_kernels()
-    kind = f"CUDA kernels for {BUILD.get('archs', 'unknown architectures')}" if cuda else "CPU only"
+    kind = (f"CUDA kernels for {BUILD.get('archs', 'unknown architectures')}" if cuda else
+            f"CPU only ({BUILD['reason']})" if BUILD else "CPU only")
     line = (f"lstmfast {lstmfast.__version__} on torch {torch.__version__}: {kind}; CPU kernels "
             f"{cpu_isa()}; CUDA device available: {torch.cuda.is_available()}")
     if not detail:
         return line
     lines = [line]
     if BUILD:
-        lines.append(f"  built against torch {BUILD['torch']} (CUDA {BUILD['torch_cuda']}): {BUILD['reason']}")
+        lines.append(f"  built against torch {BUILD['torch']}"
+                     + (f" (CUDA {BUILD['torch_cuda']})" if BUILD["torch_cuda"] else "") + f": {BUILD['reason']}")
         if BUILD.get("archs"):
             lines.append(f"  CUDA architectures: {BUILD['archs']} ({BUILD['archs_reason']})")
         if BUILD.get("remedy"):
