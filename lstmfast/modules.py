@@ -303,6 +303,16 @@ class RNN(_RecurrentBase, nn.RNN):
     _torch_class = nn.RNN
 
     def __init__(self, *args, grad_clip: Optional[float] = None, **kwargs):
+        # torch.nn.RNN's signature ends in (..., bidirectional, device, dtype), but torch.nn passes a
+        # positional device on into its base class's proj_size slot; lstmfast follows the signature.
+        if len(args) > 8:
+            if len(args) > 10:
+                raise TypeError(f"RNN takes at most 10 positional arguments, but {len(args)} were given")
+            for name, value in zip(("device", "dtype"), args[8:]):
+                if name in kwargs:
+                    raise TypeError(f"RNN got multiple values for argument '{name}'")
+                kwargs[name] = value
+            args = args[:8]
         self._check_constructor_args(args, kwargs, (("input_size", 0), ("hidden_size", 1),
                                                     ("num_layers", 2)))
         functional._check_grad_clip(grad_clip)
