@@ -250,6 +250,20 @@ def test_convert_a_layer_itself_and_a_parametrized_one():
     assert type(layer) is lstmfast.LSTM
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_convert_old_style_weight_norm_and_pruned_layers(kind):
+    torch.manual_seed(0)
+    layer = getattr(nn, kind)(3, 4, num_layers=2).double()
+    torch.nn.utils.weight_norm(layer, "weight_hh_l0")
+    prune.l1_unstructured(layer, "weight_ih_l1", amount=0.5)
+    x = torch.randn(5, 2, 3, dtype=F64)
+    expected = layer(x)[0]
+    assert lstmfast.convert(layer) is layer and isinstance(layer, getattr(lstmfast, kind))
+    torch.testing.assert_close(layer(x)[0], expected, **TOLERANCES[F64])
+    layer(x)[0].sum().backward()
+    assert layer.weight_hh_l0_g.grad is not None and layer.weight_ih_l1_orig.grad is not None
+
+
 def test_convert_leaves_torchscript_modules_with_a_warning():
     model = nn.Sequential(torch.jit.script(nn.LSTM(3, 4)), nn.Linear(4, 4))
     with pytest.warns(UserWarning, match=r"0 \(TorchScript module holding LSTM.*convert the model before "
