@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/workspace_cache.h"
 #include "kernels/layer.h"
 
 namespace lstmfast {
@@ -211,63 +212,13 @@ inline at::ScalarType norm_dtype(const Tensor& input) {
 }
 
 // Buffers for one op call that the caller never sees: scratch space, and the activations saved for
-// backward. On the CPU, those of 1 MB and more come from a small per-thread cache of blocks (like
-// oneDNN's scratchpad), a block being reused once nothing references its storage but the cache: fresh
-// pages for every call's gates and gates gradients cost page faults by the hundred thousand per second
-// of training. The cache keeps at most kBlocks blocks of up to kLargest bytes each (larger buffers are
-// allocated as usual); empty_cpu_cache frees it. Elsewhere: at::empty (CUDA has torch's caching
-// allocator).
-struct WorkspaceCache {
-  static constexpr size_t kBlocks = 8;
-  static constexpr int64_t kSmallest = int64_t(1) << 20, kLargest = int64_t(256) << 20;
-  std::vector<Tensor> blocks;
-
-  static WorkspaceCache& of_this_thread() {
-    thread_local WorkspaceCache cache;
-    return cache;
-  }
-
-  static bool free(const Tensor& block) { return block.storage().use_count() == 1; }
-
-  // The smallest free cached block of at least `bytes`, or nullptr.
-  Tensor* smallest_free(int64_t bytes) {
-    Tensor* smallest = nullptr;
-    for (Tensor& b : blocks) {
-      if (free(b) && static_cast<int64_t>(b.nbytes()) >= bytes &&
-          (smallest == nullptr || b.nbytes() < smallest->nbytes())) {
-        smallest = &b;
-      }
-    }
-    return smallest;
-  }
-
-  // A byte block of at least `bytes`: the smallest free cached one that fits, else a new one of exactly
-  // `bytes`, cached in place of the smallest free block when the cache is full.
-  Tensor take(int64_t bytes) {
-    if (bytes < kSmallest || bytes > kLargest) return at::empty({bytes}, at::kByte);
-    if (Tensor* fits = smallest_free(bytes)) return *fits;
-    Tensor block = at::empty({bytes}, at::kByte);
-    if (blocks.size() < kBlocks) {
-      blocks.push_back(block);
-    } else if (Tensor* replaced = smallest_free(0)) {
-      *replaced = block;
-    }
-    return block;
-  }
-
-  int64_t bytes() const {
-    int64_t total = 0;
-    for (const Tensor& b : blocks) total += static_cast<int64_t>(b.nbytes());
-    return total;
-  }
-};
-
+// backward. On the CPU, large ones come from the workspace cache (cpu/workspace_cache.h); elsewhere
+// at::empty (CUDA has torch's caching allocator).
 inline Tensor workspace(int64_t rows, int64_t width, const at::TensorOptions& options) {
   if (!options.device().is_cpu()) return at::empty({rows, width}, options);
   const at::ScalarType dtype = c10::typeMetaToScalarType(options.dtype());
   const int64_t count = rows * width;
-  return WorkspaceCache::of_this_thread()
-      .take(count * static_cast<int64_t>(c10::elementSize(dtype)))
+  return cpu::cached_block(count * static_cast<int64_t>(c10::elementSize(dtype)))
       .view(dtype)
       .narrow(0, 0, count)
       .view({rows, width});

@@ -40,8 +40,10 @@ TORCH_LIBRARY(lstmfast, m) {
       "Tensor grad_h_norm)");
   // Which build of the CPU pointwise passes runs here ("avx512", "avx2" or "baseline"); no tensors.
   m.def("cpu_isa() -> str");
-  // The per-thread cache of CPU buffers (layer_ops.h, WorkspaceCache): bytes it holds for the calling
-  // thread, and freeing them.
+  // The cache of large CPU buffers (cpu/workspace_cache.h): bytes all threads' caches hold, freeing
+  // them all, and the bound on their total.
   m.def("cpu_cache_bytes() -> int");
   m.def("empty_cpu_cache() -> ()");
+  m.def("cpu_cache_limit() -> int");
+  m.def("set_cpu_cache_limit(int bytes) -> ()");
 }

@@ -1,76 +1,62 @@
-"""lstmfast.LSTM and lstmfast.RNN: drop-in replacements for torch.nn.LSTM and torch.nn.RNN.
+"""lstmfast.LSTM and lstmfast.RNN: torch.nn.LSTM and torch.nn.RNN with a fused forward and BPTT.
 
-Same constructor, parameter names, shapes, initialization, forward signature and return values as
-torch.nn, so state dicts move freely between the two. Each layer and direction is one call of the fused
-op (lstmfast.functional); layers, directions, dropout, batch_first and PackedSequence are composed here.
+They are subclasses of torch.nn.LSTM / torch.nn.RNN that replace only forward: construction, argument
+checks, parameters, initialization, all_weights, _flat_weights, flatten_parameters, pickling and every
+utility that reads RNN internals (weight_norm, pruning, parametrizations) are torch.nn's own. Each layer
+and direction is one call of the fused op (lstmfast.functional); layers, directions, dropout,
+batch_first and PackedSequence are composed here. Weights are read at every call through the normal
+attribute path, so whatever replaced an attribute (a parametrization, weight_norm, pruning,
+torch.func.functional_call) is what runs.
+
+convert() / unconvert() turn torch.nn layers into lstmfast ones and back in place, by changing the
+object's class: hooks, attributes, parametrizations, pruning and sharing all stay as they were.
 """
 
 import functools
-import math
+import numbers
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from . import functional
+from . import _dynamo_compat, functional
 
 
-class _RecurrentBase(nn.Module):
-    _gates = 1
+def _check_size_type(name, value):
+    # torch.nn accepts bools here (True is an int) and fails on floats with an unclear message from
+    # range() or torch.empty(); lstmfast names the argument.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, grad_clip: Optional[float] = None, device=None, dtype=None):
-        super().__init__()
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
-                            ("num_layers", num_layers)):
-            least = 0 if name == "input_size" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                kind = "non-negative" if least == 0 else "positive"
-                raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
-        if not isinstance(proj_size, int) or proj_size < 0:
-            raise ValueError(f"proj_size must be a non-negative integer, got {proj_size!r}")
-        if proj_size >= hidden_size:
-            raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} "
-                             f"and hidden_size={hidden_size}")
+
+class _RecurrentBase:
+    """What lstmfast.LSTM and lstmfast.RNN add to their torch.nn base class (a mixin placed first in
+    the MRO): the fused forward, grad_clip, the gradient-flow hook, conversion."""
+
+    _kind = None  # "LSTM" or "RNN": the name used in messages, whatever the class is called
+    _torch_class = None
+
+    def _init_extras(self, grad_clip: Optional[float] = None) -> None:
         functional._check_grad_clip(grad_clip)
+        self.grad_clip = grad_clip
         # Set by lstmfast.diagnostics while it measures gradient flow: called as
         # recorder(layer, direction, hidden_norms, cell_norms) from inside backward.
         self._gradient_recorder = None
-        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
-        self.bidirectional, self.proj_size, self.grad_clip = bidirectional, proj_size, grad_clip
-        factory = {"device": device, "dtype": dtype}
-        directions = 2 if bidirectional else 1
-        out_size = proj_size if proj_size > 0 else hidden_size
-        gate_size = self._gates * hidden_size
-        self._flat_weights_names = []
-        for layer in range(num_layers):
-            for direction in range(directions):
-                layer_input = input_size if layer == 0 else out_size * directions
-                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                shapes = [("weight_ih", (gate_size, layer_input)), ("weight_hh", (gate_size, out_size))]
-                if bias:
-                    shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
-                if proj_size > 0:
-                    shapes += [("weight_hr", (proj_size, hidden_size))]
-                for name, shape in shapes:
-                    self.register_parameter(name + suffix, nn.Parameter(torch.empty(shape, **factory)))
-                    self._flat_weights_names.append(name + suffix)
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """torch.nn's initialization: every parameter uniform in [-1/sqrt(H), 1/sqrt(H)]."""
-        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
-
-    def flatten_parameters(self) -> None:
-        """Accepted for compatibility with torch.nn; lstmfast needs no flat weight buffer."""
+    @staticmethod
+    def _check_constructor_args(args, kwargs, positions):
+        for name, position in positions:
+            if len(args) > position:
+                value = args[position]
+            elif name in kwargs:
+                value = kwargs[name]
+            else:
+                continue
+            _check_size_type(name, value)
 
     @property
     def _directions(self):
@@ -81,142 +67,95 @@ class _RecurrentBase(nn.Module):
         return self.proj_size if self.proj_size > 0 else self.hidden_size
 
     def _layer_weights(self, layer, direction):
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction, read through getattr so that
+        parametrizations and weight hooks take effect; None where the layer has no such weight."""
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         get = lambda name: getattr(self, name + suffix, None)  # noqa: E731
-        return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr")
+        w_hr = get("weight_hr") if self.proj_size > 0 else None
+        if self.bias:
+            return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), w_hr
+        return get("weight_ih"), get("weight_hh"), None, None, w_hr
 
     def extra_repr(self) -> str:
-        s = "{input_size}, {hidden_size}"
-        if self.proj_size != 0:
-            s += ", proj_size={proj_size}"
-        if self.num_layers != 1:
-            s += ", num_layers={num_layers}"
-        if self.bias is not True:
-            s += ", bias={bias}"
-        if self.batch_first is not False:
-            s += ", batch_first={batch_first}"
-        if self.dropout != 0:
-            s += ", dropout={dropout}"
-        if self.bidirectional is not False:
-            s += ", bidirectional={bidirectional}"
+        s = super().extra_repr()
+        if getattr(self, "forget_bias", 0.0):
+            s += f", forget_bias={self.forget_bias}"
         if self.grad_clip is not None:
-            s += ", grad_clip={grad_clip}"
-        return s.format(**self.__dict__)
-
-    # ------------------------------------------------------------------ forward
-
-    def _check_input(self, input: Tensor, packed: bool):
-        weight = self.weight_ih_l0
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{type(self).__name__}: expected input to be a Tensor or a PackedSequence, "
-                            f"got {type(input).__name__}")
-        if packed and input.dim() != 2:
-            raise ValueError(f"{type(self).__name__}: expected PackedSequence data of shape (N, "
-                             f"input_size) (2-D), got {input.dim()}D tensor")
-        if not packed and input.dim() not in (2, 3):
-            raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D "
-                             f"tensor")
-        if input.dtype != weight.dtype:
-            raise ValueError(f"{type(self).__name__}: input must have the type {weight.dtype} (the "
-                             f"dtype of the parameters), got type {input.dtype}")
-        if input.device != weight.device:
-            raise ValueError(f"{type(self).__name__}: input is on {input.device} but the parameters "
-                             f"are on {weight.device}")
-        if input.shape[-1] != self.input_size:
-            raise ValueError(f"{type(self).__name__}: input.size(-1) must be equal to input_size. "
-                             f"Expected {self.input_size}, got {input.shape[-1]}")
-
-    def _check_state(self, state: Tensor, name: str, expected):
-        if tuple(state.shape) != tuple(expected):
-            raise ValueError(f"{type(self).__name__}: Expected {name} size {tuple(expected)}, got "
-                             f"{tuple(state.shape)}")
-        if state.dtype != self.weight_ih_l0.dtype or state.device != self.weight_ih_l0.device:
-            raise ValueError(f"{type(self).__name__}: {name} must be a {self.weight_ih_l0.dtype} tensor "
-                             f"on {self.weight_ih_l0.device}, got {state.dtype} on {state.device}")
-
-    def _run_layer(self, input, batch_sizes, states, layer, direction):
-        raise NotImplementedError
+            s += f", grad_clip={self.grad_clip}"
+        return s
 
     def _norm_sink(self, layer, direction):
         if self._gradient_recorder is None:
             return None
         return functools.partial(self._gradient_recorder, layer, direction)
 
-    # ------------------------------------------------------------------ conversion
+    # ------------------------------------------------------------------ forward
 
-    _torch_class = None
-    # Constructor options shared with torch.nn beyond (input_size, hidden_size), read off either kind.
-    _options = ("num_layers", "bias", "batch_first", "dropout", "bidirectional")
+    def _check_input(self, input: Tensor, packed: bool, weight: Tensor):
+        kind = self._kind
+        if not packed and input.dim() not in (2, 3):
+            if kind == "LSTM":
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+        if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+                             f"Convert input: input.to({weight.dtype}), or convert model: "
+                             f"model.to({input.dtype})")
+        if packed and input.dim() != 2:
+            raise RuntimeError(f"input must have 2 dimensions, got {input.dim()}")
+        if input.shape[-1] != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                               f"got {input.shape[-1]}")
+        if input.device != weight.device:
+            raise RuntimeError(f"{kind}: input is on {input.device} but the parameters are on "
+                               f"{weight.device}")
 
-    @classmethod
-    def _options_of(cls, module):
-        return {name: getattr(module, name) for name in cls._options}
+    def _check_state(self, state: Tensor, index: int, expected, weight: Tensor):
+        if tuple(state.shape) != tuple(expected):
+            name = "hidden size" if self._kind == "RNN" else f"hidden[{index}] size"
+            raise RuntimeError(f"Expected {name} {tuple(expected)}, got {list(state.shape)}")
+        name = "hx" if self._kind == "RNN" else f"hx[{index}]"
+        wrong_dtype = state.dtype != weight.dtype and not torch.is_autocast_enabled(state.device.type)
+        if wrong_dtype or state.device != weight.device:
+            raise RuntimeError(f"{self._kind}: {name} must be a {weight.dtype} tensor on {weight.device}, "
+                               f"got {state.dtype} on {state.device}")
 
-    @classmethod
-    def from_torch(cls, module: nn.Module) -> "_RecurrentBase":
-        """An lstmfast layer equivalent to a torch.nn one. It shares the torch module's Parameter
-        objects (so optimizers built on them keep working), device, dtype and training mode."""
-        if type(module) is not cls._torch_class:
-            raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls._torch_class.__name__}, "
-                            f"got {type(module).__name__}")
-        new = cls(module.input_size, module.hidden_size, **cls._options_of(module), device="meta")
-        for name in module._flat_weights_names:
-            setattr(new, name, getattr(module, name))
-        return new.train(module.training)
-
-    def to_torch(self) -> nn.Module:
-        """The equivalent torch.nn layer, sharing this module's Parameter objects."""
-        module = self._torch_class(self.input_size, self.hidden_size, **self._options_of(self),
-                                   device="meta")
-        for name in self._flat_weights_names:
-            setattr(module, name, getattr(self, name))
-        if module.weight_ih_l0.device.type == "cuda":
-            module.flatten_parameters()
-        return module.train(self.training)
+    def _run_layer(self, input, batch_sizes, states, layer, direction):
+        raise NotImplementedError
 
     def _state_sizes(self, batch):
         raise NotImplementedError
 
     def forward(self, input, hx=None):
+        kind = self._kind
+        weight = self.weight_ih_l0
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             batch, unbatched = int(batch_sizes[0]), False
-        else:
+        elif isinstance(input, Tensor):
             data, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
-            self._check_input(data, False)
             unbatched = data.dim() == 2
+        else:
+            raise TypeError(f"{kind}: expected input to be a Tensor or a PackedSequence, got "
+                            f"{type(input).__name__}")
+        self._check_input(data, packed, weight)
+        if not packed:
             if unbatched:
                 data = data.unsqueeze(1)
             elif self.batch_first:
                 data = data.transpose(0, 1)
             batch = data.shape[1]
-        if packed:
-            self._check_input(data, True)
         sizes = self._state_sizes(batch)
         if hx is None:
             # Packed input needs explicit zeros: the op reads the batch size off h0.
             states = [data.new_zeros(s) for s in sizes] if packed else [None] * len(sizes)
         else:
-            states = list(hx) if isinstance(hx, (tuple, list)) else [hx]
-            names = ["hx"] if len(sizes) == 1 else ["hx[0]", "hx[1]"]
-            if len(states) != len(sizes) or not all(isinstance(s, Tensor) for s in states):
-                raise ValueError(f"{type(self).__name__}: expected hx to be "
-                                 f"{'a tensor' if len(sizes) == 1 else 'a tuple (h_0, c_0)'}, got "
-                                 f"{type(hx).__name__} of {[type(s).__name__ for s in states]}")
-            if unbatched:
-                for s, name in zip(states, names):
-                    if s.dim() != 2:
-                        raise ValueError(f"{type(self).__name__}: For unbatched 2-D input, {name} "
-                                         f"should also be 2-D but got {s.dim()}-D tensor")
-                states = [s.unsqueeze(1) for s in states]
-            elif any(s.dim() != 3 for s in states):
-                raise ValueError(f"{type(self).__name__}: For batched 3-D input, hx should also be 3-D "
-                                 f"but got {[s.dim() for s in states]}-D tensors")
-            for s, name, size in zip(states, names, sizes):
-                self._check_state(s, name, size)
+            states = self._states_of(hx, sizes, unbatched, weight)
             if sorted_indices is not None:
                 states = [s.index_select(1, sorted_indices) for s in states]
+        if not packed and data.shape[0] == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         layer_input = data
         finals = [[] for _ in sizes]
@@ -245,32 +184,101 @@ class _RecurrentBase(nn.Module):
             output = layer_input.transpose(0, 1) if self.batch_first else layer_input
         return output, (finals[0] if len(finals) == 1 else tuple(finals))
 
+    def _states_of(self, hx, sizes, unbatched, weight):
+        """The initial states given as hx, checked (in torch.nn's order, with its exception types and
+        messages) and made 3-D."""
+        kind = self._kind
+        lstm = len(sizes) == 2
+        states = list(hx) if lstm and isinstance(hx, (tuple, list)) else [hx]
+        if len(states) != len(sizes) or not all(isinstance(s, Tensor) for s in states):
+            # torch.nn fails here with an IndexError or an error from deep inside; lstmfast says what
+            # it expected.
+            got = type(hx).__name__
+            if isinstance(hx, (tuple, list)):
+                got += f" of {[type(s).__name__ for s in hx]}"
+            raise ValueError(f"{kind}: expected hx to be {'a tuple (h_0, c_0)' if lstm else 'a tensor'}, "
+                             f"got {got}")
+        dims = [s.dim() for s in states]
+        want = 2 if unbatched else 3
+        if any(d != want for d in dims):
+            what = "unbatched 2-D" if unbatched else "batched 3-D"
+            if lstm:
+                raise RuntimeError(f"For {what} input, hx and cx should also be {want}-D but got "
+                                   f"({dims[0]}-D, {dims[1]}-D) tensors")
+            raise RuntimeError(f"For {what} input, hx should also be {want}-D but got {dims[0]}-D tensor")
+        if unbatched:
+            states = [s.unsqueeze(1) for s in states]
+        for index, (s, size) in enumerate(zip(states, sizes)):
+            self._check_state(s, index, size, weight)
+        return states
 
-class LSTM(_RecurrentBase):
-    r"""Drop-in for :class:`torch.nn.LSTM` (same arguments, parameters, inputs and outputs).
+    # ------------------------------------------------------------------ conversion
 
-    Extra keyword arguments: ``grad_clip`` (clamp dL/d(gate pre-activations) into
+    @classmethod
+    def from_torch(cls, module: nn.Module) -> "_RecurrentBase":
+        """A new lstmfast layer equivalent to a torch.nn one, sharing the torch module's Parameter
+        objects (so optimizers built on them keep working), device, dtype and training mode. To
+        convert a layer in place, keeping its hooks and attributes, use :func:`convert`."""
+        if type(module) is not cls._torch_class:
+            raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls._torch_class.__name__}, "
+                            f"got {type(module).__name__}")
+        return _copy_layer(module, cls)
+
+    def to_torch(self) -> nn.Module:
+        """A new torch.nn layer equivalent to this one, sharing its Parameter objects."""
+        return _copy_layer(self, self._torch_class)
+
+
+_OPTIONS = ("num_layers", "bias", "batch_first", "dropout", "bidirectional")
+
+
+def _copy_layer(module, cls):
+    options = {name: getattr(module, name) for name in _OPTIONS}
+    if issubclass(cls, nn.LSTM):
+        options["proj_size"] = module.proj_size
+    else:
+        options["nonlinearity"] = module.nonlinearity
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn's dropout-with-one-layer warning, already given
+        new = cls(module.input_size, module.hidden_size, **options, device="meta")
+    for name in module._flat_weights_names:
+        setattr(new, name, getattr(module, name))
+    new._init_flat_weights()
+    return new.train(module.training)
+
+
+class LSTM(_RecurrentBase, nn.LSTM):
+    r"""torch.nn.LSTM with a fused forward and BPTT: same arguments (in the same order), parameters,
+    inputs, outputs and errors; ``isinstance(layer, torch.nn.LSTM)`` holds.
+
+    Extra keyword-only arguments: ``grad_clip`` (clamp dL/d(gate pre-activations) into
     ``[-grad_clip, grad_clip]`` at every step of BPTT; default None = exact torch.nn gradients) and
     ``forget_bias`` (added to the forget-gate slice of every ``bias_ih`` at initialization; default 0
     = torch.nn's initialization).
     """
 
-    _gates = 4
+    _kind = "LSTM"
     _torch_class = nn.LSTM
-    _options = _RecurrentBase._options + ("proj_size",)
 
-    def __init__(self, *args, forget_bias: float = 0.0, **kwargs):
-        self.forget_bias = float(forget_bias)
+    def __init__(self, *args, grad_clip: Optional[float] = None, forget_bias: float = 0.0, **kwargs):
+        self._check_constructor_args(args, kwargs, (("input_size", 0), ("hidden_size", 1),
+                                                    ("num_layers", 2), ("proj_size", 7)))
+        if isinstance(forget_bias, bool) or not isinstance(forget_bias, numbers.Real):
+            raise TypeError(f"forget_bias should be a number, got: {type(forget_bias).__name__}")
+        functional._check_grad_clip(grad_clip)
+        self.forget_bias = float(forget_bias)  # read by reset_parameters, which torch.nn's init calls
         super().__init__(*args, **kwargs)
+        self._init_extras(grad_clip)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        if self.forget_bias and self.bias:
+        forget_bias = getattr(self, "forget_bias", 0.0)
+        if forget_bias and self.bias:
             H = self.hidden_size
             with torch.no_grad():
                 for name, p in self.named_parameters():
                     if name.startswith("bias_ih"):
-                        p[H:2 * H] += self.forget_bias
+                        p[H:2 * H] += forget_bias
 
     def _state_sizes(self, batch):
         n = self.num_layers * self._directions
@@ -283,23 +291,33 @@ class LSTM(_RecurrentBase):
                                grad_clip=self.grad_clip, norm_sink=self._norm_sink(layer, direction))
 
 
-class RNN(_RecurrentBase):
-    r"""Drop-in for :class:`torch.nn.RNN` (Elman RNN, ``nonlinearity`` 'tanh' or 'relu').
+class RNN(_RecurrentBase, nn.RNN):
+    r"""torch.nn.RNN (Elman RNN, ``nonlinearity`` 'tanh' or 'relu') with a fused forward and BPTT:
+    same arguments (in the same order), parameters, inputs, outputs and errors;
+    ``isinstance(layer, torch.nn.RNN)`` holds.
 
-    Extra keyword argument: ``grad_clip``, as for :class:`LSTM`.
+    Extra keyword-only argument: ``grad_clip``, as for :class:`LSTM`.
     """
 
-    _gates = 1
+    _kind = "RNN"
     _torch_class = nn.RNN
-    _options = _RecurrentBase._options + ("nonlinearity",)
 
-    def __init__(self, *args, nonlinearity: str = "tanh", **kwargs):
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
-        if kwargs.get("proj_size", 0):
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN")
-        self.nonlinearity = nonlinearity
+    def __init__(self, *args, grad_clip: Optional[float] = None, **kwargs):
+        # torch.nn.RNN's signature ends in (..., bidirectional, device, dtype), but torch.nn passes a
+        # positional device on into its base class's proj_size slot; lstmfast follows the signature.
+        if len(args) > 8:
+            if len(args) > 10:
+                raise TypeError(f"RNN takes at most 10 positional arguments, but {len(args)} were given")
+            for name, value in zip(("device", "dtype"), args[8:]):
+                if name in kwargs:
+                    raise TypeError(f"RNN got multiple values for argument '{name}'")
+                kwargs[name] = value
+            args = args[:8]
+        self._check_constructor_args(args, kwargs, (("input_size", 0), ("hidden_size", 1),
+                                                    ("num_layers", 2)))
+        functional._check_grad_clip(grad_clip)
         super().__init__(*args, **kwargs)
+        self._init_extras(grad_clip)
 
     def _state_sizes(self, batch):
         return [(self.num_layers * self._directions, batch, self.hidden_size)]
@@ -311,23 +329,103 @@ class RNN(_RecurrentBase):
                               grad_clip=self.grad_clip, norm_sink=self._norm_sink(layer, direction))
 
 
-def convert(model: nn.Module) -> nn.Module:
-    """Replaces every torch.nn.LSTM / torch.nn.RNN inside `model` (or `model` itself) by the lstmfast
-    equivalent, in place, keeping the very same Parameter objects, device, dtype and training mode.
-    Returns the model (the new layer when `model` itself is an LSTM / RNN)."""
-    return _swap(model, {nn.LSTM: LSTM.from_torch, nn.RNN: RNN.from_torch})
+_dynamo_compat.install(_RecurrentBase)
 
 
-def unconvert(model: nn.Module) -> nn.Module:
-    """The inverse of :func:`convert`: lstmfast layers back to torch.nn ones."""
-    return _swap(model, {LSTM: LSTM.to_torch, RNN: RNN.to_torch})
+# ---------------------------------------------------------------------- convert / unconvert
+
+_EXTRAS = ("grad_clip", "forget_bias", "_gradient_recorder")
 
 
-def _swap(model, table):
-    if type(model) in table:
-        return table[type(model)](model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) in table:
-                setattr(parent, name, table[type(child)](child))
+def convert(model: nn.Module, *, verbose: bool = False) -> nn.Module:
+    """Turns every torch.nn.LSTM / torch.nn.RNN inside `model` (or `model` itself) into the lstmfast
+    layer, in place: the very same objects change class, so parameters, buffers, hooks (forward,
+    pre-forward, backward, state-dict), attributes, training mode, parametrizations, weight_norm,
+    pruning and shared references all stay as they were. Returns `model`.
+
+    Left as they are, with a warning naming them: subclasses of torch.nn.LSTM / RNN (their own code
+    may rely on torch.nn's forward) and TorchScript modules (convert before scripting).
+    `verbose=True` prints what was converted and what was left.
+    """
+    return _change_classes(model, {nn.LSTM: LSTM, nn.RNN: RNN}, "convert", verbose)
+
+
+def unconvert(model: nn.Module, *, verbose: bool = False) -> nn.Module:
+    """The inverse of :func:`convert`: lstmfast layers back to torch.nn ones, in place. Returns
+    `model`. A layer's grad_clip and forget_bias, which torch.nn does not have, are dropped (with a
+    warning when grad_clip was set)."""
+    return _change_classes(model, {LSTM: nn.LSTM, RNN: nn.RNN}, "unconvert", verbose)
+
+
+def _walk(module, path, seen):
+    """Every module under `module` once (a module referenced twice is visited at its first path),
+    not descending into TorchScript modules."""
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    yield path, module
+    if isinstance(module, torch.jit.ScriptModule):
+        return
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _walk(child, f"{path}.{name}" if path else name, seen)
+
+
+def _plain_class(module):
+    """The class a module was built as: under a parametrization, torch substitutes a generated
+    subclass (Parametrized<Name>) whose single base is the original class."""
+    cls = type(module)
+    if parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized"):
+        return cls.__bases__[0]
+    return cls
+
+
+def _retarget(module, target):
+    """The class `module` gets: `target`, or a parametrized subclass of it carrying the same
+    parametrization properties as the module's current parametrized class."""
+    cls = type(module)
+    if cls is _plain_class(module):
+        return target
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    return type(f"Parametrized{target.__name__}", (target,), namespace)
+
+
+def _change_classes(model, table, verb, verbose):
+    changed, left = [], []
+    for path, module in _walk(model, "", set()):
+        shown = path or "<model>"
+        if isinstance(module, torch.jit.ScriptModule):
+            names = {getattr(m, "original_name", "") for m in module.modules()}
+            found = sorted(names & {cls.__name__ for cls in table})
+            if found:
+                left.append(f"{shown} (TorchScript module holding {', '.join(found)}: scripted modules "
+                            f"cannot be changed; {verb} the model before torch.jit.script)")
+            continue
+        plain = _plain_class(module)
+        if plain in table:
+            target = table[plain]
+            if verb == "unconvert" and module.grad_clip is not None:
+                warnings.warn(f"lstmfast.unconvert: {shown} had grad_clip={module.grad_clip}, which "
+                              f"torch.nn.{target.__name__} does not have; it is dropped", stacklevel=3)
+            module.__class__ = _retarget(module, target)
+            if verb == "convert":
+                if target is LSTM:
+                    module.forget_bias = 0.0
+                _RecurrentBase._init_extras(module)
+            else:
+                for name in _EXTRAS:
+                    module.__dict__.pop(name, None)
+            changed.append(f"{shown} ({plain.__name__} -> {target.__module__}.{target.__name__})")
+        elif isinstance(module, tuple(table)) and not (verb == "convert" and isinstance(module, _RecurrentBase)):
+            left.append(f"{shown} ({type(module).__qualname__}: a subclass of "
+                        f"{next(c.__module__ + '.' + c.__name__ for c in table if isinstance(module, c))}; "
+                        f"only that class itself is changed, as a subclass may rely on its forward)")
+    if left:
+        warnings.warn(f"lstmfast.{verb} left as they are: " + "; ".join(left), stacklevel=3)
+    if verbose:
+        print(f"lstmfast.{verb}: changed {len(changed)}, left {len(left)}")
+        for line in changed:
+            print(f"  changed {line}")
+        for line in left:
+            print(f"  left    {line}")
     return model

@@ -278,33 +278,35 @@ def test_fake_shapes_past_2_pow_31_elements():
 
 @pytest.mark.parametrize("kind", ["LSTM", "RNN"])
 def test_module_packed_wrong_feature_size_and_dtype(kind):
+    # torch.nn's exception types and messages (torch.nn's LSTM does not check packed input at all and
+    # fails inside its kernel; lstmfast checks it as torch.nn's RNN does).
     module = getattr(lstmfast, kind)(3, 4, num_layers=2).double()
-    with pytest.raises(ValueError, match=r"input.size\(-1\) must be equal to input_size. Expected 3, got 5"):
+    with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. Expected 3, got 5"):
         module(pack_sequence([_f64(3, 5), _f64(2, 5)]))
-    with pytest.raises(ValueError, match=r"input must have the type torch.float64 \(the dtype of the parameters\), got type torch.float32"):
+    with pytest.raises(ValueError, match=r"RNN input dtype \(torch.float32\) does not match weight dtype \(torch.float64\)"):
         module(pack_sequence([torch.randn(3, 3)]))
     packed = pack_sequence([_f64(3, 3), _f64(2, 3)])
     bad = PackedSequence(packed.data.unsqueeze(1), packed.batch_sizes, None, None)
-    with pytest.raises(ValueError, match=r"expected PackedSequence data of shape \(N, input_size\) \(2-D\), got 3D"):
+    with pytest.raises(RuntimeError, match=r"input must have 2 dimensions, got 3"):
         module(bad)
 
 
 @pytest.mark.parametrize("bad,error,match", [
     (lambda m: m([1.0, 2.0]), TypeError, r"LSTM: expected input to be a Tensor or a PackedSequence, got list"),
-    (lambda m: m(_f64(5, 2, 3), (torch.zeros(2, 2, 4), torch.zeros(2, 2, 4))), ValueError,
+    (lambda m: m(_f64(5, 2, 3), (torch.zeros(2, 2, 4), torch.zeros(2, 2, 4))), RuntimeError,
      r"hx\[0\] must be a torch.float64 tensor on cpu, got torch.float32 on cpu"),
     (lambda m: m(_f64(5, 2, 3), (torch.zeros(2, 2, 4, dtype=F64), torch.zeros(2, 2, 4, dtype=torch.float16))),
-     ValueError, r"hx\[1\] must be a torch.float64 tensor on cpu, got torch.float16 on cpu"),
+     RuntimeError, r"hx\[1\] must be a torch.float64 tensor on cpu, got torch.float16 on cpu"),
     (lambda m: m(_f64(5, 2, 3), (torch.zeros(2, 2, 4, dtype=F64),)), ValueError,
      r"expected hx to be a tuple \(h_0, c_0\), got tuple of \['Tensor'\]"),
     (lambda m: m(_f64(5, 2, 3), (torch.zeros(2, 2, 4, dtype=F64), [0.0])), ValueError,
      r"expected hx to be a tuple \(h_0, c_0\), got tuple of \['Tensor', 'list'\]"),
-    (lambda m: m(_f64(5, 2, 3), (_f64(2, 3, 4), _f64(2, 3, 4))), ValueError,
-     r"Expected hx\[0\] size \(2, 2, 4\), got \(2, 3, 4\)"),
-    (lambda m: m(_f64(5, 2, 3), (_f64(2, 2, 4), _f64(2, 2))), ValueError,
-     r"For batched 3-D input, hx should also be 3-D but got \[3, 2\]-D tensors"),
-    (lambda m: m(pack_sequence([_f64(3, 3), _f64(2, 3)]), (_f64(2, 3, 4), _f64(2, 3, 4))), ValueError,
-     r"Expected hx\[0\] size \(2, 2, 4\), got \(2, 3, 4\)"),
+    (lambda m: m(_f64(5, 2, 3), (_f64(2, 3, 4), _f64(2, 3, 4))), RuntimeError,
+     r"Expected hidden\[0\] size \(2, 2, 4\), got \[2, 3, 4\]"),
+    (lambda m: m(_f64(5, 2, 3), (_f64(2, 2, 4), _f64(2, 2))), RuntimeError,
+     r"For batched 3-D input, hx and cx should also be 3-D but got \(3-D, 2-D\) tensors"),
+    (lambda m: m(pack_sequence([_f64(3, 3), _f64(2, 3)]), (_f64(2, 3, 4), _f64(2, 3, 4))), RuntimeError,
+     r"Expected hidden\[0\] size \(2, 2, 4\), got \[2, 3, 4\]"),
     (lambda m: m(_f64(5, 2, 3), 1.5), ValueError, r"expected hx to be a tuple \(h_0, c_0\), got float"),
 ])
 def test_lstm_module_bad_hx(bad, error, match):
@@ -315,29 +317,33 @@ def test_lstm_module_bad_hx(bad, error, match):
 
 def test_rnn_module_bad_hx():
     module = lstmfast.RNN(3, 4).double()
-    with pytest.raises(ValueError, match=r"RNN: hx must be a torch.float64 tensor on cpu, got torch.float32"):
+    with pytest.raises(RuntimeError, match=r"RNN: hx must be a torch.float64 tensor on cpu, got torch.float32"):
         module(_f64(5, 2, 3), torch.zeros(1, 2, 4))
     with pytest.raises(ValueError, match=r"RNN: expected hx to be a tensor, got tuple"):
         module(_f64(5, 2, 3), (_f64(1, 2, 4), _f64(1, 2, 4)))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(input_size=-1), r"input_size must be a non-negative integer, got -1"),
-    (dict(input_size=3.0), r"input_size must be a non-negative integer, got 3.0"),
-    (dict(hidden_size=True), r"hidden_size must be a positive integer, got True"),
-    (dict(num_layers=1.0), r"num_layers must be a positive integer, got 1.0"),
-    (dict(dropout=-0.1), r"dropout must be a number in \[0, 1\], got -0.1"),
-    (dict(dropout=float("nan")), r"dropout must be a number in \[0, 1\], got nan"),
-    (dict(dropout="0.5"), r"dropout must be a number in \[0, 1\], got '0.5'"),
-    (dict(proj_size=-1), r"proj_size must be a non-negative integer, got -1"),
-    (dict(proj_size=2.0), r"proj_size must be a non-negative integer, got 2.0"),
-    (dict(proj_size=4), r"proj_size has to be smaller than hidden_size, got proj_size=4 and hidden_size=4"),
-    (dict(grad_clip=-1), r"grad_clip must be None or a number > 0, got -1"),
-    (dict(grad_clip="a"), r"grad_clip must be None or a number > 0, got 'a'"),
-    (dict(grad_clip=float("nan")), r"grad_clip must be None or a number > 0, got nan"),
+# torch.nn's exception types and messages; where torch.nn takes a bool as a size or fails on a float
+# inside range() / torch.empty(), lstmfast raises a TypeError naming the argument (README, Guarantees).
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(input_size=-1), ValueError, r"input_size must be greater than zero"),
+    (dict(input_size=3.0), TypeError, r"input_size should be of type int, got: float"),
+    (dict(hidden_size=True), TypeError, r"hidden_size should be of type int, got: bool"),
+    (dict(num_layers=1.0), TypeError, r"num_layers should be of type int, got: float"),
+    (dict(dropout=-0.1), ValueError, r"dropout should be a number in range \[0, 1\]"),
+    (dict(dropout=float("nan")), ValueError, r"dropout should be a number in range \[0, 1\]"),
+    (dict(dropout="0.5"), ValueError, r"dropout should be a number in range \[0, 1\]"),
+    (dict(proj_size=-1), ValueError, r"proj_size should be a positive integer or zero to disable projections"),
+    (dict(proj_size=2.0), TypeError, r"proj_size should be of type int, got: float"),
+    (dict(proj_size=4), ValueError, r"proj_size has to be smaller than hidden_size"),
+    (dict(batch_first="False"), TypeError, r"batch_first should be of type bool, got: str"),
+    (dict(forget_bias="1"), TypeError, r"forget_bias should be a number, got: str"),
+    (dict(grad_clip=-1), ValueError, r"grad_clip must be None or a number > 0, got -1"),
+    (dict(grad_clip="a"), ValueError, r"grad_clip must be None or a number > 0, got 'a'"),
+    (dict(grad_clip=float("nan")), ValueError, r"grad_clip must be None or a number > 0, got nan"),
 ])
-def test_lstm_constructor_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_lstm_constructor_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
         lstmfast.LSTM(**(dict(input_size=3, hidden_size=4) | kwargs))
 
 
@@ -345,7 +351,7 @@ def test_lstm_constructor_bad_arguments(kwargs, match):
     (dict(nonlinearity="Tanh"), r"Unknown nonlinearity 'Tanh'. Select from 'tanh' or 'relu'"),
     (dict(nonlinearity=None), r"Unknown nonlinearity 'None'"),
     (dict(proj_size=2), r"proj_size argument is only supported for LSTM, not RNN"),
-    (dict(dropout=2), r"dropout must be a number in \[0, 1\], got 2"),
+    (dict(dropout=2), r"dropout should be a number in range \[0, 1\]"),
 ])
 def test_rnn_constructor_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -702,9 +708,9 @@ def test_cuda_backward_inconsistent(device):
 @pytest.mark.parametrize("device", CUDA_ONLY)
 def test_cuda_module_bad_hx_and_input(device):
     module = lstmfast.LSTM(3, 4, device=device, dtype=F64)
-    with pytest.raises(ValueError, match=r"hx\[0\] must be a torch.float64 tensor on cuda:0, got torch.float64 on cpu"):
+    with pytest.raises(RuntimeError, match=r"hx\[0\] must be a torch.float64 tensor on cuda:0, got torch.float64 on cpu"):
         module(_f64(5, 2, 3, device=device), (_f64(1, 2, 4), _f64(1, 2, 4)))
-    with pytest.raises(ValueError, match=r"input is on cpu but the parameters are on cuda:0"):
+    with pytest.raises(RuntimeError, match=r"input is on cpu but the parameters are on cuda:0"):
         module(_f64(5, 2, 3))
 
 

@@ -152,7 +152,7 @@ def test_parameters_and_repr_match_torch(kind, options):
     ours2.load_state_dict(theirs2.state_dict())
     for a, b in zip(ours.parameters(), ours2.parameters()):
         assert torch.equal(a, b)
-    ours.flatten_parameters()  # accepted as a no-op
+    ours.flatten_parameters()  # torch.nn's own: a no-op on the CPU
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "RNN"])
@@ -208,33 +208,42 @@ def test_module_device_and_dtype(device):
     assert out.device.type == device and out.shape == (2, 5, 4)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda m: m(torch.randn(5, 2, 7, dtype=torch.float64)), "input.size\\(-1\\) must be equal to input_size. Expected 3, got 7"),
-    (lambda m: m(torch.randn(5, 2, 3, 1, dtype=torch.float64)), "Expected input to be 2D or 3D, got 4D"),
-    (lambda m: m(torch.randn(5, 2, 3, dtype=torch.float32)), "input must have the type torch.float64"),
+# Errors are torch.nn's (same exception type and message), except for a bare tensor as an LSTM's hx,
+# which torch.nn answers with an IndexError (README, Guarantees).
+@pytest.mark.parametrize("bad,error,match", [
+    (lambda m: m(torch.randn(5, 2, 7, dtype=torch.float64)), RuntimeError,
+     "input.size\\(-1\\) must be equal to input_size. Expected 3, got 7"),
+    (lambda m: m(torch.randn(5, 2, 3, 1, dtype=torch.float64)), ValueError,
+     "LSTM: Expected input to be 2D or 3D, got 4D instead"),
+    (lambda m: m(torch.randn(5, 2, 3, dtype=torch.float32)), ValueError,
+     "RNN input dtype \\(torch.float32\\) does not match weight dtype \\(torch.float64\\)"),
     (lambda m: m(torch.randn(5, 2, 3, dtype=torch.float64), (torch.zeros(1, 2, 4, dtype=torch.float64),) * 2),
-     "Expected hx\\[1\\] size \\(2, 2, 4\\), got \\(1, 2, 4\\)|Expected hx\\[0\\] size \\(2, 2, 4\\), got \\(1, 2, 4\\)"),
+     RuntimeError, "Expected hidden\\[0\\] size \\(2, 2, 4\\), got \\[1, 2, 4\\]"),
     (lambda m: m(torch.randn(5, 2, 3, dtype=torch.float64), torch.zeros(2, 2, 4, dtype=torch.float64)),
-     "expected hx to be a tuple"),
+     ValueError, "expected hx to be a tuple"),
     (lambda m: m(torch.randn(5, 3, dtype=torch.float64), (torch.zeros(2, 1, 4, dtype=torch.float64),) * 2),
-     "For unbatched 2-D input, hx\\[0\\] should also be 2-D"),
+     RuntimeError, "For unbatched 2-D input, hx and cx should also be 2-D but got \\(3-D, 3-D\\) tensors"),
+    (lambda m: m(torch.randn(0, 2, 3, dtype=torch.float64)), RuntimeError,
+     "Expected sequence length to be larger than 0 in RNN"),
 ])
-def test_module_bad_input(bad, match):
+def test_module_bad_input(bad, error, match):
     module = lstmfast.LSTM(3, 4, num_layers=2).double()
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         bad(module)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(proj_size=6), "proj_size has to be smaller than hidden_size"),
-    (dict(dropout=1.5), "dropout must be a number in \\[0, 1\\]"),
-    (dict(num_layers=0), "num_layers must be a positive integer"),
-    (dict(hidden_size=0), "hidden_size must be a positive integer"),
-    (dict(grad_clip=0.0), "grad_clip must be None or a number > 0"),
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(proj_size=6), ValueError, "proj_size has to be smaller than hidden_size"),
+    (dict(dropout=1.5), ValueError, "dropout should be a number in range \\[0, 1\\]"),
+    (dict(num_layers=0), ValueError, "num_layers must be greater than zero"),
+    (dict(hidden_size=0), ValueError, "hidden_size must be greater than zero"),
+    (dict(input_size=0), ValueError, "input_size must be greater than zero"),
+    (dict(bias="True"), TypeError, "bias should be of type bool, got: str"),
+    (dict(grad_clip=0.0), ValueError, "grad_clip must be None or a number > 0"),
 ])
-def test_constructor_bad_arguments(kwargs, match):
+def test_constructor_bad_arguments(kwargs, error, match):
     options = dict(input_size=3, hidden_size=4) | kwargs
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         lstmfast.LSTM(**options)
 
 

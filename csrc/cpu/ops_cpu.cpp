@@ -553,8 +553,10 @@ TORCH_LIBRARY_IMPL(lstmfast, CPU, m) {
 
 TORCH_LIBRARY_IMPL(lstmfast, CompositeExplicitAutograd, m) {
   m.impl("cpu_isa", &cpu::isa_name);
-  m.impl("cpu_cache_bytes", [] { return WorkspaceCache::of_this_thread().bytes(); });
-  m.impl("empty_cpu_cache", [] { WorkspaceCache::of_this_thread().blocks.clear(); });
+  m.impl("cpu_cache_bytes", &cpu::cache_bytes);
+  m.impl("empty_cpu_cache", &cpu::empty_cache);
+  m.impl("cpu_cache_limit", &cpu::cache_limit);
+  m.impl("set_cpu_cache_limit", &cpu::set_cache_limit);
 }
 
 }  // namespace lstmfast

@@ -1,0 +1,30 @@
+// The cache of large CPU buffers that lstmfast's ops reuse from call to call (scratch space and the
+// activations saved for backward), like oneDNN's scratchpad: fresh pages for every call's gates and
+// gates gradients cost page faults by the hundred thousand per second of training.
+//
+// Each thread that runs ops has its own cache (no contention: its mutex is only ever contended by
+// empty_cpu_cache or a new limit, from another thread). All caches together hold at most the limit
+// (set_cpu_cache_limit, 512 MiB by default); a thread's cache is freed when the thread ends, and
+// empty_cpu_cache frees every thread's blocks from any thread. A block is reused once nothing
+// references its storage but the cache.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace lstmfast::cpu {
+
+// A CPU byte tensor of at least `bytes` (exactly `bytes` when fresh); from the calling thread's cache
+// for sizes in [1 MiB, 256 MiB], else allocated as usual.
+at::Tensor cached_block(int64_t bytes);
+
+// Bytes held by the caches of all threads together.
+int64_t cache_bytes();
+// Drops every thread's cached blocks (those still in use are freed when their last user lets go).
+void empty_cache();
+// The bound on cache_bytes(); setting a lower one trims the caches at once.
+int64_t cache_limit();
+void set_cache_limit(int64_t bytes);
+
+}  // namespace lstmfast::cpu

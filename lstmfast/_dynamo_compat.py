@@ -1,0 +1,64 @@
+"""Lets torch.compile trace lstmfast's layers, which are torch.nn.LSTM / torch.nn.RNN subclasses.
+
+Dynamo refuses to wrap any instance of torch.nn.RNN, GRU or LSTM (a graph break, an error under
+fullgraph=True) unless torch._dynamo.config.allow_rnn is set, because it cannot trace their cuDNN
+path. lstmfast's forward is plain, traceable Python over registered ops, so for lstmfast layers only
+(torch.nn's own keep torch's behaviour) the module wrapper runs with allow_rnn set.
+
+Importing torch._dynamo takes seconds, so nothing is imported here: the wrapper is installed when
+Dynamo's module builder is imported (at the first torch.compile), or at once if it already is.
+"""
+
+import functools
+import importlib.abc
+import importlib.util
+import sys
+
+_BUILDER = "torch._dynamo.variables.builder"
+
+
+def _patch(builder, fast_class):
+    variable_builder = getattr(builder, "VariableBuilder", None)
+    original = getattr(variable_builder, "wrap_module", None)
+    if original is None or getattr(original, "_lstmfast", False):
+        return
+    from torch._dynamo import config
+
+    @functools.wraps(original)
+    def wrap_module(self, value):
+        if isinstance(value, fast_class) and not config.allow_rnn:
+            with config.patch(allow_rnn=True):
+                return original(self, value)
+        return original(self, value)
+
+    wrap_module._lstmfast = True
+    variable_builder.wrap_module = wrap_module
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, fast_class):
+        self.fast_class = fast_class
+
+    def find_spec(self, name, path, target=None):
+        if name != _BUILDER:
+            return None
+        sys.meta_path.remove(self)  # once; and so that the search below finds the real module
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module, fast_class = spec.loader.exec_module, self.fast_class
+
+        def exec_then_patch(module):
+            exec_module(module)
+            _patch(module, fast_class)
+
+        spec.loader.exec_module = exec_then_patch
+        return spec
+
+
+def install(fast_class):
+    """Makes Dynamo wrap instances of `fast_class` with allow_rnn set."""
+    if _BUILDER in sys.modules:
+        _patch(sys.modules[_BUILDER], fast_class)
+    else:
+        sys.meta_path.insert(0, _PatchOnImport(fast_class))

@@ -1,0 +1,179 @@
+"""The CPU workspace cache (csrc/cpu/workspace_cache.cpp): one budget for all threads, freed when a
+thread ends, emptied from any thread; and RSS after multi-thread training close to torch.nn's."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.pool import ThreadPool
+
+import pytest
+import torch
+
+import lstmfast
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def cache_limit():
+    """Restores the cache limit after the test, and starts from an empty cache."""
+    limit = lstmfast.cpu_cache_limit()
+    lstmfast.empty_cpu_cache()
+    yield limit
+    lstmfast.set_cpu_cache_limit(limit)
+    lstmfast.empty_cpu_cache()
+
+
+def train_step(model, x):
+    y, (h, c) = model(x)
+    (y.square().mean() + h.sum()).backward()
+
+
+def test_default_limit_is_512_mib():
+    assert lstmfast.cpu_cache_limit() == 512 << 20
+
+
+def test_threads_caches_are_counted_together_and_freed_from_the_main_thread(cache_limit):
+    model = lstmfast.LSTM(64, 256)
+    x = torch.randn(64, 16, 64)  # gates (1024, 1024) floats: 4 MiB blocks, cached
+    train_step(model, x)
+    one_thread = lstmfast.cpu_cache_bytes()
+    assert one_thread >= 4 << 20
+    lstmfast.empty_cpu_cache()
+    with ThreadPool(4) as pool:
+        started = threading.Barrier(4)
+
+        def train(_):
+            started.wait()  # all four threads alive at once, each with its own cache
+            train_step(model, x)
+            return threading.get_ident()
+
+        assert len(set(pool.map(train, range(4), chunksize=1))) == 4
+        assert lstmfast.cpu_cache_bytes() >= 4 * one_thread  # the pool's threads still hold theirs
+        lstmfast.empty_cpu_cache()  # from the main thread, while the pool's threads live on
+        assert lstmfast.cpu_cache_bytes() == 0
+        pool.map(train, range(4), chunksize=1)
+        assert lstmfast.cpu_cache_bytes() >= 4 * one_thread
+    # ThreadPool's exit ends its threads only eventually; a plain thread is joined here.
+    lstmfast.empty_cpu_cache()
+    thread = threading.Thread(target=train_step, args=(model, x))
+    thread.start()
+    thread.join()
+    # join() returns once the Python thread is done; the OS thread (and its C++ thread_local
+    # cache) ends just after.
+    deadline = time.monotonic() + 10
+    while lstmfast.cpu_cache_bytes() != 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lstmfast.cpu_cache_bytes() == 0, "a thread's cache is freed when the thread ends"
+
+
+def test_cached_bytes_never_exceed_the_limit(cache_limit):
+    limit = 20 << 20
+    lstmfast.set_cpu_cache_limit(limit)
+    model = lstmfast.LSTM(64, 256, num_layers=2)
+    xs = [torch.randn(steps, 16, 64) for steps in (64, 96, 128)]
+    seen, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.append(lstmfast.cpu_cache_bytes())
+
+    def train(i):
+        for _ in range(3):
+            train_step(model, xs[i % 3])
+            seen.append(lstmfast.cpu_cache_bytes())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPool(4) as pool:
+            pool.map(train, range(4), chunksize=1)
+    finally:
+        done.set()
+        watcher.join()
+    assert max(seen) <= limit
+    assert max(seen) >= 8 << 20, "the cache is used up to its limit"
+    lstmfast.set_cpu_cache_limit(6 << 20)  # lowering the limit trims at once
+    assert lstmfast.cpu_cache_bytes() <= 6 << 20
+    lstmfast.set_cpu_cache_limit(0)  # no caching
+    train_step(model, xs[0])
+    assert lstmfast.cpu_cache_bytes() == 0
+
+
+def test_results_do_not_depend_on_the_cache(cache_limit):
+    torch.manual_seed(0)
+    model = lstmfast.LSTM(32, 128, num_layers=2).double()
+    x = torch.randn(64, 16, 32, dtype=torch.float64)
+
+    def grads():
+        model.zero_grad()
+        train_step(model, x)
+        return [p.grad.clone() for p in model.parameters()]
+
+    cached = grads()
+    lstmfast.set_cpu_cache_limit(0)
+    for a, b in zip(cached, grads()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
+def test_bad_limit(bad):
+    with pytest.raises(ValueError, match="set_cpu_cache_limit expects a number of bytes >= 0"):
+        lstmfast.set_cpu_cache_limit(bad)
+
+
+# A fresh process per measurement, so that RSS counts that run alone. Four threads of a pool (kept
+# alive, as a data loader's or a server's are) each train their own 2-layer LSTM; then the main thread
+# empties lstmfast's cache and reads VmRSS.
+_RSS_SCRIPT = r"""
+import gc, sys
+from multiprocessing.pool import ThreadPool
+import torch
+import lstmfast
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+cls = lstmfast.LSTM if sys.argv[1] == "lstmfast" else torch.nn.LSTM
+models = [cls(128, 512, num_layers=2) for _ in range(4)]
+inputs = [torch.randn(64, 32, 128) for _ in range(4)]
+
+def train(i):
+    optimizer = torch.optim.SGD(models[i].parameters(), lr=1e-3)
+    for _ in range(6):
+        optimizer.zero_grad()
+        y, _ = models[i](inputs[i])
+        y.square().mean().backward()
+        optimizer.step()
+        assert lstmfast.cpu_cache_bytes() <= lstmfast.cpu_cache_limit()
+
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+
+with ThreadPool(4) as pool:
+    pool.map(train, range(4), chunksize=1)
+    lstmfast.empty_cpu_cache()
+    gc.collect()
+    print(rss(), lstmfast.cpu_cache_bytes())
+"""
+
+
+def _rss_after_training(impl):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, impl], env=env, check=True,
+                         capture_output=True, text=True, timeout=600).stdout.split()
+    rss, cached = int(out[0]), int(out[1])
+    assert cached == 0
+    return rss
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_rss_after_multithread_training_is_within_10_percent_of_torch():
+    # Two runs each, keeping each side's smaller RSS: the allocator's per-thread arenas make single
+    # runs vary by some 10% for either library.
+    ours = min(_rss_after_training("lstmfast") for _ in range(2))
+    theirs = min(_rss_after_training("torch") for _ in range(2))
+    assert ours <= 1.10 * theirs, f"RSS {ours >> 20} MiB with lstmfast, {theirs >> 20} MiB with torch.nn"

@@ -1,0 +1,295 @@
+"""lstmfast's layers are torch.nn modules to the rest of the ecosystem: torch.nn's signatures, the
+torch.nn classes (isinstance, all_weights, _flat_weights), and the utilities that rewrite a module's
+weights (weight_norm, parametrizations, pruning, functional_call); convert() keeps everything."""
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize, prune
+
+import lstmfast
+from conftest import TOLERANCES
+
+F64 = torch.float64
+
+
+def pair(kind, *args, **kwargs):
+    """A torch.nn layer and an lstmfast layer built from the same arguments, with the same weights."""
+    torch.manual_seed(0)
+    theirs = getattr(nn, kind)(*args, **kwargs)
+    ours = getattr(lstmfast, kind)(*args, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def assert_same_run(theirs, ours, x, hx=None):
+    """Same outputs, and the same gradients for every parameter (by name) and for the input."""
+    xs = [x.detach().clone().requires_grad_() for _ in range(2)]
+    results = [m(xi, hx) for m, xi in zip((theirs, ours), xs)]
+    (y0, s0), (y1, s1) = results
+    torch.testing.assert_close(y1, y0, **TOLERANCES[x.dtype])
+    torch.testing.assert_close(s1, s0, **TOLERANCES[x.dtype])
+    for m, (y, s), xi in zip((theirs, ours), results, xs):
+        m.zero_grad()
+        (y.square().sum() + sum(t.sum() for t in (s if isinstance(s, tuple) else (s,)))).backward()
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, **TOLERANCES[x.dtype])
+    their_params, our_params = dict(theirs.named_parameters()), dict(ours.named_parameters())
+    assert their_params.keys() == our_params.keys()
+    for name, p in their_params.items():
+        torch.testing.assert_close(our_params[name].grad, p.grad, **TOLERANCES[x.dtype])
+
+
+OPTIONS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional",
+           "proj_size", "mode")
+
+
+@pytest.mark.parametrize("kind,args", [
+    ("LSTM", (4, 6, 2, False, True, 0.25, True, 3, "cpu", F64)),
+    ("LSTM", (4, 6, 3, True, False)),
+    ("RNN", (16, 32, 2, "relu")),
+    ("RNN", (4, 6, 1, "tanh", True)),
+])
+def test_positional_arguments_build_the_same_module(kind, args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs, ours = getattr(nn, kind)(*args), getattr(lstmfast, kind)(*args)
+    for name in OPTIONS + (("nonlinearity",) if kind == "RNN" else ()):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert [(n, p.shape, p.dtype) for n, p in ours.named_parameters()] == \
+        [(n, p.shape, p.dtype) for n, p in theirs.named_parameters()]
+    assert repr(ours) == repr(theirs)
+
+
+def test_rnn_positional_device_and_dtype():
+    """torch.nn.RNN's documented signature ends in device, dtype; given positionally, torch.nn puts the
+    device into proj_size and fails. lstmfast follows the signature (README, Guarantees)."""
+    args = (4, 6, 2, "relu", False, True, 0.25, True)
+    with pytest.raises(TypeError):
+        nn.RNN(*args, "cpu", F64)
+    ours = lstmfast.RNN(*args, "cpu", F64)
+    theirs = nn.RNN(*args, device="cpu", dtype=F64)
+    assert repr(ours) == repr(theirs) and ours.weight_ih_l0.dtype == F64
+    with pytest.raises(TypeError, match="got multiple values for argument 'dtype'"):
+        lstmfast.RNN(*args, "cpu", F64, dtype=F64)
+
+
+def test_extras_are_keyword_only():
+    with pytest.raises(TypeError):
+        lstmfast.LSTM(4, 6, 1, True, False, 0.0, False, 0, None, None, 1.0)  # an 11th positional
+    with pytest.raises(TypeError):
+        lstmfast.RNN(4, 6, 1, "tanh", True, False, 0.0, False, None, None, 1.0)
+    m = lstmfast.LSTM(4, 6, grad_clip=1.0, forget_bias=1.0)
+    assert m.grad_clip == 1.0 and repr(m) == "LSTM(4, 6, forget_bias=1.0, grad_clip=1.0)"
+    assert torch.all(m.bias_ih_l0[6:12] > 0)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_is_a_torch_nn_module_with_its_internals(kind):
+    theirs, ours = pair(kind, 3, 5, num_layers=2, bidirectional=True)
+    assert isinstance(ours, getattr(nn, kind)) and isinstance(ours, nn.RNNBase)
+    assert ours._flat_weights_names == theirs._flat_weights_names
+    assert all(w is p for w, p in zip(ours._flat_weights, ours.parameters()))
+    assert [[w.shape for w in ws] for ws in ours.all_weights] == \
+        [[w.shape for w in ws] for ws in theirs.all_weights]
+    ours.flatten_parameters()
+    clone = copy.deepcopy(ours)
+    assert type(clone) is type(ours) and clone.grad_clip is None
+    unpickled = pickle.loads(pickle.dumps(ours))
+    x = torch.randn(4, 2, 3)
+    torch.testing.assert_close(unpickled(x)[0], ours(x)[0], rtol=0, atol=0)
+    ours.double()  # _apply re-reads the weights, as torch.nn's does
+    assert all(w.dtype == F64 and w is p for w, p in zip(ours._flat_weights, ours.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_old_style_weight_norm(kind):
+    theirs, ours = pair(kind, 3, 5, num_layers=2)
+    theirs, ours = theirs.double(), ours.double()
+    for m in (theirs, ours):
+        torch.nn.utils.weight_norm(m, "weight_hh_l1")
+        with torch.no_grad():
+            m.weight_hh_l1_g.mul_(1.5)  # the normalized weight now differs from the raw one
+    assert_same_run(theirs, ours, torch.randn(6, 2, 3, dtype=F64))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_parametrizations(kind):
+    theirs, ours = pair(kind, 3, 5)
+    theirs, ours = theirs.double(), ours.double()
+
+    class Masked(nn.Module):
+        def forward(self, w):
+            return w * torch.tril(torch.ones_like(w))
+
+    for m in (theirs, ours):
+        parametrizations.weight_norm(m, "weight_ih_l0")
+        parametrize.register_parametrization(m, "weight_hh_l0", Masked())
+    assert isinstance(ours, lstmfast.modules._RecurrentBase) and isinstance(ours, getattr(nn, kind))
+    assert_same_run(theirs, ours, torch.randn(6, 2, 3, dtype=F64))
+    # the weights that run are the parametrized ones
+    plain = getattr(lstmfast, kind)(3, 5).double()
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            p.copy_(getattr(ours, name))
+    x = torch.randn(6, 2, 3, dtype=F64)
+    torch.testing.assert_close(plain(x)[0], ours(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_pruning(kind):
+    theirs, ours = pair(kind, 3, 5, bidirectional=True)
+    theirs, ours = theirs.double(), ours.double()
+    for m in (theirs, ours):
+        prune.l1_unstructured(m, "weight_ih_l0_reverse", amount=0.5)
+        prune.random_unstructured(m, "weight_hh_l0", amount=0.3)
+    assert torch.equal(ours.weight_ih_l0_reverse_mask, theirs.weight_ih_l0_reverse_mask)
+    ours.weight_hh_l0_mask.copy_(theirs.weight_hh_l0_mask)  # random masks: take torch.nn's
+    theirs(torch.zeros(1, 1, 3, dtype=F64)), ours(torch.zeros(1, 1, 3, dtype=F64))  # recompute weights
+    assert_same_run(theirs, ours, torch.randn(6, 2, 3, dtype=F64))
+    assert ours.weight_ih_l0_reverse_orig.grad[ours.weight_ih_l0_reverse_mask == 0].abs().sum() == 0
+
+
+def test_functional_call_uses_the_given_weights():
+    theirs, ours = pair("LSTM", 3, 5, num_layers=2)
+    torch.manual_seed(1)
+    swapped = {name: torch.randn_like(p) for name, p in theirs.named_parameters()}
+    x = torch.randn(6, 2, 3)
+    expected = torch.func.functional_call(theirs, swapped, (x,))
+    got = torch.func.functional_call(ours, swapped, (x,))
+    torch.testing.assert_close(got[0], expected[0], **TOLERANCES[torch.float32])
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0], **TOLERANCES[torch.float32])  # restored
+
+
+# ---------------------------------------------------------------------- convert / unconvert
+
+
+class Twice(nn.Module):
+    """One LSTM used twice, an RNN, a user subclass of nn.LSTM, and a GRU."""
+
+    class MyLSTM(nn.LSTM):
+        pass
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.LSTM(4, 4, num_layers=2)
+        self.decoder = self.encoder  # the same layer, referenced twice
+        self.rnn = nn.RNN(4, 3, nonlinearity="relu")
+        self.custom = Twice.MyLSTM(3, 3)
+        self.gru = nn.GRU(3, 3)
+
+    def forward(self, x):
+        y, _ = self.decoder(self.encoder(x)[0])
+        y, _ = self.rnn(y)
+        y, _ = self.custom(y)
+        return self.gru(y)[0]
+
+
+def test_convert_keeps_hooks_attributes_sharing_and_parametrizations(capsys):
+    torch.manual_seed(0)
+    model = Twice().double()
+    model.encoder.tag = "mine"
+    parametrize.register_parametrization(model.rnn, "weight_hh_l0", nn.Tanh())
+    prune.l1_unstructured(model.encoder, "weight_ih_l1", amount=0.5)
+    model.rnn.eval()
+    calls = []
+    model.encoder.register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    model.encoder.register_forward_hook(lambda m, args, out: calls.append("forward"))
+    model.rnn.register_full_backward_hook(lambda m, gin, gout: calls.append("backward"))
+    model.encoder._register_state_dict_hook(lambda m, sd, prefix, local: calls.append("state_dict"))
+    x = torch.randn(5, 2, 4, dtype=F64)
+    expected = model(x)
+    expected.sum().backward()
+    model.state_dict()
+    torch_calls = list(calls)
+    assert set(torch_calls) == {"pre", "forward", "backward", "state_dict"}
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    params = list(model.parameters())
+
+    with pytest.warns(UserWarning, match=r"custom \(Twice.MyLSTM: a subclass of torch.nn.modules.rnn.LSTM"):
+        assert lstmfast.convert(model, verbose=True) is model
+    printed = capsys.readouterr().out
+    assert "changed 2, left 1" in printed and "encoder (LSTM -> lstmfast.modules.LSTM)" in printed
+
+    assert model.decoder is model.encoder and isinstance(model.encoder, lstmfast.LSTM)
+    assert isinstance(model.encoder, nn.LSTM) and isinstance(model.rnn, lstmfast.RNN)
+    assert type(model.custom) is Twice.MyLSTM and type(model.gru) is nn.GRU
+    assert model.encoder.tag == "mine" and not model.rnn.training and model.encoder.training
+    assert parametrize.is_parametrized(model.rnn, "weight_hh_l0")
+    assert hasattr(model.encoder, "weight_ih_l1_mask")
+    assert all(a is b for a, b in zip(model.parameters(), params))
+
+    calls.clear()
+    model.zero_grad()
+    got = model(x)
+    got.sum().backward()
+    model.state_dict()
+    assert calls == torch_calls
+    torch.testing.assert_close(got, expected, **TOLERANCES[F64])
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[n], **TOLERANCES[F64])
+
+    lstmfast.unconvert(model)
+    assert type(model.encoder) is nn.LSTM and model.decoder is model.encoder
+    assert type(model.rnn).__bases__ == (nn.RNN,) and parametrize.is_parametrized(model.rnn)
+    assert not hasattr(model.encoder, "grad_clip")
+    torch.testing.assert_close(model(x), expected, **TOLERANCES[F64])
+    parametrize.remove_parametrizations(model.rnn, "weight_hh_l0")
+    assert type(model.rnn) is nn.RNN
+
+
+def test_convert_a_layer_itself_and_a_parametrized_one():
+    layer = nn.LSTM(3, 4)
+    parametrizations.weight_norm(layer, "weight_hh_l0")
+    assert lstmfast.convert(layer) is layer
+    assert isinstance(layer, lstmfast.LSTM) and type(layer).__name__ == "ParametrizedLSTM"
+    parametrize.remove_parametrizations(layer, "weight_hh_l0")
+    assert type(layer) is lstmfast.LSTM
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_convert_old_style_weight_norm_and_pruned_layers(kind):
+    torch.manual_seed(0)
+    layer = getattr(nn, kind)(3, 4, num_layers=2).double()
+    torch.nn.utils.weight_norm(layer, "weight_hh_l0")
+    prune.l1_unstructured(layer, "weight_ih_l1", amount=0.5)
+    x = torch.randn(5, 2, 3, dtype=F64)
+    expected = layer(x)[0]
+    assert lstmfast.convert(layer) is layer and isinstance(layer, getattr(lstmfast, kind))
+    torch.testing.assert_close(layer(x)[0], expected, **TOLERANCES[F64])
+    layer(x)[0].sum().backward()
+    assert layer.weight_hh_l0_g.grad is not None and layer.weight_ih_l1_orig.grad is not None
+
+
+def test_convert_leaves_torchscript_modules_with_a_warning():
+    model = nn.Sequential(torch.jit.script(nn.LSTM(3, 4)), nn.Linear(4, 4))
+    with pytest.warns(UserWarning, match=r"0 \(TorchScript module holding LSTM.*convert the model before "
+                                         r"torch.jit.script\)"):
+        lstmfast.convert(model)
+    assert isinstance(model[0], torch.jit.ScriptModule)
+
+
+def test_unconvert_warns_when_grad_clip_is_dropped():
+    layer = lstmfast.RNN(3, 4, grad_clip=1.0)
+    with pytest.warns(UserWarning, match="had grad_clip=1.0"):
+        lstmfast.unconvert(layer)
+    assert type(layer) is nn.RNN
+
+
+@pytest.mark.slow
+def test_compile_leaves_torch_nn_layers_as_torch_has_them():
+    """lstmfast's layers compile with fullgraph=True; torch.nn's own still get Dynamo's RNN graph break
+    (lstmfast does not switch on torch._dynamo.config.allow_rnn for them)."""
+    model = nn.Sequential()
+    model.add_module("rnn", lstmfast.RNN(3, 4))
+    x = torch.randn(5, 2, 3)
+    compiled = torch.compile(lambda x: model(x)[0].sum(), fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x)[0].sum(), **TOLERANCES[torch.float32])
+    from torch._dynamo import config
+    assert config.allow_rnn is False
+    theirs = nn.RNN(3, 4)
+    with pytest.raises(Exception, match="RNN, GRU, or LSTM"):
+        torch.compile(lambda x: theirs(x)[0].sum(), fullgraph=True)(x)
