@@ -1,7 +1,9 @@
 """Loads the compiled ops (torch.ops.lstmfast.*) and gives each a fake implementation.
 
 The fakes describe output shapes from input shapes only (never from values or the device), so the ops
-work under torch.compile, FakeTensorMode and torch.library.opcheck.
+work under torch.compile, FakeTensorMode and torch.library.opcheck. Every output is contiguous, whatever
+the strides of the inputs (transposed batch_first views, expanded inputs or weights): the kernels
+allocate their outputs so (csrc/layer_ops.h), and inductor relies on the fakes' strides.
 """
 
 import torch
@@ -51,13 +53,13 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
     need_input, _, need_weights, need_bias = output_mask
     norm = input.new_empty((rows if return_norms else 0,), dtype=_norm_dtype(input.dtype))
     return (
-        torch.empty_like(input) if need_input else _empty(input),
+        input.new_empty(input.shape) if need_input else _empty(input),
         input.new_empty((batch, proj)),
         input.new_empty((batch, hidden)),
-        torch.empty_like(w_ih) if need_weights else _empty(input),
-        torch.empty_like(w_hh) if need_weights else _empty(input),
+        input.new_empty(w_ih.shape) if need_weights else _empty(input),
+        input.new_empty(w_hh.shape) if need_weights else _empty(input),
         input.new_empty((4 * hidden,)) if need_bias else _empty(input),
-        torch.empty_like(w_hr) if need_weights and w_hr is not None else _empty(input),
+        input.new_empty(w_hr.shape) if need_weights and w_hr is not None else _empty(input),
         norm,
         norm.clone(),
     )
@@ -77,10 +79,10 @@ def _rnn_backward_fake(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh
     rows, batch, _ = _layout(input, batch_sizes, h0)
     need_input, _, need_weights, need_bias = output_mask
     return (
-        torch.empty_like(input) if need_input else _empty(input),
+        input.new_empty(input.shape) if need_input else _empty(input),
         input.new_empty((batch, hidden)),
-        torch.empty_like(w_ih) if need_weights else _empty(input),
-        torch.empty_like(w_hh) if need_weights else _empty(input),
+        input.new_empty(w_ih.shape) if need_weights else _empty(input),
+        input.new_empty(w_hh.shape) if need_weights else _empty(input),
         input.new_empty((hidden,)) if need_bias else _empty(input),
         input.new_empty((rows if return_norms else 0,), dtype=_norm_dtype(input.dtype)),
     )
