@@ -116,7 +116,8 @@ class _RecurrentBase(nn.Module):
         if not packed and input.dim() not in (2, 3):
             raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D "
                              f"tensor")
-        if input.dtype != weight.dtype:
+        # Under autocast the layer runs in the autocast dtype whatever the input's (as torch.nn's do).
+        if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
             raise ValueError(f"{type(self).__name__}: input must have the type {weight.dtype} (the "
                              f"dtype of the parameters), got type {input.dtype}")
         if input.device != weight.device:
@@ -130,7 +131,8 @@ class _RecurrentBase(nn.Module):
         if tuple(state.shape) != tuple(expected):
             raise ValueError(f"{type(self).__name__}: Expected {name} size {tuple(expected)}, got "
                              f"{tuple(state.shape)}")
-        if state.dtype != self.weight_ih_l0.dtype or state.device != self.weight_ih_l0.device:
+        dtype_ok = state.dtype == self.weight_ih_l0.dtype or torch.is_autocast_enabled(state.device.type)
+        if not dtype_ok or state.device != self.weight_ih_l0.device:
             raise ValueError(f"{type(self).__name__}: {name} must be a {self.weight_ih_l0.dtype} tensor "
                              f"on {self.weight_ih_l0.device}, got {state.dtype} on {state.device}")
 
