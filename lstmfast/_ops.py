@@ -112,3 +112,23 @@ def cpu_isa():
     """The instruction set of the CPU kernels' pointwise passes: "avx512", "avx2" or "baseline" (the
     widest this CPU supports, or the one named by the environment variable LSTMFAST_CPU_ISA)."""
     return ops.cpu_isa()
+
+
+def _loop_over_batch(op):
+    """A vmap rule for `op` (torch.func.vmap, and so the vmapped autograd.Functions of
+    lstmfast.functional): runs the op once per batch entry and stacks the results along dim 0."""
+
+    def rule(info, in_dims, *args):
+        if info.batch_size == 0:
+            raise ValueError(f"{op}: vmap over a batch of size 0 is not supported")
+        results = [op(*[a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
+                         for a, d in zip(args, in_dims)])
+                   for i in range(info.batch_size)]
+        outputs = tuple(torch.stack(list(r)) for r in zip(*results))
+        return outputs, (0,) * len(outputs)
+
+    return rule
+
+
+for _name in ("lstm_forward", "lstm_backward", "rnn_forward", "rnn_backward"):
+    torch.library.register_vmap(f"lstmfast::{_name}", _loop_over_batch(getattr(ops, _name).default))

@@ -11,6 +11,21 @@ loop, at each step; ``None`` leaves gradients exactly as torch.nn computes them.
 ``norm_sink``, when given, is called during backward with the per-step gradient norms measured inside
 the BPTT kernels (see :mod:`lstmfast.diagnostics`).
 
+Second order: a backward that builds a graph (``create_graph=True``, ``torch.autograd.functional.hvp``
+/ ``hessian``, ``gradgradcheck``) recomputes the layer with :mod:`lstmfast.reference` under autograd
+and returns its differentiable gradients (torch.nn's numbers); the fused first-order path is
+unchanged when no graph is asked for. ``norm_sink`` then still receives the fused kernel's norms (one
+extra fused backward). With ``grad_clip`` set, second order is refused with a RuntimeError (the clamp
+has no derivative we commit to). Forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``) also
+goes through the reference; ``torch.func.grad`` and ``vmap`` work (vmap loops over the batch).
+
+The output may be modified in place (``out += x``, ``relu_``, in-place dropout) as torch.nn's: the
+backward then recomputes the forward output it needs.
+
+On the CPU, float16 and bfloat16 run as float32 (widened operands, float32 cell state and arithmetic;
+results rounded back, gradients in the parameters' dtype); under ``torch.autocast("cpu")`` the layer
+runs in the autocast dtype, like torch.nn's.
+
 On CUDA, float16 and bfloat16 run with float32 arithmetic inside the kernels; under
 ``torch.autocast("cuda")`` the layer runs in the autocast dtype, like torch.nn's cuDNN layers.
 """
@@ -113,6 +128,15 @@ def _saved_output(ctx, output, recompute):
     return output
 
 
+def _refuse_clipped_second_order(grad_clip):
+    if grad_clip is not None:
+        raise RuntimeError(
+            "lstmfast: second-order gradients (a backward with create_graph=True, hvp, hessian, "
+            f"gradgradcheck) are not defined with grad_clip={grad_clip!r}: the clamp of dL/d(gate "
+            "pre-activations) has no derivative lstmfast commits to. Use grad_clip=None for higher-order "
+            "gradients (and clip the first-order gradient yourself).")
+
+
 def _differentiable_grads(reference_fn, tensors, grads):
     """The gradients of a layer as a differentiable function of its inputs and of `grads` (the
     backward of a backward that builds a graph): the layer is recomputed with lstmfast.reference
@@ -179,6 +203,8 @@ class LSTMFunction(torch.autograd.Function):
             ctx, ctx.saved_layout)
         need = ctx.needs_input_grad
         grad_graph = torch.is_grad_enabled()  # create_graph: the gradients must be differentiable
+        if grad_graph:
+            _refuse_clipped_second_order(ctx.grad_clip)
         if ctx.norm_sink is not None or not grad_graph:
             output = _saved_output(ctx, output, lambda: ops.lstm_forward(
                 input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ctx.reverse, False)[0])
@@ -195,8 +221,7 @@ class LSTMFunction(torch.autograd.Function):
         if grad_graph:
             def layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
                 return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=h0, c0=c0,
-                                      batch_sizes=batch_sizes, reverse=ctx.reverse,
-                                      grad_clip=ctx.grad_clip)
+                                      batch_sizes=batch_sizes, reverse=ctx.reverse)
             g_input, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr = _differentiable_grads(
                 layer, [input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr], [grad_output, grad_h_n, grad_c_n])
             return (g_input, None, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr, None, None, None)
@@ -249,6 +274,8 @@ class RNNFunction(torch.autograd.Function):
         input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output = _saved(ctx, ctx.saved_layout)
         need = ctx.needs_input_grad
         grad_graph = torch.is_grad_enabled()
+        if grad_graph:
+            _refuse_clipped_second_order(ctx.grad_clip)
         if ctx.norm_sink is not None or not grad_graph:
             output = _saved_output(ctx, output, lambda: ops.rnn_forward(
                 input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, ctx.nonlinearity, ctx.reverse)[0])
@@ -264,8 +291,7 @@ class RNNFunction(torch.autograd.Function):
         if grad_graph:
             def layer(input, h0, w_ih, w_hh, b_ih, b_hh):
                 return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=ctx.nonlinearity,
-                                     h0=h0, batch_sizes=batch_sizes, reverse=ctx.reverse,
-                                     grad_clip=ctx.grad_clip)
+                                     h0=h0, batch_sizes=batch_sizes, reverse=ctx.reverse)
             g_input, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh = _differentiable_grads(
                 layer, [input, h0, w_ih, w_hh, b_ih, b_hh], [grad_output, grad_h_n])
             return (g_input, None, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, None, None, None, None)
