@@ -80,6 +80,15 @@ def _float32_on_cpu(tensors):
     return [t.float() if t is not None else None for t in tensors], input.dtype
 
 
+def _apply(function, *args):
+    """function.apply(*args). Outside torch.compile and torch.func transforms this goes straight to
+    autograd's C++ apply: Function.apply binds default arguments with inspect.signature on every call
+    of a setup_context-style Function (about 0.3 ms), and every argument is given here."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return super(torch.autograd.Function, function).apply(*args)
+
+
 def _check_grad_clip(grad_clip):
     if grad_clip is None:
         return
@@ -113,9 +122,7 @@ def _save_output(ctx, output):
             or torch._C._functorch.is_functorch_wrapped_tensor(output):
         ctx.output_watch = None
         return output
-    with torch.no_grad():
-        alias = output.new_empty((0,)).set_(output.untyped_storage(), output.storage_offset(),
-                                            output.shape, output.stride())
+    alias = output.new_empty((0,)).set_(output)  # same memory, shape and strides; a new counter
     ctx.output_watch, ctx.output_version = output.detach(), output._version
     return alias
 
@@ -126,6 +133,14 @@ def _saved_output(ctx, output, recompute):
     if ctx.output_watch is not None and ctx.output_watch._version != ctx.output_version:
         return recompute()
     return output
+
+
+def _detached(grad, like=None):
+    """A gradient for the fused backward op: detached; None (no gradient) stays None, or becomes zeros
+    shaped like `like` where the op needs a tensor."""
+    if grad is None:
+        return torch.zeros_like(like) if like is not None else None
+    return grad.detach()
 
 
 def _refuse_clipped_second_order(grad_clip):
@@ -193,6 +208,9 @@ class LSTMFunction(torch.autograd.Function):
         input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, grad_clip, norm_sink = inputs
         out, _, _, gates, cells = output
         ctx.mark_non_differentiable(gates, cells)
+        # Unused outputs' gradients stay None (the op takes grad_h_n / grad_c_n as optional): no zero
+        # tensors, for the saved gates and cells least of all, are made for them.
+        ctx.set_materialize_grads(False)
         _save(ctx, [input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _save_output(ctx, out),
                     gates, cells])
         ctx.reverse, ctx.grad_clip, ctx.norm_sink = reverse, grad_clip, norm_sink
@@ -212,9 +230,10 @@ class LSTMFunction(torch.autograd.Function):
             if grad_graph:  # only the norms are wanted from the fused op
                 mask = [False] * 4
             (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, h_norm, c_norm) = (
-                ops.lstm_backward(grad_output.detach(), grad_h_n.detach(), grad_c_n.detach(), input,
-                                  batch_sizes, h0, c0, w_ih, w_hh, w_hr, output, gates, cells,
-                                  ctx.reverse, mask, ctx.grad_clip, ctx.norm_sink is not None)
+                ops.lstm_backward(_detached(grad_output, output), _detached(grad_h_n),
+                                  _detached(grad_c_n), input, batch_sizes, h0, c0, w_ih, w_hh, w_hr,
+                                  output, gates, cells, ctx.reverse, mask, ctx.grad_clip,
+                                  ctx.norm_sink is not None)
             )
             if ctx.norm_sink is not None:
                 ctx.norm_sink(h_norm, c_norm)
@@ -268,6 +287,7 @@ class RNNFunction(torch.autograd.Function):
         _save(ctx, [input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, _save_output(ctx, output[0])])
         ctx.nonlinearity, ctx.reverse, ctx.grad_clip = nonlinearity, reverse, grad_clip
         ctx.norm_sink = norm_sink
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n):
@@ -283,8 +303,8 @@ class RNNFunction(torch.autograd.Function):
             if grad_graph:
                 mask = [False] * 4
             grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias, h_norm = ops.rnn_backward(
-                grad_output.detach(), grad_h_n.detach(), input, batch_sizes, h0, w_ih, w_hh, output,
-                ctx.nonlinearity, ctx.reverse, mask, ctx.grad_clip, ctx.norm_sink is not None
+                _detached(grad_output, output), _detached(grad_h_n), input, batch_sizes, h0, w_ih,
+                w_hh, output, ctx.nonlinearity, ctx.reverse, mask, ctx.grad_clip, ctx.norm_sink is not None
             )
             if ctx.norm_sink is not None:
                 ctx.norm_sink(h_norm, None)
@@ -345,7 +365,7 @@ def lstm(
     tensors = _autocast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), rounded = _float32_on_cpu(tensors)
     if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-        outputs = LSTMFunction.apply(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+        outputs = _apply(LSTMFunction, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
                                      grad_clip, norm_sink)[:3]
     else:
         outputs = ops.lstm_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
@@ -375,7 +395,7 @@ def rnn(
     tensors = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
     (input, h0, w_ih, w_hh, b_ih, b_hh), rounded = _float32_on_cpu(tensors)
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
-        outputs = RNNFunction.apply(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity,
+        outputs = _apply(RNNFunction, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity,
                                     reverse, grad_clip, norm_sink)
     else:
         outputs = ops.rnn_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
