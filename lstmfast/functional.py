@@ -172,7 +172,28 @@ def _differentiable_grads(reference_fn, tensors, grads):
 
 
 def _jvp(reference_fn, primals, tangents):
-    """Forward-mode derivative of a layer through lstmfast.reference (torch.func.jvp)."""
+    """Forward-mode derivative of a layer through lstmfast.reference: with torch.func.jvp under a
+    torch.func transform; under torch.autograd.forward_ad (whose levels do not nest) by reverse mode
+    twice, the jvp being the gradient of the vjp with respect to the cotangents."""
+    if torch._C._are_functorch_transforms_active():
+        return _func_jvp(reference_fn, primals, tangents)
+    moving = [i for i, t in enumerate(tangents) if t is not None and primals[i] is not None]
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_(i in moving) if p is not None else None
+                  for i, p in enumerate(primals)]
+        outputs = reference_fn(*leaves)
+        if not moving:
+            return tuple(torch.zeros_like(o) for o in outputs)
+        cotangents = [torch.zeros_like(o, requires_grad=True) for o in outputs]
+        grads = torch.autograd.grad(outputs, [leaves[i] for i in moving], cotangents, create_graph=True,
+                                    allow_unused=True)
+        pairs = [(g, tangents[i]) for g, i in zip(grads, moving) if g is not None]
+        result = torch.autograd.grad([g for g, _ in pairs], cotangents, [t for _, t in pairs],
+                                     allow_unused=True)
+    return tuple(r if r is not None else torch.zeros_like(o) for r, o in zip(result, outputs))
+
+
+def _func_jvp(reference_fn, primals, tangents):
     present = [i for i, p in enumerate(primals) if p is not None]
 
     def layer(*args):
@@ -184,8 +205,7 @@ def _jvp(reference_fn, primals, tangents):
     args = tuple(primals[i] for i in present)
     tans = tuple(tangents[i] if tangents[i] is not None else torch.zeros_like(primals[i])
                  for i in present)
-    _, out_tangents = torch.func.jvp(layer, args, tans)
-    return out_tangents
+    return torch.func.jvp(layer, args, tans)[1]
 
 
 class LSTMFunction(torch.autograd.Function):

@@ -517,3 +517,24 @@ def test_cpu_autocast_float16_lstm_training():
     for a, e in zip(grads, ref_grads):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, e, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_forward_ad_equals_reference(cell):
+    """torch.autograd.forward_ad (dual tensors) through the functional layer: the reference's tangents."""
+    import torch.autograd.forward_ad as fwAD
+    s = layer_sample(cell, steps=3, batch=2, input_size=2, hidden=3, lengths=[3, 1], proj=0)
+    g = torch.Generator().manual_seed(4)
+    x, w_ih = s.args[0].detach(), s.args[1].detach()
+    tangents = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (x, w_ih)]
+    results = []
+    for module in (functional, reference):
+        with fwAD.dual_level():
+            args = [fwAD.make_dual(x, tangents[0]), fwAD.make_dual(w_ih, tangents[1])]
+            args += [a.detach() if a is not None else None for a in s.args[2:]]
+            kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) and k != "batch_sizes" else v)
+                      for k, v in s.kwargs.items()}
+            outs = (module.lstm if cell == "lstm" else module.rnn)(*args, **kwargs)
+            results.append([fwAD.unpack_dual(o).tangent for o in outs])
+    assert all(t is not None for t in results[0])
+    assert_all_close(results[0], results[1], **F64)
