@@ -80,11 +80,16 @@ def _float32_on_cpu(tensors):
     return [t.float() if t is not None else None for t in tensors], input.dtype
 
 
-def _apply(function, *args):
-    """function.apply(*args). Outside torch.compile and torch.func transforms this goes straight to
-    autograd's C++ apply: Function.apply binds default arguments with inspect.signature on every call
-    of a setup_context-style Function (about 0.3 ms), and every argument is given here."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+def _apply(function, core, *args):
+    """function.apply(*args). Under torch.compile, `core`: the Function without its jvp (Dynamo
+    cannot trace a Function with a custom jvp; forward mode does not reach compiled code). Outside
+    torch.compile
+    and torch.func transforms, straight to autograd's C++ apply: Function.apply binds default
+    arguments with inspect.signature on every call of a setup_context-style Function (about 0.3 ms),
+    and every argument is given here."""
+    if torch.compiler.is_compiling():
+        return core.apply(*args)
+    if torch._C._are_functorch_transforms_active():
         return function.apply(*args)
     return super(torch.autograd.Function, function).apply(*args)
 
@@ -208,7 +213,7 @@ def _func_jvp(reference_fn, primals, tangents):
     return torch.func.jvp(layer, args, tans)[1]
 
 
-class LSTMFunction(torch.autograd.Function):
+class _LSTMCore(torch.autograd.Function):
     """Autograd for one LSTM layer: forward and backward are each one call of a fused op.
 
     A backward asked to build a graph (create_graph=True, torch.autograd.functional.hvp/hessian,
@@ -279,6 +284,10 @@ class LSTMFunction(torch.autograd.Function):
             None,
         )
 
+
+class LSTMFunction(_LSTMCore):
+    __doc__ = _LSTMCore.__doc__
+
     @staticmethod
     def jvp(ctx, t_input, _t_batch_sizes, t_h0, t_c0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_w_hr, *_):
         input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _saved(ctx, ctx.saved_layout)[:9]
@@ -291,7 +300,7 @@ class LSTMFunction(torch.autograd.Function):
         return (*tangents, None, None)
 
 
-class RNNFunction(torch.autograd.Function):
+class _RNNCore(torch.autograd.Function):
     """Autograd for one Elman RNN layer (tanh or relu); second order and jvp as :class:`LSTMFunction`."""
 
     generate_vmap_rule = True
@@ -349,6 +358,10 @@ class RNNFunction(torch.autograd.Function):
             None,
         )
 
+
+class RNNFunction(_RNNCore):
+    __doc__ = _RNNCore.__doc__
+
     @staticmethod
     def jvp(ctx, t_input, _t_batch_sizes, t_h0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, *_):
         input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh = _saved(ctx, ctx.saved_layout)[:7]
@@ -385,8 +398,8 @@ def lstm(
     tensors = _autocast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), rounded = _float32_on_cpu(tensors)
     if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-        outputs = _apply(LSTMFunction, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                                     grad_clip, norm_sink)[:3]
+        outputs = _apply(LSTMFunction, _LSTMCore, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                         w_hr, reverse, grad_clip, norm_sink)[:3]
     else:
         outputs = ops.lstm_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
                                    False)[:3]
@@ -415,8 +428,8 @@ def rnn(
     tensors = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
     (input, h0, w_ih, w_hh, b_ih, b_hh), rounded = _float32_on_cpu(tensors)
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
-        outputs = _apply(RNNFunction, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity,
-                                    reverse, grad_clip, norm_sink)
+        outputs = _apply(RNNFunction, _RNNCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh,
+                         nonlinearity, reverse, grad_clip, norm_sink)
     else:
         outputs = ops.rnn_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
     return tuple(o.to(rounded) for o in outputs) if rounded is not None else tuple(outputs)
