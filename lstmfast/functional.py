@@ -83,10 +83,9 @@ def _float32_on_cpu(tensors):
 def _apply(function, core, *args):
     """function.apply(*args). Under torch.compile, `core`: the Function without its jvp (Dynamo
     cannot trace a Function with a custom jvp; forward mode does not reach compiled code). Outside
-    torch.compile
-    and torch.func transforms, straight to autograd's C++ apply: Function.apply binds default
-    arguments with inspect.signature on every call of a setup_context-style Function (about 0.3 ms),
-    and every argument is given here."""
+    torch.compile and torch.func transforms, straight to autograd's C++ apply: Function.apply binds
+    default arguments with inspect.signature on every call of a setup_context-style Function (about
+    0.3 ms), and every argument is given here."""
     if torch.compiler.is_compiling():
         return core.apply(*args)
     if torch._C._are_functorch_transforms_active():
