@@ -139,6 +139,12 @@ inline Layout make_layout(const char* op, const Tensor& input, const OptTensor& 
   return l;
 }
 
+// The shape of a forward output of `width` columns: (T, B, width) or (N, width), like input.
+inline std::vector<int64_t> output_shape(const Tensor& input, int64_t rows, int64_t width) {
+  if (input.dim() == 3) return {input.size(0), input.size(1), width};
+  return {rows, width};
+}
+
 inline Tensor rows_of(const Tensor& t, int64_t width) {
   return t.contiguous().view({-1, width});
 }
@@ -263,7 +269,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const Tensor wi = w_ih.contiguous(), wh = w_hh.contiguous();
   const OptTensor wr = w_hr.has_value() ? OptTensor(w_hr->contiguous()) : std::nullopt;
   const OptTensor bias = combined_bias(b_ih, b_hh);
-  Tensor output = at::empty({N, P}, input.options());
+  // Allocated in its final shape: the op's outputs are never views (autograd lets callers modify
+  // them in place), and contiguous, as the fake implementations (lstmfast/_ops.py) say.
+  Tensor output = at::empty(output_shape(input, N, P), input.options());
   Tensor h_n = state_or_zeros(h0, B, P, input);
   Tensor c_n = state_or_zeros(c0, B, H, input);
   // Inference keeps no gates (a workspace): the backend may then project the input a few steps at a time.
@@ -294,7 +302,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
                                          training};
     dev.template run<scalar_t>(B, 4 * H, P, [&] { kernels::lstm_forward(a, dev); });
   });
-  if (input.dim() == 3) output = output.view({input.size(0), input.size(1), P});
   if (!training) gates = at::empty({0}, input.options());
   return {output, h_n, c_n, gates, cells};
 }
@@ -389,6 +396,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     }
   }
   Tensor grad_bias = need_bias ? grad_gates.sum(0) : empty();
+  // Every gradient comes back contiguous, as the fake implementations say (no-ops where it already is).
+  grad_w_ih = grad_w_ih.contiguous(), grad_w_hh = grad_w_hh.contiguous(), grad_w_hr = grad_w_hr.contiguous();
   return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_h_norm,
           grad_c_norm};
 }
@@ -412,7 +421,7 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const OptTensor& bat
   const Tensor x = rows_of(input, l.input_size);
   const Tensor wi = w_ih.contiguous(), wh = w_hh.contiguous();
   const OptTensor bias = combined_bias(b_ih, b_hh);
-  Tensor output = at::empty({N, H}, input.options());
+  Tensor output = at::empty(output_shape(input, N, H), input.options());
   Tensor h_n = state_or_zeros(h0, B, H, input);
   dispatch_floating<Backend>(input, [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -428,7 +437,6 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const OptTensor& bat
                                         nl};
     dev.template run<scalar_t>(B, H, H, [&] { kernels::rnn_forward(a, dev); });
   });
-  if (input.dim() == 3) output = output.view({input.size(0), input.size(1), H});
   return {output, h_n};
 }
 
@@ -492,6 +500,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
     grad_w_hh = grad_recurrent_weight(dev, l, grad_pre, out, h_init, hidden_prev);
   }
   Tensor grad_bias = need_bias ? grad_pre.sum(0) : empty();
+  grad_w_ih = grad_w_ih.contiguous(), grad_w_hh = grad_w_hh.contiguous();
   return {grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias, grad_h_norm};
 }
 

@@ -1,7 +1,9 @@
 """Loads the compiled ops (torch.ops.lstmfast.*) and gives each a fake implementation.
 
 The fakes describe output shapes from input shapes only (never from values or the device), so the ops
-work under torch.compile, FakeTensorMode and torch.library.opcheck.
+work under torch.compile, FakeTensorMode and torch.library.opcheck. Every output is contiguous, whatever
+the strides of the inputs (transposed batch_first views, expanded inputs or weights): the kernels
+allocate their outputs so (csrc/layer_ops.h), and inductor relies on the fakes' strides.
 """
 
 import torch
@@ -51,13 +53,13 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
     need_input, _, need_weights, need_bias = output_mask
     norm = input.new_empty((rows if return_norms else 0,), dtype=_norm_dtype(input.dtype))
     return (
-        torch.empty_like(input) if need_input else _empty(input),
+        input.new_empty(input.shape) if need_input else _empty(input),
         input.new_empty((batch, proj)),
         input.new_empty((batch, hidden)),
-        torch.empty_like(w_ih) if need_weights else _empty(input),
-        torch.empty_like(w_hh) if need_weights else _empty(input),
+        input.new_empty(w_ih.shape) if need_weights else _empty(input),
+        input.new_empty(w_hh.shape) if need_weights else _empty(input),
         input.new_empty((4 * hidden,)) if need_bias else _empty(input),
-        torch.empty_like(w_hr) if need_weights and w_hr is not None else _empty(input),
+        input.new_empty(w_hr.shape) if need_weights and w_hr is not None else _empty(input),
         norm,
         norm.clone(),
     )
@@ -77,10 +79,10 @@ def _rnn_backward_fake(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh
     rows, batch, _ = _layout(input, batch_sizes, h0)
     need_input, _, need_weights, need_bias = output_mask
     return (
-        torch.empty_like(input) if need_input else _empty(input),
+        input.new_empty(input.shape) if need_input else _empty(input),
         input.new_empty((batch, hidden)),
-        torch.empty_like(w_ih) if need_weights else _empty(input),
-        torch.empty_like(w_hh) if need_weights else _empty(input),
+        input.new_empty(w_ih.shape) if need_weights else _empty(input),
+        input.new_empty(w_hh.shape) if need_weights else _empty(input),
         input.new_empty((hidden,)) if need_bias else _empty(input),
         input.new_empty((rows if return_norms else 0,), dtype=_norm_dtype(input.dtype)),
     )
@@ -95,21 +97,30 @@ def has_cuda_kernels():
     return torch._C._dispatch_has_kernel_for_dispatch_key("lstmfast::lstm_forward", "CUDA")
 
 
-def empty_cpu_cache():
-    """Frees the CPU buffers lstmfast keeps for reuse on the calling thread (scratch space and saved
-    activations of earlier calls, once nothing else uses them), like torch.cuda.empty_cache()."""
-    ops.empty_cpu_cache()
-
-
-def cpu_cache_bytes():
-    """Bytes of CPU buffers lstmfast keeps for reuse on the calling thread (at most 8 blocks)."""
-    return ops.cpu_cache_bytes()
-
-
 def cpu_isa():
     """The instruction set of the CPU kernels' pointwise passes: "avx512", "avx2" or "baseline" (the
     widest this CPU supports, or the one named by the environment variable LSTMFAST_CPU_ISA)."""
     return ops.cpu_isa()
+
+
+def _loop_over_batch(op):
+    """A vmap rule for `op` (torch.func.vmap, and so the vmapped autograd.Functions of
+    lstmfast.functional): runs the op once per batch entry and stacks the results along dim 0."""
+
+    def rule(info, in_dims, *args):
+        if info.batch_size == 0:
+            raise ValueError(f"{op}: vmap over a batch of size 0 is not supported")
+        results = [op(*[a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
+                         for a, d in zip(args, in_dims)])
+                   for i in range(info.batch_size)]
+        outputs = tuple(torch.stack(list(r)) for r in zip(*results))
+        return outputs, (0,) * len(outputs)
+
+    return rule
+
+
+for _name in ("lstm_forward", "lstm_backward", "rnn_forward", "rnn_backward"):
+    torch.library.register_vmap(f"lstmfast::{_name}", _loop_over_batch(getattr(ops, _name).default))
 
 
 def build_summary(detail=False):

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from . import reference
-from ._ops import empty_cpu_cache
+from .cpu_cache import empty_cpu_cache
 from .modules import LSTM, RNN
 
 

@@ -11,6 +11,21 @@ loop, at each step; ``None`` leaves gradients exactly as torch.nn computes them.
 ``norm_sink``, when given, is called during backward with the per-step gradient norms measured inside
 the BPTT kernels (see :mod:`lstmfast.diagnostics`).
 
+Second order: a backward that builds a graph (``create_graph=True``, ``torch.autograd.functional.hvp``
+/ ``hessian``, ``gradgradcheck``) recomputes the layer with :mod:`lstmfast.reference` under autograd
+and returns its differentiable gradients (torch.nn's numbers); the fused first-order path is
+unchanged when no graph is asked for. ``norm_sink`` then still receives the fused kernel's norms (one
+extra fused backward). With ``grad_clip`` set, second order is refused with a RuntimeError (the clamp
+has no derivative we commit to). Forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``) also
+goes through the reference; ``torch.func.grad`` and ``vmap`` work (vmap loops over the batch).
+
+The output may be modified in place (``out += x``, ``relu_``, in-place dropout) as torch.nn's: the
+backward then recomputes the forward output it needs.
+
+On the CPU, float16 and bfloat16 run as float32 (widened operands, float32 cell state and arithmetic;
+results rounded back, gradients in the parameters' dtype); under ``torch.autocast("cpu")`` the layer
+runs in the autocast dtype, like torch.nn's.
+
 On CUDA, float16 and bfloat16 run with float32 arithmetic inside the kernels; under
 ``torch.autocast("cuda")`` the layer runs in the autocast dtype, like torch.nn's cuDNN layers.
 """
@@ -20,8 +35,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from . import reference
 from ._ops import ops
 
 
@@ -31,15 +46,51 @@ NormSink = Callable[[Tensor, Optional[Tensor]], None]
 
 
 def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether the call must go through the autograd.Function: gradients may be asked for, by
+    autograd (an input requires grad), forward-mode AD or a torch.func transform (whose wrapped
+    tensors need not report requires_grad; calling the bare op there would leave gradients None)."""
+    if not torch.is_grad_enabled():
+        return False
+    return (any(t is not None and t.requires_grad for t in tensors)
+            or torch._C._are_functorch_transforms_active()
+            or torch.autograd.forward_ad._current_level >= 0)
 
 
 def _autocast(*tensors):
-    """Under CUDA autocast, run in the autocast dtype, as torch.nn's cuDNN layers do."""
-    if tensors[0].is_cuda and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-        return [t.to(dtype) if t is not None else None for t in tensors]
+    """Under autocast (CUDA or CPU), run in the autocast dtype, as torch.nn's layers do."""
+    device = tensors[0].device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return [t.to(dtype) if t is not None else None for t in tensors]
     return list(tensors)
+
+
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _float32_on_cpu(tensors):
+    """The CPU kernels take float32 and float64: float16/bfloat16 operands are widened to float32
+    (differentiably), so the arithmetic and the cell state stay float32. Returns the operands and
+    the dtype to round the results back to (None when nothing was widened)."""
+    input = tensors[0]
+    if input.device.type != "cpu" or input.dtype not in _REDUCED or \
+            any(t is not None and t.dtype != input.dtype for t in tensors):
+        return list(tensors), None  # (mixed dtypes: the op names the mismatch)
+    return [t.float() if t is not None else None for t in tensors], input.dtype
+
+
+def _apply(function, core, *args):
+    """function.apply(*args). Under torch.compile, `core`: the Function without its jvp (Dynamo
+    cannot trace a Function with a custom jvp; forward mode does not reach compiled code). Outside
+    torch.compile and torch.func transforms, straight to autograd's C++ apply: Function.apply binds
+    default arguments with inspect.signature on every call of a setup_context-style Function (about
+    0.3 ms), and every argument is given here."""
+    if torch.compiler.is_compiling():
+        return core.apply(*args)
+    if torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return super(torch.autograd.Function, function).apply(*args)
 
 
 def _check_grad_clip(grad_clip):
@@ -49,32 +100,174 @@ def _check_grad_clip(grad_clip):
         raise ValueError(f"grad_clip must be None or a number > 0, got {grad_clip!r}")
 
 
-class LSTMFunction(torch.autograd.Function):
-    """Autograd for one LSTM layer: forward and backward are each one call of a fused op."""
+def _save(ctx, tensors):
+    """Saves the given tensors (None entries too) for backward and for jvp: the same list for both, as
+    torch.func's generated vmap rules keep one record of the saved tensors' batch dims, and only the
+    tensors themselves (those rules need no None among them)."""
+    ctx.saved_layout = [t is not None for t in tensors]
+    present = [t for t in tensors if t is not None]
+    ctx.save_for_backward(*present)
+    ctx.save_for_forward(*present)
+
+
+def _saved(ctx, layout):
+    saved = iter(ctx.saved_tensors)
+    return [next(saved) if here else None for here in layout]
+
+
+def _save_output(ctx, output):
+    """Saves the forward output for backward so that callers may still modify it in place (as torch.nn
+    allows): autograd checks saved tensors' versions, so the output is saved through an alias of its
+    memory with a version counter of its own, and the output's own counter is watched instead; a
+    backward that finds the output modified recomputes it (see _saved_output). Under torch.compile
+    (functionalized: no in-place modification reaches a saved tensor) and torch.func transforms
+    (wrapped tensors), the output is saved as it is."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
+            or torch._C._functorch.is_functorch_wrapped_tensor(output):
+        ctx.output_watch = None
+        return output
+    alias = output.new_empty((0,)).set_(output)  # same memory, shape and strides; a new counter
+    ctx.output_watch, ctx.output_version = output.detach(), output._version
+    return alias
+
+
+def _saved_output(ctx, output, recompute):
+    """The forward output as it was computed: `output` unless the caller modified it in place since,
+    in which case `recompute()` runs the forward again."""
+    if ctx.output_watch is not None and ctx.output_watch._version != ctx.output_version:
+        return recompute()
+    return output
+
+
+def _detached(grad, like=None):
+    """A gradient for the fused backward op: detached; None (no gradient) stays None, or becomes zeros
+    shaped like `like` where the op needs a tensor."""
+    if grad is None:
+        return torch.zeros_like(like) if like is not None else None
+    return grad.detach()
+
+
+def _refuse_clipped_second_order(grad_clip):
+    if grad_clip is not None:
+        raise RuntimeError(
+            "lstmfast: second-order gradients (a backward with create_graph=True, hvp, hessian, "
+            f"gradgradcheck) are not defined with grad_clip={grad_clip!r}: the clamp of dL/d(gate "
+            "pre-activations) has no derivative lstmfast commits to. Use grad_clip=None for higher-order "
+            "gradients (and clip the first-order gradient yourself).")
+
+
+def _differentiable_grads(reference_fn, tensors, grads):
+    """The gradients of a layer as a differentiable function of its inputs and of `grads` (the
+    backward of a backward that builds a graph): the layer is recomputed with lstmfast.reference
+    under autograd and differentiated with create_graph=True. `tensors` are the Function's inputs
+    (None where absent); returns one gradient (or None) per tensor."""
+    with torch.enable_grad():
+        wanted = [i for i, t in enumerate(tensors) if t is not None and t.requires_grad]
+        outputs = reference_fn(*tensors)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+        result = [None] * len(tensors)
+        if not wanted or not pairs:
+            return result
+        found = torch.autograd.grad([o for o, _ in pairs], [tensors[i] for i in wanted],
+                                    [g for _, g in pairs], create_graph=True, allow_unused=True)
+    for i, g in zip(wanted, found):
+        result[i] = g if g is not None else torch.zeros_like(tensors[i])
+    return result
+
+
+def _jvp(reference_fn, primals, tangents):
+    """Forward-mode derivative of a layer through lstmfast.reference: with torch.func.jvp under a
+    torch.func transform; under torch.autograd.forward_ad (whose levels do not nest) by reverse mode
+    twice, the jvp being the gradient of the vjp with respect to the cotangents."""
+    if torch._C._are_functorch_transforms_active():
+        return _func_jvp(reference_fn, primals, tangents)
+    moving = [i for i, t in enumerate(tangents) if t is not None and primals[i] is not None]
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_(i in moving) if p is not None else None
+                  for i, p in enumerate(primals)]
+        outputs = reference_fn(*leaves)
+        if not moving:
+            return tuple(torch.zeros_like(o) for o in outputs)
+        cotangents = [torch.zeros_like(o, requires_grad=True) for o in outputs]
+        grads = torch.autograd.grad(outputs, [leaves[i] for i in moving], cotangents, create_graph=True,
+                                    allow_unused=True)
+        pairs = [(g, tangents[i]) for g, i in zip(grads, moving) if g is not None]
+        result = torch.autograd.grad([g for g, _ in pairs], cotangents, [t for _, t in pairs],
+                                     allow_unused=True)
+    return tuple(r if r is not None else torch.zeros_like(o) for r, o in zip(result, outputs))
+
+
+def _func_jvp(reference_fn, primals, tangents):
+    present = [i for i, p in enumerate(primals) if p is not None]
+
+    def layer(*args):
+        full = list(primals)
+        for i, a in zip(present, args):
+            full[i] = a
+        return tuple(reference_fn(*full))
+
+    args = tuple(primals[i] for i in present)
+    tans = tuple(tangents[i] if tangents[i] is not None else torch.zeros_like(primals[i])
+                 for i in present)
+    return torch.func.jvp(layer, args, tans)[1]
+
+
+class _LSTMCore(torch.autograd.Function):
+    """Autograd for one LSTM layer: forward and backward are each one call of a fused op.
+
+    A backward asked to build a graph (create_graph=True, torch.autograd.functional.hvp/hessian,
+    gradgradcheck) recomputes the layer with lstmfast.reference under autograd instead, so that its
+    gradients are differentiable; forward-mode AD (jvp) goes through the reference the same way.
+    Forward also returns the saved activations (gates, cells), non-differentiable, which
+    :func:`lstm` drops."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, grad_clip,
-                norm_sink):
-        output, h_n, c_n, gates, cells = ops.lstm_forward(
-            input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, True
-        )
-        ctx.save_for_backward(input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output, gates, cells)
+    def forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, grad_clip, norm_sink):
+        return ops.lstm_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, grad_clip, norm_sink = inputs
+        out, _, _, gates, cells = output
+        ctx.mark_non_differentiable(gates, cells)
+        # Unused outputs' gradients stay None (the op takes grad_h_n / grad_c_n as optional): no zero
+        # tensors, for the saved gates and cells least of all, are made for them.
+        ctx.set_materialize_grads(False)
+        _save(ctx, [input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _save_output(ctx, out),
+                    gates, cells])
         ctx.reverse, ctx.grad_clip, ctx.norm_sink = reverse, grad_clip, norm_sink
-        return output, h_n, c_n
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output, gates, cells = ctx.saved_tensors
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+        input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output, gates, cells = _saved(
+            ctx, ctx.saved_layout)
         need = ctx.needs_input_grad
-        mask = [need[0], need[2] or need[3], need[4] or need[5] or need[8], need[6] or need[7]]
-        (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, h_norm, c_norm) = (
-            ops.lstm_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh,
-                              w_hr, output, gates, cells, ctx.reverse, mask, ctx.grad_clip,
-                              ctx.norm_sink is not None)
-        )
-        if ctx.norm_sink is not None:
-            ctx.norm_sink(h_norm, c_norm)
+        grad_graph = torch.is_grad_enabled()  # create_graph: the gradients must be differentiable
+        if grad_graph:
+            _refuse_clipped_second_order(ctx.grad_clip)
+        if ctx.norm_sink is not None or not grad_graph:
+            output = _saved_output(ctx, output, lambda: ops.lstm_forward(
+                input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ctx.reverse, False)[0])
+            mask = [need[0], need[2] or need[3], need[4] or need[5] or need[8], need[6] or need[7]]
+            if grad_graph:  # only the norms are wanted from the fused op
+                mask = [False] * 4
+            (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, h_norm, c_norm) = (
+                ops.lstm_backward(_detached(grad_output, output), _detached(grad_h_n),
+                                  _detached(grad_c_n), input, batch_sizes, h0, c0, w_ih, w_hh, w_hr,
+                                  output, gates, cells, ctx.reverse, mask, ctx.grad_clip,
+                                  ctx.norm_sink is not None)
+            )
+            if ctx.norm_sink is not None:
+                ctx.norm_sink(h_norm, c_norm)
+        if grad_graph:
+            def layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+                return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=h0, c0=c0,
+                                      batch_sizes=batch_sizes, reverse=ctx.reverse)
+            g_input, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr = _differentiable_grads(
+                layer, [input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr], [grad_output, grad_h_n, grad_c_n])
+            return (g_input, None, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr, None, None, None)
         return (
             grad_input if need[0] else None,
             None,
@@ -91,31 +284,65 @@ class LSTMFunction(torch.autograd.Function):
         )
 
 
-class RNNFunction(torch.autograd.Function):
-    """Autograd for one Elman RNN layer (tanh or relu)."""
+class LSTMFunction(_LSTMCore):
+    __doc__ = _LSTMCore.__doc__
 
     @staticmethod
-    def forward(ctx, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse, grad_clip,
+    def jvp(ctx, t_input, _t_batch_sizes, t_h0, t_c0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_w_hr, *_):
+        input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _saved(ctx, ctx.saved_layout)[:9]
+
+        def layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+            return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=h0, c0=c0,
+                                  batch_sizes=batch_sizes, reverse=ctx.reverse)
+        tangents = _jvp(layer, [input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr],
+                        [t_input, t_h0, t_c0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_w_hr])
+        return (*tangents, None, None)
+
+
+class _RNNCore(torch.autograd.Function):
+    """Autograd for one Elman RNN layer (tanh or relu); second order and jvp as :class:`LSTMFunction`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse, grad_clip,
                 norm_sink):
-        output, h_n = ops.rnn_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity,
-                                      reverse)
-        ctx.save_for_backward(input, batch_sizes, h0, w_ih, w_hh, output)
+        return ops.rnn_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse, grad_clip, norm_sink = inputs
+        _save(ctx, [input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, _save_output(ctx, output[0])])
         ctx.nonlinearity, ctx.reverse, ctx.grad_clip = nonlinearity, reverse, grad_clip
         ctx.norm_sink = norm_sink
-        return output, h_n
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output, grad_h_n):
-        input, batch_sizes, h0, w_ih, w_hh, output = ctx.saved_tensors
+        input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output = _saved(ctx, ctx.saved_layout)
         need = ctx.needs_input_grad
-        mask = [need[0], need[2], need[3] or need[4], need[5] or need[6]]
-        grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias, h_norm = ops.rnn_backward(
-            grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, output, ctx.nonlinearity,
-            ctx.reverse, mask, ctx.grad_clip, ctx.norm_sink is not None
-        )
-        if ctx.norm_sink is not None:
-            ctx.norm_sink(h_norm, None)
+        grad_graph = torch.is_grad_enabled()
+        if grad_graph:
+            _refuse_clipped_second_order(ctx.grad_clip)
+        if ctx.norm_sink is not None or not grad_graph:
+            output = _saved_output(ctx, output, lambda: ops.rnn_forward(
+                input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, ctx.nonlinearity, ctx.reverse)[0])
+            mask = [need[0], need[2], need[3] or need[4], need[5] or need[6]]
+            if grad_graph:
+                mask = [False] * 4
+            grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias, h_norm = ops.rnn_backward(
+                _detached(grad_output, output), _detached(grad_h_n), input, batch_sizes, h0, w_ih,
+                w_hh, output, ctx.nonlinearity, ctx.reverse, mask, ctx.grad_clip, ctx.norm_sink is not None
+            )
+            if ctx.norm_sink is not None:
+                ctx.norm_sink(h_norm, None)
+        if grad_graph:
+            def layer(input, h0, w_ih, w_hh, b_ih, b_hh):
+                return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=ctx.nonlinearity,
+                                     h0=h0, batch_sizes=batch_sizes, reverse=ctx.reverse)
+            g_input, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh = _differentiable_grads(
+                layer, [input, h0, w_ih, w_hh, b_ih, b_hh], [grad_output, grad_h_n])
+            return (g_input, None, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, None, None, None, None)
         return (
             grad_input if need[0] else None,
             None,
@@ -129,6 +356,20 @@ class RNNFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+class RNNFunction(_RNNCore):
+    __doc__ = _RNNCore.__doc__
+
+    @staticmethod
+    def jvp(ctx, t_input, _t_batch_sizes, t_h0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, *_):
+        input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh = _saved(ctx, ctx.saved_layout)[:7]
+
+        def layer(input, h0, w_ih, w_hh, b_ih, b_hh):
+            return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=ctx.nonlinearity, h0=h0,
+                                 batch_sizes=batch_sizes, reverse=ctx.reverse)
+        return _jvp(layer, [input, h0, w_ih, w_hh, b_ih, b_hh],
+                    [t_input, t_h0, t_w_ih, t_w_hh, t_b_ih, t_b_hh])
 
 
 def lstm(
@@ -153,13 +394,15 @@ def lstm(
     ``h0 (B, P)``, ``c0 (B, H)``. Output ``(T, B, P)`` or ``(N, P)``; ``h_n (B, P)``, ``c_n (B, H)``.
     """
     _check_grad_clip(grad_clip)
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    tensors = _autocast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), rounded = _float32_on_cpu(tensors)
     if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-        return LSTMFunction.apply(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                                  grad_clip, norm_sink)
-    output, h_n, c_n, _, _ = ops.lstm_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                              reverse, False)
-    return output, h_n, c_n
+        outputs = _apply(LSTMFunction, _LSTMCore, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                         w_hr, reverse, grad_clip, norm_sink)[:3]
+    else:
+        outputs = ops.lstm_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+                                   False)[:3]
+    return tuple(o.to(rounded) for o in outputs) if rounded is not None else tuple(outputs)
 
 
 def rnn(
@@ -181,8 +424,11 @@ def rnn(
     _check_grad_clip(grad_clip)
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-    input, h0, w_ih, w_hh, b_ih, b_hh = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
+    tensors = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
+    (input, h0, w_ih, w_hh, b_ih, b_hh), rounded = _float32_on_cpu(tensors)
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
-        return RNNFunction.apply(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse,
-                                 grad_clip, norm_sink)
-    return ops.rnn_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
+        outputs = _apply(RNNFunction, _RNNCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh,
+                         nonlinearity, reverse, grad_clip, norm_sink)
+    else:
+        outputs = ops.rnn_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
+    return tuple(o.to(rounded) for o in outputs) if rounded is not None else tuple(outputs)

@@ -148,13 +148,3 @@ def test_inference_keeps_nothing():
     train = ops.lstm_forward(s.args[0], None, None, None, *s.args[1:], None, False, True)
     assert train[3].shape == (15, 24) and train[4].shape == (15, 6)
     torch.testing.assert_close(out[0], train[0], rtol=0, atol=0)
-
-
-def test_double_backward_is_refused():
-    """Second derivatives are not supported: the first-order gradient carries no (wrong) graph."""
-    s = layer_sample("lstm")
-    output = s.run(functional)[0]
-    (g,) = torch.autograd.grad(output.sum(), s.args[0], create_graph=True)
-    assert not g.requires_grad
-    with pytest.raises(RuntimeError, match="does not require grad"):
-        g.sum().backward()

@@ -514,14 +514,16 @@ def _saved_bytes(fn):
 @pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 8), ("rnn", 0)])
 def test_saved_bytes_per_step(cell, proj):
     """LSTM saves input, output, gates, cells: (I + P + 5H) elements per sequence per step; RNN saves
-    input and output: (I + H). Plus the weights, independent of T."""
+    input and output: (I + H). Plus the weights and biases, independent of T (the biases for the
+    reference recomputation of a backward that builds a graph)."""
     T, B, I, H = 50, 3, 5, 16
     sample = layer_sample(cell, steps=T, batch=B, input_size=I, hidden=H, proj=proj, state=False,
                           dtype=torch.float32)
     saved, _ = _saved_bytes(lambda: sample.run(functional))
     x, w_ih, w_hh, b_ih, b_hh = sample.args
     P = proj or H
-    weights = w_ih.nbytes + w_hh.nbytes + (sample.kwargs["w_hr"].nbytes if proj else 0)
+    weights = w_ih.nbytes + w_hh.nbytes + b_ih.nbytes + b_hh.nbytes
+    weights += sample.kwargs["w_hr"].nbytes if proj else 0
     per_step = B * (I + P + 5 * H if cell == "lstm" else I + H) * 4
     assert saved == T * per_step + weights
 
@@ -535,7 +537,7 @@ def test_long_sequence_lstm():
     module = lstmfast.LSTM(I, H)
     x = torch.randn(T, 1, I, requires_grad=True)
     saved, (out, (h, c)) = _saved_bytes(lambda: module(x))
-    weights = sum(p.nbytes for n, p in module.named_parameters() if n.startswith("weight"))
+    weights = sum(p.nbytes for p in module.parameters())
     assert saved == T * (I + 6 * H) * 4 + weights
     (out.sum() + h.sum()).backward()
     assert all(torch.isfinite(t).all() for t in [out, x.grad] + [p.grad for p in module.parameters()])

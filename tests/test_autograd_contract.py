@@ -1,0 +1,545 @@
+"""torch.nn's autograd contract, side by side with torch.nn on the same Parameters (issue 12): second
+order, torch.compile of training steps, torch.func transforms, in-place use of outputs, CPU float16 /
+bfloat16 and CPU autocast."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import lstmfast
+from lstmfast import functional, reference
+
+from conftest import assert_all_close, layer_sample
+
+F64 = dict(rtol=1e-10, atol=1e-10)
+
+
+def _pair(cell, input_size=3, hidden=3, dtype=torch.float64, **options):
+    """A torch.nn layer and the lstmfast one sharing its Parameters."""
+    torch_cls = nn.LSTM if cell == "lstm" else nn.RNN
+    ours_cls = lstmfast.LSTM if cell == "lstm" else lstmfast.RNN
+    theirs = torch_cls(input_size, hidden, **options).to(dtype)
+    return theirs, ours_cls.from_torch(theirs)
+
+
+def _data(out):
+    return out.data if isinstance(out, nn.utils.rnn.PackedSequence) else out
+
+
+def _flat(result):
+    out, state = result
+    return [_data(out)] + ([state] if isinstance(state, torch.Tensor) else list(state))
+
+
+# ------------------------------------------------------------------------------ second order
+
+FUNCTIONAL_GRID = [
+    ("lstm", dict()),
+    ("lstm", dict(reverse=True)),
+    ("lstm", dict(proj=2)),
+    ("lstm", dict(state=False)),
+    ("lstm", dict(lengths=[3, 2, 1])),
+    ("lstm", dict(lengths=[3, 3, 1], reverse=True, proj=2)),
+    ("lstm", dict(bias=False)),
+    ("rnn", dict()),
+    ("rnn", dict(nonlinearity="relu")),
+    ("rnn", dict(reverse=True, nonlinearity="relu")),
+    ("rnn", dict(lengths=[3, 2, 1], reverse=True)),
+    ("rnn", dict(state=False, bias=False)),
+]
+
+
+@pytest.mark.parametrize("cell,options", FUNCTIONAL_GRID, ids=str)
+def test_gradgradcheck_functional(cell, options):
+    """Double backward of one layer, every option, against finite differences (float64)."""
+    options = {"steps": 3, "batch": 2, "input_size": 2, "hidden": 3, **options}
+    s = layer_sample(cell, **options)
+    names = [k for k in ("w_hr", "h0", "c0") if s.kwargs.get(k) is not None and s.kwargs[k].requires_grad]
+    args = [a for a in s.args if a is not None]
+
+    def layer(*tensors):
+        it = iter(tensors)
+        call_args = [next(it) if a is not None else None for a in s.args]
+        kwargs = dict(s.kwargs, **{k: next(it) for k in names})
+        return (functional.lstm if cell == "lstm" else functional.rnn)(*call_args, **kwargs)
+
+    inputs = tuple(args + [s.kwargs[k] for k in names])
+    assert torch.autograd.gradcheck(layer, inputs)
+    assert torch.autograd.gradgradcheck(layer, inputs)
+
+
+MODULE_GRID = [
+    ("lstm", dict(num_layers=2, bidirectional=True)),
+    ("lstm", dict(proj_size=2, batch_first=True)),
+    ("rnn", dict(num_layers=2, bidirectional=True, nonlinearity="relu")),
+    ("rnn", dict(batch_first=True)),
+]
+
+
+@pytest.mark.parametrize("cell,options", MODULE_GRID, ids=str)
+def test_gradgradcheck_module(cell, options):
+    theirs, ours = _pair(cell, input_size=2, hidden=3, **options)
+    names = [n for n, _ in ours.named_parameters()]
+    x = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+
+    def run(x, *params):
+        return tuple(_flat(torch.func.functional_call(ours, dict(zip(names, params)), (x,))))
+
+    inputs = (x, *[p.detach().requires_grad_() for p in ours.parameters()])
+    assert torch.autograd.gradgradcheck(run, inputs)
+
+
+def _penalty_grads(module, x, hx=None):
+    out, state = module(x, hx)
+    data = _data(out)
+    leaf = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
+    (g,) = torch.autograd.grad(data.sum() + sum(s.sum() for s in _flat((out, state))[1:]), leaf,
+                               create_graph=True)
+    loss = data.mean() + 10 * g.pow(2).sum()
+    return [loss.detach()] + list(torch.autograd.grad(loss, [leaf] + list(module.parameters())))
+
+
+PENALTY_GRID = [
+    ("lstm", dict(num_layers=2, bidirectional=True)),
+    ("lstm", dict(proj_size=2, batch_first=True)),
+    ("rnn", dict(num_layers=2, nonlinearity="relu")),
+    ("rnn", dict(bidirectional=True, batch_first=True)),
+]
+
+
+@pytest.mark.parametrize("cell,options", PENALTY_GRID, ids=str)
+def test_gradient_penalty_equals_torch_nn(cell, options):
+    """out.mean() + 10 * ||d(sum of outputs)/dx||^2: loss and every gradient are torch.nn's."""
+    theirs, ours = _pair(cell, input_size=3, hidden=4, **options)
+    x = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+    expected = _penalty_grads(theirs, x)
+    actual = _penalty_grads(ours, x)
+    assert expected[2].abs().sum() > 0  # the penalty does reach the weights
+    assert_all_close(actual, expected, **F64)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_gradient_penalty_packed_equals_torch_nn(cell):
+    theirs, ours = _pair(cell, input_size=3, hidden=3, bidirectional=True)
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    lengths = [4, 2, 1]
+    results = []
+    for module in (theirs, ours):
+        leaf = x.clone().requires_grad_()
+        packed = pack_padded_sequence(leaf, lengths)
+        out, state = module(packed)
+        (g,) = torch.autograd.grad(out.data.sum(), leaf, create_graph=True)
+        loss = out.data.mean() + 10 * g.pow(2).sum()
+        results.append(list(torch.autograd.grad(loss, [leaf] + list(module.parameters()))))
+    assert_all_close(results[1], results[0], **F64)
+
+
+@pytest.mark.parametrize("cell,options", PENALTY_GRID[:1] + PENALTY_GRID[2:3], ids=str)
+def test_hvp_equals_torch_nn(cell, options):
+    theirs, ours = _pair(cell, input_size=2, hidden=3, **options)
+    x = torch.randn(3, 2, 2, dtype=torch.float64)
+    names = [n for n, _ in theirs.named_parameters()]
+    params = tuple(p.detach() for p in theirs.parameters())
+    g = torch.Generator().manual_seed(5)
+    v = tuple(torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params)
+
+    def loss_of(module):
+        def loss(*ps):
+            out, _ = torch.func.functional_call(module, dict(zip(names, ps)), (x,))
+            return out.pow(2).sum()
+        return loss
+
+    expected = torch.autograd.functional.hvp(loss_of(theirs), params, v)[1]
+    actual = torch.autograd.functional.hvp(loss_of(ours), params, v)[1]
+    assert sum(float(e.abs().sum()) for e in expected) > 0
+    assert_all_close(list(actual), list(expected), **F64)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_second_order_with_grad_clip_is_refused(cell):
+    """grad_clip has no committed second derivative: a backward that builds a graph raises, never a
+    graph-less gradient; first order with grad_clip is unaffected."""
+    s = layer_sample(cell, steps=4, batch=2, input_size=3, hidden=3, grad_clip=0.05)
+    out = s.run(functional)
+    with pytest.raises(RuntimeError, match="not defined with grad_clip=0.05"):
+        torch.autograd.grad(out[0].pow(2).sum(), s.args[0], create_graph=True)
+    out = s.run(functional)
+    (g,) = torch.autograd.grad(out[0].pow(2).sum(), s.args[0])
+    (e,) = torch.autograd.grad(s.run(reference)[0].pow(2).sum(), s.args[0])
+    torch.testing.assert_close(g, e, **F64)
+
+
+def test_norm_sink_under_create_graph():
+    """Diagnostics still get the fused kernel's norms on a backward that builds a graph."""
+    s = layer_sample("lstm", steps=4, batch=2, input_size=3, hidden=3)
+    seen = []
+    out = functional.lstm(*s.args, **s.kwargs, norm_sink=lambda h, c: seen.append((h, c)))
+    (g,) = torch.autograd.grad(out[0].sum(), s.args[0], create_graph=True)
+    assert g.requires_grad and len(seen) == 1
+    out = functional.lstm(*s.args, **s.kwargs, norm_sink=lambda h, c: seen.append((h, c)))
+    torch.autograd.grad(out[0].sum(), s.args[0])
+    assert_all_close(list(seen[0]), list(seen[1]), **F64)
+
+
+# ------------------------------------------------------------------------------ torch.compile
+
+class _Tagger(nn.Module):
+    """Embedding -> layer -> Linear. Packed input comes as the packed token ids and their batch sizes
+    (pack_padded_sequence itself is outside what Dynamo traces); the logits are then per packed row."""
+
+    def __init__(self, cell, **options):
+        super().__init__()
+        self.embedding = nn.Embedding(11, 5)
+        layer = lstmfast.LSTM if cell == "lstm" else lstmfast.RNN
+        self.rnn = layer(5, 4, **options)
+        width = (options.get("proj_size") or 4) * (2 if options.get("bidirectional") else 1)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, tokens, batch_sizes=None):
+        x = self.embedding(tokens)
+        if batch_sizes is not None:
+            x = nn.utils.rnn.PackedSequence(x, batch_sizes)
+        out, state = self.rnn(x)
+        h = state[0] if isinstance(state, tuple) else state
+        return self.head(_data(out)), h
+
+
+COMPILE_GRID = [
+    ("lstm", dict(batch_first=True), False),
+    ("lstm", dict(batch_first=True, bidirectional=True, num_layers=2), False),
+    ("lstm", dict(batch_first=True, proj_size=2), False),
+    ("lstm", dict(num_layers=2), False),
+    ("lstm", dict(batch_first=True), True),
+    ("rnn", dict(batch_first=True), False),
+    ("rnn", dict(batch_first=True, bidirectional=True, nonlinearity="relu"), False),
+    ("rnn", dict(num_layers=2), True),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell,options,packed", COMPILE_GRID, ids=str)
+def test_compiled_training_step_equals_eager(cell, options, packed):
+    """Embedding -> layer -> Linear, compiled with inductor's defaults: loss and every gradient equal
+    eager's (inductor relies on the fakes' strides, batch_first's transposed views included)."""
+    torch.manual_seed(0)
+    model = _Tagger(cell, **options)
+    tokens = torch.randint(0, 11, (3, 6) if options.get("batch_first") else (6, 3))
+    target = torch.randint(0, 3, (3, 6) if options.get("batch_first") else (6, 3))
+    batch_sizes = None
+    if packed:
+        lengths = torch.tensor([6, 4, 2])
+        first = options.get("batch_first", False)
+        packed_tokens = pack_padded_sequence(tokens, lengths, batch_first=first)
+        tokens, batch_sizes = packed_tokens.data, packed_tokens.batch_sizes
+        target = pack_padded_sequence(target, lengths, batch_first=first).data
+
+    def step(forward):
+        logits, h = forward(tokens, batch_sizes)
+        loss = F.cross_entropy(logits.reshape(-1, 3), target.reshape(-1)) + h.square().mean()
+        return [loss.detach()] + list(torch.autograd.grad(loss, list(model.parameters())))
+
+    torch._dynamo.reset()
+    # fullgraph: a graph break would leave the layer running eagerly, and the comparison meaningless
+    compiled = step(torch.compile(model, fullgraph=True))
+    eager = step(model)
+    assert_all_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("layout", ["transposed", "expanded", "strided_weights"])
+def test_opcheck_non_contiguous(cell, layout):
+    """opcheck (fakes against the kernels, strides included) on transposed batch_first views,
+    expanded inputs and non-contiguous weights, for every op."""
+    s = layer_sample(cell, steps=3, batch=2, input_size=3, hidden=4, dtype=torch.float64)
+    x, w_ih, w_hh, b_ih, b_hh = [a.detach() for a in s.args]
+    if layout == "transposed":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "expanded":
+        x = x[:, :1].expand(3, 2, 3)
+    else:
+        w_ih = w_ih.t().contiguous().t()
+        w_hh = torch.cat([w_hh, w_hh], 1)[:, ::2]
+    assert not (x.is_contiguous() and w_ih.is_contiguous())
+    h0 = s.kwargs["h0"].detach()
+    rng = torch.Generator().manual_seed(2)
+    if cell == "lstm":
+        c0 = s.kwargs["c0"].detach()
+        args = (x, None, h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, True)
+        torch.library.opcheck(lstmfast.ops.lstm_forward, args)
+        output, h_n, c_n, gates, cells = lstmfast.ops.lstm_forward(*args)
+        grad = torch.randn(output.shape, generator=rng, dtype=torch.float64).transpose(0, 1)
+        grad = grad.contiguous().transpose(0, 1)
+        torch.library.opcheck(lstmfast.ops.lstm_backward, (
+            grad, torch.ones_like(h_n), None, x, None, h0, c0, w_ih, w_hh, None, output, gates, cells,
+            False, [True, True, True, True], None, False))
+        result = lstmfast.ops.lstm_backward(grad, torch.ones_like(h_n), None, x, None, h0, c0, w_ih,
+                                            w_hh, None, output, gates, cells, False, [True] * 4, None,
+                                            False)
+    else:
+        args = (x, None, h0, w_ih, w_hh, b_ih, b_hh, "tanh", False)
+        torch.library.opcheck(lstmfast.ops.rnn_forward, args)
+        output, h_n = lstmfast.ops.rnn_forward(*args)
+        grad = torch.randn(output.shape, generator=rng, dtype=torch.float64)
+        torch.library.opcheck(lstmfast.ops.rnn_backward, (
+            grad, h_n, x, None, h0, w_ih, w_hh, output, "tanh", False, [True] * 4, None, False))
+        result = lstmfast.ops.rnn_backward(grad, h_n, x, None, h0, w_ih, w_hh, output, "tanh", False,
+                                           [True] * 4, None, False)
+    assert output._base is None and output.is_contiguous()
+    assert all(r.is_contiguous() for r in result)
+
+
+# ------------------------------------------------------------------------------ torch.func
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_func_grad_equals_torch_nn(cell):
+    theirs, ours = _pair(cell, num_layers=2, bidirectional=True)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+
+    def grads(module):
+        def loss(params):
+            out, _ = torch.func.functional_call(module, params, (x,))
+            return out.pow(2).sum()
+        return torch.func.grad(loss)({k: v.detach() for k, v in module.named_parameters()})
+
+    expected, actual = grads(theirs), grads(ours)
+    assert list(actual) == list(expected)
+    assert_all_close(list(actual.values()), list(expected.values()), **F64)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_per_sample_grads_equal_torch_nn_one_sample_at_a_time(cell):
+    """vmap(grad) over the samples of a batch gives each sample's own torch.nn gradient."""
+    theirs, ours = _pair(cell, batch_first=True)
+    x = torch.randn(3, 4, 3, dtype=torch.float64)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+
+    def loss(module, params, sample):
+        out, _ = torch.func.functional_call(module, params, (sample.unsqueeze(0),))
+        return out.pow(2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(lambda p, s: loss(ours, p, s)), in_dims=(None, 0))(
+        params, x)
+    for b in range(3):
+        expected = torch.func.grad(lambda p: loss(theirs, p, x[b]))(params)
+        assert_all_close([g[b] for g in per_sample.values()], list(expected.values()), **F64)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_jvp_equals_torch_nn_or_reference(cell):
+    """Forward mode: torch.nn's RNN supports it (compared with it); torch.nn's LSTM does not, so the
+    LSTM's is compared with lstmfast.reference's."""
+    theirs, ours = _pair(cell, num_layers=2, proj_size=2) if cell == "lstm" else _pair(cell, num_layers=2)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    g = torch.Generator().manual_seed(3)
+    tangents = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+    x_tangent = torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+    def run(module):
+        return lambda p, x: tuple(_flat(torch.func.functional_call(module, p, (x,))))
+
+    actual = torch.func.jvp(run(ours), (params, x), (tangents, x_tangent))
+    if cell == "rnn":
+        expected = torch.func.jvp(run(theirs), (params, x), (tangents, x_tangent))
+    else:
+        def ref(p, x):
+            finals = []
+            for layer in range(2):
+                w = [p[f"{name}_l{layer}"] for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                x, *state = reference.lstm(x, *w, w_hr=p[f"weight_hr_l{layer}"])
+                finals.append(state)
+            return x, torch.stack([f[0] for f in finals]), torch.stack([f[1] for f in finals])
+        expected = torch.func.jvp(ref, (params, x), (tangents, x_tangent))
+    assert_all_close(list(actual[0]) + list(actual[1]), list(expected[0]) + list(expected[1]), **F64)
+    assert expected[1][0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_vmap_ensemble_gradients_reach_the_parameters(cell):
+    """Model ensembling (stack_module_state + functional_call + vmap): outputs and the gradients of
+    the stacked parameters are each model's own torch.nn ones (torch.nn itself has no batching rule)."""
+    torch.manual_seed(0)
+    pairs = [_pair(cell, bidirectional=True) for _ in range(3)]
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    params, buffers = torch.func.stack_module_state([ours for _, ours in pairs])
+    base = pairs[0][1]
+    out = torch.func.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x,))[0])(params, buffers)
+    out.pow(2).sum().backward()
+    for i, (theirs, _) in enumerate(pairs):
+        expected_out, _ = theirs(x)
+        torch.testing.assert_close(out[i], expected_out, **F64)
+        grads = torch.autograd.grad(expected_out.pow(2).sum(), list(theirs.parameters()))
+        for (name, _), g in zip(theirs.named_parameters(), grads):
+            assert params[name].grad is not None, name
+            torch.testing.assert_close(params[name].grad[i], g, **F64)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_first_run_under_no_grad_then_trained(cell):
+    theirs, ours = _pair(cell, num_layers=2)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        ours(x)
+    out, _ = ours(x)
+    out.pow(2).sum().backward()
+    expected = torch.autograd.grad(theirs(x)[0].pow(2).sum(), list(theirs.parameters()))
+    actual = [p.grad for p in ours.parameters()]
+    assert all(a is not None for a in actual)
+    assert_all_close(actual, list(expected), **F64)
+
+
+# ------------------------------------------------------------------------------ in-place outputs
+
+INPLACE_GRID = [
+    ("lstm", dict(), "3d"),
+    ("lstm", dict(batch_first=True, bidirectional=True), "3d"),
+    ("lstm", dict(num_layers=2, proj_size=2), "3d"),
+    ("lstm", dict(), "unbatched"),
+    ("lstm", dict(bidirectional=True), "packed"),
+    ("rnn", dict(), "3d"),
+    ("rnn", dict(batch_first=True, num_layers=2, nonlinearity="relu"), "3d"),
+    ("rnn", dict(), "packed"),
+]
+
+
+@pytest.mark.parametrize("cell,options,kind", INPLACE_GRID, ids=str)
+@pytest.mark.parametrize("operation", ["add", "relu_", "dropout"])
+def test_inplace_on_output(cell, options, kind, operation):
+    """out += x, torch.relu_(out), F.dropout(out, inplace=True): torch.nn's gradients."""
+    theirs, ours = _pair(cell, input_size=3, hidden=3, **options)
+    width = (options.get("proj_size") or 3) * (2 if options.get("bidirectional") else 1)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    results = []
+    for module in (theirs, ours):
+        leaf = x.clone().requires_grad_()
+        if kind == "packed":
+            out, state = module(pack_padded_sequence(leaf, [4, 2]))
+            out = out.data
+        else:
+            out, state = module(leaf[:, 0] if kind == "unbatched" else leaf)
+        bump = torch.ones(out.shape, dtype=out.dtype) * 0.1 * torch.arange(width, dtype=out.dtype)
+        if operation == "add":
+            out += bump
+        elif operation == "relu_":
+            torch.relu_(out)
+        else:
+            torch.manual_seed(7)
+            F.dropout(out, 0.5, training=True, inplace=True)
+        h = state[0] if isinstance(state, tuple) else state
+        loss = (out * out.detach().sin()).sum() + h.sum()
+        results.append([out.detach()] + list(torch.autograd.grad(loss, [leaf] + list(module.parameters()))))
+    assert_all_close(results[1], results[0], **F64)
+
+
+# ------------------------------------------------------------------------------ float16 / bfloat16
+
+REDUCED = {torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_module_on_cpu(cell, dtype):
+    """A float16/bfloat16 module: torch.nn's dtypes everywhere, values within the dtype's tolerance of
+    the float32 computation (lstmfast computes in float32 and rounds the results once)."""
+    options = dict(num_layers=2, bidirectional=True) if cell == "rnn" else dict(proj_size=2)
+    theirs, ours = _pair(cell, input_size=3, hidden=4, dtype=torch.float32, **options)
+    ours_reduced = (lstmfast.LSTM if cell == "lstm" else lstmfast.RNN).from_torch(
+        (nn.LSTM if cell == "lstm" else nn.RNN)(3, 4, **options).to(dtype))
+    ours_reduced.load_state_dict(theirs.state_dict())
+    theirs_reduced = ours_reduced.to_torch()
+    x = torch.randn(5, 2, 3)
+
+    def run(module, x):
+        leaf = x.clone().requires_grad_()
+        outs = _flat(module(leaf))
+        loss = sum(o.float().sum() for o in outs)
+        return outs, torch.autograd.grad(loss, [leaf] + list(module.parameters()))
+
+    outs, grads = run(ours_reduced, x.to(dtype))
+    their_outs, their_grads = run(theirs_reduced, x.to(dtype))
+    assert [o.dtype for o in outs] == [o.dtype for o in their_outs]
+    assert [g.dtype for g in grads] == [g.dtype for g in their_grads] == [dtype] * len(grads)
+    ref_outs, ref_grads = run(theirs, x.to(dtype).float())
+    tol = REDUCED[dtype]
+    for a, e in zip(list(outs) + list(grads), list(ref_outs) + list(ref_grads)):
+        torch.testing.assert_close(a.float(), e, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_autocast(cell, dtype):
+    """Under torch.autocast("cpu"), an autocast Linear feeding the layer: the layer runs in the
+    autocast dtype and returns torch.nn's dtypes (outputs and states in it, float32 parameter
+    gradients), with values within tolerance of float32 on the same rounded operands."""
+    options = dict(num_layers=2, bidirectional=True)
+    theirs, ours = _pair(cell, input_size=3, hidden=4, dtype=torch.float32, **options)
+    linear = nn.Linear(3, 3)
+    x = torch.randn(5, 2, 3)
+
+    def run(module):
+        with torch.autocast("cpu", dtype=dtype):
+            outs = _flat(module(linear(x)))
+        loss = sum(o.float().sum() for o in outs)
+        return outs, torch.autograd.grad(loss, list(module.parameters()) + list(linear.parameters()))
+
+    outs, grads = run(ours)
+    their_outs, their_grads = run(theirs)
+    assert [o.dtype for o in outs] == [o.dtype for o in their_outs] == [dtype] * len(outs)
+    assert [g.dtype for g in grads] == [g.dtype for g in their_grads] == [torch.float32] * len(grads)
+    # float32 on the autocast-rounded operands
+    rounded = (lstmfast.LSTM if cell == "lstm" else lstmfast.RNN)(3, 4, **options)
+    with torch.no_grad():
+        for p, q in zip(rounded.parameters(), ours.parameters()):
+            p.copy_(q.to(dtype).float())
+    with torch.autocast("cpu", dtype=dtype):
+        y = linear(x)
+    ref_outs = _flat(rounded(y.float()))
+    tol = REDUCED[dtype]
+    for a, e in zip(outs, ref_outs):
+        torch.testing.assert_close(a.float(), e.detach(), rtol=tol, atol=tol)
+    for a, e in zip(grads, their_grads):
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol)
+
+
+def test_cpu_autocast_float16_lstm_training():
+    """fp16 autocast LSTM training on float32 input (torch.nn 2.13's oneDNN path refuses it): runs,
+    and matches the float32 computation on float16-rounded operands."""
+    theirs, ours = _pair("lstm", input_size=3, hidden=4, dtype=torch.float32)
+    x = torch.randn(5, 2, 3)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out, (h, c) = ours(x)
+    assert out.dtype == h.dtype == c.dtype == torch.float16
+    grads = torch.autograd.grad(out.float().sum(), list(ours.parameters()))
+    rounded = lstmfast.LSTM(3, 4)
+    with torch.no_grad():
+        for p, q in zip(rounded.parameters(), ours.parameters()):
+            p.copy_(q.half().float())
+    ref_out, _ = rounded(x.half().float())
+    ref_grads = torch.autograd.grad(ref_out.sum(), list(rounded.parameters()))
+    torch.testing.assert_close(out.float(), ref_out.detach(), rtol=1e-2, atol=1e-2)
+    for a, e in zip(grads, ref_grads):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, e, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_forward_ad_equals_reference(cell):
+    """torch.autograd.forward_ad (dual tensors) through the functional layer: the reference's tangents."""
+    import torch.autograd.forward_ad as fwAD
+    s = layer_sample(cell, steps=3, batch=2, input_size=2, hidden=3, lengths=[3, 1], proj=0)
+    g = torch.Generator().manual_seed(4)
+    x, w_ih = s.args[0].detach(), s.args[1].detach()
+    tangents = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (x, w_ih)]
+    results = []
+    for module in (functional, reference):
+        with fwAD.dual_level():
+            args = [fwAD.make_dual(x, tangents[0]), fwAD.make_dual(w_ih, tangents[1])]
+            args += [a.detach() if a is not None else None for a in s.args[2:]]
+            kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) and k != "batch_sizes" else v)
+                      for k, v in s.kwargs.items()}
+            outs = (module.lstm if cell == "lstm" else module.rnn)(*args, **kwargs)
+            results.append([fwAD.unpack_dual(o).tangent for o in outs])
+    assert all(t is not None for t in results[0])
+    assert_all_close(results[0], results[1], **F64)
