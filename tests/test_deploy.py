@@ -1,0 +1,186 @@
+"""Deployment routes: ONNX (both exporters, run by ONNX Runtime), TorchScript, torch.export + AOTInductor.
+
+Every exported model is run at a sequence length and batch size other than those it was exported with,
+and compared with eager lstmfast at the float32 tolerances of design.md section 7.
+"""
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lstmfast
+from conftest import TOLERANCES
+
+TOL = TOLERANCES[torch.float32]
+INPUT, HIDDEN = 4, 5
+EXPORT_SHAPE, RUN_SHAPE = (6, 3), (9, 2)  # (T, B)
+
+
+class Wrapper(nn.Module):
+    """One lstmfast layer, returning (output, *final states) as a flat tuple; h0 optional."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, *states):
+        hx = None if not states else (states if len(states) == 2 else states[0])
+        output, finals = self.layer(x, hx)
+        return (output, *finals) if isinstance(finals, tuple) else (output, finals)
+
+
+def make(kind, num_layers=1, bidirectional=False, nonlinearity="tanh", **options):
+    torch.manual_seed(0)
+    if kind == "LSTM":
+        layer = lstmfast.LSTM(INPUT, HIDDEN, num_layers, bidirectional=bidirectional, **options)
+    else:
+        layer = lstmfast.RNN(INPUT, HIDDEN, num_layers, nonlinearity=nonlinearity,
+                             bidirectional=bidirectional, **options)
+    return Wrapper(layer).eval()
+
+
+def inputs(model, shape, with_h0, seed):
+    g = torch.Generator().manual_seed(seed)
+    T, B = shape
+    layer = model.layer
+    x = torch.randn(T, B, INPUT, generator=g)
+    if layer.batch_first:
+        x = x.transpose(0, 1).contiguous()
+    if not with_h0:
+        return (x,)
+    n = layer.num_layers * (2 if layer.bidirectional else 1)
+    states = [torch.randn(n, B, HIDDEN, generator=g) for _ in range(2 if isinstance(layer, nn.LSTM) else 1)]
+    return (x, *states)
+
+
+def eager(model, args):
+    with torch.no_grad():
+        return [o.numpy() for o in model(*args)]
+
+
+def assert_close_all(got, expected):
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        torch.testing.assert_close(torch.as_tensor(g), torch.as_tensor(e), **TOL)
+
+
+# (kind, nonlinearity, num_layers, bidirectional)
+CONFIGS = [
+    ("LSTM", "tanh", 1, False), ("LSTM", "tanh", 1, True), ("LSTM", "tanh", 2, True), ("LSTM", "tanh", 2, False),
+    ("RNN", "tanh", 1, False), ("RNN", "tanh", 2, True), ("RNN", "relu", 1, True), ("RNN", "relu", 2, False),
+]
+CONFIG_IDS = [f"{k}-{n}-L{layers}-{'bi' if bi else 'uni'}" for k, n, layers, bi in CONFIGS]
+
+
+# ---------------------------------------------------------------------- ONNX
+
+
+def onnx_runtime():
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    return pytest.importorskip("onnxruntime")
+
+
+def export_onnx(model, args, path, exporter):
+    names = ["x", "h0", "c0"][:len(args)]
+    outputs = ["output", "h_n", "c_n"][:3 if isinstance(model.layer, nn.LSTM) else 2]
+    time_axis = 1 if model.layer.batch_first else 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' own deprecation and progress warnings
+        if exporter == "dynamo":
+            # (x, states): forward's *states take one entry, a tuple
+            shapes = ({time_axis: "T", 1 - time_axis: "B"},)
+            if len(args) > 1:
+                shapes += (tuple({1: "B"} for _ in args[1:]),)
+            torch.onnx.export(model, args, str(path), dynamo=True, input_names=names,
+                              output_names=outputs, dynamic_shapes=shapes,
+                              custom_translation_table=lstmfast.onnx_translations(), verbose=False)
+        else:
+            axes = {"x": {time_axis: "T", 1 - time_axis: "B"}, "h0": {1: "B"}, "c0": {1: "B"},
+                    "output": {time_axis: "T", 1 - time_axis: "B"}, "h_n": {1: "B"}, "c_n": {1: "B"}}
+            torch.onnx.export(model, args, str(path), dynamo=False, input_names=names,
+                              output_names=outputs,
+                              dynamic_axes={k: v for k, v in axes.items() if k in names + outputs})
+    return names
+
+
+def run_onnx(path, names, args):
+    ort = onnx_runtime()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {n: a.numpy() for n, a in zip(names, args)})
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+@pytest.mark.parametrize("with_h0", [False, True], ids=["no_h0", "h0"])
+@pytest.mark.parametrize("kind,nonlinearity,num_layers,bidirectional", CONFIGS, ids=CONFIG_IDS)
+def test_onnx_matches_eager(tmp_path, kind, nonlinearity, num_layers, bidirectional, with_h0, exporter):
+    onnx_runtime()
+    model = make(kind, num_layers, bidirectional, nonlinearity)
+    path = tmp_path / "model.onnx"
+    names = export_onnx(model, inputs(model, EXPORT_SHAPE, with_h0, seed=1), path, exporter)
+    args = inputs(model, RUN_SHAPE, with_h0, seed=2)
+    assert_close_all(run_onnx(path, names, args), eager(model, args))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_onnx_without_bias_batch_first_and_under_no_grad(tmp_path, kind, exporter):
+    """No biases (ONNX's B omitted), batch_first, and an export under torch.no_grad() (the raw op, not
+    the autograd Function, reaches the exporter)."""
+    onnx_runtime()
+    model = make(kind, 2, True, "relu", bias=False, batch_first=True)
+    path = tmp_path / "model.onnx"
+    with torch.no_grad():
+        names = export_onnx(model, inputs(model, EXPORT_SHAPE, True, seed=1), path, exporter)
+    args = inputs(model, RUN_SHAPE, True, seed=2)
+    assert_close_all(run_onnx(path, names, args), eager(model, args))
+
+
+def test_onnx_nodes_are_onnx_recurrent_operators(tmp_path):
+    """One ONNX LSTM node per layer and direction, with the direction attribute set."""
+    onnx_runtime()
+    import onnx
+
+    model = make("LSTM", 2, True)
+    path = tmp_path / "model.onnx"
+    export_onnx(model, inputs(model, EXPORT_SHAPE, False, seed=1), path, "dynamo")
+    nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "LSTM"]
+    directions = sorted(onnx.helper.get_attribute_value(a).decode() for n in nodes for a in n.attribute
+                        if a.name == "direction")
+    assert directions == ["forward", "forward", "reverse", "reverse"]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_onnx_projection_is_refused_clearly(tmp_path, exporter):
+    onnx_runtime()
+    torch.manual_seed(0)
+    model = Wrapper(lstmfast.LSTM(INPUT, HIDDEN, proj_size=3)).eval()
+    with pytest.raises(Exception) as info:
+        export_onnx(model, inputs(model, EXPORT_SHAPE, False, seed=1), tmp_path / "m.onnx", exporter)
+    chain, error = [], info.value
+    while error is not None:  # the dynamo exporter wraps the translation's error
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any("projection" in message and "proj_size" in message for message in chain)
+
+
+def test_onnx_packed_input_is_refused_clearly_by_the_legacy_exporter(tmp_path):
+    onnx_runtime()
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = lstmfast.LSTM(INPUT, HIDDEN)
+
+        def forward(self, x, lengths):
+            return self.layer(pack_padded_sequence(x, lengths))[1][0]
+
+    with pytest.raises(RuntimeError, match="packed input"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Packed().eval(), (torch.randn(6, 3, INPUT), torch.tensor([6, 4, 2])),
+                          str(tmp_path / "m.onnx"), dynamo=False)
