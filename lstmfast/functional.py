@@ -48,8 +48,10 @@ NormSink = Callable[[Tensor, Optional[Tensor]], None]
 def _needs_grad(*tensors):
     """Whether the call must go through the autograd.Function: gradients may be asked for, by
     autograd (an input requires grad), forward-mode AD or a torch.func transform (whose wrapped
-    tensors need not report requires_grad; calling the bare op there would leave gradients None)."""
-    if not torch.is_grad_enabled():
+    tensors need not report requires_grad; calling the bare op there would leave gradients None).
+    Under torch.jit.trace (and the TorchScript-based ONNX exporter, which traces), never: a traced
+    graph is for inference, and the bare op, unlike the Function, can be saved and checked."""
+    if not torch.is_grad_enabled() or torch._C._get_tracing_state() is not None:
         return False
     return (any(t is not None and t.requires_grad for t in tensors)
             or torch._C._are_functorch_transforms_active()

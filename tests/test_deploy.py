@@ -184,3 +184,78 @@ def test_onnx_packed_input_is_refused_clearly_by_the_legacy_exporter(tmp_path):
         warnings.simplefilter("ignore")
         torch.onnx.export(Packed().eval(), (torch.randn(6, 3, INPUT), torch.tensor([6, 4, 2])),
                           str(tmp_path / "m.onnx"), dynamo=False)
+
+
+def test_onnx_legacy_exporter_translates_the_autograd_function(tmp_path):
+    """Code that calls lstmfast.LSTMFunction / RNNFunction itself (outside torch.jit tracing the module
+    path uses the bare ops) exports through the Functions' symbolic methods."""
+    onnx_runtime()
+
+    class Direct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lstm, self.rnn = lstmfast.LSTM(INPUT, HIDDEN), lstmfast.RNN(HIDDEN, HIDDEN)
+
+        def forward(self, x):
+            lstm, rnn = self.lstm, self.rnn
+            y = lstmfast.LSTMFunction.apply(x, None, None, None, lstm.weight_ih_l0, lstm.weight_hh_l0,
+                                            lstm.bias_ih_l0, lstm.bias_hh_l0, None, True, None, None)[0]
+            return lstmfast.RNNFunction.apply(y, None, None, rnn.weight_ih_l0, rnn.weight_hh_l0,
+                                              rnn.bias_ih_l0, rnn.bias_hh_l0, "tanh", False, None, None)
+
+    model = Direct().eval()
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(*EXPORT_SHAPE, INPUT),), str(path), dynamo=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "T", 1: "B"}})
+    x = torch.randn(*RUN_SHAPE, INPUT)
+    assert_close_all(run_onnx(path, ["x"], (x,)), eager(model, (x,)))
+
+
+# ---------------------------------------------------------------------- TorchScript
+
+
+class Stack(nn.Module):
+    """LSTM (2 layers, bidirectional) feeding an RNN (relu), then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm = lstmfast.LSTM(INPUT, HIDDEN, 2, bidirectional=True)
+        self.rnn = lstmfast.RNN(2 * HIDDEN, HIDDEN, nonlinearity="relu")
+        self.head = nn.Linear(HIDDEN, 2)
+
+    def forward(self, x):
+        y, (h, c) = self.lstm(x)
+        z, h_rnn = self.rnn(y)
+        return self.head(z), h, c, h_rnn
+
+
+def test_jit_trace_checks_saves_loads_and_matches_eager(tmp_path):
+    model = Stack().eval()
+    path = tmp_path / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # lstmfast's forward gives the tracer nothing to warn about...
+        warnings.filterwarnings("ignore", "`torch.jit")  # ...torch's own deprecation (any category)
+        traced = torch.jit.trace(model, (torch.randn(*EXPORT_SHAPE, INPUT),))  # check_trace: re-runs it
+        torch.jit.save(traced, str(path))
+        loaded = torch.jit.load(str(path))
+    x = torch.randn(*RUN_SHAPE, INPUT)
+    with torch.no_grad():
+        expected = model(x)
+        got = loaded(x)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, **TOL)
+    assert "lstmfast::lstm_forward" in str(loaded.inlined_graph)
+
+
+def test_jit_script_names_the_supported_routes():
+    with pytest.raises(RuntimeError, match="torch.jit.script") as info:
+        torch.jit.script(Stack())
+    message = str(info.value)
+    for route in ("torch.jit.trace", "torch.export", "torch.compile", "torch.onnx.export"):
+        assert route in message
