@@ -259,3 +259,47 @@ def test_jit_script_names_the_supported_routes():
     message = str(info.value)
     for route in ("torch.jit.trace", "torch.export", "torch.compile", "torch.onnx.export"):
         assert route in message
+
+
+# ---------------------------------------------------------------------- torch.export, AOTInductor
+
+
+def export_stack(model):
+    T, B = torch.export.Dim("T", min=2), torch.export.Dim("B", min=2)
+    return torch.export.export(model, (torch.randn(*EXPORT_SHAPE, INPUT),), dynamic_shapes=({0: T, 1: B},))
+
+
+def assert_matches_stack(model, run):
+    x = torch.randn(*RUN_SHAPE, INPUT)
+    with torch.no_grad():
+        expected = model(x)
+        got = run(x)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, **TOL)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_torch_export_dynamic_time_and_batch(grad):
+    """The exported graph calls lstmfast's ops (no autograd Function left in it); under torch.no_grad()
+    their inference form (training=False: no saved activations)."""
+    model = Stack().eval()
+    with torch.set_grad_enabled(grad):
+        program = export_stack(model)
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    lstm_calls = [n for n in program.graph.nodes if n.target is torch.ops.lstmfast.lstm_forward.default]
+    assert len(lstm_calls) == 4 and torch.ops.lstmfast.rnn_forward.default in targets
+    assert not any("autograd" in str(t).lower() for t in targets)
+    if not grad:
+        assert all(n.args[-1] is False for n in lstm_calls)
+    assert_matches_stack(model, program.module())
+
+
+@pytest.mark.slow
+def test_aot_inductor_package_loads_and_matches_eager(tmp_path):
+    model = Stack().eval()
+    program = export_stack(model)
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    loaded = torch._inductor.aoti_load_package(path)
+    assert_matches_stack(model, loaded)
