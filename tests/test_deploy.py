@@ -303,3 +303,42 @@ def test_aot_inductor_package_loads_and_matches_eager(tmp_path):
     path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
     loaded = torch._inductor.aoti_load_package(path)
     assert_matches_stack(model, loaded)
+
+
+def test_projection_through_torch_export_and_jit_trace():
+    """The routes that keep lstmfast's ops keep projection (proj_size), which ONNX cannot express."""
+    torch.manual_seed(0)
+    model = Wrapper(lstmfast.LSTM(INPUT, HIDDEN, 2, proj_size=3, bidirectional=True)).eval()
+    export_args = inputs(model, EXPORT_SHAPE, False, seed=1)
+    T, B = torch.export.Dim("T", min=2), torch.export.Dim("B", min=2)
+    program = torch.export.export(model, export_args, dynamic_shapes=({0: T, 1: B},))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit")
+        traced = torch.jit.trace(model, export_args)
+    args = inputs(model, RUN_SHAPE, False, seed=2)
+    expected = eager(model, args)
+    with torch.no_grad():
+        for run in (program.module(), traced):
+            assert_close_all([o.numpy() for o in run(*args)], expected)
+
+
+def test_jit_trace_of_packed_input_follows_other_lengths():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer = lstmfast.LSTM(INPUT, HIDDEN, bidirectional=True)
+
+        def forward(self, x, lengths):
+            return self.layer(pack_padded_sequence(x, lengths))[1]
+
+    model = Packed().eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit")
+        traced = torch.jit.trace(model, (torch.randn(6, 3, INPUT), torch.tensor([6, 4, 2])))
+    x, lengths = torch.randn(8, 3, INPUT), torch.tensor([8, 3, 1])
+    with torch.no_grad():
+        for got, expected in zip(traced(x, lengths), model(x, lengths)):
+            torch.testing.assert_close(got, expected, **TOL)
