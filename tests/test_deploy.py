@@ -342,3 +342,26 @@ def test_jit_trace_of_packed_input_follows_other_lengths():
     with torch.no_grad():
         for got, expected in zip(traced(x, lengths), model(x, lengths)):
             torch.testing.assert_close(got, expected, **TOL)
+
+
+@pytest.mark.parametrize("order", ["lstmfast_first", "torch_onnx_first"])
+def test_import_stays_cheap_and_registers_the_legacy_symbolics_either_way(order):
+    """import lstmfast loads neither onnx nor onnxscript nor torch.onnx; the TorchScript-based exporter's
+    symbolics are registered once torch.onnx is imported, whichever comes first."""
+    import subprocess
+    import sys
+
+    imports = "import lstmfast; import torch.onnx" if order == "lstmfast_first" else \
+        "import torch.onnx; import lstmfast"
+    script = (
+        "import sys, torch\n"
+        "import lstmfast\n"
+        "assert not {'onnx', 'onnxscript', 'torch.onnx'} & set(sys.modules), sorted(sys.modules)\n"
+        if order == "lstmfast_first" else "import sys, torch\n"
+    ) + imports + "\n" + (
+        "from torch.onnx._internal.torchscript_exporter import registration\n"
+        "for op in ('lstmfast::lstm_forward', 'lstmfast::rnn_forward'):\n"
+        "    assert registration.registry.is_registered_op(op, 17), op\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
