@@ -300,7 +300,10 @@ def test_torch_export_dynamic_time_and_batch(grad):
 def test_aot_inductor_package_loads_and_matches_eager(tmp_path):
     model = Stack().eval()
     program = export_stack(model)
-    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    with warnings.catch_warnings():
+        # torch 2.13's own packaging code uses its deprecated pytree LeafSpec
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
     loaded = torch._inductor.aoti_load_package(path)
     assert_matches_stack(model, loaded)
 
@@ -335,8 +338,9 @@ def test_jit_trace_of_packed_input_follows_other_lengths():
             return self.layer(pack_padded_sequence(x, lengths))[1]
 
     model = Packed().eval()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pytest.warns(torch.jit.TracerWarning, match="Python integer"):
         warnings.filterwarnings("ignore", "`torch.jit")
+        # the tracer says so: the batch size (read off batch_sizes) is fixed at trace time
         traced = torch.jit.trace(model, (torch.randn(6, 3, INPUT), torch.tensor([6, 4, 2])))
     x, lengths = torch.randn(8, 3, INPUT), torch.tensor([8, 3, 1])
     with torch.no_grad():
