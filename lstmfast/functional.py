@@ -48,8 +48,10 @@ NormSink = Callable[[Tensor, Optional[Tensor]], None]
 def _needs_grad(*tensors):
     """Whether the call must go through the autograd.Function: gradients may be asked for, by
     autograd (an input requires grad), forward-mode AD or a torch.func transform (whose wrapped
-    tensors need not report requires_grad; calling the bare op there would leave gradients None)."""
-    if not torch.is_grad_enabled():
+    tensors need not report requires_grad; calling the bare op there would leave gradients None).
+    Under torch.jit.trace (and the TorchScript-based ONNX exporter, which traces), never: a traced
+    graph is for inference, and the bare op, unlike the Function, can be saved and checked."""
+    if not torch.is_grad_enabled() or torch._C._get_tracing_state() is not None:
         return False
     return (any(t is not None and t.requires_grad for t in tensors)
             or torch._C._are_functorch_transforms_active()
@@ -288,6 +290,12 @@ class LSTMFunction(_LSTMCore):
     __doc__ = _LSTMCore.__doc__
 
     @staticmethod
+    def symbolic(g, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, grad_clip, norm_sink):
+        """torch.onnx.export(dynamo=False): one ONNX LSTM node (inference; see lstmfast.onnx_export)."""
+        from .onnx_export import legacy_lstm
+        return legacy_lstm(g, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+
+    @staticmethod
     def jvp(ctx, t_input, _t_batch_sizes, t_h0, t_c0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_w_hr, *_):
         input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _saved(ctx, ctx.saved_layout)[:9]
 
@@ -360,6 +368,13 @@ class _RNNCore(torch.autograd.Function):
 
 class RNNFunction(_RNNCore):
     __doc__ = _RNNCore.__doc__
+
+    @staticmethod
+    def symbolic(g, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse, grad_clip,
+                 norm_sink):
+        """torch.onnx.export(dynamo=False): one ONNX RNN node (inference; see lstmfast.onnx_export)."""
+        from .onnx_export import legacy_rnn
+        return legacy_rnn(g, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
 
     @staticmethod
     def jvp(ctx, t_input, _t_batch_sizes, t_h0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, *_):

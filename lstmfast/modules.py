@@ -84,6 +84,15 @@ class _RecurrentBase:
             s += f", grad_clip={self.grad_clip}"
         return s
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module it is about to compile: fail here, with the
+        # routes that work, rather than deep inside the compiler on the first Python construct.
+        raise RuntimeError(
+            f"lstmfast.{type(self).__name__} cannot be compiled by torch.jit.script: its forward is "
+            f"Python over lstmfast's registered ops. Supported routes: torch.jit.trace (inference), "
+            f"torch.export (and AOTInductor), torch.compile, and torch.onnx.export (inference). To "
+            f"script the model with torch.nn's own layers instead, call lstmfast.unconvert(model) first.")
+
     def _norm_sink(self, layer, direction):
         if self._gradient_recorder is None:
             return None
@@ -103,7 +112,10 @@ class _RecurrentBase:
                              f"model.to({input.dtype})")
         if packed and input.dim() != 2:
             raise RuntimeError(f"input must have 2 dimensions, got {input.dim()}")
-        if input.shape[-1] != self.input_size:
+        # (Under torch.jit.trace, sizes are traced tensors: these checks would only warn that the trace
+        # records them as constants; the op itself checks the sizes it gets.)
+        tracing = torch._C._get_tracing_state() is not None
+        if not tracing and input.shape[-1] != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                                f"got {input.shape[-1]}")
         if input.device != weight.device:
@@ -154,7 +166,7 @@ class _RecurrentBase:
             states = self._states_of(hx, sizes, unbatched, weight)
             if sorted_indices is not None:
                 states = [s.index_select(1, sorted_indices) for s in states]
-        if not packed and data.shape[0] == 0:
+        if not packed and torch._C._get_tracing_state() is None and data.shape[0] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         layer_input = data
