@@ -59,12 +59,13 @@ def _needs_grad(*tensors):
 
 
 def _autocast(*tensors):
-    """Under autocast (CUDA or CPU), run in the autocast dtype, as torch.nn's layers do."""
+    """Under autocast (CUDA or CPU), run in the autocast dtype, as torch.nn's layers do. Like torch's
+    autocast, only floating-point tensors other than float64 are cast: a float64 layer stays float64."""
     device = tensors[0].device.type
     if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-        with torch.autocast(device, enabled=False):
-            return [t.to(dtype) if t is not None else None for t in tensors]
+        return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+                else t for t in tensors]
     return list(tensors)
 
 
@@ -123,9 +124,11 @@ def _save_output(ctx, output):
     memory with a version counter of its own, and the output's own counter is watched instead; a
     backward that finds the output modified recomputes it (see _saved_output). Under torch.compile
     (functionalized: no in-place modification reaches a saved tensor) and torch.func transforms
-    (wrapped tensors), the output is saved as it is."""
+    (wrapped tensors), the output is saved as it is; so it is under saved-tensor hooks
+    (torch.utils.checkpoint, save_on_cpu), which must own the only reference to what is saved."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
-            or torch._C._functorch.is_functorch_wrapped_tensor(output):
+            or torch._C._functorch.is_functorch_wrapped_tensor(output) \
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         ctx.output_watch = None
         return output
     alias = output.new_empty((0,)).set_(output)  # same memory, shape and strides; a new counter
@@ -149,6 +152,31 @@ def _detached(grad, like=None):
     return grad.detach()
 
 
+def _builds_graph(*tensors):
+    """Whether a backward must return differentiable gradients: grad mode is on inside it
+    (create_graph=True) and something they depend on requires grad. torch.func.grad and vjp run every
+    backward with create_graph=True, their tensors all requiring grad at their own level: there a graph
+    is needed only when another differentiating transform (grad, jvp) is active too, or when plain
+    autograd outside them tracks the underlying tensors; else the fused first-order kernels serve."""
+    if not torch.is_grad_enabled():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        kinds = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+        if sum(i.key() in kinds for i in retrieve_all_functorch_interpreters()) > 1:
+            return True
+        tensors = [_unwrapped(t) for t in tensors]
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _unwrapped(tensor):
+    """The plain tensor under torch.func's wrappers (None stays None)."""
+    while tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor
+
+
 def _refuse_clipped_second_order(grad_clip):
     if grad_clip is not None:
         raise RuntimeError(
@@ -156,6 +184,23 @@ def _refuse_clipped_second_order(grad_clip):
             f"gradgradcheck) are not defined with grad_clip={grad_clip!r}: the clamp of dL/d(gate "
             "pre-activations) has no derivative lstmfast commits to. Use grad_clip=None for higher-order "
             "gradients (and clip the first-order gradient yourself).")
+
+
+def _lstm_reference(batch_sizes, reverse):
+    """The LSTM layer as lstmfast.reference computes it under autograd, a function of its
+    differentiable inputs: what second order and forward mode differentiate."""
+    def layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=h0, c0=c0,
+                              batch_sizes=batch_sizes, reverse=reverse)
+    return layer
+
+
+def _rnn_reference(batch_sizes, nonlinearity, reverse):
+    """As :func:`_lstm_reference`, for the Elman RNN."""
+    def layer(input, h0, w_ih, w_hh, b_ih, b_hh):
+        return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, h0=h0,
+                             batch_sizes=batch_sizes, reverse=reverse)
+    return layer
 
 
 def _differentiable_grads(reference_fn, tensors, grads):
@@ -246,7 +291,8 @@ class _LSTMCore(torch.autograd.Function):
         input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output, gates, cells = _saved(
             ctx, ctx.saved_layout)
         need = ctx.needs_input_grad
-        grad_graph = torch.is_grad_enabled()  # create_graph: the gradients must be differentiable
+        grad_graph = _builds_graph(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                   w_hr)
         if grad_graph:
             _refuse_clipped_second_order(ctx.grad_clip)
         if ctx.norm_sink is not None or not grad_graph:
@@ -264,9 +310,7 @@ class _LSTMCore(torch.autograd.Function):
             if ctx.norm_sink is not None:
                 ctx.norm_sink(h_norm, c_norm)
         if grad_graph:
-            def layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-                return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=h0, c0=c0,
-                                      batch_sizes=batch_sizes, reverse=ctx.reverse)
+            layer = _lstm_reference(batch_sizes, ctx.reverse)
             g_input, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr = _differentiable_grads(
                 layer, [input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr], [grad_output, grad_h_n, grad_c_n])
             return (g_input, None, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr, None, None, None)
@@ -298,11 +342,7 @@ class LSTMFunction(_LSTMCore):
     @staticmethod
     def jvp(ctx, t_input, _t_batch_sizes, t_h0, t_c0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_w_hr, *_):
         input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _saved(ctx, ctx.saved_layout)[:9]
-
-        def layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-            return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=h0, c0=c0,
-                                  batch_sizes=batch_sizes, reverse=ctx.reverse)
-        tangents = _jvp(layer, [input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr],
+        tangents = _jvp(_lstm_reference(batch_sizes, ctx.reverse), [input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr],
                         [t_input, t_h0, t_c0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_w_hr])
         return (*tangents, None, None)
 
@@ -329,7 +369,7 @@ class _RNNCore(torch.autograd.Function):
     def backward(ctx, grad_output, grad_h_n):
         input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output = _saved(ctx, ctx.saved_layout)
         need = ctx.needs_input_grad
-        grad_graph = torch.is_grad_enabled()
+        grad_graph = _builds_graph(grad_output, grad_h_n, input, h0, w_ih, w_hh, b_ih, b_hh)
         if grad_graph:
             _refuse_clipped_second_order(ctx.grad_clip)
         if ctx.norm_sink is not None or not grad_graph:
@@ -345,9 +385,7 @@ class _RNNCore(torch.autograd.Function):
             if ctx.norm_sink is not None:
                 ctx.norm_sink(h_norm, None)
         if grad_graph:
-            def layer(input, h0, w_ih, w_hh, b_ih, b_hh):
-                return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=ctx.nonlinearity,
-                                     h0=h0, batch_sizes=batch_sizes, reverse=ctx.reverse)
+            layer = _rnn_reference(batch_sizes, ctx.nonlinearity, ctx.reverse)
             g_input, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh = _differentiable_grads(
                 layer, [input, h0, w_ih, w_hh, b_ih, b_hh], [grad_output, grad_h_n])
             return (g_input, None, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, None, None, None, None)
@@ -379,11 +417,7 @@ class RNNFunction(_RNNCore):
     @staticmethod
     def jvp(ctx, t_input, _t_batch_sizes, t_h0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, *_):
         input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh = _saved(ctx, ctx.saved_layout)[:7]
-
-        def layer(input, h0, w_ih, w_hh, b_ih, b_hh):
-            return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=ctx.nonlinearity, h0=h0,
-                                 batch_sizes=batch_sizes, reverse=ctx.reverse)
-        return _jvp(layer, [input, h0, w_ih, w_hh, b_ih, b_hh],
+        return _jvp(_rnn_reference(batch_sizes, ctx.nonlinearity, ctx.reverse), [input, h0, w_ih, w_hh, b_ih, b_hh],
                     [t_input, t_h0, t_w_ih, t_w_hh, t_b_ih, t_b_hh])
 
 

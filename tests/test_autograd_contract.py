@@ -543,3 +543,89 @@ def test_forward_ad_equals_reference(cell):
             results.append([fwAD.unpack_dual(o).tangent for o in outs])
     assert all(t is not None for t in results[0])
     assert_all_close(results[0], results[1], **F64)
+
+
+# ------------------------------------------------------------------------------ review follow-ups
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_func_grad_runs_the_fused_backward_with_grad_clip(cell, monkeypatch):
+    """torch.func.grad differentiates with create_graph=True at every level; for a first-order
+    gradient that must still be the fused kernels (the reference is never called) and grad_clip is
+    honoured exactly as by loss.backward()."""
+    _, ours = _pair(cell, input_size=3, hidden=4, num_layers=2)
+    ours.grad_clip = 1e-3  # small enough that the clamp changes the gradients
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    calls = []
+    for name in ("lstm", "rnn"):
+        original = getattr(reference, name)
+        monkeypatch.setattr(reference, name,
+                            lambda *a, _o=original, **k: calls.append(1) or _o(*a, **k))
+
+    def loss(params):
+        out, _ = torch.func.functional_call(ours, params, (x,))
+        return out.pow(2).sum()
+
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    actual = torch.func.grad(loss)(params)
+    assert calls == []
+    ours.zero_grad()
+    ours(x)[0].pow(2).sum().backward()
+    assert_all_close(list(actual.values()), [p.grad for p in ours.parameters()], **F64)
+    ours.grad_clip = None
+    ours.zero_grad()
+    ours(x)[0].pow(2).sum().backward()
+    unclipped = [p.grad for p in ours.parameters()]
+    assert any(not torch.allclose(a, u) for a, u in zip(actual.values(), unclipped))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_cpu_autocast_leaves_float64_layers_in_float64(cell):
+    """torch's autocast never casts float64: a float64 layer under CPU autocast computes in float64,
+    as torch.nn's does, and gives torch.nn's numbers."""
+    theirs, ours = _pair(cell, input_size=3, hidden=4)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = _flat(theirs(x)), _flat(ours(x))
+    assert [a.dtype for a in actual] == [e.dtype for e in expected] == [torch.float64] * len(actual)
+    assert_all_close(actual, expected, **F64)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_saved_tensor_hooks_own_what_is_saved(cell):
+    """Under saved-tensor hooks (checkpointing, save_on_cpu) the graph keeps no reference of its own to
+    the layer's output (the hooks decide what is kept), and checkpointed training gives torch.nn's
+    gradients."""
+    theirs, ours = _pair(cell, input_size=3, hidden=4, num_layers=2)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    s = layer_sample(cell)
+    out = s.run(functional)[0]
+    assert out.grad_fn.output_watch is not None  # without hooks: the in-place watch is on
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        out = s.run(functional)[0]
+    assert out.grad_fn.output_watch is None
+
+    def grads(module):
+        out = torch.utils.checkpoint.checkpoint(lambda v: module(v)[0], x, use_reentrant=False)
+        return torch.autograd.grad(out.pow(2).sum(), [x] + list(module.parameters()))
+
+    assert_all_close(grads(ours), grads(theirs), **F64)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_nested_func_grad_equals_torch_nn(cell):
+    """grad of grad through torch.func (two differentiating transforms): the inner backward must be
+    differentiable, as torch.nn's is."""
+    theirs, ours = _pair(cell, input_size=3, hidden=3)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+
+    def second(module):
+        def loss(params):
+            return torch.func.functional_call(module, params, (x,))[0].pow(2).sum()
+
+        def inner(params):
+            return torch.func.grad(loss)(params)["weight_hh_l0"].pow(2).sum()
+        return torch.func.grad(inner)({k: v.detach() for k, v in module.named_parameters()})
+
+    expected, actual = second(theirs), second(ours)
+    assert any(e.abs().max() > 0 for e in expected.values())
+    assert_all_close(list(actual.values()), list(expected.values()), **F64)
