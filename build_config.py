@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 # Ampere, Ada, Hopper, plus PTX that newer GPUs compile at load time.
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+# The C++ standard of every source, host and CUDA (setup.py passes it to both compilers).
+CXX_STANDARD = "c++20"
 # torch's ATen/cuda headers include these; a toolkit or the wheels must provide each.
 REQUIRED_HEADERS = ("cuda_runtime.h", "cublas_v2.h", "cusparse.h")
 HOW_TO_GET_CUDA = (
@@ -102,15 +104,18 @@ PROBE_SOURCE = "".join(f"#include <{h}>\n" for h in REQUIRED_HEADERS) + (
 
 
 def probe_compile(nvcc: str, include_dirs: Sequence[str], system_dirs: Sequence[str] = (),
-                  run: Runner = subprocess.run) -> Optional[str]:
-    """Compiles a tiny CUDA file with nvcc and the host compiler the build will use, the headers
-    searched as the build searches them (include_dirs, then system_dirs). None when it works, else
-    nvcc's first error line (an unsupported host compiler, a header missing, ...)."""
+                  run: Runner = subprocess.run, host_compiler: Optional[str] = None) -> Optional[str]:
+    """Compiles a tiny CUDA file as the build compiles its CUDA sources: the same C++ standard, the
+    host compiler the build will use (torch's build passes $CC to nvcc as -ccbin), the headers
+    searched in the same order (include_dirs, then system_dirs). None when it works, else nvcc's
+    first error line (an unsupported host compiler, a header missing, ...)."""
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "probe.cu")
         with open(source, "w") as f:
             f.write(PROBE_SOURCE)
-        args = [nvcc, "-std=c++17", "-c", source, "-o", os.path.join(tmp, "probe.o")]
+        args = [nvcc, f"-std={CXX_STANDARD}", "-c", source, "-o", os.path.join(tmp, "probe.o")]
+        if host_compiler:
+            args += ["-ccbin", host_compiler]
         args += [f"-I{d}" for d in include_dirs]
         for folder in system_dirs:
             args += ["-isystem", folder]
@@ -177,7 +182,7 @@ def plan(forced: Optional[bool], torch_cuda: Optional[str], environ: Dict[str, s
     if missing:
         return CudaPlan(False, f"{', '.join(missing)} found neither in {root}/include nor in torch's "
                                f"nvidia-* wheels", root=root)
-    problem = probe_compile(nvcc, toolkit_includes, wheel_includes, run)
+    problem = probe_compile(nvcc, toolkit_includes, wheel_includes, run, environ.get("CC"))
     if problem:
         return CudaPlan(False, f"a test compile with {nvcc} failed: {problem}", root=root)
     return CudaPlan(True, f"CUDA {version[0]}.{version[1]} toolkit at {root} ({source})", root=root,

@@ -93,7 +93,7 @@ def extension():
     # -fopenmp: at::parallel_for is inlined from torch's headers and only runs in parallel when the
     # extension itself is compiled with OpenMP (torch's CPU builds use the OpenMP backend; the
     # libgomp.so.1 that torch loads first is the one the extension then uses).
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    cxx = ["-O3", f"-std={build_config.CXX_STANDARD}", "-fopenmp"]
     extra = {"cxx": cxx}
     link = ["-fopenmp"]
     if os.environ.get("LSTMFAST_SANITIZE"):
@@ -101,7 +101,7 @@ def extension():
         # the module names its sanitizer runtimes; running it inside CPython still needs libasan
         # LD_PRELOADed (see .ci/run).
         sanitize = "-fsanitize=" + os.environ["LSTMFAST_SANITIZE"]
-        extra["cxx"] = ["-O1", "-std=c++20", "-fopenmp", sanitize, "-fno-omit-frame-pointer", "-g"]
+        extra["cxx"] = ["-O1", f"-std={build_config.CXX_STANDARD}", "-fopenmp", sanitize, "-fno-omit-frame-pointer", "-g"]
         link = ["-fopenmp", sanitize]
     info = BUILD_INFO
     info.update({"cuda": plan.cuda, "reason": plan.reason, "remedy": None if plan.cuda else plan.remedy,
@@ -115,7 +115,7 @@ def extension():
         info.update(archs=archs, archs_reason=why)
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         # No --use_fast_math: its tanh/exp approximations would cost float32 its 1e-5 agreement.
-        extra["nvcc"] = ["-O3", "-std=c++20", "-lineinfo"]
+        extra["nvcc"] = ["-O3", f"-std={build_config.CXX_STANDARD}", "-lineinfo"]
         # The wheels' headers only fill what the toolkit lacks: searched after its -I folders.
         for folder in plan.include_dirs:
             extra["cxx"] += ["-isystem", folder]

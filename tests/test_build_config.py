@@ -25,7 +25,8 @@ def _executable(path, text):
 
 
 def fake_toolkit(folder, version="13.0", headers=("cuda_runtime.h",), compile_error=None):
-    """A toolkit root with a bin/nvcc that answers -dryrun, --version and -c like the real one."""
+    """A toolkit root with a bin/nvcc that answers -dryrun, --version and -c like the real one, and
+    writes the arguments of each compile into args.log beside bin/."""
     root = os.path.join(folder, "cuda-" + version)
     for header in headers:
         os.makedirs(os.path.join(root, "include"), exist_ok=True)
@@ -38,6 +39,7 @@ def fake_toolkit(folder, version="13.0", headers=("cuda_runtime.h",), compile_er
           *" -dryrun "*) echo '#$ _HERE_={root}/bin' >&2; echo '#$ TOP={root}/bin/..' >&2; exit 0;;
           *" --version "*) echo "Cuda compilation tools, release {version}, V{version}.88"; exit 0;;
         esac
+        echo "$@" >> {root}/args.log
         {fail}
         """))
     return root
@@ -221,3 +223,16 @@ def test_info_reports_the_build():
     assert ("CUDA kernels for" in first) == lstmfast.has_cuda_kernels()
     assert f"CPU kernels {lstmfast.cpu_isa()}" in first
     assert "built against torch" in done.stdout
+
+
+def test_probe_compiles_as_the_build_does(tmp_path):
+    """The probe uses the build's C++ standard and the host compiler torch's build hands nvcc ($CC)."""
+    root = fake_toolkit(str(tmp_path), headers=HEADERS)
+    result = plan(tmp_path, environ={"CUDA_HOME": root, "CC": "/opt/gcc-13/bin/gcc"})
+    assert result.cuda, result.reason
+    with open(os.path.join(root, "args.log")) as f:
+        args = f.read().split()
+    assert f"-std={build_config.CXX_STANDARD}" in args
+    assert args[args.index("-ccbin") + 1] == "/opt/gcc-13/bin/gcc"
+    setup_py = open(os.path.join(ROOT, "setup.py")).read()
+    assert "build_config.CXX_STANDARD" in setup_py and "-std=c++" not in setup_py

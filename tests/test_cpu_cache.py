@@ -69,6 +69,34 @@ def test_threads_caches_are_counted_together_and_freed_from_the_main_thread(cach
     assert lstmfast.cpu_cache_bytes() == 0, "a thread's cache is freed when the thread ends"
 
 
+def test_a_thread_keeps_its_blocks_when_dropping_them_cannot_make_room(cache_limit):
+    """With the budget held by another thread, a request that could not fit even if this thread gave
+    up all its free blocks leaves them cached (it is served uncached) instead of dropping them."""
+    model = lstmfast.LSTM(64, 256)
+    train_step(model, torch.randn(16, 16, 64))  # this thread: small blocks
+    small = lstmfast.cpu_cache_bytes()
+    assert small > 0
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        train_step(model, torch.randn(256, 16, 64))  # another thread: the large blocks
+        holding.set()
+        release.wait()  # alive, so its cache stays
+
+    other = threading.Thread(target=hold)
+    other.start()
+    try:
+        holding.wait()
+        total = lstmfast.cpu_cache_bytes()
+        assert total > small
+        lstmfast.set_cpu_cache_limit(total)  # full
+        train_step(model, torch.randn(256, 16, 64))  # needs larger blocks than this thread has
+        assert lstmfast.cpu_cache_bytes() == total
+    finally:
+        release.set()
+        other.join()
+
+
 def test_cached_bytes_never_exceed_the_limit(cache_limit):
     limit = 20 << 20
     lstmfast.set_cpu_cache_limit(limit)

@@ -90,6 +90,13 @@ struct ThreadCache {
     std::lock_guard<std::mutex> lock(mutex);
     if (at::Tensor* fits = smallest_free(bytes)) return *fits;
     at::Tensor block = at::empty({bytes}, at::kByte);
+    // When even all of this cache's free blocks could not make room under the budget (other threads
+    // hold the rest), the new block is simply not cached: dropping them would gain nothing.
+    int64_t own_free = 0;
+    for (const at::Tensor& b : blocks) {
+      if (!in_use(b)) own_free += static_cast<int64_t>(b.nbytes());
+    }
+    if (registry().bytes.load() - own_free + bytes > registry().limit.load()) return block;
     // Make room: a full cache gives up its smallest free block, and free blocks go (smallest first)
     // while the new one would take all the caches past their limit. If that is not enough the new
     // block is not cached.
