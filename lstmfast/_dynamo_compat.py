@@ -10,9 +10,8 @@ Dynamo's module builder is imported (at the first torch.compile), or at once if 
 """
 
 import functools
-import importlib.abc
-import importlib.util
-import sys
+
+from ._import_hooks import after_import
 
 _BUILDER = "torch._dynamo.variables.builder"
 
@@ -35,30 +34,6 @@ def _patch(builder, fast_class):
     variable_builder.wrap_module = wrap_module
 
 
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    def __init__(self, fast_class):
-        self.fast_class = fast_class
-
-    def find_spec(self, name, path, target=None):
-        if name != _BUILDER:
-            return None
-        sys.meta_path.remove(self)  # once; and so that the search below finds the real module
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module, fast_class = spec.loader.exec_module, self.fast_class
-
-        def exec_then_patch(module):
-            exec_module(module)
-            _patch(module, fast_class)
-
-        spec.loader.exec_module = exec_then_patch
-        return spec
-
-
 def install(fast_class):
     """Makes Dynamo wrap instances of `fast_class` with allow_rnn set."""
-    if _BUILDER in sys.modules:
-        _patch(sys.modules[_BUILDER], fast_class)
-    else:
-        sys.meta_path.insert(0, _PatchOnImport(fast_class))
+    after_import(_BUILDER, lambda builder: _patch(builder, fast_class))

@@ -41,7 +41,6 @@ class _RecurrentBase:
     _torch_class = None
 
     def _init_extras(self, grad_clip: Optional[float] = None) -> None:
-        functional._check_grad_clip(grad_clip)
         self.grad_clip = grad_clip
         # Set by lstmfast.diagnostics while it measures gradient flow: called as
         # recorder(layer, direction, hidden_norms, cell_norms) from inside backward.

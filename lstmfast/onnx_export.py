@@ -21,11 +21,10 @@ The saved activations a training-mode op also returns (gates, cells) are only re
 are exported as empty tensors.
 """
 
-import importlib.abc
-import importlib.util
-import sys
 
 import torch
+
+from ._import_hooks import after_import
 
 _REFUSE_PROJECTION = (
     "lstmfast ONNX export: an LSTM with projection (proj_size > 0) cannot be expressed with ONNX's LSTM "
@@ -220,31 +219,8 @@ def register_legacy_symbolics():
     register_custom_op_symbolic("lstmfast::rnn_forward", rnn_forward, _LEGACY_OPSET)
 
 
-class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Runs register_legacy_symbolics once torch.onnx has been imported (importing it costs about 25 ms,
-    which ``import lstmfast`` does not pay for users who never export)."""
-
-    def find_spec(self, name, path, target=None):
-        if name != "torch.onnx":
-            return None
-        sys.meta_path.remove(self)  # once; and so that the search below finds the real module
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_register(module):
-            exec_module(module)
-            register_legacy_symbolics()
-
-        spec.loader.exec_module = exec_then_register
-        return spec
-
-
 def install():
     """Registers the TorchScript-based exporter's symbolics now if torch.onnx is loaded, else when it
-    is (called by ``import lstmfast``)."""
-    if "torch.onnx" in sys.modules:
-        register_legacy_symbolics()
-    else:
-        sys.meta_path.insert(0, _RegisterAfterImport())
+    is (called by ``import lstmfast``; importing torch.onnx costs about 25 ms, which users who never
+    export do not pay)."""
+    after_import("torch.onnx", lambda _: register_legacy_symbolics())
