@@ -11,16 +11,16 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import lstmfast
 from lstmfast import functional, reference
 
-from conftest import assert_all_close, layer_sample
+from conftest import DEVICES, assert_all_close, layer_sample
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 
 
-def _pair(cell, input_size=3, hidden=3, dtype=torch.float64, **options):
+def _pair(cell, input_size=3, hidden=3, dtype=torch.float64, device="cpu", **options):
     """A torch.nn layer and the lstmfast one sharing its Parameters."""
     torch_cls = nn.LSTM if cell == "lstm" else nn.RNN
     ours_cls = lstmfast.LSTM if cell == "lstm" else lstmfast.RNN
-    theirs = torch_cls(input_size, hidden, **options).to(dtype)
+    theirs = torch_cls(input_size, hidden, **options).to(device, dtype)
     return theirs, ours_cls.from_torch(theirs)
 
 
@@ -109,11 +109,12 @@ PENALTY_GRID = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell,options", PENALTY_GRID, ids=str)
-def test_gradient_penalty_equals_torch_nn(cell, options):
+def test_gradient_penalty_equals_torch_nn(cell, options, device):
     """out.mean() + 10 * ||d(sum of outputs)/dx||^2: loss and every gradient are torch.nn's."""
-    theirs, ours = _pair(cell, input_size=3, hidden=4, **options)
-    x = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+    theirs, ours = _pair(cell, input_size=3, hidden=4, device=device, **options)
+    x = torch.randn(4, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
     expected = _penalty_grads(theirs, x)
     actual = _penalty_grads(ours, x)
     assert expected[2].abs().sum() > 0  # the penalty does reach the weights
@@ -404,13 +405,14 @@ INPLACE_GRID = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell,options,kind", INPLACE_GRID, ids=str)
 @pytest.mark.parametrize("operation", ["add", "relu_", "dropout"])
-def test_inplace_on_output(cell, options, kind, operation):
+def test_inplace_on_output(cell, options, kind, operation, device):
     """out += x, torch.relu_(out), F.dropout(out, inplace=True): torch.nn's gradients."""
-    theirs, ours = _pair(cell, input_size=3, hidden=3, **options)
+    theirs, ours = _pair(cell, input_size=3, hidden=3, device=device, **options)
     width = (options.get("proj_size") or 3) * (2 if options.get("bidirectional") else 1)
-    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, device=device)
     results = []
     for module in (theirs, ours):
         leaf = x.clone().requires_grad_()
@@ -419,7 +421,8 @@ def test_inplace_on_output(cell, options, kind, operation):
             out = out.data
         else:
             out, state = module(leaf[:, 0] if kind == "unbatched" else leaf)
-        bump = torch.ones(out.shape, dtype=out.dtype) * 0.1 * torch.arange(width, dtype=out.dtype)
+        bump = torch.ones(out.shape, dtype=out.dtype, device=device) * 0.1 * torch.arange(
+            width, dtype=out.dtype, device=device)
         if operation == "add":
             out += bump
         elif operation == "relu_":
