@@ -242,14 +242,7 @@ def test_jit_trace_checks_saves_loads_and_matches_eager(tmp_path):
         traced = torch.jit.trace(model, (torch.randn(*EXPORT_SHAPE, INPUT),))  # check_trace: re-runs it
         torch.jit.save(traced, str(path))
         loaded = torch.jit.load(str(path))
-    x = torch.randn(*RUN_SHAPE, INPUT)
-    with torch.no_grad():
-        expected = model(x)
-        got = loaded(x)
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
-        assert g.shape == e.shape
-        torch.testing.assert_close(g, e, **TOL)
+    assert_matches_stack(model, loaded)
     assert "lstmfast::lstm_forward" in str(loaded.inlined_graph)
 
 
