@@ -4,9 +4,10 @@
 //   input        (T, B, I) when batch_sizes is None, else (N, I) packed rows, time-major
 //   batch_sizes  (T) int64 on the CPU: sequences alive at each step, non-increasing (PackedSequence)
 //   h0 / c0      (B, P) / (B, H), zeros when None
-//   w_ih (G*H, I), w_hh (G*H, P), b_ih / b_hh (G*H), w_hr (P, H)   with G = 4 (LSTM) or 1 (RNN)
-// Training forwards also return what backward needs (gates (N, 4H) after activation, cells (N, H));
-// inference forwards return them empty. Backward's output_mask asks for the gradients of
+//   w_ih (G*H, I), w_hh (G*H, P), b_ih / b_hh (G*H), w_hr (P, H)   with G = 4 (LSTM), 3 (GRU), 1 (RNN)
+// Training forwards also return what backward needs, empty in inference: LSTM gates (N, 4H) after
+// activation and cells (N, H); GRU gates (N, 4H): r, z, n after activation, then the recurrent part of
+// n's pre-activation, W_hn h_{t-1} + b_hn (the reset gate multiplies it, so backward needs it apart). Backward's output_mask asks for the gradients of
 // [input, initial states, weights, biases]; gradients not asked for come back empty.
 #include <Python.h>
 #include <torch/library.h>
@@ -38,6 +39,15 @@ TORCH_LIBRARY(lstmfast, m) {
       "bool[4] output_mask, float? grad_clip, bool return_norms) "
       "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
       "Tensor grad_h_norm)");
+  m.def(
+      "gru_forward(Tensor input, Tensor? batch_sizes, Tensor? h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, bool reverse, bool training) -> (Tensor output, Tensor h_n, Tensor gates)");
+  m.def(
+      "gru_backward(Tensor grad_output, Tensor? grad_h_n, Tensor input, Tensor? batch_sizes, Tensor? h0, "
+      "Tensor w_ih, Tensor w_hh, Tensor output, Tensor gates, bool reverse, bool[4] output_mask, "
+      "float? grad_clip, bool return_norms) "
+      "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
+      "Tensor grad_b_hh, Tensor grad_h_norm)");
   // Which build of the CPU pointwise passes runs here ("avx512", "avx2" or "baseline"); no tensors.
   m.def("cpu_isa() -> str");
   // The cache of large CPU buffers (cpu/workspace_cache.h): bytes all threads' caches hold, freeing

@@ -88,6 +88,31 @@ def _rnn_backward_fake(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh
     )
 
 
+@torch.library.register_fake("lstmfast::gru_forward")
+def _gru_forward_fake(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, training):
+    hidden = w_hh.shape[0] // 3
+    rows, batch, lead = _layout(input, batch_sizes, h0)
+    gates = input.new_empty((rows, 4 * hidden)) if training else _empty(input)
+    return input.new_empty((*lead, hidden)), input.new_empty((batch, hidden)), gates
+
+
+@torch.library.register_fake("lstmfast::gru_backward")
+def _gru_backward_fake(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, output, gates, reverse,
+                       output_mask, grad_clip, return_norms):
+    hidden = w_hh.shape[0] // 3
+    rows, batch, _ = _layout(input, batch_sizes, h0)
+    need_input, _, need_weights, need_bias = output_mask
+    return (
+        input.new_empty(input.shape) if need_input else _empty(input),
+        input.new_empty((batch, hidden)),
+        input.new_empty(w_ih.shape) if need_weights else _empty(input),
+        input.new_empty(w_hh.shape) if need_weights else _empty(input),
+        input.new_empty((3 * hidden,)) if need_bias else _empty(input),
+        input.new_empty((3 * hidden,)) if need_bias else _empty(input),
+        input.new_empty((rows if return_norms else 0,), dtype=_norm_dtype(input.dtype)),
+    )
+
+
 def _norm_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -119,7 +144,7 @@ def _loop_over_batch(op):
     return rule
 
 
-for _name in ("lstm_forward", "lstm_backward", "rnn_forward", "rnn_backward"):
+for _name in ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward", "rnn_forward", "rnn_backward"):
     torch.library.register_vmap(f"lstmfast::{_name}", _loop_over_batch(getattr(ops, _name).default))
 
 

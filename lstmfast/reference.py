@@ -1,4 +1,4 @@
-"""Plain-PyTorch LSTM and Elman RNN layers: a time loop of torch ops under autograd.
+"""Plain-PyTorch LSTM, GRU and Elman RNN layers: a time loop of torch ops under autograd.
 
 Same interface as :mod:`lstmfast.functional`. It is the oracle of the tests and the baseline of the
 benchmarks, so it favours obviousness over speed.
@@ -87,6 +87,30 @@ def rnn(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None
     def cell(x, state):
         a = _clip_hook(_linear(x, w_ih, b_ih) + _linear(state[0], w_hh, b_hh), grad_clip)
         h_t = activation(a)
+        return h_t, (h_t,)
+
+    output, (h_n,) = _run(input, batch_sizes, [h], reverse, cell, hidden, on_step)
+    return output, h_n
+
+
+def gru(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+        b_hh: Optional[Tensor] = None, *, h0: Optional[Tensor] = None,
+        batch_sizes: Optional[Tensor] = None, reverse: bool = False,
+        grad_clip: Optional[float] = None, on_step=None) -> Tuple[Tensor, Tensor]:
+    """torch.nn.GRU's equations (gate order r, z, n; the reset gate multiplies W_hn h + b_hn only).
+    grad_clip clips the gradients of the three pre-activations r, z and x_n + r * (W_hn h + b_hn)."""
+    hidden = w_hh.shape[0] // 3
+    _, _, batch = _steps(input, batch_sizes)
+    h = h0 if h0 is not None else input.new_zeros((batch, hidden))
+
+    def cell(x, state):
+        h_prev = state[0]
+        x_r, x_z, x_n = _linear(x, w_ih, b_ih).chunk(3, dim=1)
+        h_r, h_z, h_n = _linear(h_prev, w_hh, b_hh).chunk(3, dim=1)
+        r = torch.sigmoid(_clip_hook(x_r + h_r, grad_clip))
+        z = torch.sigmoid(_clip_hook(x_z + h_z, grad_clip))
+        n = torch.tanh(_clip_hook(x_n + r * h_n, grad_clip))
+        h_t = (1 - z) * n + z * h_prev
         return h_t, (h_t,)
 
     output, (h_n,) = _run(input, batch_sizes, [h], reverse, cell, hidden, on_step)
