@@ -1,4 +1,4 @@
-"""One LSTM or Elman RNN layer, one direction, over a whole sequence, with fused forward and BPTT.
+"""One LSTM, GRU or Elman RNN layer, one direction, over a whole sequence, with fused forward and BPTT.
 
 Sequence layout (design.md section 3): ``input`` is ``(T, B, I)``, or ``(N, I)`` packed rows with
 ``batch_sizes`` (a ``PackedSequence``'s, int64 on the CPU). ``reverse=True`` runs from the last step
@@ -40,7 +40,7 @@ from . import reference
 from ._ops import ops
 
 
-# Receives, during backward, the per-row norms ||dL/dh_t|| and ||dL/dc_t|| (None for an RNN), each of
+# Receives, during backward, the per-row norms ||dL/dh_t|| and ||dL/dc_t|| (None for a GRU or RNN), each of
 # shape (N) in the op's row layout, computed inside the BPTT loop (lstmfast.diagnostics uses it).
 NormSink = Callable[[Tensor, Optional[Tensor]], None]
 
@@ -200,6 +200,14 @@ def _rnn_reference(batch_sizes, nonlinearity, reverse):
     def layer(input, h0, w_ih, w_hh, b_ih, b_hh):
         return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, h0=h0,
                              batch_sizes=batch_sizes, reverse=reverse)
+    return layer
+
+
+def _gru_reference(batch_sizes, reverse):
+    """As :func:`_lstm_reference`, for the GRU."""
+    def layer(input, h0, w_ih, w_hh, b_ih, b_hh):
+        return reference.gru(input, w_ih, w_hh, b_ih, b_hh, h0=h0, batch_sizes=batch_sizes,
+                             reverse=reverse)
     return layer
 
 
@@ -421,6 +429,81 @@ class RNNFunction(_RNNCore):
                     [t_input, t_h0, t_w_ih, t_w_hh, t_b_ih, t_b_hh])
 
 
+class _GRUCore(torch.autograd.Function):
+    """Autograd for one GRU layer; second order and jvp as :class:`LSTMFunction`. Forward also returns
+    the saved activations (gates: r, z, n and W_hn h + b_hn), non-differentiable, which :func:`gru`
+    drops. Unlike the LSTM's and RNN's, the two bias gradients differ (the reset gate multiplies the
+    recurrent part of n only), so the backward op returns both."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, grad_clip, norm_sink):
+        return ops.gru_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, grad_clip, norm_sink = inputs
+        out, _, gates = output
+        ctx.mark_non_differentiable(gates)
+        ctx.set_materialize_grads(False)
+        _save(ctx, [input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, _save_output(ctx, out), gates])
+        ctx.reverse, ctx.grad_clip, ctx.norm_sink = reverse, grad_clip, norm_sink
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, _grad_gates):
+        input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output, gates = _saved(ctx, ctx.saved_layout)
+        need = ctx.needs_input_grad
+        grad_graph = _builds_graph(grad_output, grad_h_n, input, h0, w_ih, w_hh, b_ih, b_hh)
+        if grad_graph:
+            _refuse_clipped_second_order(ctx.grad_clip)
+        if ctx.norm_sink is not None or not grad_graph:
+            output = _saved_output(ctx, output, lambda: ops.gru_forward(
+                input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, ctx.reverse, False)[0])
+            mask = [need[0], need[2], need[3] or need[4], need[5] or need[6]]
+            if grad_graph:  # only the norms are wanted from the fused op
+                mask = [False] * 4
+            grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, h_norm = ops.gru_backward(
+                _detached(grad_output, output), _detached(grad_h_n), input, batch_sizes, h0, w_ih, w_hh,
+                output, gates, ctx.reverse, mask, ctx.grad_clip, ctx.norm_sink is not None)
+            if ctx.norm_sink is not None:
+                ctx.norm_sink(h_norm, None)
+        if grad_graph:
+            layer = _gru_reference(batch_sizes, ctx.reverse)
+            g_input, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh = _differentiable_grads(
+                layer, [input, h0, w_ih, w_hh, b_ih, b_hh], [grad_output, grad_h_n])
+            return (g_input, None, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, None, None, None)
+        return (
+            grad_input if need[0] else None,
+            None,
+            grad_h0 if need[2] else None,
+            grad_w_ih if need[3] else None,
+            grad_w_hh if need[4] else None,
+            grad_b_ih if need[5] else None,
+            grad_b_hh if need[6] else None,
+            None,
+            None,
+            None,
+        )
+
+
+class GRUFunction(_GRUCore):
+    __doc__ = _GRUCore.__doc__
+
+    @staticmethod
+    def symbolic(g, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, grad_clip, norm_sink):
+        """torch.onnx.export(dynamo=False): one ONNX GRU node (inference; see lstmfast.onnx_export)."""
+        from .onnx_export import legacy_gru
+        return legacy_gru(g, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse)
+
+    @staticmethod
+    def jvp(ctx, t_input, _t_batch_sizes, t_h0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, *_):
+        input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh = _saved(ctx, ctx.saved_layout)[:7]
+        tangents = _jvp(_gru_reference(batch_sizes, ctx.reverse), [input, h0, w_ih, w_hh, b_ih, b_hh],
+                        [t_input, t_h0, t_w_ih, t_w_hh, t_b_ih, t_b_hh])
+        return (*tangents, None)
+
+
 def lstm(
     input: Tensor,
     w_ih: Tensor,
@@ -480,4 +563,36 @@ def rnn(
                          nonlinearity, reverse, grad_clip, norm_sink)
     else:
         outputs = ops.rnn_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
+    return tuple(o.to(rounded) for o in outputs) if rounded is not None else tuple(outputs)
+
+
+
+def gru(
+    input: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    *,
+    h0: Optional[Tensor] = None,
+    batch_sizes: Optional[Tensor] = None,
+    reverse: bool = False,
+    grad_clip: Optional[float] = None,
+    norm_sink: Optional[NormSink] = None,
+) -> Tuple[Tensor, Tensor]:
+    """One GRU layer, torch.nn.GRU's equations (gate order r, z, n)::
+
+        r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)    z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+        n = tanh(W_in x + b_in + r * (W_hn h + b_hn))  h' = (1 - z) * n + z * h
+
+    Returns ``(output, h_n)``. Shapes as :func:`rnn` with 3H in place of H for the weights and biases.
+    ``grad_clip`` clamps the gradients of the pre-activations of r, z and n."""
+    _check_grad_clip(grad_clip)
+    tensors = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
+    (input, h0, w_ih, w_hh, b_ih, b_hh), rounded = _float32_on_cpu(tensors)
+    if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
+        outputs = _apply(GRUFunction, _GRUCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse,
+                         grad_clip, norm_sink)[:2]
+    else:
+        outputs = ops.gru_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, False)[:2]
     return tuple(o.to(rounded) for o in outputs) if rounded is not None else tuple(outputs)
