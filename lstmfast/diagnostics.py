@@ -1,6 +1,6 @@
 """Gradient flow through time, measured inside the BPTT kernels.
 
-:func:`gradient_flow` runs one forward and backward pass of an lstmfast LSTM / RNN and returns, for
+:func:`gradient_flow` runs one forward and backward pass of an lstmfast LSTM / GRU / RNN and returns, for
 every layer, direction, time step and sequence, the norms of dL/dh_t (and dL/dc_t for an LSTM) that
 the backward kernels computed in their reverse loop — where those gradients exist anyway, so no second
 pass — plus the norms of dL/dx_t. It shows the vanishing (or exploding) gradient directly.
@@ -21,7 +21,7 @@ class GradientFlow:
     """Per-step gradient norms of one backward pass. NaN marks steps after a sequence has ended."""
 
     hidden: Tensor  # (layers * directions, T, B): ||dL/dh_t||
-    cell: Optional[Tensor]  # (layers * directions, T, B): ||dL/dc_t|| (LSTM), else None
+    cell: Optional[Tensor]  # (layers * directions, T, B): ||dL/dc_t|| (LSTM), else None (GRU, RNN)
     input: Tensor  # (T, B): ||dL/dx_t||
     loss: float
 
@@ -43,13 +43,13 @@ def _to_steps(rows: Tensor, batch_sizes: Tensor, batch: int) -> Tensor:
 
 def gradient_flow(module: _RecurrentBase, inputs, loss_fn: Optional[Callable] = None,
                   hx=None) -> GradientFlow:
-    """Measures the per-step gradient norms of `loss_fn(output)` through an lstmfast LSTM / RNN.
+    """Measures the per-step gradient norms of `loss_fn(output)` through an lstmfast LSTM / GRU / RNN.
 
     `inputs`: a tensor as the module takes it (batched), or a PackedSequence (then `loss_fn` is
     required). `loss_fn(output) -> scalar`; by default the sum of the outputs at the last step.
     """
     if not isinstance(module, _RecurrentBase):
-        raise TypeError(f"gradient_flow expects an lstmfast.LSTM or lstmfast.RNN, got {type(module).__name__}")
+        raise TypeError(f"gradient_flow expects an lstmfast.LSTM, lstmfast.GRU or lstmfast.RNN, got {type(module).__name__}")
     packed = isinstance(inputs, PackedSequence)
     if packed:
         if loss_fn is None:

@@ -1,6 +1,7 @@
-"""lstmfast.LSTM and lstmfast.RNN: torch.nn.LSTM and torch.nn.RNN with a fused forward and BPTT.
+"""lstmfast.LSTM, lstmfast.GRU and lstmfast.RNN: torch.nn.LSTM, torch.nn.GRU and torch.nn.RNN with a
+fused forward and BPTT.
 
-They are subclasses of torch.nn.LSTM / torch.nn.RNN that replace only forward: construction, argument
+They are subclasses of torch.nn.LSTM / torch.nn.GRU / torch.nn.RNN that replace only forward: construction, argument
 checks, parameters, initialization, all_weights, _flat_weights, flatten_parameters, pickling and every
 utility that reads RNN internals (weight_norm, pruning, parametrizations) are torch.nn's own. Each layer
 and direction is one call of the fused op (lstmfast.functional); layers, directions, dropout,
@@ -34,10 +35,10 @@ def _check_size_type(name, value):
 
 
 class _RecurrentBase:
-    """What lstmfast.LSTM and lstmfast.RNN add to their torch.nn base class (a mixin placed first in
+    """What lstmfast.LSTM, lstmfast.GRU and lstmfast.RNN add to their torch.nn base class (a mixin placed first in
     the MRO): the fused forward, grad_clip, the gradient-flow hook, conversion."""
 
-    _kind = None  # "LSTM" or "RNN": the name used in messages, whatever the class is called
+    _kind = None  # "LSTM", "GRU" or "RNN": the name used in messages, whatever the class is called
     _torch_class = None
 
     def _init_extras(self, grad_clip: Optional[float] = None) -> None:
@@ -56,6 +57,23 @@ class _RecurrentBase:
             else:
                 continue
             _check_size_type(name, value)
+
+    @staticmethod
+    def _device_and_dtype_positional(kind, args, kwargs, device_position):
+        """torch.nn.RNN's and torch.nn.GRU's signatures end in (..., bidirectional, device, dtype), but
+        torch.nn passes a positional device on into its base class's proj_size slot; lstmfast follows
+        the signature. Returns the positional arguments left for torch.nn (device and dtype, found at
+        `device_position` and after, moved into kwargs)."""
+        if len(args) > device_position:
+            if len(args) > device_position + 2:
+                raise TypeError(f"{kind} takes at most {device_position + 2} positional arguments, but "
+                                f"{len(args)} were given")
+            for name, value in zip(("device", "dtype"), args[device_position:]):
+                if name in kwargs:
+                    raise TypeError(f"{kind} got multiple values for argument '{name}'")
+                kwargs[name] = value
+            args = args[:device_position]
+        return args
 
     @property
     def _directions(self):
@@ -102,8 +120,8 @@ class _RecurrentBase:
     def _check_input(self, input: Tensor, packed: bool, weight: Tensor):
         kind = self._kind
         if not packed and input.dim() not in (2, 3):
-            if kind == "LSTM":
-                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            if kind != "RNN":  # torch.nn.LSTM's and torch.nn.GRU's wording
+                raise ValueError(f"{kind}: Expected input to be 2D or 3D, got {input.dim()}D instead")
             raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
         if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
             raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
@@ -123,9 +141,9 @@ class _RecurrentBase:
 
     def _check_state(self, state: Tensor, index: int, expected, weight: Tensor):
         if tuple(state.shape) != tuple(expected):
-            name = "hidden size" if self._kind == "RNN" else f"hidden[{index}] size"
+            name = "hidden size" if self._kind != "LSTM" else f"hidden[{index}] size"
             raise RuntimeError(f"Expected {name} {tuple(expected)}, got {list(state.shape)}")
-        name = "hx" if self._kind == "RNN" else f"hx[{index}]"
+        name = "hx" if self._kind != "LSTM" else f"hx[{index}]"
         wrong_dtype = state.dtype != weight.dtype and not torch.is_autocast_enabled(state.device.type)
         if wrong_dtype or state.device != weight.device:
             raise RuntimeError(f"{self._kind}: {name} must be a {weight.dtype} tensor on {weight.device}, "
@@ -247,7 +265,7 @@ def _copy_layer(module, cls):
     options = {name: getattr(module, name) for name in _OPTIONS}
     if issubclass(cls, nn.LSTM):
         options["proj_size"] = module.proj_size
-    else:
+    elif issubclass(cls, nn.RNN):
         options["nonlinearity"] = module.nonlinearity
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.nn's dropout-with-one-layer warning, already given
@@ -314,16 +332,7 @@ class RNN(_RecurrentBase, nn.RNN):
     _torch_class = nn.RNN
 
     def __init__(self, *args, grad_clip: Optional[float] = None, **kwargs):
-        # torch.nn.RNN's signature ends in (..., bidirectional, device, dtype), but torch.nn passes a
-        # positional device on into its base class's proj_size slot; lstmfast follows the signature.
-        if len(args) > 8:
-            if len(args) > 10:
-                raise TypeError(f"RNN takes at most 10 positional arguments, but {len(args)} were given")
-            for name, value in zip(("device", "dtype"), args[8:]):
-                if name in kwargs:
-                    raise TypeError(f"RNN got multiple values for argument '{name}'")
-                kwargs[name] = value
-            args = args[:8]
+        args = self._device_and_dtype_positional("RNN", args, kwargs, 8)
         self._check_constructor_args(args, kwargs, (("input_size", 0), ("hidden_size", 1),
                                                     ("num_layers", 2)))
         functional._check_grad_clip(grad_clip)
@@ -340,6 +349,35 @@ class RNN(_RecurrentBase, nn.RNN):
                               grad_clip=self.grad_clip, norm_sink=self._norm_sink(layer, direction))
 
 
+class GRU(_RecurrentBase, nn.GRU):
+    r"""torch.nn.GRU with a fused forward and BPTT: same arguments (in the same order), parameters,
+    inputs, outputs and errors; ``isinstance(layer, torch.nn.GRU)`` holds.
+
+    Extra keyword-only argument: ``grad_clip``, as for :class:`LSTM` (here the gradients of the
+    pre-activations of r, z and n, ``W_in x + b_in + r * (W_hn h + b_hn)``, are clamped).
+    """
+
+    _kind = "GRU"
+    _torch_class = nn.GRU
+
+    def __init__(self, *args, grad_clip: Optional[float] = None, **kwargs):
+        args = self._device_and_dtype_positional("GRU", args, kwargs, 7)
+        self._check_constructor_args(args, kwargs, (("input_size", 0), ("hidden_size", 1),
+                                                    ("num_layers", 2)))
+        functional._check_grad_clip(grad_clip)
+        super().__init__(*args, **kwargs)
+        self._init_extras(grad_clip)
+
+    def _state_sizes(self, batch):
+        return [(self.num_layers * self._directions, batch, self.hidden_size)]
+
+    def _run_layer(self, input, batch_sizes, states, layer, direction):
+        w_ih, w_hh, b_ih, b_hh, _ = self._layer_weights(layer, direction)
+        return functional.gru(input, w_ih, w_hh, b_ih, b_hh, h0=states[0], batch_sizes=batch_sizes,
+                              reverse=direction == 1, grad_clip=self.grad_clip,
+                              norm_sink=self._norm_sink(layer, direction))
+
+
 _dynamo_compat.install(_RecurrentBase)
 
 
@@ -349,23 +387,23 @@ _EXTRAS = ("grad_clip", "forget_bias", "_gradient_recorder")
 
 
 def convert(model: nn.Module, *, verbose: bool = False) -> nn.Module:
-    """Turns every torch.nn.LSTM / torch.nn.RNN inside `model` (or `model` itself) into the lstmfast
+    """Turns every torch.nn.LSTM / torch.nn.GRU / torch.nn.RNN inside `model` (or `model` itself) into the lstmfast
     layer, in place: the very same objects change class, so parameters, buffers, hooks (forward,
     pre-forward, backward, state-dict), attributes, training mode, parametrizations, weight_norm,
     pruning and shared references all stay as they were. Returns `model`.
 
-    Left as they are, with a warning naming them: subclasses of torch.nn.LSTM / RNN (their own code
+    Left as they are, with a warning naming them: subclasses of torch.nn.LSTM / GRU / RNN (their own code
     may rely on torch.nn's forward) and TorchScript modules (convert before scripting).
     `verbose=True` prints what was converted and what was left.
     """
-    return _change_classes(model, {nn.LSTM: LSTM, nn.RNN: RNN}, "convert", verbose)
+    return _change_classes(model, {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}, "convert", verbose)
 
 
 def unconvert(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     """The inverse of :func:`convert`: lstmfast layers back to torch.nn ones, in place. Returns
     `model`. A layer's grad_clip and forget_bias, which torch.nn does not have, are dropped (with a
     warning when grad_clip was set)."""
-    return _change_classes(model, {LSTM: nn.LSTM, RNN: nn.RNN}, "unconvert", verbose)
+    return _change_classes(model, {LSTM: nn.LSTM, GRU: nn.GRU, RNN: nn.RNN}, "unconvert", verbose)
 
 
 def _walk(module, path, seen):
