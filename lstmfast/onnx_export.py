@@ -1,13 +1,15 @@
-"""ONNX export of lstmfast layers: each lstmfast op call becomes one ONNX LSTM or RNN node.
+"""ONNX export of lstmfast layers: each lstmfast op call becomes one ONNX LSTM, GRU or RNN node.
 
 Two exporters, one mapping (inference only; the ONNX graph has no backward):
 
 - ``torch.onnx.export(..., dynamo=True, custom_translation_table=lstmfast.onnx_translations())``:
-  :func:`onnx_translations` maps ``torch.ops.lstmfast.lstm_forward.default`` and
-  ``torch.ops.lstmfast.rnn_forward.default`` to onnxscript functions (onnxscript is imported only
+  :func:`onnx_translations` maps ``torch.ops.lstmfast.lstm_forward.default``,
+  ``torch.ops.lstmfast.gru_forward.default`` and ``torch.ops.lstmfast.rnn_forward.default`` to onnxscript
+  functions (onnxscript is imported only
   when it is called).
 - ``torch.onnx.export(..., dynamo=False)``: the TorchScript-based exporter meets either the raw ops
-  (under ``torch.no_grad()``) or the autograd Functions (``LSTMFunction`` / ``RNNFunction``);
+  (under ``torch.no_grad()``) or the autograd Functions (``LSTMFunction`` / ``GRUFunction`` /
+  ``RNNFunction``);
   ``import lstmfast`` registers a symbolic for the ops, and the Functions carry a ``symbolic``
   staticmethod, both emitting the nodes built here.
 
@@ -15,10 +17,12 @@ The mapping, per op call (one layer, one direction):
   torch's gate order i, f, g, o  ->  ONNX's i, o, f, c: the rows of W, R and both biases are permuted;
   ONNX's B is [b_ih, b_hh] concatenated; reverse=True -> direction="reverse";
   h0 / c0 (B, H) -> initial_h / initial_c (1, B, H); Y (T, 1, B, H) -> output (T, B, H).
+  GRU: torch's gate order r, z, n -> ONNX's z, r, h, with linear_before_reset=1 (ONNX's name for
+  torch's n = tanh(W_in x + b_in + r * (W_hn h + b_hn))).
 Not expressible with one ONNX LSTM node, and refused at export with a clear error: projection
 (proj_size > 0, ONNX's LSTM has no W_hr) and packed input (PackedSequence).
-The saved activations a training-mode op also returns (gates, cells) are only read by backward; they
-are exported as empty tensors.
+The saved activations a training-mode op also returns (gates, cells; a GRU's gates) are only read by
+backward; they are exported as empty tensors.
 """
 
 
@@ -41,13 +45,19 @@ def _gate_order(hidden_size):
     return rows(0) + rows(3) + rows(1) + rows(2)
 
 
+def _gru_gate_order(hidden_size):
+    """Row indices taking torch's GRU gate blocks (r, z, n) to ONNX's (z, r, h)."""
+    rows = lambda k: list(range(k * hidden_size, (k + 1) * hidden_size))  # noqa: E731
+    return rows(1) + rows(0) + rows(2)
+
+
 # ---------------------------------------------------------------------- dynamo exporter (onnxscript)
 
 def onnx_translations():
     """The translations to pass to ``torch.onnx.export(model, args, f, dynamo=True,
     custom_translation_table=lstmfast.onnx_translations())``: a dict mapping lstmfast's forward ops
-    (``torch.ops.lstmfast.lstm_forward.default``, ``torch.ops.lstmfast.rnn_forward.default``) to
-    onnxscript functions that emit ONNX LSTM / RNN nodes. Needs ``onnxscript`` (imported here, not at
+    (``torch.ops.lstmfast.lstm_forward.default``, ``gru_forward.default``, ``rnn_forward.default``) to
+    onnxscript functions that emit ONNX LSTM / GRU / RNN nodes. Needs ``onnxscript`` (imported here, not at
     ``import lstmfast``). Inference only; LSTM projection and packed input are refused with an error."""
     from onnxscript import opset18 as op  # noqa: F401  (the translations below close over it)
     from onnxscript import ir
@@ -112,8 +122,22 @@ def onnx_translations():
             direction="reverse" if reverse else "forward", hidden_size=hidden)
         return op.Squeeze(y, op.Constant(value_ints=[1])), op.Squeeze(y_h, op.Constant(value_ints=[0]))
 
+    def gru_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse: bool, training: bool):
+        if is_given(batch_sizes):
+            raise RuntimeError(_REFUSE_PACKED)
+        hidden = hidden_of(w_hh, 3)
+        order = _gru_gate_order(hidden)
+        bias = bias_of(b_ih, b_hh, order, 3 * hidden)
+        y, y_h = op.GRU(
+            input, directional(reordered(w_ih, order)), directional(reordered(w_hh, order)), bias, None,
+            directional(h0) if is_given(h0) else None, linear_before_reset=1,
+            direction="reverse" if reverse else "forward", hidden_size=hidden)
+        return (op.Squeeze(y, op.Constant(value_ints=[1])), op.Squeeze(y_h, op.Constant(value_ints=[0])),
+                empty_like(input))
+
     return {
         torch.ops.lstmfast.lstm_forward.default: lstm_forward,
+        torch.ops.lstmfast.gru_forward.default: gru_forward,
         torch.ops.lstmfast.rnn_forward.default: rnn_forward,
     }
 
@@ -199,6 +223,20 @@ def legacy_rnn(g, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, 
     return _legacy_outputs(g, y, y_h)
 
 
+def legacy_gru(g, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse):
+    """The ONNX nodes of one gru_forward call (TorchScript-based exporter): (output, h_n, gates), the
+    last empty."""
+    if not _missing(batch_sizes):
+        raise RuntimeError(_REFUSE_PACKED)
+    hidden = _static_rows(w_hh) // 3
+    w, r, b = _legacy_parts(g, w_ih, w_hh, b_ih, b_hh, _gru_gate_order(hidden), 3 * hidden)
+    y, y_h = g.op("GRU", input, w, r, b, _absent(g), _legacy_state(g, h0), linear_before_reset_i=1,
+                  direction_s="reverse" if reverse else "forward", hidden_size_i=hidden, outputs=2)
+    empty = g.op("Slice", g.op("Reshape", input, g.op("Constant", value_t=torch.tensor([-1]))),
+                 g.op("Constant", value_t=torch.tensor([0])), g.op("Constant", value_t=torch.tensor([0])))
+    return (*_legacy_outputs(g, y, y_h), empty)
+
+
 _LEGACY_OPSET = 14  # ONNX LSTM/RNN as of opset 14; Unsqueeze/Squeeze take axes as inputs (13+)
 
 
@@ -211,11 +249,16 @@ def register_legacy_symbolics():
     def lstm_forward(g, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, training):
         return legacy_lstm(g, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
 
+    @symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "b", "b")
+    def gru_forward(g, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, training):
+        return legacy_gru(g, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse)
+
     @symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "s", "b")
     def rnn_forward(g, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse):
         return legacy_rnn(g, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
 
     register_custom_op_symbolic("lstmfast::lstm_forward", lstm_forward, _LEGACY_OPSET)
+    register_custom_op_symbolic("lstmfast::gru_forward", gru_forward, _LEGACY_OPSET)
     register_custom_op_symbolic("lstmfast::rnn_forward", rnn_forward, _LEGACY_OPSET)
 
 

@@ -36,6 +36,8 @@ def make(kind, num_layers=1, bidirectional=False, nonlinearity="tanh", **options
     torch.manual_seed(0)
     if kind == "LSTM":
         layer = lstmfast.LSTM(INPUT, HIDDEN, num_layers, bidirectional=bidirectional, **options)
+    elif kind == "GRU":
+        layer = lstmfast.GRU(INPUT, HIDDEN, num_layers, bidirectional=bidirectional, **options)
     else:
         layer = lstmfast.RNN(INPUT, HIDDEN, num_layers, nonlinearity=nonlinearity,
                              bidirectional=bidirectional, **options)
@@ -72,6 +74,7 @@ def assert_close_all(got, expected):
 CONFIGS = [
     ("LSTM", "tanh", 1, False), ("LSTM", "tanh", 1, True), ("LSTM", "tanh", 2, True), ("LSTM", "tanh", 2, False),
     ("RNN", "tanh", 1, False), ("RNN", "tanh", 2, True), ("RNN", "relu", 1, True), ("RNN", "relu", 2, False),
+    ("GRU", "tanh", 1, False), ("GRU", "tanh", 1, True), ("GRU", "tanh", 2, True),
 ]
 CONFIG_IDS = [f"{k}-{n}-L{layers}-{'bi' if bi else 'uni'}" for k, n, layers, bi in CONFIGS]
 
@@ -127,7 +130,7 @@ def test_onnx_matches_eager(tmp_path, kind, nonlinearity, num_layers, bidirectio
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_onnx_without_bias_batch_first_and_under_no_grad(tmp_path, kind, exporter):
     """No biases (ONNX's B omitted), batch_first, and an export under torch.no_grad() (the raw op, not
     the autograd Function, reaches the exporter)."""
@@ -140,18 +143,23 @@ def test_onnx_without_bias_batch_first_and_under_no_grad(tmp_path, kind, exporte
     assert_close_all(run_onnx(path, names, args), eager(model, args))
 
 
-def test_onnx_nodes_are_onnx_recurrent_operators(tmp_path):
-    """One ONNX LSTM node per layer and direction, with the direction attribute set."""
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_onnx_nodes_are_onnx_recurrent_operators(tmp_path, kind, exporter):
+    """One ONNX LSTM / GRU / RNN node per layer and direction, with the direction attribute set (and a
+    GRU's linear_before_reset=1: torch's reset gate multiplies W_hn h + b_hn)."""
     onnx_runtime()
     import onnx
 
-    model = make("LSTM", 2, True)
+    model = make(kind, 2, True)
     path = tmp_path / "model.onnx"
-    export_onnx(model, inputs(model, EXPORT_SHAPE, False, seed=1), path, "dynamo")
-    nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "LSTM"]
-    directions = sorted(onnx.helper.get_attribute_value(a).decode() for n in nodes for a in n.attribute
-                        if a.name == "direction")
-    assert directions == ["forward", "forward", "reverse", "reverse"]
+    export_onnx(model, inputs(model, EXPORT_SHAPE, False, seed=1), path, exporter)
+    nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type in ("LSTM", "GRU", "RNN")]
+    assert {n.op_type for n in nodes} == {kind}
+    attributes = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    assert sorted(a["direction"].decode() for a in attributes) == ["forward", "forward", "reverse", "reverse"]
+    if kind == "GRU":
+        assert all(a["linear_before_reset"] == 1 for a in attributes)
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
@@ -168,14 +176,15 @@ def test_onnx_projection_is_refused_clearly(tmp_path, exporter):
     assert any("projection" in message and "proj_size" in message for message in chain)
 
 
-def test_onnx_packed_input_is_refused_clearly_by_the_legacy_exporter(tmp_path):
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_onnx_packed_input_is_refused_clearly_by_the_legacy_exporter(tmp_path, kind):
     onnx_runtime()
     from torch.nn.utils.rnn import pack_padded_sequence
 
     class Packed(nn.Module):
         def __init__(self):
             super().__init__()
-            self.layer = lstmfast.LSTM(INPUT, HIDDEN)
+            self.layer = getattr(lstmfast, kind)(INPUT, HIDDEN)
 
         def forward(self, x, lengths):
             return self.layer(pack_padded_sequence(x, lengths))[1][0]
@@ -187,8 +196,8 @@ def test_onnx_packed_input_is_refused_clearly_by_the_legacy_exporter(tmp_path):
 
 
 def test_onnx_legacy_exporter_translates_the_autograd_function(tmp_path):
-    """Code that calls lstmfast.LSTMFunction / RNNFunction itself (outside torch.jit tracing the module
-    path uses the bare ops) exports through the Functions' symbolic methods."""
+    """Code that calls lstmfast.LSTMFunction / GRUFunction / RNNFunction itself (outside torch.jit
+    tracing the module path uses the bare ops) exports through the Functions' symbolic methods."""
     onnx_runtime()
 
     class Direct(nn.Module):
@@ -196,11 +205,14 @@ def test_onnx_legacy_exporter_translates_the_autograd_function(tmp_path):
             super().__init__()
             torch.manual_seed(0)
             self.lstm, self.rnn = lstmfast.LSTM(INPUT, HIDDEN), lstmfast.RNN(HIDDEN, HIDDEN)
+            self.gru = lstmfast.GRU(HIDDEN, HIDDEN)
 
         def forward(self, x):
-            lstm, rnn = self.lstm, self.rnn
+            lstm, gru, rnn = self.lstm, self.gru, self.rnn
             y = lstmfast.LSTMFunction.apply(x, None, None, None, lstm.weight_ih_l0, lstm.weight_hh_l0,
                                             lstm.bias_ih_l0, lstm.bias_hh_l0, None, True, None, None)[0]
+            y = lstmfast.GRUFunction.apply(y, None, None, gru.weight_ih_l0, gru.weight_hh_l0,
+                                           gru.bias_ih_l0, gru.bias_hh_l0, True, None, None)[0]
             return lstmfast.RNNFunction.apply(y, None, None, rnn.weight_ih_l0, rnn.weight_hh_l0,
                                               rnn.bias_ih_l0, rnn.bias_hh_l0, "tanh", False, None, None)
 
@@ -218,19 +230,21 @@ def test_onnx_legacy_exporter_translates_the_autograd_function(tmp_path):
 
 
 class Stack(nn.Module):
-    """LSTM (2 layers, bidirectional) feeding an RNN (relu), then a Linear."""
+    """LSTM (2 layers, bidirectional) feeding a GRU (bidirectional), then an RNN (relu), then a Linear."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.lstm = lstmfast.LSTM(INPUT, HIDDEN, 2, bidirectional=True)
+        self.gru = lstmfast.GRU(2 * HIDDEN, HIDDEN, bidirectional=True)
         self.rnn = lstmfast.RNN(2 * HIDDEN, HIDDEN, nonlinearity="relu")
         self.head = nn.Linear(HIDDEN, 2)
 
     def forward(self, x):
         y, (h, c) = self.lstm(x)
+        y, h_gru = self.gru(y)
         z, h_rnn = self.rnn(y)
-        return self.head(z), h, c, h_rnn
+        return self.head(z), h, c, h_gru, h_rnn
 
 
 def test_jit_trace_checks_saves_loads_and_matches_eager(tmp_path):
@@ -244,6 +258,7 @@ def test_jit_trace_checks_saves_loads_and_matches_eager(tmp_path):
         loaded = torch.jit.load(str(path))
     assert_matches_stack(model, loaded)
     assert "lstmfast::lstm_forward" in str(loaded.inlined_graph)
+    assert "lstmfast::gru_forward" in str(loaded.inlined_graph)
 
 
 def test_jit_script_names_the_supported_routes():
@@ -282,10 +297,11 @@ def test_torch_export_dynamic_time_and_batch(grad):
         program = export_stack(model)
     targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
     lstm_calls = [n for n in program.graph.nodes if n.target is torch.ops.lstmfast.lstm_forward.default]
-    assert len(lstm_calls) == 4 and torch.ops.lstmfast.rnn_forward.default in targets
+    gru_calls = [n for n in program.graph.nodes if n.target is torch.ops.lstmfast.gru_forward.default]
+    assert len(lstm_calls) == 4 and len(gru_calls) == 2 and torch.ops.lstmfast.rnn_forward.default in targets
     assert not any("autograd" in str(t).lower() for t in targets)
     if not grad:
-        assert all(n.args[-1] is False for n in lstm_calls)
+        assert all(n.args[-1] is False for n in lstm_calls + gru_calls)
     assert_matches_stack(model, program.module())
 
 
@@ -357,7 +373,7 @@ def test_import_stays_cheap_and_registers_the_legacy_symbolics_either_way(order)
         if order == "lstmfast_first" else "import sys, torch\n"
     ) + imports + "\n" + (
         "from torch.onnx._internal.torchscript_exporter import registration\n"
-        "for op in ('lstmfast::lstm_forward', 'lstmfast::rnn_forward'):\n"
+        "for op in ('lstmfast::lstm_forward', 'lstmfast::gru_forward', 'lstmfast::rnn_forward'):\n"
         "    assert registration.registry.is_registered_op(op, 17), op\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
