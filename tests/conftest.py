@@ -20,9 +20,9 @@ TOLERANCES = {
 
 @dataclasses.dataclass
 class LayerSample:
-    """The arguments of one call of functional.lstm / functional.rnn (and of their references)."""
+    """The arguments of one call of functional.lstm / gru / rnn (and of their references)."""
 
-    cell: str  # "lstm" or "rnn"
+    cell: str  # "lstm", "gru" or "rnn"
     args: tuple  # input, w_ih, w_hh, b_ih, b_hh
     kwargs: dict
 
@@ -33,8 +33,7 @@ class LayerSample:
         return [t for t in candidates if t is not None and t.requires_grad]
 
     def run(self, module):
-        fn = module.lstm if self.cell == "lstm" else module.rnn
-        return fn(*self.args, **self.kwargs)
+        return getattr(module, self.cell)(*self.args, **self.kwargs)
 
 
 def layer_sample(cell="lstm", *, steps=5, batch=3, input_size=4, hidden=6, proj=0, bias=True,
@@ -43,7 +42,7 @@ def layer_sample(cell="lstm", *, steps=5, batch=3, input_size=4, hidden=6, proj=
                  grad_clip=None, seed=0) -> LayerSample:
     """Random weights and inputs for one layer. `lengths` (non-increasing) gives packed input."""
     g = torch.Generator().manual_seed(seed)
-    gates = 4 if cell == "lstm" else 1
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
     out = proj or hidden
 
     def rand(*shape, scale=1.0):

@@ -15,6 +15,7 @@ VARIANTS = {
     "lstm_proj": dict(cell="lstm", proj=3),
     "rnn_tanh": dict(cell="rnn", nonlinearity="tanh"),
     "rnn_relu": dict(cell="rnn", nonlinearity="relu"),
+    "gru": dict(cell="gru"),
 }
 LAYOUTS = {"padded": None, "packed": [5, 4, 4, 2, 1]}
 
@@ -53,7 +54,7 @@ def test_gradcheck(variant, layout, reverse, bias, state, device):
     fixed = {k: v for k, v in sample.kwargs.items() if k not in names}
     positional = [a for a in sample.args if a is not None]
     has_bias = sample.args[3] is not None
-    fn = functional.lstm if sample.cell == "lstm" else functional.rnn
+    fn = getattr(functional, sample.cell)
 
     def run(*tensors):
         args = list(tensors[:len(positional)])
@@ -67,7 +68,7 @@ def test_gradcheck(variant, layout, reverse, bias, state, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("shape", [
     dict(steps=1), dict(batch=1), dict(hidden=1), dict(input_size=1), dict(steps=1, batch=1, hidden=1),
 ], ids=["T1", "B1", "H1", "I1", "T1B1H1"])
@@ -80,7 +81,7 @@ def test_edge_sizes(cell, shape, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_empty_batch(cell, device):
     """B = 0 works as in torch.nn: empty outputs and states, zero weight gradients."""
     sample = layer_sample(cell, batch=0, state=False, device=device)
@@ -93,7 +94,7 @@ def test_empty_batch(cell, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_strided_inputs(cell, device):
     """Non-contiguous input and weights give the same results as contiguous copies."""
     sample = layer_sample(cell, device=device)
@@ -105,21 +106,19 @@ def test_strided_inputs(cell, device):
     for strided_x in (batch_first.transpose(0, 1), wide[::2, :, ::3].requires_grad_()):
         args = (strided_x, w_t.t(), w_hh, b_ih, b_hh)
         kwargs = {k: v for k, v in sample.kwargs.items() if k not in ("h0", "c0")}
-        fn = functional.lstm if cell == "lstm" else functional.rnn
-        ref = reference.lstm if cell == "lstm" else reference.rnn
+        fn, ref = getattr(functional, cell), getattr(reference, cell)
         got = fn(*args, **kwargs)
         want = ref(x, w_ih, w_hh, b_ih, b_hh, **kwargs)
         assert_all_close([g.detach() for g in got], [w.detach() for w in want],
                          **TOLERANCES[torch.float64])
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_only_requested_gradients(cell):
     """Backward returns gradients only for tensors that require them, and skips the rest."""
     sample = layer_sample(cell, requires_grad=False)
     x = sample.args[0].clone().requires_grad_()
-    fn = functional.lstm if cell == "lstm" else functional.rnn
-    outputs = fn(x, *sample.args[1:], **sample.kwargs)
+    outputs = getattr(functional, cell)(x, *sample.args[1:], **sample.kwargs)
     outputs[0].sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(a.grad is None for a in sample.args[1:] if a is not None)
@@ -148,3 +147,39 @@ def test_inference_keeps_nothing():
     train = ops.lstm_forward(s.args[0], None, None, None, *s.args[1:], None, False, True)
     assert train[3].shape == (15, 24) and train[4].shape == (15, 6)
     torch.testing.assert_close(out[0], train[0], rtol=0, atol=0)
+
+
+def test_gru_output_mask_skips_work():
+    """gru_backward returns empty tensors for the gradients output_mask does not ask for; the two bias
+    gradients (which differ for a GRU) come and go together."""
+    s = layer_sample("gru", requires_grad=False)
+    x, w_ih, w_hh, b_ih, b_hh = s.args
+    output, h_n, gates = ops.gru_forward(x, None, s.kwargs["h0"], w_ih, w_hh, b_ih, b_hh, False, True)
+    for mask in itertools.product([False, True], repeat=4):
+        grads = ops.gru_backward(torch.ones_like(output), None, x, None, s.kwargs["h0"], w_ih, w_hh,
+                                 output, gates, False, list(mask), None, False)
+        assert (grads[0].numel() > 0) == mask[0]
+        assert (grads[2].numel() > 0) == mask[2] and (grads[3].numel() > 0) == mask[2]
+        assert (grads[4].numel() > 0) == mask[3] and (grads[5].numel() > 0) == mask[3]
+
+
+def test_gru_inference_keeps_nothing_and_training_saves_gates():
+    """In inference the GRU forward op returns no gates; in training (N, 4H): r, z, n and the recurrent
+    part of n's pre-activation, W_hn h + b_hn, as the contract in csrc/ops.cpp says."""
+    s = layer_sample("gru", requires_grad=False)
+    x, w_ih, w_hh, b_ih, b_hh = s.args
+    h0 = s.kwargs["h0"]
+    out = ops.gru_forward(x, None, h0, w_ih, w_hh, b_ih, b_hh, False, False)
+    assert out[2].numel() == 0
+    train = ops.gru_forward(x, None, h0, w_ih, w_hh, b_ih, b_hh, False, True)
+    torch.testing.assert_close(out[0], train[0], rtol=0, atol=0)
+    H = 6
+    gates = train[2]
+    assert gates.shape == (15, 4 * H)
+    # the first step's gates, from h0
+    a_x, a_h = x[0] @ w_ih.t() + b_ih, h0 @ w_hh.t() + b_hh
+    r = torch.sigmoid(a_x[:, :H] + a_h[:, :H])
+    z = torch.sigmoid(a_x[:, H:2 * H] + a_h[:, H:2 * H])
+    n = torch.tanh(a_x[:, 2 * H:] + r * a_h[:, 2 * H:])
+    torch.testing.assert_close(gates[:3], torch.cat([r, z, n, a_h[:, 2 * H:]], dim=1),
+                               **TOLERANCES[torch.float64])
