@@ -1,4 +1,4 @@
-"""lstmfast.LSTM / lstmfast.RNN against torch.nn.LSTM / torch.nn.RNN loaded with the same weights."""
+"""lstmfast.LSTM / GRU / RNN against torch.nn.LSTM / GRU / RNN loaded with the same weights."""
 
 import itertools
 import pickle
@@ -79,7 +79,21 @@ def test_rnn_parity(layers, bidirectional, batch_first, bias, nonlinearity, hx, 
     assert_all_close(got[1], want[1], **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("hx", [False, True], ids=["nohx", "hx"])
+@pytest.mark.parametrize("layers,bidirectional,batch_first,bias", GRID)
+def test_gru_parity(layers, bidirectional, batch_first, bias, hx, dtype):
+    ours, theirs = pair("GRU", dtype=dtype, input_size=4, hidden_size=5, num_layers=layers,
+                        bidirectional=bidirectional, batch_first=batch_first, bias=bias)
+    x, h = make_input(ours, batch_first, hx=hx)
+    x = x.to(dtype).detach().requires_grad_()
+    h = None if h is None else h.to(dtype).detach().requires_grad_()
+    got, want = run(ours, x, h), run(theirs, x, h)
+    assert_all_close(got[0], want[0], **TOLERANCES[dtype])
+    assert_all_close(got[1], want[1], **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("hx", [False, True])
 def test_unbatched_input(kind, hx):
     ours, theirs = pair(kind, input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
@@ -89,7 +103,7 @@ def test_unbatched_input(kind, hx):
     assert_all_close(got[0] + got[1], want[0] + want[1], **TOLERANCES[torch.float64])
 
 
-@pytest.mark.parametrize("kind,proj", [("LSTM", 0), ("LSTM", 2), ("RNN", 0)])
+@pytest.mark.parametrize("kind,proj", [("LSTM", 0), ("LSTM", 2), ("GRU", 0), ("RNN", 0)])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("hx", [False, True])
 def test_packed_unsorted(kind, proj, bidirectional, hx):
@@ -136,8 +150,30 @@ def test_gradcheck_two_layer_bidirectional_projected():
     assert torch.autograd.gradcheck(f, [data, h0, c0, *weights], eps=1e-6, atol=1e-7)
 
 
+def test_gru_gradcheck_and_gradgradcheck_two_layer_bidirectional_packed():
+    module = lstmfast.GRU(3, 4, num_layers=2, bidirectional=True).double()
+    seqs = [torch.randn(n, 3, dtype=torch.float64) for n in (4, 2, 3)]
+    packed = pack_sequence(seqs, enforce_sorted=False)
+    data = packed.data.clone().requires_grad_()
+    h0 = torch.randn(4, 3, 4, dtype=torch.float64, requires_grad=True)
+    names = module._flat_weights_names
+
+    def f(data, h0, *weights):
+        out, h = torch.func.functional_call(
+            module, dict(zip(names, weights)),
+            (nn.utils.rnn.PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
+                                         packed.unsorted_indices), h0))
+        return out.data, h
+
+    weights = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    assert torch.autograd.gradcheck(f, [data, h0, *weights], eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradgradcheck(f, [data, h0, *weights], eps=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind,options", [
     ("LSTM", dict(num_layers=2, bidirectional=True, proj_size=3, bias=False)),
+    ("GRU", dict(num_layers=2, bidirectional=True, bias=False, batch_first=True, dropout=0.25)),
+    ("GRU", dict()),
     ("RNN", dict(num_layers=3, nonlinearity="relu", batch_first=True, dropout=0.5)),
 ])
 def test_parameters_and_repr_match_torch(kind, options):
@@ -155,7 +191,7 @@ def test_parameters_and_repr_match_torch(kind, options):
     ours.flatten_parameters()  # torch.nn's own: a no-op on the CPU
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_initialization_like_torch(kind):
     """Every parameter uniform in [-1/sqrt(H), 1/sqrt(H)], as torch.nn initializes."""
     module = getattr(lstmfast, kind)(8, 64, num_layers=2)
@@ -175,9 +211,10 @@ def test_forget_bias():
             assert p[:16].abs().max() <= bound
 
 
-def test_dropout_between_layers():
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_dropout_between_layers(kind):
     """Dropout acts between layers in training only; p=1 zeroes the second layer's input as torch does."""
-    ours, theirs = pair("LSTM", input_size=3, hidden_size=4, num_layers=2, dropout=1.0)
+    ours, theirs = pair(kind, input_size=3, hidden_size=4, num_layers=2, dropout=1.0)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     torch.testing.assert_close(ours(x)[0], theirs(x)[0], rtol=1e-10, atol=1e-10)
     ours.eval(), theirs.eval()
@@ -188,7 +225,7 @@ def test_dropout_between_layers():
     torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_module_serialization(kind, tmp_path):
     module = getattr(lstmfast, kind)(3, 4, num_layers=2, bidirectional=True).double()
     x = torch.randn(5, 2, 3, dtype=torch.float64)
@@ -201,10 +238,11 @@ def test_module_serialization(kind, tmp_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_module_device_and_dtype(device):
-    module = lstmfast.LSTM(3, 4, device=device, dtype=torch.float64)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_module_device_and_dtype(kind, device):
+    module = getattr(lstmfast, kind)(3, 4, device=device, dtype=torch.float64)
     assert all(p.device.type == device and p.dtype == torch.float64 for p in module.parameters())
-    out, (h, c) = module(torch.randn(2, 5, 3, device=device, dtype=torch.float64))
+    out, _ = module(torch.randn(2, 5, 3, device=device, dtype=torch.float64))
     assert out.device.type == device and out.shape == (2, 5, 4)
 
 
@@ -245,6 +283,59 @@ def test_constructor_bad_arguments(kwargs, error, match):
     options = dict(input_size=3, hidden_size=4) | kwargs
     with pytest.raises(error, match=match):
         lstmfast.LSTM(**options)
+
+
+# Each of these is the exception (type and message) torch.nn.GRU raises; the test checks that it is.
+GRU_BAD_INPUT = [
+    lambda m: m(torch.randn(5, 2, 7, dtype=torch.float64)),
+    lambda m: m(torch.randn(5, 2, 3, 1, dtype=torch.float64)),
+    lambda m: m(torch.randn(5, 2, 3, dtype=torch.float32)),
+    lambda m: m(torch.randn(5, 2, 3, dtype=torch.float64), torch.zeros(1, 2, 4, dtype=torch.float64)),
+    lambda m: m(torch.randn(5, 3, dtype=torch.float64), torch.zeros(2, 1, 4, dtype=torch.float64)),
+    lambda m: m(torch.randn(5, 2, 3, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)),
+    lambda m: m(torch.randn(0, 2, 3, dtype=torch.float64)),
+]
+
+
+@pytest.mark.parametrize("bad", GRU_BAD_INPUT, ids=["input_size", "4D", "dtype", "hx_size", "unbatched_hx_3D",
+                                                     "batched_hx_2D", "T0"])
+def test_gru_bad_input_errors_are_torch_nn_s(bad):
+    ours, theirs = pair("GRU", input_size=3, hidden_size=4, num_layers=2)
+    with pytest.raises(Exception) as expected:
+        bad(theirs)
+    with pytest.raises(type(expected.value)) as got:
+        bad(ours)
+    assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(proj_size=2), dict(dropout=1.5), dict(num_layers=0),
+                                    dict(hidden_size=0), dict(input_size=0), dict(bias="True"),
+                                    dict(hidden_size=4.0)],
+                         ids=["proj_size", "dropout", "num_layers", "hidden_size", "input_size", "bias", "float"])
+def test_gru_constructor_errors_are_torch_nn_s(kwargs):
+    options = dict(input_size=3, hidden_size=4) | kwargs
+    with pytest.raises(Exception) as expected:
+        nn.GRU(**options)
+    with pytest.raises(type(expected.value)) as got:
+        lstmfast.GRU(**options)
+    assert str(got.value) == str(expected.value)
+
+
+def test_gru_bad_arguments_torch_nn_answers_unclearly():
+    """Where torch.nn.GRU fails with an AttributeError or an error from deep inside (a tuple as hx, an
+    hx of another dtype, a float num_layers, a list as input), lstmfast names the argument."""
+    module = lstmfast.GRU(3, 4).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="GRU: expected hx to be a tensor, got tuple"):
+        module(x, (torch.zeros(1, 2, 4, dtype=torch.float64),) * 2)
+    with pytest.raises(RuntimeError, match="GRU: hx must be a torch.float64 tensor on cpu, got torch.float32"):
+        module(x, torch.zeros(1, 2, 4))
+    with pytest.raises(TypeError, match="GRU: expected input to be a Tensor or a PackedSequence, got list"):
+        module([x])
+    with pytest.raises(TypeError, match="num_layers should be of type int, got: float"):
+        lstmfast.GRU(3, 4, 1.5)
+    with pytest.raises(ValueError, match="grad_clip must be None or a number > 0"):
+        lstmfast.GRU(3, 4, grad_clip=-1.0)
 
 
 def test_rnn_bad_nonlinearity():
