@@ -52,6 +52,8 @@ OPTIONS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dr
     ("LSTM", (4, 6, 3, True, False)),
     ("RNN", (16, 32, 2, "relu")),
     ("RNN", (4, 6, 1, "tanh", True)),
+    ("GRU", (4, 6, 2, False, True, 0.25, True)),
+    ("GRU", (16, 32, 3)),
 ])
 def test_positional_arguments_build_the_same_module(kind, args):
     with warnings.catch_warnings():
@@ -64,17 +66,22 @@ def test_positional_arguments_build_the_same_module(kind, args):
     assert repr(ours) == repr(theirs)
 
 
-def test_rnn_positional_device_and_dtype():
-    """torch.nn.RNN's documented signature ends in device, dtype; given positionally, torch.nn puts the
-    device into proj_size and fails. lstmfast follows the signature (README, Guarantees)."""
-    args = (4, 6, 2, "relu", False, True, 0.25, True)
+@pytest.mark.parametrize("kind,args", [
+    ("RNN", (4, 6, 2, "relu", False, True, 0.25, True)),
+    ("GRU", (4, 6, 2, False, True, 0.25, True)),
+])
+def test_positional_device_and_dtype(kind, args):
+    """torch.nn.RNN's and torch.nn.GRU's documented signatures end in device, dtype; given positionally,
+    torch.nn puts the device into proj_size and fails. lstmfast follows the signature (README,
+    Guarantees)."""
     with pytest.raises(TypeError):
-        nn.RNN(*args, "cpu", F64)
-    ours = lstmfast.RNN(*args, "cpu", F64)
-    theirs = nn.RNN(*args, device="cpu", dtype=F64)
+        getattr(nn, kind)(*args, "cpu", F64)
+    ours = getattr(lstmfast, kind)(*args, "cpu", F64)
+    theirs = getattr(nn, kind)(*args, device="cpu", dtype=F64)
     assert repr(ours) == repr(theirs) and ours.weight_ih_l0.dtype == F64
+    assert getattr(lstmfast, kind)(*args, "cpu").weight_ih_l0.dtype == torch.float32
     with pytest.raises(TypeError, match="got multiple values for argument 'dtype'"):
-        lstmfast.RNN(*args, "cpu", F64, dtype=F64)
+        getattr(lstmfast, kind)(*args, "cpu", F64, dtype=F64)
 
 
 def test_extras_are_keyword_only():
@@ -82,12 +89,15 @@ def test_extras_are_keyword_only():
         lstmfast.LSTM(4, 6, 1, True, False, 0.0, False, 0, None, None, 1.0)  # an 11th positional
     with pytest.raises(TypeError):
         lstmfast.RNN(4, 6, 1, "tanh", True, False, 0.0, False, None, None, 1.0)
+    with pytest.raises(TypeError):
+        lstmfast.GRU(4, 6, 1, True, False, 0.0, False, None, None, 1.0)
+    assert repr(lstmfast.GRU(4, 6, grad_clip=0.5)) == "GRU(4, 6, grad_clip=0.5)"
     m = lstmfast.LSTM(4, 6, grad_clip=1.0, forget_bias=1.0)
     assert m.grad_clip == 1.0 and repr(m) == "LSTM(4, 6, forget_bias=1.0, grad_clip=1.0)"
     assert torch.all(m.bias_ih_l0[6:12] > 0)
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_is_a_torch_nn_module_with_its_internals(kind):
     theirs, ours = pair(kind, 3, 5, num_layers=2, bidirectional=True)
     assert isinstance(ours, getattr(nn, kind)) and isinstance(ours, nn.RNNBase)
@@ -105,7 +115,7 @@ def test_is_a_torch_nn_module_with_its_internals(kind):
     assert all(w.dtype == F64 and w is p for w, p in zip(ours._flat_weights, ours.parameters()))
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_old_style_weight_norm(kind):
     theirs, ours = pair(kind, 3, 5, num_layers=2)
     theirs, ours = theirs.double(), ours.double()
@@ -116,7 +126,7 @@ def test_old_style_weight_norm(kind):
     assert_same_run(theirs, ours, torch.randn(6, 2, 3, dtype=F64))
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_parametrizations(kind):
     theirs, ours = pair(kind, 3, 5)
     theirs, ours = theirs.double(), ours.double()
@@ -139,7 +149,7 @@ def test_parametrizations(kind):
     torch.testing.assert_close(plain(x)[0], ours(x)[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_pruning(kind):
     theirs, ours = pair(kind, 3, 5, bidirectional=True)
     theirs, ours = theirs.double(), ours.double()
@@ -153,8 +163,9 @@ def test_pruning(kind):
     assert ours.weight_ih_l0_reverse_orig.grad[ours.weight_ih_l0_reverse_mask == 0].abs().sum() == 0
 
 
-def test_functional_call_uses_the_given_weights():
-    theirs, ours = pair("LSTM", 3, 5, num_layers=2)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_functional_call_uses_the_given_weights(kind):
+    theirs, ours = pair(kind, 3, 5, num_layers=2)
     torch.manual_seed(1)
     swapped = {name: torch.randn_like(p) for name, p in theirs.named_parameters()}
     x = torch.randn(6, 2, 3)
@@ -168,7 +179,7 @@ def test_functional_call_uses_the_given_weights():
 
 
 class Twice(nn.Module):
-    """One LSTM used twice, an RNN, a user subclass of nn.LSTM, and a GRU."""
+    """One LSTM used twice, an RNN, a user subclass of nn.LSTM, and a GRU (bidirectional)."""
 
     class MyLSTM(nn.LSTM):
         pass
@@ -179,7 +190,7 @@ class Twice(nn.Module):
         self.decoder = self.encoder  # the same layer, referenced twice
         self.rnn = nn.RNN(4, 3, nonlinearity="relu")
         self.custom = Twice.MyLSTM(3, 3)
-        self.gru = nn.GRU(3, 3)
+        self.gru = nn.GRU(3, 3, bidirectional=True)
 
     def forward(self, x):
         y, _ = self.decoder(self.encoder(x)[0])
@@ -199,24 +210,27 @@ def test_convert_keeps_hooks_attributes_sharing_and_parametrizations(capsys):
     model.encoder.register_forward_pre_hook(lambda m, args: calls.append("pre"))
     model.encoder.register_forward_hook(lambda m, args, out: calls.append("forward"))
     model.rnn.register_full_backward_hook(lambda m, gin, gout: calls.append("backward"))
+    model.gru.register_forward_hook(lambda m, args, out: calls.append("gru forward"))
     model.encoder._register_state_dict_hook(lambda m, sd, prefix, local: calls.append("state_dict"))
     x = torch.randn(5, 2, 4, dtype=F64)
     expected = model(x)
     expected.sum().backward()
     model.state_dict()
     torch_calls = list(calls)
-    assert set(torch_calls) == {"pre", "forward", "backward", "state_dict"}
+    assert set(torch_calls) == {"pre", "forward", "backward", "state_dict", "gru forward"}
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     params = list(model.parameters())
 
     with pytest.warns(UserWarning, match=r"custom \(Twice.MyLSTM: a subclass of torch.nn.modules.rnn.LSTM"):
         assert lstmfast.convert(model, verbose=True) is model
     printed = capsys.readouterr().out
-    assert "changed 2, left 1" in printed and "encoder (LSTM -> lstmfast.modules.LSTM)" in printed
+    assert "changed 3, left 1" in printed and "encoder (LSTM -> lstmfast.modules.LSTM)" in printed
+    assert "gru (GRU -> lstmfast.modules.GRU)" in printed
 
     assert model.decoder is model.encoder and isinstance(model.encoder, lstmfast.LSTM)
     assert isinstance(model.encoder, nn.LSTM) and isinstance(model.rnn, lstmfast.RNN)
-    assert type(model.custom) is Twice.MyLSTM and type(model.gru) is nn.GRU
+    assert type(model.custom) is Twice.MyLSTM and type(model.gru) is lstmfast.GRU
+    assert isinstance(model.gru, nn.GRU) and model.gru.grad_clip is None
     assert model.encoder.tag == "mine" and not model.rnn.training and model.encoder.training
     assert parametrize.is_parametrized(model.rnn, "weight_hh_l0")
     assert hasattr(model.encoder, "weight_ih_l1_mask")
@@ -236,6 +250,7 @@ def test_convert_keeps_hooks_attributes_sharing_and_parametrizations(capsys):
     assert type(model.encoder) is nn.LSTM and model.decoder is model.encoder
     assert type(model.rnn).__bases__ == (nn.RNN,) and parametrize.is_parametrized(model.rnn)
     assert not hasattr(model.encoder, "grad_clip")
+    assert type(model.gru) is nn.GRU and not hasattr(model.gru, "grad_clip")
     torch.testing.assert_close(model(x), expected, **TOLERANCES[F64])
     parametrize.remove_parametrizations(model.rnn, "weight_hh_l0")
     assert type(model.rnn) is nn.RNN
@@ -250,7 +265,7 @@ def test_convert_a_layer_itself_and_a_parametrized_one():
     assert type(layer) is lstmfast.LSTM
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_convert_old_style_weight_norm_and_pruned_layers(kind):
     torch.manual_seed(0)
     layer = getattr(nn, kind)(3, 4, num_layers=2).double()
@@ -272,11 +287,12 @@ def test_convert_leaves_torchscript_modules_with_a_warning():
     assert isinstance(model[0], torch.jit.ScriptModule)
 
 
-def test_unconvert_warns_when_grad_clip_is_dropped():
-    layer = lstmfast.RNN(3, 4, grad_clip=1.0)
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_unconvert_warns_when_grad_clip_is_dropped(kind):
+    layer = getattr(lstmfast, kind)(3, 4, grad_clip=1.0)
     with pytest.warns(UserWarning, match="had grad_clip=1.0"):
         lstmfast.unconvert(layer)
-    assert type(layer) is nn.RNN
+    assert type(layer) is getattr(nn, kind)
 
 
 @pytest.mark.slow
