@@ -23,13 +23,15 @@ def reference_flow(module, x, batch_sizes=None):
     w = [getattr(module, f"{n}_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     if isinstance(module, lstmfast.LSTM):
         out, _, _ = reference.lstm(x, *w, batch_sizes=batch_sizes, on_step=on_step)
+    elif isinstance(module, lstmfast.GRU):
+        out, _ = reference.gru(x, *w, batch_sizes=batch_sizes, on_step=on_step)
     else:
         out, _ = reference.rnn(x, *w, nonlinearity=module.nonlinearity, batch_sizes=batch_sizes,
                                on_step=on_step)
     return out, states
 
 
-@pytest.mark.parametrize("kind,options", [("LSTM", {}), ("RNN", dict(nonlinearity="tanh")),
+@pytest.mark.parametrize("kind,options", [("LSTM", {}), ("GRU", {}), ("RNN", dict(nonlinearity="tanh")),
                                           ("RNN", dict(nonlinearity="relu"))])
 def test_gradient_flow_matches_autograd(kind, options):
     module = getattr(lstmfast, kind)(3, 5, **options).double()
@@ -49,7 +51,7 @@ def test_gradient_flow_matches_autograd(kind, options):
     torch.testing.assert_close(flow.input, grad_x.norm(dim=-1), **TOLERANCES[torch.float64])
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_gradient_flow_packed(kind):
     """With batch_sizes: norms per (step, sequence) in the caller's order, NaN after a sequence ends."""
     module = getattr(lstmfast, kind)(3, 5).double()
@@ -72,14 +74,16 @@ def test_gradient_flow_packed(kind):
         assert torch.isnan(flow.hidden[0, n:, b]).all() and not torch.isnan(flow.hidden[0, :n, b]).any()
 
 
-def test_gradient_flow_every_layer_and_direction():
-    module = lstmfast.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True).double()
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_gradient_flow_every_layer_and_direction(kind):
+    module = getattr(lstmfast, kind)(3, 4, num_layers=2, bidirectional=True, batch_first=True).double()
     flow = diagnostics.gradient_flow(module, torch.randn(2, 6, 3, dtype=torch.float64))
-    assert flow.hidden.shape == (4, 6, 2) and flow.cell.shape == (4, 6, 2) and flow.input.shape == (6, 2)
+    assert flow.hidden.shape == (4, 6, 2) and flow.input.shape == (6, 2)
+    assert flow.cell.shape == (4, 6, 2) if kind == "LSTM" else flow.cell is None
     assert torch.isfinite(flow.hidden).all() and (flow.hidden > 0).any()
 
 
-@pytest.mark.parametrize("variant", [dict(cell="lstm"), dict(cell="lstm", proj=3),
+@pytest.mark.parametrize("variant", [dict(cell="lstm"), dict(cell="lstm", proj=3), dict(cell="gru"),
                                      dict(cell="rnn", nonlinearity="tanh"), dict(cell="rnn", nonlinearity="relu")])
 @pytest.mark.parametrize("lengths", [None, [5, 4, 2]])
 def test_grad_clip_matches_reference(variant, lengths):
@@ -93,9 +97,10 @@ def test_grad_clip_matches_reference(variant, lengths):
     assert any((a - b).abs().max() > 1e-6 for a, b in zip(grads, free)), "clipping changed nothing"
 
 
-def test_grad_clip_none_is_exact_torch():
-    ours = lstmfast.LSTM(3, 4, grad_clip=None).double()
-    theirs = nn.LSTM(3, 4).double()
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_grad_clip_none_is_exact_torch(kind):
+    ours = getattr(lstmfast, kind)(3, 4, grad_clip=None).double()
+    theirs = getattr(nn, kind)(3, 4).double()
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(6, 2, 3, dtype=torch.float64)
     g1 = torch.autograd.grad(ours(x)[0].sum(), list(ours.parameters()))
@@ -108,13 +113,17 @@ class Nested(nn.Module):
         super().__init__()
         self.encoder = nn.LSTM(4, 8, num_layers=2, bidirectional=True, batch_first=True)
         self.blocks = nn.ModuleList([nn.RNN(16, 6, nonlinearity="relu"), nn.Sequential(nn.LSTM(6, 3, proj_size=2))])
-        self.gru = nn.GRU(2, 2)  # left alone
+        self.gru = nn.GRU(2, 2)
+        self.custom_gru = Nested.MyGRU(2, 2)  # a user subclass: left alone
+
+    class MyGRU(nn.GRU):
+        pass
 
     def forward(self, x):
         y, _ = self.encoder(x)
         y, _ = self.blocks[0](y.transpose(0, 1))
         y, _ = self.blocks[1][0](y)
-        return self.gru(y)[0]
+        return self.custom_gru(self.gru(y)[0])[0]
 
 
 def test_convert_and_unconvert_nested_model():
@@ -124,9 +133,11 @@ def test_convert_and_unconvert_nested_model():
     expected = model(x)
     params = list(model.parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert lstmfast.convert(model) is model
+    with pytest.warns(UserWarning, match=r"custom_gru \(Nested.MyGRU: a subclass of torch.nn.modules.rnn.GRU"):
+        assert lstmfast.convert(model) is model
     assert isinstance(model.encoder, lstmfast.LSTM) and isinstance(model.blocks[0], lstmfast.RNN)
-    assert isinstance(model.blocks[1][0], lstmfast.LSTM) and isinstance(model.gru, nn.GRU)
+    assert isinstance(model.blocks[1][0], lstmfast.LSTM) and type(model.gru) is lstmfast.GRU
+    assert type(model.custom_gru) is Nested.MyGRU
     assert model.blocks[0].nonlinearity == "relu" and model.blocks[1][0].proj_size == 2
     assert not model.encoder.training
     assert all(a is b for a, b in zip(model.parameters(), params)), "parameters must be shared"
@@ -136,11 +147,29 @@ def test_convert_and_unconvert_nested_model():
     after = model(x)
     lstmfast.unconvert(model)
     assert type(model.encoder) is nn.LSTM and type(model.blocks[1][0]) is nn.LSTM
+    assert type(model.gru) is nn.GRU and type(model.custom_gru) is Nested.MyGRU
     torch.testing.assert_close(model(x), after, rtol=1e-10, atol=1e-10)
 
 
 def test_from_torch_rejects_other_modules():
     with pytest.raises(TypeError, match="expects a torch.nn.LSTM, got GRU"):
         lstmfast.LSTM.from_torch(nn.GRU(2, 2))
+    with pytest.raises(TypeError, match="expects a torch.nn.GRU, got LSTM"):
+        lstmfast.GRU.from_torch(nn.LSTM(2, 2))
     converted = lstmfast.convert(nn.RNN(2, 3))
     assert isinstance(converted, lstmfast.RNN)
+    assert type(lstmfast.convert(nn.GRU(2, 3))) is lstmfast.GRU
+
+
+def test_gru_from_torch_and_to_torch_share_parameters():
+    torch.manual_seed(0)
+    theirs = nn.GRU(3, 4, num_layers=2, bias=False, batch_first=True, dropout=0.5, bidirectional=True).double()
+    theirs.eval()
+    ours = lstmfast.GRU.from_torch(theirs)
+    assert type(ours) is lstmfast.GRU and not ours.training and repr(ours) == repr(theirs)
+    assert all(a is b for a, b in zip(ours.parameters(), theirs.parameters()))
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    assert_all_close(list(ours(x)), list(theirs(x)), **TOLERANCES[torch.float64])
+    back = ours.to_torch()
+    assert type(back) is nn.GRU and repr(back) == repr(theirs) and not back.training
+    assert all(a is b for a, b in zip(back.parameters(), theirs.parameters()))
