@@ -540,6 +540,20 @@ struct CpuBackend {
     const auto& k = cpu::pointwise_kernels<T>();
     for_rows(rows, s.width, [&](int64_t begin, int64_t end) { k.sum(s, begin, end, norm); });
   }
+
+  template <typename T>
+  void gru_forward(const GruForwardStep<T>& s, int64_t rows) {
+    const auto& k = cpu::pointwise_kernels<T>();
+    for_rows(rows, 3 * s.hidden_size, [&](int64_t begin, int64_t end) { k.gru_forward(s, begin, end); });
+  }
+
+  template <typename T>
+  void gru_backward(const GruBackwardStep<T>& s, int64_t rows, T* hidden_norm) {
+    const auto& k = cpu::pointwise_kernels<T>();
+    for_rows(rows, 3 * s.hidden_size, [&](int64_t begin, int64_t end) {
+      k.gru_backward(s, begin, end, hidden_norm);
+    });
+  }
 };
 
 }  // namespace
@@ -549,6 +563,8 @@ TORCH_LIBRARY_IMPL(lstmfast, CPU, m) {
   m.impl("lstm_backward", &lstm_backward<CpuBackend>);
   m.impl("rnn_forward", &rnn_forward<CpuBackend>);
   m.impl("rnn_backward", &rnn_backward<CpuBackend>);
+  m.impl("gru_forward", &gru_forward<CpuBackend>);
+  m.impl("gru_backward", &gru_backward<CpuBackend>);
 }
 
 TORCH_LIBRARY_IMPL(lstmfast, CompositeExplicitAutograd, m) {
