@@ -1,4 +1,4 @@
-"""torch's own test data for nn.LSTM and nn.RNN, run through lstmfast's classes.
+"""torch's own test data for nn.LSTM, nn.GRU and nn.RNN, run through lstmfast's classes.
 
 The ModuleInfo entries that PyTorch's module tests use (torch.testing._internal.common_modules, as
 installed with torch) list, per module, sample constructor and forward inputs and the error cases torch
@@ -18,8 +18,8 @@ from conftest import TOLERANCES
 common_modules = pytest.importorskip("torch.testing._internal.common_modules")
 
 INFOS = {info.module_cls: info for info in common_modules.module_db
-         if info.module_cls in (nn.LSTM, nn.RNN)}
-OURS = {nn.LSTM: lstmfast.LSTM, nn.RNN: lstmfast.RNN}
+         if info.module_cls in (nn.LSTM, nn.GRU, nn.RNN)}
+OURS = {nn.LSTM: lstmfast.LSTM, nn.GRU: lstmfast.GRU, nn.RNN: lstmfast.RNN}
 
 
 def _samples(cls, kind, dtype):
@@ -32,7 +32,7 @@ def _samples(cls, kind, dtype):
 
 def _cases(kind, dtype):
     cases = []
-    for cls in (nn.LSTM, nn.RNN):
+    for cls in OURS:
         for i, sample in enumerate(_samples(cls, kind, dtype)):
             cases.append(pytest.param(cls, i, id=f"{cls.__name__}-{i}"))
     return cases
@@ -40,8 +40,9 @@ def _cases(kind, dtype):
 
 def test_module_info_is_there():
     """Guards the tests below against an empty parametrization: torch lists 32 samples and 14 error
-    cases for each of nn.LSTM and nn.RNN."""
-    for cls in (nn.LSTM, nn.RNN):
+    cases for each of nn.LSTM and nn.RNN, 16 samples and 14 error cases for nn.GRU."""
+    assert set(INFOS) == set(OURS)
+    for cls in OURS:
         assert len(_samples(cls, "sample", torch.float64)) >= 16
         assert len(_samples(cls, "error", torch.float32)) >= 14
 
