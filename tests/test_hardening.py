@@ -121,6 +121,30 @@ def test_functional_rnn_bad_input(changes, error, match):
         _rnn_call(**changes)
 
 
+def _gru_call(**changes):
+    s = layer_sample("gru", requires_grad=False)
+    x, w_ih, w_hh, b_ih, b_hh = s.args
+    kw = dict(b_ih=b_ih, b_hh=b_hh, h0=s.kwargs["h0"]) | changes
+    return functional.gru(kw.pop("input", x), kw.pop("w_ih", w_ih), kw.pop("w_hh", w_hh), **kw)
+
+
+@pytest.mark.parametrize("changes,error,match", [
+    (dict(w_hh=_f64(18, 5)), RuntimeError, r"gru_forward: expected w_hh of shape \[18, 6\], but got \[18, 5\]"),
+    (dict(w_ih=_f64(18, 3)), RuntimeError, r"gru_forward: expected w_ih of shape \[18, 4\], but got \[18, 3\]"),
+    (dict(b_ih=_f64(6)), RuntimeError, r"gru_forward: expected b_ih of shape \[18\], but got \[6\]"),
+    (dict(h0=_f64(3, 5)), RuntimeError, r"expected h0 of shape \[3, 6\], but got \[3, 5\]"),
+    (dict(h0=torch.zeros(3, 6)), RuntimeError, r"expected h0 to have dtype Double \(the dtype of input\), but got Float"),
+    (dict(input=_f64(15, 4)), RuntimeError, r"expected input of shape \(T, B, I\) \(3-D\)"),
+    (dict(nonlinearity="tanh"), TypeError, r"unexpected keyword argument 'nonlinearity'"),
+    (dict(grad_clip=0), ValueError, r"grad_clip must be None or a number > 0, got 0"),
+    (dict(grad_clip=True), ValueError, r"grad_clip must be None or a number > 0, got True"),
+    (dict(grad_clip=float("nan")), ValueError, r"grad_clip must be None or a number > 0, got nan"),
+])
+def test_functional_gru_bad_input(changes, error, match):
+    with pytest.raises(error, match=match):
+        _gru_call(**changes)
+
+
 def test_functional_lstm_bad_grad_clip():
     with pytest.raises(ValueError, match=r"grad_clip must be None or a number > 0, got 0"):
         functional.lstm(**_lstm_kwargs(), grad_clip=0)
@@ -276,7 +300,7 @@ def test_fake_shapes_past_2_pow_31_elements():
 # Bad input: modules
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_module_packed_wrong_feature_size_and_dtype(kind):
     # torch.nn's exception types and messages (torch.nn's LSTM does not check packed input at all and
     # fails inside its kernel; lstmfast checks it as torch.nn's RNN does).
@@ -315,12 +339,17 @@ def test_lstm_module_bad_hx(bad, error, match):
         bad(module)
 
 
-def test_rnn_module_bad_hx():
-    module = lstmfast.RNN(3, 4).double()
-    with pytest.raises(RuntimeError, match=r"RNN: hx must be a torch.float64 tensor on cpu, got torch.float32"):
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_rnn_and_gru_module_bad_hx(kind):
+    module = getattr(lstmfast, kind)(3, 4).double()
+    with pytest.raises(RuntimeError, match=rf"{kind}: hx must be a torch.float64 tensor on cpu, got torch.float32"):
         module(_f64(5, 2, 3), torch.zeros(1, 2, 4))
-    with pytest.raises(ValueError, match=r"RNN: expected hx to be a tensor, got tuple"):
+    with pytest.raises(ValueError, match=rf"{kind}: expected hx to be a tensor, got tuple"):
         module(_f64(5, 2, 3), (_f64(1, 2, 4), _f64(1, 2, 4)))
+    with pytest.raises(ValueError, match=rf"{kind}: expected hx to be a tensor, got float"):
+        module(_f64(5, 2, 3), 1.5)
+    with pytest.raises(RuntimeError, match=r"Expected hidden size \(1, 2, 4\), got \[1, 3, 4\]"):
+        module(pack_sequence([_f64(3, 3), _f64(2, 3)]), _f64(1, 3, 4))
 
 
 # torch.nn's exception types and messages; where torch.nn takes a bool as a size or fails on a float
@@ -358,11 +387,26 @@ def test_rnn_constructor_bad_arguments(kwargs, match):
         lstmfast.RNN(**(dict(input_size=3, hidden_size=4) | kwargs))
 
 
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(nonlinearity="tanh"), TypeError, r"unexpected keyword argument 'nonlinearity'"),
+    (dict(proj_size=2), ValueError, r"proj_size argument is only supported for LSTM, not RNN or GRU"),
+    (dict(dropout=2), ValueError, r"dropout should be a number in range \[0, 1\]"),
+    (dict(input_size=3.0), TypeError, r"input_size should be of type int, got: float"),
+    (dict(hidden_size=True), TypeError, r"hidden_size should be of type int, got: bool"),
+    (dict(num_layers=1.0), TypeError, r"num_layers should be of type int, got: float"),
+    (dict(forget_bias=1.0), TypeError, r"unexpected keyword argument 'forget_bias'"),
+    (dict(grad_clip="a"), ValueError, r"grad_clip must be None or a number > 0, got 'a'"),
+])
+def test_gru_constructor_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lstmfast.GRU(**(dict(input_size=3, hidden_size=4) | kwargs))
+
+
 # ------------------------------------------------------------------------------------------------
 # NaN / Inf propagate exactly as in torch.nn (same NaN pattern in outputs and every gradient)
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN-tanh", "RNN-relu"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-tanh", "RNN-relu"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("where", ["input", "h0", "weight"])
 def test_nonfinite_like_torch_nn(kind, value, where):
@@ -422,6 +466,10 @@ DETERMINISM_CASES = {
                              reverse=True, dtype=torch.float32),
     # weights over 256 kB: a CPU thread team splits the weights' panels instead of the batch
     "lstm-panels-f32": dict(cell="lstm", steps=5, batch=12, input_size=40, hidden=200, dtype=torch.float32),
+    "gru-f32": dict(cell="gru", steps=6, batch=96, input_size=64, hidden=128, dtype=torch.float32),
+    "gru-packed-rev-f64": dict(cell="gru", input_size=48, hidden=96, dtype=F64, reverse=True,
+                               lengths=[7] * 40 + [5] * 30 + [2] * 20),
+    "gru-panels-f32": dict(cell="gru", steps=5, batch=12, input_size=40, hidden=200, dtype=torch.float32),
 }
 
 
@@ -442,9 +490,10 @@ def test_bitwise_deterministic_across_runs_and_threads(case):
             assert torch.equal(a, b), f"{case}: tensor {i} differs between 1 and {n} threads"
 
 
-def test_module_bitwise_deterministic_across_threads():
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_module_bitwise_deterministic_across_threads(kind):
     threads = torch.get_num_threads()
-    module = lstmfast.LSTM(32, 64, num_layers=2, bidirectional=True)
+    module = getattr(lstmfast, kind)(32, 64, num_layers=2, bidirectional=True)
     x = torch.randn(8, 48, 32)
     results = []
     try:
@@ -452,9 +501,10 @@ def test_module_bitwise_deterministic_across_threads():
             torch.set_num_threads(n)
             module.zero_grad()
             xi = x.clone().requires_grad_()
-            out, (h, c) = module(xi)
-            (out.square().sum() + h.sum() + c.sum()).backward()
-            results.append([out, h, c, xi.grad] + [p.grad.clone() for p in module.parameters()])
+            out, state = module(xi)
+            states = list(state) if isinstance(state, tuple) else [state]
+            (out.square().sum() + sum(s.sum() for s in states)).backward()
+            results.append([out, *states, xi.grad] + [p.grad.clone() for p in module.parameters()])
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -468,7 +518,9 @@ def test_module_bitwise_deterministic_across_threads():
 def test_concurrent_python_threads_match_sequential():
     samples = [dict(cell="lstm", proj=2, seed=1), dict(cell="rnn", nonlinearity="relu", seed=2),
                dict(cell="lstm", lengths=[6, 4, 4, 1], reverse=True, seed=3),
-               dict(cell="rnn", steps=30, batch=16, hidden=64, input_size=32, seed=4)]
+               dict(cell="rnn", steps=30, batch=16, hidden=64, input_size=32, seed=4),
+               dict(cell="gru", lengths=[5, 5, 3, 2], reverse=True, seed=5),
+               dict(cell="gru", steps=30, batch=16, hidden=64, input_size=32, seed=6)]
     expected = [outputs_and_grads(layer_sample(**s), functional) for s in samples]
     results, errors = {}, []
     barrier = threading.Barrier(len(samples))
@@ -511,10 +563,10 @@ def _saved_bytes(fn):
     return sum(storages.values()), result
 
 
-@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 8), ("rnn", 0)])
+@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 8), ("gru", 0), ("rnn", 0)])
 def test_saved_bytes_per_step(cell, proj):
-    """LSTM saves input, output, gates, cells: (I + P + 5H) elements per sequence per step; RNN saves
-    input and output: (I + H). Plus the weights and biases, independent of T (the biases for the
+    """LSTM saves input, output, gates, cells: (I + P + 5H) elements per sequence per step; GRU saves
+    input, output and gates (r, z, n, W_hn h + b_hn): (I + 5H); RNN saves input and output: (I + H). Plus the weights and biases, independent of T (the biases for the
     reference recomputation of a backward that builds a graph)."""
     T, B, I, H = 50, 3, 5, 16
     sample = layer_sample(cell, steps=T, batch=B, input_size=I, hidden=H, proj=proj, state=False,
@@ -524,7 +576,7 @@ def test_saved_bytes_per_step(cell, proj):
     P = proj or H
     weights = w_ih.nbytes + w_hh.nbytes + b_ih.nbytes + b_hh.nbytes
     weights += sample.kwargs["w_hr"].nbytes if proj else 0
-    per_step = B * (I + P + 5 * H if cell == "lstm" else I + H) * 4
+    per_step = B * {"lstm": I + P + 5 * H, "gru": I + 5 * H, "rnn": I + H}[cell] * 4
     assert saved == T * per_step + weights
 
 
@@ -623,7 +675,7 @@ def test_distributed_data_parallel_matches_single_process(tmp_path):
         torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_state_dict_round_trips_with_weights_only_load(kind):
     options = dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
     if kind == "LSTM":
@@ -641,11 +693,11 @@ def test_state_dict_round_trips_with_weights_only_load(kind):
     torch.testing.assert_close(back(x)[0], ours(x)[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_copies_keep_options_and_train_identically(kind, tmp_path):
     """pickle, deepcopy and torch.save of a module that has been trained keep grad_clip, forget_bias and
     the weights: one more training step gives bitwise-identical gradients."""
-    extra = dict(forget_bias=1.0) if kind == "LSTM" else dict(nonlinearity="relu")
+    extra = {"LSTM": dict(forget_bias=1.0), "GRU": {}, "RNN": dict(nonlinearity="relu")}[kind]
     module = getattr(lstmfast, kind)(3, 4, num_layers=2, grad_clip=0.01, **extra).double()
     x = _f64(6, 2, 3)
     module(x)[0].square().sum().backward()
