@@ -16,11 +16,13 @@ from conftest import DEVICES, assert_all_close, layer_sample
 F64 = dict(rtol=1e-10, atol=1e-10)
 
 
+KINDS = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+
+
 def _pair(cell, input_size=3, hidden=3, dtype=torch.float64, device="cpu", **options):
     """A torch.nn layer and the lstmfast one sharing its Parameters."""
-    torch_cls = nn.LSTM if cell == "lstm" else nn.RNN
-    ours_cls = lstmfast.LSTM if cell == "lstm" else lstmfast.RNN
-    theirs = torch_cls(input_size, hidden, **options).to(device, dtype)
+    ours_cls = getattr(lstmfast, KINDS[cell])
+    theirs = getattr(nn, KINDS[cell])(input_size, hidden, **options).to(device, dtype)
     return theirs, ours_cls.from_torch(theirs)
 
 
@@ -48,6 +50,11 @@ FUNCTIONAL_GRID = [
     ("rnn", dict(reverse=True, nonlinearity="relu")),
     ("rnn", dict(lengths=[3, 2, 1], reverse=True)),
     ("rnn", dict(state=False, bias=False)),
+    ("gru", dict()),
+    ("gru", dict(reverse=True)),
+    ("gru", dict(state=False, bias=False)),
+    ("gru", dict(lengths=[3, 2, 1])),
+    ("gru", dict(lengths=[3, 3, 1], reverse=True)),
 ]
 
 
@@ -63,7 +70,7 @@ def test_gradgradcheck_functional(cell, options):
         it = iter(tensors)
         call_args = [next(it) if a is not None else None for a in s.args]
         kwargs = dict(s.kwargs, **{k: next(it) for k in names})
-        return (functional.lstm if cell == "lstm" else functional.rnn)(*call_args, **kwargs)
+        return getattr(functional, cell)(*call_args, **kwargs)
 
     inputs = tuple(args + [s.kwargs[k] for k in names])
     assert torch.autograd.gradcheck(layer, inputs)
@@ -75,6 +82,8 @@ MODULE_GRID = [
     ("lstm", dict(proj_size=2, batch_first=True)),
     ("rnn", dict(num_layers=2, bidirectional=True, nonlinearity="relu")),
     ("rnn", dict(batch_first=True)),
+    ("gru", dict(num_layers=2, bidirectional=True)),
+    ("gru", dict(batch_first=True)),
 ]
 
 
@@ -106,6 +115,8 @@ PENALTY_GRID = [
     ("lstm", dict(proj_size=2, batch_first=True)),
     ("rnn", dict(num_layers=2, nonlinearity="relu")),
     ("rnn", dict(bidirectional=True, batch_first=True)),
+    ("gru", dict(num_layers=2, bidirectional=True)),
+    ("gru", dict(batch_first=True)),
 ]
 
 
@@ -121,7 +132,7 @@ def test_gradient_penalty_equals_torch_nn(cell, options, device):
     assert_all_close(actual, expected, **F64)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_gradient_penalty_packed_equals_torch_nn(cell):
     theirs, ours = _pair(cell, input_size=3, hidden=3, bidirectional=True)
     x = torch.randn(4, 3, 3, dtype=torch.float64)
@@ -137,7 +148,7 @@ def test_gradient_penalty_packed_equals_torch_nn(cell):
     assert_all_close(results[1], results[0], **F64)
 
 
-@pytest.mark.parametrize("cell,options", PENALTY_GRID[:1] + PENALTY_GRID[2:3], ids=str)
+@pytest.mark.parametrize("cell,options", PENALTY_GRID[:1] + PENALTY_GRID[2:3] + PENALTY_GRID[4:5], ids=str)
 def test_hvp_equals_torch_nn(cell, options):
     theirs, ours = _pair(cell, input_size=2, hidden=3, **options)
     x = torch.randn(3, 2, 2, dtype=torch.float64)
@@ -158,7 +169,7 @@ def test_hvp_equals_torch_nn(cell, options):
     assert_all_close(list(actual), list(expected), **F64)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_second_order_with_grad_clip_is_refused(cell):
     """grad_clip has no committed second derivative: a backward that builds a graph raises, never a
     graph-less gradient; first order with grad_clip is unaffected."""
@@ -172,16 +183,20 @@ def test_second_order_with_grad_clip_is_refused(cell):
     torch.testing.assert_close(g, e, **F64)
 
 
-def test_norm_sink_under_create_graph():
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_norm_sink_under_create_graph(cell):
     """Diagnostics still get the fused kernel's norms on a backward that builds a graph."""
-    s = layer_sample("lstm", steps=4, batch=2, input_size=3, hidden=3)
+    s = layer_sample(cell, steps=4, batch=2, input_size=3, hidden=3)
+    layer = getattr(functional, cell)
     seen = []
-    out = functional.lstm(*s.args, **s.kwargs, norm_sink=lambda h, c: seen.append((h, c)))
+    out = layer(*s.args, **s.kwargs, norm_sink=lambda h, c: seen.append((h, c)))
     (g,) = torch.autograd.grad(out[0].sum(), s.args[0], create_graph=True)
     assert g.requires_grad and len(seen) == 1
-    out = functional.lstm(*s.args, **s.kwargs, norm_sink=lambda h, c: seen.append((h, c)))
+    out = layer(*s.args, **s.kwargs, norm_sink=lambda h, c: seen.append((h, c)))
     torch.autograd.grad(out[0].sum(), s.args[0])
-    assert_all_close(list(seen[0]), list(seen[1]), **F64)
+    assert (seen[0][1] is None) == (seen[1][1] is None) == (cell != "lstm")
+    assert seen[0][0].shape == (4 * 2,) and seen[0][0].abs().sum() > 0
+    assert_all_close([n for n in seen[0] if n is not None], [n for n in seen[1] if n is not None], **F64)
 
 
 # ------------------------------------------------------------------------------ torch.compile
@@ -193,8 +208,7 @@ class _Tagger(nn.Module):
     def __init__(self, cell, **options):
         super().__init__()
         self.embedding = nn.Embedding(11, 5)
-        layer = lstmfast.LSTM if cell == "lstm" else lstmfast.RNN
-        self.rnn = layer(5, 4, **options)
+        self.rnn = getattr(lstmfast, KINDS[cell])(5, 4, **options)
         width = (options.get("proj_size") or 4) * (2 if options.get("bidirectional") else 1)
         self.head = nn.Linear(width, 3)
 
@@ -216,6 +230,8 @@ COMPILE_GRID = [
     ("rnn", dict(batch_first=True), False),
     ("rnn", dict(batch_first=True, bidirectional=True, nonlinearity="relu"), False),
     ("rnn", dict(num_layers=2), True),
+    ("gru", dict(batch_first=True, bidirectional=True, num_layers=2), False),
+    ("gru", dict(batch_first=True), True),
 ]
 
 
@@ -248,7 +264,7 @@ def test_compiled_training_step_equals_eager(cell, options, packed):
     assert_all_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("layout", ["transposed", "expanded", "strided_weights"])
 def test_opcheck_non_contiguous(cell, layout):
     """opcheck (fakes against the kernels, strides included) on transposed batch_first views,
@@ -278,6 +294,16 @@ def test_opcheck_non_contiguous(cell, layout):
         result = lstmfast.ops.lstm_backward(grad, torch.ones_like(h_n), None, x, None, h0, c0, w_ih,
                                             w_hh, None, output, gates, cells, False, [True] * 4, None,
                                             False)
+    elif cell == "gru":
+        args = (x, None, h0, w_ih, w_hh, b_ih, b_hh, False, True)
+        torch.library.opcheck(lstmfast.ops.gru_forward, args)
+        output, h_n, gates = lstmfast.ops.gru_forward(*args)
+        grad = torch.randn(output.shape, generator=rng, dtype=torch.float64).transpose(0, 1)
+        grad = grad.contiguous().transpose(0, 1)
+        torch.library.opcheck(lstmfast.ops.gru_backward, (
+            grad, h_n, x, None, h0, w_ih, w_hh, output, gates, False, [True] * 4, None, False))
+        result = lstmfast.ops.gru_backward(grad, h_n, x, None, h0, w_ih, w_hh, output, gates, False,
+                                           [True] * 4, None, False)
     else:
         args = (x, None, h0, w_ih, w_hh, b_ih, b_hh, "tanh", False)
         torch.library.opcheck(lstmfast.ops.rnn_forward, args)
@@ -293,7 +319,7 @@ def test_opcheck_non_contiguous(cell, layout):
 
 # ------------------------------------------------------------------------------ torch.func
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_func_grad_equals_torch_nn(cell):
     theirs, ours = _pair(cell, num_layers=2, bidirectional=True)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
@@ -309,7 +335,7 @@ def test_func_grad_equals_torch_nn(cell):
     assert_all_close(list(actual.values()), list(expected.values()), **F64)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_per_sample_grads_equal_torch_nn_one_sample_at_a_time(cell):
     """vmap(grad) over the samples of a batch gives each sample's own torch.nn gradient."""
     theirs, ours = _pair(cell, batch_first=True)
@@ -327,10 +353,10 @@ def test_per_sample_grads_equal_torch_nn_one_sample_at_a_time(cell):
         assert_all_close([g[b] for g in per_sample.values()], list(expected.values()), **F64)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_jvp_equals_torch_nn_or_reference(cell):
-    """Forward mode: torch.nn's RNN supports it (compared with it); torch.nn's LSTM does not, so the
-    LSTM's is compared with lstmfast.reference's."""
+    """Forward mode: torch.nn's RNN and GRU support it (compared with them); torch.nn's LSTM does not,
+    so the LSTM's is compared with lstmfast.reference's."""
     theirs, ours = _pair(cell, num_layers=2, proj_size=2) if cell == "lstm" else _pair(cell, num_layers=2)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     params = {k: v.detach() for k, v in ours.named_parameters()}
@@ -342,7 +368,7 @@ def test_jvp_equals_torch_nn_or_reference(cell):
         return lambda p, x: tuple(_flat(torch.func.functional_call(module, p, (x,))))
 
     actual = torch.func.jvp(run(ours), (params, x), (tangents, x_tangent))
-    if cell == "rnn":
+    if cell != "lstm":
         expected = torch.func.jvp(run(theirs), (params, x), (tangents, x_tangent))
     else:
         def ref(p, x):
@@ -357,7 +383,7 @@ def test_jvp_equals_torch_nn_or_reference(cell):
     assert expected[1][0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_vmap_ensemble_gradients_reach_the_parameters(cell):
     """Model ensembling (stack_module_state + functional_call + vmap): outputs and the gradients of
     the stacked parameters are each model's own torch.nn ones (torch.nn itself has no batching rule)."""
@@ -377,7 +403,7 @@ def test_vmap_ensemble_gradients_reach_the_parameters(cell):
             torch.testing.assert_close(params[name].grad[i], g, **F64)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_first_run_under_no_grad_then_trained(cell):
     theirs, ours = _pair(cell, num_layers=2)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
@@ -402,6 +428,10 @@ INPLACE_GRID = [
     ("rnn", dict(), "3d"),
     ("rnn", dict(batch_first=True, num_layers=2, nonlinearity="relu"), "3d"),
     ("rnn", dict(), "packed"),
+    ("gru", dict(), "3d"),
+    ("gru", dict(batch_first=True, bidirectional=True, num_layers=2), "3d"),
+    ("gru", dict(), "unbatched"),
+    ("gru", dict(bidirectional=True), "packed"),
 ]
 
 
@@ -441,15 +471,14 @@ def test_inplace_on_output(cell, options, kind, operation, device):
 REDUCED = {torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_module_on_cpu(cell, dtype):
     """A float16/bfloat16 module: torch.nn's dtypes everywhere, values within the dtype's tolerance of
     the float32 computation (lstmfast computes in float32 and rounds the results once)."""
-    options = dict(num_layers=2, bidirectional=True) if cell == "rnn" else dict(proj_size=2)
+    options = dict(num_layers=2, bidirectional=True) if cell != "lstm" else dict(proj_size=2)
     theirs, ours = _pair(cell, input_size=3, hidden=4, dtype=torch.float32, **options)
-    ours_reduced = (lstmfast.LSTM if cell == "lstm" else lstmfast.RNN).from_torch(
-        (nn.LSTM if cell == "lstm" else nn.RNN)(3, 4, **options).to(dtype))
+    ours_reduced = getattr(lstmfast, KINDS[cell]).from_torch(getattr(nn, KINDS[cell])(3, 4, **options).to(dtype))
     ours_reduced.load_state_dict(theirs.state_dict())
     theirs_reduced = ours_reduced.to_torch()
     x = torch.randn(5, 2, 3)
@@ -470,7 +499,7 @@ def test_reduced_precision_module_on_cpu(cell, dtype):
         torch.testing.assert_close(a.float(), e, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_autocast(cell, dtype):
     """Under torch.autocast("cpu"), an autocast Linear feeding the layer: the layer runs in the
@@ -492,7 +521,7 @@ def test_cpu_autocast(cell, dtype):
     assert [o.dtype for o in outs] == [o.dtype for o in their_outs] == [dtype] * len(outs)
     assert [g.dtype for g in grads] == [g.dtype for g in their_grads] == [torch.float32] * len(grads)
     # float32 on the autocast-rounded operands
-    rounded = (lstmfast.LSTM if cell == "lstm" else lstmfast.RNN)(3, 4, **options)
+    rounded = getattr(lstmfast, KINDS[cell])(3, 4, **options)
     with torch.no_grad():
         for p, q in zip(rounded.parameters(), ours.parameters()):
             p.copy_(q.to(dtype).float())
@@ -527,7 +556,7 @@ def test_cpu_autocast_float16_lstm_training():
         torch.testing.assert_close(a, e, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_forward_ad_equals_reference(cell):
     """torch.autograd.forward_ad (dual tensors) through the functional layer: the reference's tangents."""
     import torch.autograd.forward_ad as fwAD
@@ -542,7 +571,7 @@ def test_forward_ad_equals_reference(cell):
             args += [a.detach() if a is not None else None for a in s.args[2:]]
             kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) and k != "batch_sizes" else v)
                       for k, v in s.kwargs.items()}
-            outs = (module.lstm if cell == "lstm" else module.rnn)(*args, **kwargs)
+            outs = getattr(module, cell)(*args, **kwargs)
             results.append([fwAD.unpack_dual(o).tangent for o in outs])
     assert all(t is not None for t in results[0])
     assert_all_close(results[0], results[1], **F64)
@@ -550,7 +579,7 @@ def test_forward_ad_equals_reference(cell):
 
 # ------------------------------------------------------------------------------ review follow-ups
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_func_grad_runs_the_fused_backward_with_grad_clip(cell, monkeypatch):
     """torch.func.grad differentiates with create_graph=True at every level; for a first-order
     gradient that must still be the fused kernels (the reference is never called) and grad_clip is
@@ -559,7 +588,7 @@ def test_func_grad_runs_the_fused_backward_with_grad_clip(cell, monkeypatch):
     ours.grad_clip = 1e-3  # small enough that the clamp changes the gradients
     x = torch.randn(6, 2, 3, dtype=torch.float64)
     calls = []
-    for name in ("lstm", "rnn"):
+    for name in ("lstm", "gru", "rnn"):
         original = getattr(reference, name)
         monkeypatch.setattr(reference, name,
                             lambda *a, _o=original, **k: calls.append(1) or _o(*a, **k))
@@ -581,7 +610,7 @@ def test_func_grad_runs_the_fused_backward_with_grad_clip(cell, monkeypatch):
     assert any(not torch.allclose(a, u) for a, u in zip(actual.values(), unclipped))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_cpu_autocast_leaves_float64_layers_in_float64(cell):
     """torch's autocast never casts float64: a float64 layer under CPU autocast computes in float64,
     as torch.nn's does, and gives torch.nn's numbers."""
@@ -593,7 +622,7 @@ def test_cpu_autocast_leaves_float64_layers_in_float64(cell):
     assert_all_close(actual, expected, **F64)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_saved_tensor_hooks_own_what_is_saved(cell):
     """Under saved-tensor hooks (checkpointing, save_on_cpu) the graph keeps no reference of its own to
     the layer's output (the hooks decide what is kept), and checkpointed training gives torch.nn's
@@ -614,7 +643,7 @@ def test_saved_tensor_hooks_own_what_is_saved(cell):
     assert_all_close(grads(ours), grads(theirs), **F64)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_nested_func_grad_equals_torch_nn(cell):
     """grad of grad through torch.func (two differentiating transforms): the inner backward must be
     differentiable, as torch.nn's is."""
