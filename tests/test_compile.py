@@ -11,13 +11,15 @@ class Tagger(nn.Module):
     def __init__(self):
         super().__init__()
         self.lstm = lstmfast.LSTM(6, 8, num_layers=2, bidirectional=True, batch_first=True)
-        self.rnn = lstmfast.RNN(16, 5, nonlinearity="relu", batch_first=True)
+        self.gru = lstmfast.GRU(16, 6, num_layers=2, bidirectional=True, batch_first=True)
+        self.rnn = lstmfast.RNN(12, 5, nonlinearity="relu", batch_first=True)
         self.head = nn.Linear(5, 3)
 
     def forward(self, x):
         y, (h, c) = self.lstm(x)
+        y, h_gru = self.gru(y)
         y, h2 = self.rnn(y)
-        return self.head(y).square().mean() + h.sum() + c.mean() + h2.sum()
+        return self.head(y).square().mean() + h.sum() + c.mean() + h_gru.pow(2).mean() + h2.sum()
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis): random shapes and options against the oracles.
 
-functional.lstm / functional.rnn against lstmfast.reference, and lstmfast.LSTM / RNN against torch.nn with
+functional.lstm / gru / rnn against lstmfast.reference, and lstmfast.LSTM / GRU / RNN against torch.nn with
 the same weights: outputs, final states and every gradient (input, initial states, weights, biases).
 Shapes cover B = 0, T = 0, packed input of random lengths, and inputs given contiguous, strided (a slice
 of a bigger tensor), transposed or expanded (stride 0, including expanded h0).
@@ -60,7 +60,7 @@ def expanded(shape, dtype, seed):
 
 @st.composite
 def layer_cases(draw):
-    cell = draw(st.sampled_from(["lstm", "rnn"]))
+    cell = draw(st.sampled_from(["lstm", "gru", "rnn"]))
     hidden = draw(st.integers(1, 7))
     proj = draw(st.integers(0, hidden - 1)) if cell == "lstm" and hidden > 1 else 0
     packed = draw(st.booleans())
@@ -95,7 +95,7 @@ def test_functional_matches_reference(case):
 
 
 @settings(max_examples=40, **SETTINGS)
-@given(cell=st.sampled_from(["lstm", "rnn"]), steps=st.integers(1, 5), batch=st.integers(1, 4),
+@given(cell=st.sampled_from(["lstm", "gru", "rnn"]), steps=st.integers(1, 5), batch=st.integers(1, 4),
        proj=st.booleans(), reverse=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2**16))
 def test_expanded_inputs_and_states(cell, steps, batch, proj, reverse, dtype, seed):
     """Stride-0 (expanded) input and initial states give the reference's outputs and gradients."""
@@ -116,7 +116,7 @@ def test_expanded_inputs_and_states(cell, steps, batch, proj, reverse, dtype, se
 
 @st.composite
 def module_cases(draw):
-    kind = draw(st.sampled_from(["LSTM", "RNN"]))
+    kind = draw(st.sampled_from(["LSTM", "GRU", "RNN"]))
     hidden = draw(st.integers(1, 6))
     options = dict(input_size=draw(st.integers(1, 5)), hidden_size=hidden,
                    num_layers=draw(st.integers(1, 3)), bias=draw(st.booleans()),
@@ -172,7 +172,7 @@ def test_modules_match_torch_nn(case):
     assert_all_close(got[1], want[1], **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_zero_batch_module(kind):
     """B = 0 (padded): empty outputs and states of the right shapes, gradients of the right shapes."""
     ours = getattr(lstmfast, kind)(3, 4, num_layers=2, bidirectional=True).double()
