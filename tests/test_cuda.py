@@ -52,6 +52,8 @@ def test_cuda_matches_cpu(variant, lengths, reverse, dtype):
     ("LSTM", dict(num_layers=1, bias=False)),
     ("RNN", dict(num_layers=2, bidirectional=True, nonlinearity="tanh")),
     ("RNN", dict(num_layers=2, nonlinearity="relu", batch_first=True)),
+    ("GRU", dict(num_layers=2, bidirectional=True)),
+    ("GRU", dict(num_layers=1, bias=False, batch_first=True)),
 ])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_cuda_matches_cudnn(kind, options, dtype):
@@ -109,12 +111,14 @@ def test_reduced_precision(variant, dtype):
         assert error <= bound, f"tensor {i}: relative error {error:.3g} > {bound}"
 
 
-def test_autocast_runs_in_autocast_dtype():
-    module = lstmfast.LSTM(16, 32, num_layers=2).cuda()
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_autocast_runs_in_autocast_dtype(kind):
+    module = getattr(lstmfast, kind)(16, 32, num_layers=2).cuda()
     x = torch.randn(10, 4, 16, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out, (h, c) = module(x)
-    assert out.dtype == torch.bfloat16
+        out, state = module(x)
+    h = state[0] if isinstance(state, tuple) else state
+    assert out.dtype == h.dtype == torch.bfloat16
     out.float().sum().backward()
     assert module.weight_ih_l0.grad.dtype == torch.float32
     expected, _ = module(x)
