@@ -1,4 +1,4 @@
-"""Lets torch.compile trace lstmfast's layers, which are torch.nn.LSTM / torch.nn.RNN subclasses.
+"""Lets torch.compile trace lstmfast's layers, which are torch.nn.LSTM / GRU / RNN subclasses.
 
 Dynamo refuses to wrap any instance of torch.nn.RNN, GRU or LSTM (a graph break, an error under
 fullgraph=True) unless torch._dynamo.config.allow_rnn is set, because it cannot trace their cuDNN

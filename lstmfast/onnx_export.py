@@ -237,7 +237,7 @@ def legacy_gru(g, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse):
     return (*_legacy_outputs(g, y, y_h), empty)
 
 
-_LEGACY_OPSET = 14  # ONNX LSTM/RNN as of opset 14; Unsqueeze/Squeeze take axes as inputs (13+)
+_LEGACY_OPSET = 14  # ONNX LSTM/GRU/RNN as of opset 14; Unsqueeze/Squeeze take axes as inputs (13+)
 
 
 def register_legacy_symbolics():
