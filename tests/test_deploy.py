@@ -269,6 +269,12 @@ def test_jit_script_names_the_supported_routes():
         assert route in message
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_jit_script_of_each_layer_names_it(kind):
+    with pytest.raises(RuntimeError, match=rf"lstmfast.{kind} cannot be compiled by torch.jit.script"):
+        torch.jit.script(getattr(lstmfast, kind)(INPUT, HIDDEN))
+
+
 # ---------------------------------------------------------------------- torch.export, AOTInductor
 
 
