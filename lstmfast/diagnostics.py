@@ -49,7 +49,8 @@ def gradient_flow(module: _RecurrentBase, inputs, loss_fn: Optional[Callable] = 
     required). `loss_fn(output) -> scalar`; by default the sum of the outputs at the last step.
     """
     if not isinstance(module, _RecurrentBase):
-        raise TypeError(f"gradient_flow expects an lstmfast.LSTM, lstmfast.GRU or lstmfast.RNN, got {type(module).__name__}")
+        raise TypeError(f"gradient_flow expects an lstmfast.LSTM, lstmfast.GRU or lstmfast.RNN, got "
+                        f"{type(module).__name__}")
     packed = isinstance(inputs, PackedSequence)
     if packed:
         if loss_fn is None:

@@ -40,8 +40,8 @@ from . import reference
 from ._ops import ops
 
 
-# Receives, during backward, the per-row norms ||dL/dh_t|| and ||dL/dc_t|| (None for a GRU or RNN), each of
-# shape (N) in the op's row layout, computed inside the BPTT loop (lstmfast.diagnostics uses it).
+# Receives, during backward, the per-row norms ||dL/dh_t|| and ||dL/dc_t|| (None for a GRU or an RNN),
+# each of shape (N) in the op's row layout, computed inside the BPTT loop (lstmfast.diagnostics uses it).
 NormSink = Callable[[Tensor, Optional[Tensor]], None]
 
 

@@ -1,11 +1,11 @@
 """lstmfast.LSTM, lstmfast.GRU and lstmfast.RNN: torch.nn.LSTM, torch.nn.GRU and torch.nn.RNN with a
 fused forward and BPTT.
 
-They are subclasses of torch.nn.LSTM / torch.nn.GRU / torch.nn.RNN that replace only forward: construction, argument
-checks, parameters, initialization, all_weights, _flat_weights, flatten_parameters, pickling and every
-utility that reads RNN internals (weight_norm, pruning, parametrizations) are torch.nn's own. Each layer
-and direction is one call of the fused op (lstmfast.functional); layers, directions, dropout,
-batch_first and PackedSequence are composed here. Weights are read at every call through the normal
+They are subclasses of torch.nn.LSTM / torch.nn.GRU / torch.nn.RNN that replace only forward:
+construction, argument checks, parameters, initialization, all_weights, _flat_weights,
+flatten_parameters, pickling and every utility that reads RNN internals (weight_norm, pruning,
+parametrizations) are torch.nn's own. Each layer and direction is one call of the fused op
+(lstmfast.functional); layers, directions, dropout, batch_first and PackedSequence are composed here. Weights are read at every call through the normal
 attribute path, so whatever replaced an attribute (a parametrization, weight_norm, pruning,
 torch.func.functional_call) is what runs.
 
@@ -35,8 +35,8 @@ def _check_size_type(name, value):
 
 
 class _RecurrentBase:
-    """What lstmfast.LSTM, lstmfast.GRU and lstmfast.RNN add to their torch.nn base class (a mixin placed first in
-    the MRO): the fused forward, grad_clip, the gradient-flow hook, conversion."""
+    """What lstmfast.LSTM, lstmfast.GRU and lstmfast.RNN add to their torch.nn base class (a mixin
+    placed first in the MRO): the fused forward, grad_clip, the gradient-flow hook, conversion."""
 
     _kind = None  # "LSTM", "GRU" or "RNN": the name used in messages, whatever the class is called
     _torch_class = None
@@ -387,13 +387,13 @@ _EXTRAS = ("grad_clip", "forget_bias", "_gradient_recorder")
 
 
 def convert(model: nn.Module, *, verbose: bool = False) -> nn.Module:
-    """Turns every torch.nn.LSTM / torch.nn.GRU / torch.nn.RNN inside `model` (or `model` itself) into the lstmfast
-    layer, in place: the very same objects change class, so parameters, buffers, hooks (forward,
-    pre-forward, backward, state-dict), attributes, training mode, parametrizations, weight_norm,
-    pruning and shared references all stay as they were. Returns `model`.
+    """Turns every torch.nn.LSTM / torch.nn.GRU / torch.nn.RNN inside `model` (or `model` itself) into
+    the lstmfast layer, in place: the very same objects change class, so parameters, buffers, hooks
+    (forward, pre-forward, backward, state-dict), attributes, training mode, parametrizations,
+    weight_norm, pruning and shared references all stay as they were. Returns `model`.
 
-    Left as they are, with a warning naming them: subclasses of torch.nn.LSTM / GRU / RNN (their own code
-    may rely on torch.nn's forward) and TorchScript modules (convert before scripting).
+    Left as they are, with a warning naming them: subclasses of torch.nn.LSTM / GRU / RNN (their own
+    code may rely on torch.nn's forward) and TorchScript modules (convert before scripting).
     `verbose=True` prints what was converted and what was left.
     """
     return _change_classes(model, {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}, "convert", verbose)

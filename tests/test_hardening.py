@@ -566,8 +566,9 @@ def _saved_bytes(fn):
 @pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 8), ("gru", 0), ("rnn", 0)])
 def test_saved_bytes_per_step(cell, proj):
     """LSTM saves input, output, gates, cells: (I + P + 5H) elements per sequence per step; GRU saves
-    input, output and gates (r, z, n, W_hn h + b_hn): (I + 5H); RNN saves input and output: (I + H). Plus the weights and biases, independent of T (the biases for the
-    reference recomputation of a backward that builds a graph)."""
+    input, output and gates (r, z, n, W_hn h + b_hn): (I + 5H); RNN saves input and output: (I + H).
+    Plus the weights and biases, independent of T (the biases for the reference recomputation of a
+    backward that builds a graph)."""
     T, B, I, H = 50, 3, 5, 16
     sample = layer_sample(cell, steps=T, batch=B, input_size=I, hidden=H, proj=proj, state=False,
                           dtype=torch.float32)
