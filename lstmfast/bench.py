@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from . import reference
 from .cpu_cache import empty_cpu_cache
-from .modules import LSTM, RNN
+from .modules import GRU, LSTM, RNN
 
 
 
@@ -67,11 +67,12 @@ def cpu_description() -> str:
 
 CONTENDERS = ("lstmfast", "torch.nn", "torch.nn-native", "reference")
 MODES = ("fwd", "train")
+KINDS = ("LSTM", "GRU", "RNN")  # the grid's layers (RNN: tanh)
 
 
 @dataclass
 class Case:
-    kind: str  # "LSTM" or "RNN" (tanh)
+    kind: str  # "LSTM", "GRU" or "RNN" (tanh)
     T: int
     B: int
     H: int
@@ -107,7 +108,7 @@ def lengths_of(case: Case) -> List[int]:
 
 def gemm_flops(case: Case, tokens: int) -> float:
     """Useful multiply-add FLOPs of one forward pass: the layer's matrix products over all tokens."""
-    gates = 4 if case.kind == "LSTM" else 1
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[case.kind]
     out = case.proj or case.H
     dirs = 2 if case.bidirectional else 1
     flops = 0.0
@@ -134,6 +135,9 @@ class _Reference(nn.Module):
             if isinstance(ours, LSTM):
                 return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=states[0], c0=states[1],
                                       batch_sizes=batch_sizes, reverse=direction == 1)
+            if isinstance(ours, GRU):
+                return reference.gru(input, w_ih, w_hh, b_ih, b_hh, h0=states[0], batch_sizes=batch_sizes,
+                                     reverse=direction == 1)
             return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=ours.nonlinearity,
                                  h0=states[0], batch_sizes=batch_sizes, reverse=direction == 1)
 
@@ -163,7 +167,7 @@ def build(case: Case, contenders) -> Dict[str, Callable]:
     kwargs = dict(num_layers=case.layers, bidirectional=case.bidirectional)
     if case.kind == "LSTM":
         kwargs["proj_size"] = case.proj
-    ours = (LSTM if case.kind == "LSTM" else RNN)(case.I, case.H, **kwargs).to(dtype)
+    ours = {"LSTM": LSTM, "GRU": GRU, "RNN": RNN}[case.kind](case.I, case.H, **kwargs).to(dtype)
     theirs = getattr(nn, case.kind)(case.I, case.H, **kwargs).to(dtype)
     theirs.load_state_dict(ours.state_dict())
     runners = {"lstmfast": ours, "torch.nn": theirs, "torch.nn-native": _native(theirs),
@@ -268,7 +272,7 @@ def geomean(values):
 
 def default_cases(quick: bool) -> List[Case]:
     if quick:
-        grid = [Case(kind, 16, 8, 64, 64) for kind in ("LSTM", "RNN")]
+        grid = [Case(kind, 16, 8, 64, 64) for kind in KINDS]
         extras = [
             Case("LSTM", 16, 4, 32, 32, layers=2, bidirectional=True, group="bidirectional 2-layer"),
             Case("LSTM", 16, 6, 32, 32, packed=True, group="packed"),
@@ -277,7 +281,7 @@ def default_cases(quick: bool) -> List[Case]:
         ]
         return grid + extras
     grid = [Case(kind, T, B, H, H)
-            for kind, T, B, H in itertools.product(("LSTM", "RNN"), (16, 128, 512), (1, 8, 64), (64, 256, 1024))]
+            for kind, T, B, H in itertools.product(KINDS, (16, 128, 512), (1, 8, 64), (64, 256, 1024))]
     extras = [
         Case("LSTM", 128, 16, 256, 256, layers=2, bidirectional=True, group="bidirectional 2-layer"),
         Case("LSTM", 128, 16, 256, 256, packed=True, group="packed"),
@@ -314,8 +318,7 @@ def cost_ratios(quick: bool, min_run_time: float) -> dict:
 def summarize(rows: List[dict]) -> dict:
     summary = {}
     keys = sorted({k for r in rows for k in r if k.startswith("speedup_")})
-    groups = [("LSTM", lambda r: r["kind"] == "LSTM" and r["group"] == "grid"),
-              ("RNN", lambda r: r["kind"] == "RNN" and r["group"] == "grid")]
+    groups = [(kind, lambda r, kind=kind: r["kind"] == kind and r["group"] == "grid") for kind in KINDS]
     groups += [(g, lambda r, g=g: r["group"] == g) for g in dict.fromkeys(r["group"] for r in rows) if g != "grid"]
     for name, member in groups:
         for key in keys:

@@ -1,8 +1,8 @@
 """`python -m lstmfast demo`: the vanishing-gradient lab, measured inside lstmfast's BPTT kernels.
 
-1. Gradient flow: per-step norms of dL/dh_t (and dL/dc_t) for a loss on the last step, for plain RNNs
-   and LSTMs at several recurrent-weight scales, measured in float64 by lstmfast.diagnostics.
-2. Learning a long dependency: the adding problem (Hochreiter & Schmidhuber, 1997), RNN vs LSTM.
+1. Gradient flow: per-step norms of dL/dh_t (and dL/dc_t) for a loss on the last step, for plain RNNs,
+   GRUs and LSTMs at several recurrent-weight scales, measured in float64 by lstmfast.diagnostics.
+2. Learning a long dependency: the adding problem (Hochreiter & Schmidhuber, 1997), RNN vs GRU vs LSTM.
 3. Speed: the training step of the same model with lstmfast vs torch.nn layers, in the same run.
 Writes results.json, PNG plots and report.md to --out.
 """
@@ -21,8 +21,9 @@ from torch import nn
 
 from . import diagnostics
 from .bench import cpu_description
-from .modules import LSTM, RNN, unconvert
+from .modules import GRU, LSTM, RNN, unconvert
 
+KINDS = ("LSTM", "GRU", "RNN")  # the layers of parts 2 and 3
 TRIVIAL_MSE = 1.0 / 6.0  # predicting the mean sum 1.0: Var(u1 + u2) for u ~ U(0, 1)
 SOLVED_MSE = 0.01
 
@@ -32,6 +33,7 @@ SOLVED_MSE = 0.01
 CELLS = [
     ("RNN (tanh)", lambda i, h: RNN(i, h, nonlinearity="tanh")),
     ("RNN (relu)", lambda i, h: RNN(i, h, nonlinearity="relu")),
+    ("GRU", lambda i, h: GRU(i, h)),
     ("LSTM", lambda i, h: LSTM(i, h)),
     ("LSTM, forget bias 1", lambda i, h: LSTM(i, h, forget_bias=1.0)),
 ]
@@ -103,8 +105,10 @@ class Regressor(nn.Module):
     def __init__(self, kind: str, hidden: int):
         super().__init__()
         self.kind = kind
-        self.rnn = LSTM(2, hidden, batch_first=True, forget_bias=1.0) if kind == "LSTM" else \
-            RNN(2, hidden, batch_first=True)
+        if kind == "LSTM":
+            self.rnn = LSTM(2, hidden, batch_first=True, forget_bias=1.0)
+        else:
+            self.rnn = {"GRU": GRU, "RNN": RNN}[kind](2, hidden, batch_first=True)
         self.head = nn.Linear(hidden, 1)
 
     def forward(self, x):
@@ -150,7 +154,7 @@ def training_step_speed(length: int, hidden: int, device: str, min_run_time: flo
 
     results = {}
     x, y = adding_batch(64, length, torch.Generator().manual_seed(0), device)
-    for kind in ("LSTM", "RNN"):
+    for kind in KINDS:
         ours = Regressor(kind, hidden).to(device)
         theirs = unconvert(copy.deepcopy(ours))  # the same model and weights on torch.nn's layers
         times = {}
@@ -175,17 +179,17 @@ def plot_gradient_flow(flows: List[dict], trained: List[dict], path: str):
     def curve(ax, values, label):
         ax.semilogy([max(v, 1e-300) for v in values], label=label)
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), sharey=True)
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), sharey=True)
     panels = list(axes.flat)
     for ax, (label, _) in zip(panels, CELLS):
         for entry in (e for e in flows if e["label"] == label):
             curve(ax, entry["relative_hidden"], f"W_hh x {entry['scale']:g}")
         ax.set_title(f"{label}: ||dL/dh_t||")
-    ax = panels[4]
+    ax = panels[len(CELLS)]
     for entry in (e for e in flows if e["relative_cell"] is not None and e["scale"] == 1.0):
         curve(ax, entry["relative_cell"], entry["label"])
     ax.set_title("LSTM cell path: ||dL/dc_t|| (default init)")
-    ax = panels[5]
+    ax = panels[len(CELLS) + 1]
     for entry in trained:
         curve(ax, entry["relative_hidden"], entry["label"])
     ax.set_title("after training on the adding problem: ||dL/dh_t||")
@@ -230,9 +234,10 @@ def claims(flows: List[dict], distance: int) -> dict:
     def value(label, scale=1.0):
         return next(at_distance(e, distance) for e in flows if e["label"] == label and e["scale"] == scale)
 
-    tanh, lstm, lstm_fb = value("RNN (tanh)"), value("LSTM"), value("LSTM, forget bias 1")
+    tanh, gru, lstm, lstm_fb = value("RNN (tanh)"), value("GRU"), value("LSTM"), value("LSTM, forget bias 1")
     exploding = [e for e in flows if e["label"] == "RNN (tanh)" and e["exploding"]]
-    return dict(distance=distance, rnn_tanh=tanh, lstm=lstm, lstm_forget_bias=lstm_fb,
+    return dict(distance=distance, rnn_tanh=tanh, gru=gru, lstm=lstm, lstm_forget_bias=lstm_fb,
+                gru_over_rnn_tanh=gru / tanh if tanh > 0 else math.inf,
                 lstm_over_rnn_tanh=lstm / tanh if tanh > 0 else math.inf,
                 forget_bias_over_lstm=lstm_fb / lstm if lstm > 0 else math.inf,
                 rnn_tanh_exploding_scales=[e["scale"] for e in exploding])
@@ -258,12 +263,14 @@ def write_report(results: dict, path: str):
                      f"{'yes' if e['exploding'] else 'no'} |")
     lines += ["", "![gradient flow](gradient_flow.png)", "",
               f"At distance {c['distance']} from the loss, at default initialization: tanh RNN "
-              f"{fmt_ratio(c['rnn_tanh'])}, LSTM {fmt_ratio(c['lstm'])}, LSTM with forget bias 1 "
-              f"{fmt_ratio(c['lstm_forget_bias'])} — the LSTM keeps {fmt_ratio(c['lstm_over_rnn_tanh'])}x "
+              f"{fmt_ratio(c['rnn_tanh'])}, GRU {fmt_ratio(c['gru'])}, LSTM {fmt_ratio(c['lstm'])}, LSTM "
+              f"with forget bias 1 {fmt_ratio(c['lstm_forget_bias'])} — the GRU keeps "
+              f"{fmt_ratio(c['gru_over_rnn_tanh'])}x and the LSTM {fmt_ratio(c['lstm_over_rnn_tanh'])}x "
               f"more gradient than the tanh RNN, and the forget bias another "
-              f"{fmt_ratio(c['forget_bias_over_lstm'])}x. An untrained LSTM's gradient still vanishes, only "
-              "more slowly: its forget gates start near 0.5 (near 0.73 with forget bias 1), and the cell "
-              "path multiplies the gradient by them at every step. Large recurrent weights make the tanh "
+              f"{fmt_ratio(c['forget_bias_over_lstm'])}x. The GRU's state path multiplies the gradient by "
+              "its update gate z at every step (h_t = (1 - z) n + z h_{t-1}), the LSTM's cell path by its "
+              "forget gate; both start near 0.5 (0.73 with forget bias 1), so an untrained gated cell's "
+              "gradient still vanishes, only more slowly. Large recurrent weights make the tanh "
               f"RNN's gradient grow instead (exploding at W_hh scales {c['rnn_tanh_exploding_scales']})."]
     for e in results["trained_flow"]:
         lines.append(f"After training on the adding problem, the {e['label'].split()[0]}'s gradient changes "
@@ -272,7 +279,8 @@ def write_report(results: dict, path: str):
     lines += [""]
     lines += ["## 2. Learning a long dependency: the adding problem",
               f"Trivial predictor MSE {TRIVIAL_MSE:.3f}. H = {results['config']['hidden_size']}, batch 64, "
-              "Adam lr 3e-3, gradient norm clipped to 1, LSTM forget bias 1; solved = test MSE below "
+              "Adam lr 3e-3, gradient norm clipped to 1, LSTM forget bias 1 (GRU and RNN at torch.nn's "
+              "initialization); solved = test MSE below "
               f"{SOLVED_MSE}.", "", "| T | model | steps | final test MSE | solved at step |", "|---|---|---|---|---|"]
     for length, runs in results["adding"].items():
         for kind, run in runs.items():
@@ -282,7 +290,7 @@ def write_report(results: dict, path: str):
               "Training step (forward + backward) of the adding-problem model, batch 64, "
               f"T = {results['speed']['length']}, measured in the same run:", "",
               "| layer | lstmfast ms | torch.nn ms | speedup |", "|---|---|---|---|"]
-    for kind in ("LSTM", "RNN"):
+    for kind in KINDS:
         s = results["speed"][kind]
         lines.append(f"| {kind} | {s['lstmfast_ms']:.2f} | {s['torch_ms']:.2f} | {s['speedup']:.2f}x |")
     with open(path, "w") as f:
@@ -326,10 +334,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
                               args.device, lambda it, desc: tqdm(it, desc=desc, unit="cell"))
 
     adding, trained_flow = {}, []
-    with tqdm(total=2 * sum(steps), desc="2/3 adding problem", unit="step") as bar:
+    with tqdm(total=3 * sum(steps), desc="2/3 adding problem", unit="step") as bar:
         for length, budget in zip(lengths, steps):
             adding[length] = {}
-            for kind in ("RNN", "LSTM"):
+            for kind in ("RNN", "GRU", "LSTM"):
                 run = train_adding(kind, length, args.hidden_size, budget, args.seed, args.device,
                                    eval_every, bar)
                 adding[length][kind] = {k: run[k] for k in ("curve", "final_mse", "solved_at")}
@@ -365,17 +373,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     c = results["claims"]
     print(f"\nGradient flow at distance {c['distance']} (relative ||dL/dh_t||, default init):")
-    print(f"  RNN (tanh) {fmt_ratio(c['rnn_tanh'])}   LSTM {fmt_ratio(c['lstm'])}   "
+    print(f"  RNN (tanh) {fmt_ratio(c['rnn_tanh'])}   GRU {fmt_ratio(c['gru'])}   LSTM {fmt_ratio(c['lstm'])}   "
           f"LSTM + forget bias 1 {fmt_ratio(c['lstm_forget_bias'])}")
     print(f"  tanh RNN explodes at W_hh scales {c['rnn_tanh_exploding_scales']}")
     print("\nAdding problem (test MSE; trivial predictor 0.167):")
-    print(f"  {'T':>5} {'RNN':>8} {'LSTM':>8}  LSTM solved at")
+    print(f"  {'T':>5} {'RNN':>8} {'GRU':>8} {'LSTM':>8}  solved at (GRU, LSTM)")
     for length, runs in results["adding"].items():
-        solved = runs["LSTM"]["solved_at"]
-        print(f"  {length:>5} {runs['RNN']['final_mse']:8.4f} {runs['LSTM']['final_mse']:8.4f}  "
-              f"{solved if solved else 'not solved'}")
+        solved = [runs[k]["solved_at"] or "not solved" for k in ("GRU", "LSTM")]
+        print(f"  {length:>5} {runs['RNN']['final_mse']:8.4f} {runs['GRU']['final_mse']:8.4f} "
+              f"{runs['LSTM']['final_mse']:8.4f}  {solved[0]}, {solved[1]}")
     print("\nTraining step, lstmfast vs torch.nn:")
-    for kind in ("LSTM", "RNN"):
+    for kind in KINDS:
         s = speed[kind]
         print(f"  {kind:5} {s['lstmfast_ms']:8.2f} ms vs {s['torch_ms']:8.2f} ms  ({s['speedup']:.2f}x)")
     print(f"\nWrote {args.out}/results.json, gradient_flow.png, adding_problem.png, report.md "

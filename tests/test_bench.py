@@ -19,7 +19,7 @@ def test_quick_benchmark_json(tmp_path):
     rows = loaded["rows"]
     groups = {r["group"] for r in rows}
     assert {"grid", "bidirectional 2-layer", "packed", "float64", "proj_size"} <= groups
-    assert {r["kind"] for r in rows if r["group"] == "grid"} == {"LSTM", "RNN"}
+    assert {r["kind"] for r in rows if r["group"] == "grid"} == {"LSTM", "GRU", "RNN"}
     for r in rows:
         for name in bench.CONTENDERS:
             for mode in bench.MODES:

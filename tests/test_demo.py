@@ -41,9 +41,9 @@ def test_demo_claims_hold_in_its_own_numbers(demo_run):
     assert flows[("RNN (tanh)", 1.0)]["vanish_distance"] is not None
     assert results["claims"]["rnn_tanh_exploding_scales"] == [4.0]
     for length, runs in results["adding"].items():
-        for kind in ("RNN", "LSTM"):
+        for kind in ("RNN", "GRU", "LSTM"):
             assert 0 < runs[kind]["final_mse"] < 1.0
-    for kind in ("LSTM", "RNN"):
+    for kind in ("LSTM", "GRU", "RNN"):
         assert results["speed"][kind]["speedup"] > 0
 
 
