@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "persistent_emulator.h"
 #include "../layer_ops.h"
 #include "gemm.h"
 #include "pointwise.h"
@@ -539,6 +540,13 @@ struct CpuBackend {
   void sum(const SumStep<T>& s, int64_t rows, T* norm) {
     const auto& k = cpu::pointwise_kernels<T>();
     for_rows(rows, s.width, [&](int64_t begin, int64_t end) { k.sum(s, begin, end, norm); });
+  }
+
+  // Test hook: the CUDA persistent kernels' code emulated on host threads, only when
+  // LSTMFAST_EMULATE_PERSISTENT is set (cpu/persistent_emulator.h); false: the time loops run.
+  template <typename Args>
+  bool whole_layer(const Args& a) {
+    return cpu::emulate_persistent(a);
   }
 };
 
