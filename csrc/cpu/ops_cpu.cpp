@@ -177,6 +177,13 @@ struct CpuBackend {
 
   explicit CpuBackend(const at::Tensor&) {}
 
+  // Test hook: the CUDA persistent kernels' code emulated on host threads, only when
+  // LSTMFAST_EMULATE_PERSISTENT is set (cpu/persistent_emulator.h); false: the time loops run.
+  template <typename Args>
+  bool whole_layer(const Args& a) {
+    return cpu::emulate_persistent(a);
+  }
+
   // ---- Threads. Outside run()'s team, each operation below splits its own work with
   // at::parallel_for. Inside a team, every thread runs the whole time loop (the same calls in the
   // same order): one parallel region per op call instead of one or two per time step. A team splits
@@ -540,13 +547,6 @@ struct CpuBackend {
   void sum(const SumStep<T>& s, int64_t rows, T* norm) {
     const auto& k = cpu::pointwise_kernels<T>();
     for_rows(rows, s.width, [&](int64_t begin, int64_t end) { k.sum(s, begin, end, norm); });
-  }
-
-  // Test hook: the CUDA persistent kernels' code emulated on host threads, only when
-  // LSTMFAST_EMULATE_PERSISTENT is set (cpu/persistent_emulator.h); false: the time loops run.
-  template <typename Args>
-  bool whole_layer(const Args& a) {
-    return cpu::emulate_persistent(a);
   }
 };
 
