@@ -113,8 +113,7 @@ struct CudaBackend {
       const int64_t G = 4 * a.hidden_size;
       gemm(false, true, a.seq.rows, G, a.input_size, 1.0, a.input, a.input_size, a.w_ih, a.input_size, 0.0,
            a.gates, G);
-      persistent::launch_lstm_forward(a, plan, stream);
-      return true;
+      return persistent::launch_lstm_forward(a, plan, stream);
     }
   }
 
@@ -125,8 +124,7 @@ struct CudaBackend {
     } else {
       const auto plan = persistent::plan_lstm_backward(a);
       if (!plan.use) return false;
-      persistent::launch_lstm_backward(a, plan, stream);
-      return true;
+      return persistent::launch_lstm_backward(a, plan, stream);
     }
   }
 
@@ -140,8 +138,7 @@ struct CudaBackend {
       const int64_t H = a.hidden_size;
       gemm(false, true, a.seq.rows, H, a.input_size, 1.0, a.input, a.input_size, a.w_ih, a.input_size, 0.0,
            a.output, H);
-      persistent::launch_rnn_forward(a, plan, stream);
-      return true;
+      return persistent::launch_rnn_forward(a, plan, stream);
     }
   }
 
@@ -152,8 +149,7 @@ struct CudaBackend {
     } else {
       const auto plan = persistent::plan_rnn_backward(a);
       if (!plan.use) return false;
-      persistent::launch_rnn_backward(a, plan, stream);
-      return true;
+      return persistent::launch_rnn_backward(a, plan, stream);
     }
   }
 

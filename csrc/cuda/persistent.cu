@@ -117,12 +117,18 @@ Steps steps_of(const kernels::Sequence& q, const at::Tensor& layout) {
 }
 
 template <typename Params>
-void launch(void (*kernel)(Params), Params params, const PersistentPlan& plan, cudaStream_t stream) {
+bool launch(void (*kernel)(Params), Params params, const PersistentPlan& plan, cudaStream_t stream) {
   void* args[] = {&params};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(plan.blocks),
-                                             dim3(kPersistentThreads), args, static_cast<size_t>(plan.smem),
-                                             stream));
+  const cudaError_t error = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(plan.blocks),
+                                                        dim3(kPersistentThreads), args,
+                                                        static_cast<size_t>(plan.smem), stream);
+  if (error == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();  // clears it: the default path runs instead
+    return false;
+  }
+  C10_CUDA_CHECK(error);
   count_persistent_launch();
+  return true;
 }
 
 c10::Device current_cuda_device() { return c10::Device(c10::kCUDA, c10::cuda::current_device()); }
@@ -159,29 +165,29 @@ PersistentPlan plan_rnn_backward(const kernels::RnnBackwardArgs<T, float>& a) {
 }
 
 template <typename T>
-void launch_lstm_forward(const kernels::LstmForwardArgs<T>& a, const PersistentPlan& plan, cudaStream_t stream) {
+bool launch_lstm_forward(const kernels::LstmForwardArgs<T>& a, const PersistentPlan& plan, cudaStream_t stream) {
   const at::Tensor layout = device_layout(a.seq, current_cuda_device());
-  launch(&lstm_forward_kernel<T>, lstm_forward_params(a, plan, steps_of(a.seq, layout)), plan, stream);
+  return launch(&lstm_forward_kernel<T>, lstm_forward_params(a, plan, steps_of(a.seq, layout)), plan, stream);
 }
 
 template <typename T>
-void launch_lstm_backward(const kernels::LstmBackwardArgs<T, float>& a, const PersistentPlan& plan,
+bool launch_lstm_backward(const kernels::LstmBackwardArgs<T, float>& a, const PersistentPlan& plan,
                           cudaStream_t stream) {
   const at::Tensor layout = device_layout(a.seq, current_cuda_device());
-  launch(&lstm_backward_kernel<T>, lstm_backward_params(a, plan, steps_of(a.seq, layout)), plan, stream);
+  return launch(&lstm_backward_kernel<T>, lstm_backward_params(a, plan, steps_of(a.seq, layout)), plan, stream);
 }
 
 template <typename T>
-void launch_rnn_forward(const kernels::RnnForwardArgs<T>& a, const PersistentPlan& plan, cudaStream_t stream) {
+bool launch_rnn_forward(const kernels::RnnForwardArgs<T>& a, const PersistentPlan& plan, cudaStream_t stream) {
   const at::Tensor layout = device_layout(a.seq, current_cuda_device());
-  launch(&rnn_forward_kernel<T>, rnn_forward_params(a, plan, steps_of(a.seq, layout)), plan, stream);
+  return launch(&rnn_forward_kernel<T>, rnn_forward_params(a, plan, steps_of(a.seq, layout)), plan, stream);
 }
 
 template <typename T>
-void launch_rnn_backward(const kernels::RnnBackwardArgs<T, float>& a, const PersistentPlan& plan,
+bool launch_rnn_backward(const kernels::RnnBackwardArgs<T, float>& a, const PersistentPlan& plan,
                          cudaStream_t stream) {
   const at::Tensor layout = device_layout(a.seq, current_cuda_device());
-  launch(&rnn_backward_kernel<T>, rnn_backward_params(a, plan, steps_of(a.seq, layout)), plan, stream);
+  return launch(&rnn_backward_kernel<T>, rnn_backward_params(a, plan, steps_of(a.seq, layout)), plan, stream);
 }
 
 #define LSTMFAST_PERSISTENT_INSTANTIATE(T)                                                                \
@@ -189,11 +195,11 @@ void launch_rnn_backward(const kernels::RnnBackwardArgs<T, float>& a, const Pers
   template PersistentPlan plan_lstm_backward<T>(const kernels::LstmBackwardArgs<T, float>&);              \
   template PersistentPlan plan_rnn_forward<T>(const kernels::RnnForwardArgs<T>&);                         \
   template PersistentPlan plan_rnn_backward<T>(const kernels::RnnBackwardArgs<T, float>&);                \
-  template void launch_lstm_forward<T>(const kernels::LstmForwardArgs<T>&, const PersistentPlan&, cudaStream_t); \
-  template void launch_lstm_backward<T>(const kernels::LstmBackwardArgs<T, float>&, const PersistentPlan&,     \
+  template bool launch_lstm_forward<T>(const kernels::LstmForwardArgs<T>&, const PersistentPlan&, cudaStream_t); \
+  template bool launch_lstm_backward<T>(const kernels::LstmBackwardArgs<T, float>&, const PersistentPlan&,     \
                                         cudaStream_t);                                                    \
-  template void launch_rnn_forward<T>(const kernels::RnnForwardArgs<T>&, const PersistentPlan&, cudaStream_t);  \
-  template void launch_rnn_backward<T>(const kernels::RnnBackwardArgs<T, float>&, const PersistentPlan&,       \
+  template bool launch_rnn_forward<T>(const kernels::RnnForwardArgs<T>&, const PersistentPlan&, cudaStream_t);  \
+  template bool launch_rnn_backward<T>(const kernels::RnnBackwardArgs<T, float>&, const PersistentPlan&,       \
                                        cudaStream_t);
 
 LSTMFAST_PERSISTENT_INSTANTIATE(float)

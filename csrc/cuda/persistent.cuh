@@ -31,15 +31,17 @@ template <typename T> kernels::PersistentPlan plan_rnn_backward(const kernels::R
 
 // The recurrence only. Forward: a.gates (LSTM) / a.output (RNN) must already hold x W_ih^T for every
 // row (without bias). Backward: everything after the loop (dx, dW, db) stays with the caller.
+// False: the driver refused the cooperative launch as too large (the grid cannot be resident now);
+// nothing was written, and the caller runs the default time loop instead.
 template <typename T>
-void launch_lstm_forward(const kernels::LstmForwardArgs<T>& a, const kernels::PersistentPlan& plan, cudaStream_t stream);
+bool launch_lstm_forward(const kernels::LstmForwardArgs<T>& a, const kernels::PersistentPlan& plan, cudaStream_t stream);
 template <typename T>
-void launch_lstm_backward(const kernels::LstmBackwardArgs<T, float>& a, const kernels::PersistentPlan& plan,
+bool launch_lstm_backward(const kernels::LstmBackwardArgs<T, float>& a, const kernels::PersistentPlan& plan,
                           cudaStream_t stream);
 template <typename T>
-void launch_rnn_forward(const kernels::RnnForwardArgs<T>& a, const kernels::PersistentPlan& plan, cudaStream_t stream);
+bool launch_rnn_forward(const kernels::RnnForwardArgs<T>& a, const kernels::PersistentPlan& plan, cudaStream_t stream);
 template <typename T>
-void launch_rnn_backward(const kernels::RnnBackwardArgs<T, float>& a, const kernels::PersistentPlan& plan,
+bool launch_rnn_backward(const kernels::RnnBackwardArgs<T, float>& a, const kernels::PersistentPlan& plan,
                          cudaStream_t stream);
 
 }  // namespace lstmfast::persistent
