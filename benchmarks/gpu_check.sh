@@ -20,7 +20,7 @@ result() { echo "   -> exit $1" | tee -a "$DIR/summary.txt"; [ "$1" = 0 ] || sta
 # run_tests NAME MODE FILE [pytest args...]: one pytest per call, so a crash cannot hide other results.
 run_tests() {
   local name=$1 mode=$2 file=$3; shift 3
-  LSTMFAST_CUDA_PERSISTENT=$mode timeout 300 $PY -m pytest "$file" -q -p no:cacheprovider -rfs --tb=short \
+  LSTMFAST_CUDA_PERSISTENT=$mode timeout 240 $PY -m pytest "$file" -q -p no:cacheprovider -rfs --tb=short \
     --junitxml="$DIR/$name.xml" "$@" > "$DIR/$name.log" 2>&1
   local rc=$?
   echo "   $name (LSTMFAST_CUDA_PERSISTENT=$mode): exit $rc, $(tail -1 "$DIR/$name.log")" | tee -a "$DIR/summary.txt"
@@ -50,6 +50,29 @@ for cell in ("lstm", "rnn"):
                     print(f"{cell} {str(dtype)[6:]:9} H={H:5} B={B:3} {'bwd' if backward else 'fwd'}: {plan}")
 EOF
 
+phase "smoke: one small persistent forward + backward (60 s at most: a hang stops here)"
+LSTMFAST_CUDA_PERSISTENT=1 timeout 60 $PY - > "$DIR/smoke.log" 2>&1 <<'EOF'
+import torch, lstmfast
+m = lstmfast.LSTM(8, 64).cuda()
+x = torch.randn(20, 3, 8, device="cuda", requires_grad=True)
+before = lstmfast.cuda_persistent_launches()
+out, _ = m(x)
+out.sum().backward()
+torch.cuda.synchronize()
+ran = lstmfast.cuda_persistent_launches() - before
+print("persistent launches:", ran, "|", lstmfast.cuda_persistent_plan("lstm", 64, 3, 20, torch.float32))
+assert ran == 2 and torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+EOF
+smoke=$?; result $smoke
+if [ $smoke != 0 ]; then
+  # Do not spend the GPU's time on timeouts: check the default path, benchmark it, stop.
+  echo "   the persistent smoke run failed (smoke.log): only the default path is checked" | tee -a "$DIR/summary.txt"
+  cat "$DIR/smoke.log"
+  run_tests test_cuda_default 0 tests/test_cuda.py -k "not paths and not persistent"
+  timeout 300 $PY benchmarks/gpu_bench.py --grid persistent --json "$DIR/gpu_bench.json" > "$DIR/gpu_bench.log" 2>&1
+  exit 1
+fi
+
 phase "tests, persistent kernels off (the default) and forced on"
 run_tests test_persistent_plan 0 tests/test_persistent_plan.py
 run_tests test_cuda_default 0 tests/test_cuda.py
@@ -70,7 +93,7 @@ phase "compute-sanitizer (persistent kernels forced on)"
 SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
 if [ -x "$SANITIZER" ]; then
   for tool in memcheck racecheck synccheck; do
-    LSTMFAST_CUDA_PERSISTENT=1 timeout 240 "$SANITIZER" --tool $tool --error-exitcode 7 \
+    LSTMFAST_CUDA_PERSISTENT=1 timeout 150 "$SANITIZER" --tool $tool --error-exitcode 7 \
       --log-file "$DIR/sanitizer_$tool.txt" \
       $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "memcheck_subset_paths and persistent" \
       > "$DIR/sanitizer_${tool}_pytest.log" 2>&1
