@@ -250,8 +250,9 @@ Tensor grad_recurrent_weight(Backend& dev, const Layout& l, const Tensor& grad, 
 }
 
 // A backend may run a whole layer its own way: the CUDA backend's persistent kernels
-// (cuda/persistent.cuh), when LSTMFAST_CUDA_PERSISTENT allows them and they fit. False: it did not,
-// and the shared time loop runs.
+// (cuda/persistent.cuh), when LSTMFAST_CUDA_PERSISTENT allows them and they fit, and, as a test hook,
+// the CPU backend's emulation of them (cpu/persistent_emulator.h). False: it did not, and the shared
+// time loop runs.
 template <typename Backend, typename Args>
 bool whole_layer(Backend& dev, const Args& a) {
   if constexpr (requires { dev.whole_layer(a); }) {
