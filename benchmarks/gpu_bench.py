@@ -3,13 +3,19 @@
 Each row times both contenders in the same run with CUDA events after warm-up, on identical weights
 and inputs, and reports the ratio cuDNN time / lstmfast time (> 1: lstmfast is faster).
 
-    python benchmarks/gpu_bench.py [--json PATH] [--quick]
+With --persistent, each row also times lstmfast with its persistent kernels forced on
+(LSTMFAST_CUDA_PERSISTENT=1; experimental, off by default) and says which path really ran (the
+persistent launch counter) and what the "auto" mode would choose; the plain lstmfast columns are then
+the default path (LSTMFAST_CUDA_PERSISTENT=0).
+
+    python benchmarks/gpu_bench.py [--json PATH] [--quick] [--persistent] [--grid default|persistent]
 """
 
 import argparse
 import itertools
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -43,7 +49,7 @@ def cuda_time(fn, min_seconds=0.1, warmup=3):
     return times[len(times) // 2]
 
 
-def measure(kind, T, B, H, dtype):
+def measure(kind, T, B, H, dtype, persistent=False):
     torch.manual_seed(0)
     ours = getattr(lstmfast, kind)(H, H).to("cuda", dtype)
     theirs = getattr(nn, kind)(H, H).to("cuda", dtype)
@@ -52,19 +58,45 @@ def measure(kind, T, B, H, dtype):
     x = torch.randn(T, B, H, device="cuda", dtype=dtype)
     x_grad = x.clone().requires_grad_()
     row = dict(kind=kind, T=T, B=B, H=H, dtype=str(dtype).replace("torch.", ""))
-    for name, module in (("lstmfast", ours), ("cudnn", theirs)):
-        def forward():
-            with torch.no_grad():
-                module(x)
+    contenders = [("lstmfast", ours, "0"), ("cudnn", theirs, None)]
+    if persistent:
+        contenders.insert(1, ("persistent", ours, "1"))
+        row["auto_plan_fwd"] = lstmfast.cuda_persistent_plan(kind.lower(), H, B, T, dtype, mode="auto")
+        row["auto_plan_bwd"] = lstmfast.cuda_persistent_plan(kind.lower(), H, B, T, dtype, mode="auto",
+                                                             backward=True)
+    saved = os.environ.get("LSTMFAST_CUDA_PERSISTENT")
+    try:
+        for name, module, mode in contenders:
+            if mode is not None:
+                os.environ["LSTMFAST_CUDA_PERSISTENT"] = mode
 
-        def train():
-            out, _ = module(x_grad)
-            out.backward(torch.ones_like(out))
+            def forward():
+                with torch.no_grad():
+                    module(x)
 
-        row[f"{name}_fwd_ms"] = cuda_time(forward)
-        row[f"{name}_train_ms"] = cuda_time(train)
+            def train():
+                out, _ = module(x_grad)
+                out.backward(torch.ones_like(out))
+
+            for what, fn, per_call in (("fwd", forward, 1), ("train", train, 2)):
+                before = lstmfast.cuda_persistent_launches()
+                row[f"{name}_{what}_ms"] = cuda_time(fn)
+                if persistent and mode is not None:
+                    # Which path ran: every call of a persistent row must have launched the kernels.
+                    ran = lstmfast.cuda_persistent_launches() - before
+                    row[f"{name}_{what}_path"] = "persistent" if ran > 0 else "default"
+                    row[f"{name}_{what}_partial"] = ran > 0 and ran % per_call != 0
+    finally:
+        if saved is None:
+            os.environ.pop("LSTMFAST_CUDA_PERSISTENT", None)
+        else:
+            os.environ["LSTMFAST_CUDA_PERSISTENT"] = saved
     row["fwd_speedup"] = row["cudnn_fwd_ms"] / row["lstmfast_fwd_ms"]
     row["train_speedup"] = row["cudnn_train_ms"] / row["lstmfast_train_ms"]
+    if persistent:
+        row["persistent_fwd_speedup"] = row["cudnn_fwd_ms"] / row["persistent_fwd_ms"]
+        row["persistent_train_speedup"] = row["cudnn_train_ms"] / row["persistent_train_ms"]
+        row["persistent_over_default_train"] = row["lstmfast_train_ms"] / row["persistent_train_ms"]
     return row
 
 
@@ -78,25 +110,39 @@ def main(argv=None):
     parser.add_argument("--json", help="write all rows and the summary to this file")
     parser.add_argument("--quick", action="store_true", help="a small grid")
     parser.add_argument("--kinds", default="LSTM,RNN")
+    parser.add_argument("--persistent", action="store_true",
+                        help="also time the persistent kernels (forced on) and report which path ran")
+    parser.add_argument("--grid", choices=["default", "persistent"], default="default",
+                        help="persistent: T=512, B in {1, 16, 64}, H in {256, 512, 1024} (issue 17's targets)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or not lstmfast.has_cuda_kernels():
         sys.exit("gpu_bench: needs a CUDA GPU and lstmfast built with CUDA")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     grid = dict(T=[64, 512], B=[1, 16, 128], H=[256, 1024], dtype=[torch.float32, torch.bfloat16])
+    if args.grid == "persistent":
+        grid = dict(T=[512], B=[1, 16, 64], H=[256, 512, 1024], dtype=[torch.float32, torch.bfloat16])
     if args.quick:
         grid = dict(T=[64], B=[16], H=[256], dtype=[torch.float32])
     rows = []
     started = time.time()
     configs = list(itertools.product(args.kinds.split(","), *grid.values()))
     header = f"{'kind':5} {'T':>4} {'B':>4} {'H':>5} {'dtype':9} {'fwd ms':>16} {'x':>6} {'train ms':>17} {'x':>6}"
+    if args.persistent:
+        header += f" {'persistent fwd/train ms':>24} {'x fwd':>6} {'x train':>7} {'vs default':>10}  path (auto)"
     print(header)
     for i, (kind, T, B, H, dtype) in enumerate(configs):
-        r = measure(kind, T, B, H, dtype)
+        r = measure(kind, T, B, H, dtype, persistent=args.persistent)
         rows.append(r)
-        print(f"{kind:5} {T:4} {B:4} {H:5} {r['dtype']:9} "
-              f"{r['lstmfast_fwd_ms']:7.3f}/{r['cudnn_fwd_ms']:7.3f} {r['fwd_speedup']:6.2f} "
-              f"{r['lstmfast_train_ms']:8.3f}/{r['cudnn_train_ms']:8.3f} {r['train_speedup']:6.2f}"
-              f"   [{i + 1}/{len(configs)}, {time.time() - started:.0f}s]", flush=True)
+        line = (f"{kind:5} {T:4} {B:4} {H:5} {r['dtype']:9} "
+                f"{r['lstmfast_fwd_ms']:7.3f}/{r['cudnn_fwd_ms']:7.3f} {r['fwd_speedup']:6.2f} "
+                f"{r['lstmfast_train_ms']:8.3f}/{r['cudnn_train_ms']:8.3f} {r['train_speedup']:6.2f}")
+        if args.persistent:
+            auto = "persistent" if r["auto_plan_fwd"].startswith("persistent") else "default"
+            line += (f" {r['persistent_fwd_ms']:11.3f}/{r['persistent_train_ms']:11.3f}"
+                     f" {r['persistent_fwd_speedup']:6.2f} {r['persistent_train_speedup']:7.2f}"
+                     f" {r['persistent_over_default_train']:10.2f}  {r['persistent_fwd_path']}/"
+                     f"{r['persistent_train_path']} ({auto})")
+        print(line + f"   [{i + 1}/{len(configs)}, {time.time() - started:.0f}s]", flush=True)
     summary = {}
     for kind in args.kinds.split(","):
         sel = [r for r in rows if r["kind"] == kind]
@@ -105,6 +151,25 @@ def main(argv=None):
                              train_min=min(r["train_speedup"] for r in sel))
         print(f"{kind}: geometric-mean speedup over cuDNN: forward {summary[kind]['fwd_geomean']:.2f}x, "
               f"training step {summary[kind]['train_geomean']:.2f}x (min {summary[kind]['train_min']:.2f}x)")
+        if args.persistent:
+            ran = [r for r in sel if r["persistent_train_path"] == "persistent"]
+            # issue 17's targets: LSTM B <= 16, H in {256, 512, 1024}, float32 and bfloat16: >= 2x cuDNN;
+            # RNN H <= 384: >= 1.0x; the rows "auto" would take: >= 0.9x of the default path.
+            target = [r for r in ran if r["B"] <= 16 and (kind == "LSTM" or r["H"] <= 384)]
+            auto = [r for r in ran if r["auto_plan_fwd"].startswith("persistent")]
+            summary[kind].update(
+                persistent_rows=len(ran),
+                persistent_train_geomean=geomean(r["persistent_train_speedup"] for r in ran) if ran else None,
+                persistent_target_train_geomean=(geomean(r["persistent_train_speedup"] for r in target)
+                                                 if target else None),
+                persistent_auto_min_over_default=(min(r["persistent_over_default_train"] for r in auto)
+                                                  if auto else None))
+            s = summary[kind]
+            fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"
+            print(f"{kind} persistent ({s['persistent_rows']}/{len(sel)} rows ran persistent): training step "
+                  f"{fmt(s['persistent_train_geomean'])} of cuDNN; on the issue's target rows "
+                  f"{fmt(s['persistent_target_train_geomean'])}; worst auto row vs default "
+                  f"{fmt(s['persistent_auto_min_over_default'])}")
     if args.json:
         meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
                     python=platform.python_version(), date=time.strftime("%Y-%m-%d"),

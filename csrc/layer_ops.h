@@ -249,6 +249,19 @@ Tensor grad_recurrent_weight(Backend& dev, const Layout& l, const Tensor& grad, 
   return w;
 }
 
+// A backend may run a whole layer its own way: the CUDA backend's persistent kernels
+// (cuda/persistent.cuh), when LSTMFAST_CUDA_PERSISTENT allows them and they fit, and, as a test hook,
+// the CPU backend's emulation of them (cpu/persistent_emulator.h). False: it did not, and the shared
+// time loop runs.
+template <typename Backend, typename Args>
+bool whole_layer(Backend& dev, const Args& a) {
+  if constexpr (requires { dev.whole_layer(a); }) {
+    return dev.whole_layer(a);
+  } else {
+    return false;
+  }
+}
+
 // ---------------------------------------------------------------- LSTM
 
 template <typename Backend>
@@ -300,7 +313,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
                                          training ? cells.data_ptr<scalar_t>() : nullptr,
                                          wr.has_value() ? hidden.data_ptr<scalar_t>() : nullptr,
                                          training};
-    dev.template run<scalar_t>(B, 4 * H, P, [&] { kernels::lstm_forward(a, dev); });
+    if (!whole_layer(dev, a)) dev.template run<scalar_t>(B, 4 * H, P, [&] { kernels::lstm_forward(a, dev); });
   });
   if (!training) gates = at::empty({0}, input.options());
   return {output, h_n, c_n, gates, cells};
@@ -376,7 +389,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
         return_norms ? grad_h_norm.data_ptr<norm_t>() : nullptr,
         return_norms ? grad_c_norm.data_ptr<norm_t>() : nullptr,
         grad_clip.value_or(0.0)};
-    dev.template run<scalar_t>(B, 4 * H, P, [&] { kernels::lstm_backward(a, dev); });
+    if (!whole_layer(dev, a)) dev.template run<scalar_t>(B, 4 * H, P, [&] { kernels::lstm_backward(a, dev); });
   });
   if (return_norms) {
     grad_h_norm.sqrt_();
@@ -435,7 +448,7 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const OptTensor& bat
                                         output.data_ptr<scalar_t>(),
                                         h_n.data_ptr<scalar_t>(),
                                         nl};
-    dev.template run<scalar_t>(B, H, H, [&] { kernels::rnn_forward(a, dev); });
+    if (!whole_layer(dev, a)) dev.template run<scalar_t>(B, H, H, [&] { kernels::rnn_forward(a, dev); });
   });
   return {output, h_n};
 }
@@ -489,7 +502,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
         return_norms ? grad_h_norm.data_ptr<norm_t>() : nullptr,
         nl,
         grad_clip.value_or(0.0)};
-    dev.template run<scalar_t>(B, H, H, [&] { kernels::rnn_backward(a, dev); });
+    if (!whole_layer(dev, a)) dev.template run<scalar_t>(B, H, H, [&] { kernels::rnn_backward(a, dev); });
   });
   if (return_norms) grad_h_norm.sqrt_();
   const auto empty = [&] { return at::empty({0}, input.options()); };

@@ -56,4 +56,9 @@ TORCH_LIBRARY(lstmfast, m) {
   m.def("empty_cpu_cache() -> ()");
   m.def("cpu_cache_limit() -> int");
   m.def("set_cpu_cache_limit(int bytes) -> ()");
+  // The persistent CUDA kernels (cuda/persistent.cu): the decision for a layer on a device with the
+  // given limits (mode "" reads LSTMFAST_CUDA_PERSISTENT), and how many persistent launches ran.
+  m.def("persistent_plan(str cell, bool backward, int hidden_size, int batch, int steps, int element_size, "
+        "bool projection, bool norms, int sm_count, int smem_per_block, int smem_per_sm, str mode) -> str");
+  m.def("persistent_launches() -> int");
 }

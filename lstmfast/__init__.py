@@ -8,6 +8,7 @@ from .functional import GRUFunction, LSTMFunction, RNNFunction
 from .modules import GRU, LSTM, RNN, convert, unconvert
 from . import onnx_export as _onnx_export
 from .onnx_export import onnx_translations
+from ._ops import cuda_persistent_launches, cuda_persistent_plan
 
 _onnx_export.install()  # the TorchScript-based ONNX exporter's symbolics, once torch.onnx is imported
 
@@ -15,3 +16,4 @@ __version__ = "0.1.0"
 __all__ = ["LSTM", "GRU", "RNN", "convert", "unconvert", "LSTMFunction", "GRUFunction", "RNNFunction",
            "functional", "reference", "diagnostics", "ops", "has_cuda_kernels", "cpu_isa", "empty_cpu_cache",
            "cpu_cache_bytes", "cpu_cache_limit", "set_cpu_cache_limit", "build_summary", "onnx_translations"]
+__all__ += ["cuda_persistent_plan", "cuda_persistent_launches"]

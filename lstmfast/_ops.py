@@ -175,3 +175,26 @@ def build_summary(detail=False):
     else:
         lines.append("  no build record (lstmfast/_build_info.py is written by setup.py)")
     return "\n".join(lines)
+
+
+def cuda_persistent_plan(cell, hidden_size, batch, steps, dtype, *, backward=False, projection=False,
+                         norms=False, device=None, mode=None):
+    """How the CUDA ops would run one layer: "persistent: <geometry>" (the persistent kernels of
+    csrc/cuda/persistent.cu) or "default: <why not>" (the per-step cuBLAS loop).
+
+    The decision is the C++ one (csrc/kernels/persistent_plan.h), asked with the limits of `device`
+    (a CUDA device; default the current one). `mode` is "0", "1" or "auto"; None reads the environment
+    variable LSTMFAST_CUDA_PERSISTENT, as the ops do (unset: "0", off: the persistent kernels are
+    experimental and off by default until verified on a GPU). The ops also ask the occupancy calculator,
+    which this cannot; cuda_persistent_launches() counts what really ran."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
+    per_block = getattr(props, "shared_memory_per_block_optin", None) or props.shared_memory_per_block
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", None) or per_block
+    return ops.persistent_plan(cell, backward, hidden_size, batch, steps, element_size, projection, norms,
+                               props.multi_processor_count, per_block, per_sm, mode or "")
+
+
+def cuda_persistent_launches():
+    """How many persistent-kernel launches (one per layer, direction and pass) this process has made."""
+    return ops.persistent_launches()

@@ -209,3 +209,257 @@ def test_memcheck_subset():
                                       dtype=dtype, device="cuda")
                 out, grads = outputs_and_grads(sample, _fused(variant["cell"]))
                 assert all(torch.isfinite(t).all() for t in out + grads)
+
+
+# ---------------------------------------------------------------- persistent kernels (issue 17)
+# csrc/cuda/persistent.cu: experimental, off by default (LSTMFAST_CUDA_PERSISTENT=0) until these tests
+# have passed on a GPU. Each test forces a path with the environment variable, which the ops read on
+# every call, and checks through cuda_persistent_launches() that the path it asked for really ran.
+
+PATHS = ["default", "persistent"]
+
+
+def _use(monkeypatch, path):
+    monkeypatch.setenv("LSTMFAST_CUDA_PERSISTENT", "1" if path == "persistent" else "0")
+
+
+def _detached_copy(sample, dtype, device):
+    """The same layer with every floating tensor converted exactly (a wider dtype keeps the values)."""
+    def convert(t):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return t
+        return t.detach().to(device=device, dtype=dtype).requires_grad_(t.requires_grad)
+
+    return type(sample)(sample.cell, tuple(convert(a) for a in sample.args),
+                        {k: convert(v) for k, v in sample.kwargs.items()})
+
+
+def _run_counted(sample, module=functional):
+    before = lstmfast.cuda_persistent_launches()
+    out, grads = outputs_and_grads(sample, module)
+    return out, grads, lstmfast.cuda_persistent_launches() - before
+
+
+def _assert_norm_close(got, want, bound, what=""):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            assert g is None
+            continue
+        assert g.shape == w.shape and torch.isfinite(g).all(), f"{what} tensor {i}"
+        error = (g.double().cpu() - w.double().cpu()).norm() / w.double().norm().clamp_min(1e-6)
+        assert error <= bound, f"{what} tensor {i}: relative error {error:.3g} > {bound}"
+
+
+PERSISTENT_CELLS = [dict(cell="lstm"), dict(cell="rnn", nonlinearity="tanh"), dict(cell="rnn", nonlinearity="relu")]
+LAYOUTS = [dict(lengths=None, batch=4), dict(lengths=None, batch=1), dict(lengths=[7, 6, 6, 3, 1]),
+           dict(lengths=[5, 5, 5])]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("variant", PERSISTENT_CELLS, ids=["lstm", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["B4", "B1", "packed", "packed_equal"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("options", [dict(state=True, bias=True), dict(state=False, bias=False),
+                                     dict(state=True, bias=True, grad_clip=0.05)],
+                         ids=["h0_bias", "no_h0_no_bias", "clip"])
+@pytest.mark.parametrize("hidden", [33, 301])  # 301: several units per block and a short last block
+def test_paths_match_float64_reference(monkeypatch, path, variant, layout, reverse, options, hidden):
+    """float32 on the GPU, both paths, against lstmfast.reference in float64 on the same values."""
+    _use(monkeypatch, path)
+    sample = layer_sample(**variant, **layout, **options, reverse=reverse, hidden=hidden, input_size=5,
+                          steps=7, dtype=torch.float32, device="cuda")
+    out, grads, launches = _run_counted(sample)
+    want_out, want_grads = outputs_and_grads(_detached_copy(sample, torch.float64, "cpu"), reference)
+    assert launches == (2 if path == "persistent" else 0)
+    _assert_norm_close(out, want_out, 1e-5, "output")
+    _assert_norm_close(grads, want_grads, 1e-5, "gradient")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("variant", PERSISTENT_CELLS, ids=["lstm", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("lengths", [None, [20, 17, 9, 9, 2, 1]], ids=["padded", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", list(REDUCED), ids=["f16", "bf16"])
+def test_paths_reduced_precision(monkeypatch, path, variant, lengths, reverse, dtype):
+    """float16 / bfloat16 on both paths against float32 on the same rounded values, at the bounds of
+    test_reduced_precision."""
+    _use(monkeypatch, path)
+    sample = layer_sample(**variant, lengths=lengths, reverse=reverse, steps=20, batch=8, input_size=32,
+                          hidden=64, dtype=dtype, device="cuda")
+    out, grads, launches = _run_counted(sample)
+    want_out, want_grads = outputs_and_grads(_detached_copy(sample, torch.float32, "cuda"), reference)
+    assert launches == (2 if path == "persistent" else 0)
+    assert all(t.dtype == dtype for t in out + grads)
+    relu = variant.get("nonlinearity") == "relu"
+    _assert_norm_close(out, want_out, REDUCED[dtype], "output")
+    _assert_norm_close(grads, want_grads, RELU_GRAD[dtype] if relu else REDUCED[dtype], "gradient")
+
+
+@pytest.mark.parametrize("variant", PERSISTENT_CELLS[:2], ids=["lstm", "rnn_tanh"])
+@pytest.mark.parametrize("shape", [dict(hidden=1024, batch=16), dict(hidden=1024, batch=64), dict(hidden=256, batch=2)],
+                         ids=["H1024_B16", "H1024_B64", "H256_B2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_persistent_agrees_with_default(monkeypatch, variant, shape, dtype):
+    """The two paths on the issue's sizes, where the persistent kernels stage the exchanged rows in
+    several chunks (float32 H=1024). float32: the same arithmetic in another order. bfloat16: the
+    persistent path keeps more in float32 (the cell state, the step's sum), so each is held to the
+    float32 result instead."""
+    kw = dict(variant, steps=24, input_size=64, dtype=dtype, device="cuda", **shape)
+    results = {}
+    for path in PATHS:
+        _use(monkeypatch, path)
+        results[path] = _run_counted(layer_sample(**kw))
+    assert results["default"][2] == 0 and results["persistent"][2] == 2
+    if dtype == torch.float32:
+        _assert_norm_close(results["persistent"][0], results["default"][0], 1e-5, "output")
+        _assert_norm_close(results["persistent"][1], results["default"][1], 1e-5, "gradient")
+        return
+    want_out, want_grads = outputs_and_grads(_detached_copy(layer_sample(**kw), torch.float32, "cuda"),
+                                             reference)
+    for path in PATHS:
+        _assert_norm_close(results[path][0], want_out, REDUCED[dtype], f"{path} output")
+        _assert_norm_close(results[path][1], want_grads, REDUCED[dtype], f"{path} gradient")
+
+
+@pytest.mark.parametrize("forward_path,backward_path", [("persistent", "default"), ("default", "persistent")])
+@pytest.mark.parametrize("variant", PERSISTENT_CELLS[:2], ids=["lstm", "rnn_tanh"])
+@pytest.mark.parametrize("lengths", [None, [9, 8, 4, 1]], ids=["padded", "packed"])
+def test_paths_pair_either_way(monkeypatch, forward_path, backward_path, variant, lengths):
+    """Both forwards save the same activations in the same layout, so either backward can follow."""
+    kw = dict(variant, lengths=lengths, reverse=True, steps=9, hidden=96, input_size=8, dtype=torch.float32,
+              device="cuda")
+    _use(monkeypatch, "default")
+    want_out, want_grads = outputs_and_grads(layer_sample(**kw), functional)
+    sample = layer_sample(**kw)
+    before = lstmfast.cuda_persistent_launches()
+    _use(monkeypatch, forward_path)
+    outputs = sample.run(functional)
+    _use(monkeypatch, backward_path)
+    g = torch.Generator().manual_seed(1)  # the cotangents of outputs_and_grads
+    cotangents = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outputs]
+    grads = torch.autograd.grad(outputs, sample.tensors, cotangents, allow_unused=True)
+    assert lstmfast.cuda_persistent_launches() - before == 1
+    _assert_norm_close([o.detach() for o in outputs], want_out, 1e-5, "output")
+    _assert_norm_close(list(grads), want_grads, 1e-5, "gradient")
+
+
+@pytest.mark.parametrize("variant", PERSISTENT_CELLS[:2], ids=["lstm", "rnn_tanh"])
+def test_persistent_long_sequence(monkeypatch, variant):
+    """T = 10000 steps (10000 grid syncs each way) against the float64 reference."""
+    _use(monkeypatch, "persistent")
+    sample = layer_sample(**variant, steps=10000, batch=4, hidden=64, input_size=8, dtype=torch.float32,
+                          device="cuda")
+    out, grads, launches = _run_counted(sample)
+    assert launches == 2
+    want_out, want_grads = outputs_and_grads(_detached_copy(sample, torch.float64, "cpu"), reference)
+    _assert_norm_close(out, want_out, 1e-4, "output")
+    _assert_norm_close(grads, want_grads, 1e-4, "gradient")
+
+
+@pytest.mark.parametrize("case", ["projection", "float64", "norms"])
+def test_persistent_falls_back(monkeypatch, case):
+    """What the persistent kernels do not do runs on the default path, even when forced on."""
+    _use(monkeypatch, "persistent")
+    kw = dict(steps=6, hidden=40, device="cuda", dtype=torch.float64 if case == "float64" else torch.float32)
+    sample = layer_sample("lstm", proj=8 if case == "projection" else 0, **kw)
+    before = lstmfast.cuda_persistent_launches()
+    if case == "norms":
+        out = ops.lstm_forward(*[a.detach() for a in sample.args[:1]], None, sample.kwargs["h0"].detach(),
+                               sample.kwargs["c0"].detach(), *[a.detach() for a in sample.args[1:]], None,
+                               False, True)
+        assert lstmfast.cuda_persistent_launches() - before == 1  # the forward has no norms
+        x, w_ih, w_hh = (a.detach() for a in sample.args[:3])
+        result = ops.lstm_backward(torch.ones_like(out[0]), None, None, x, None, sample.kwargs["h0"].detach(),
+                                   sample.kwargs["c0"].detach(), w_ih, w_hh, None, out[0], out[3], out[4],
+                                   False, [True, True, True, True], None, True)
+        assert lstmfast.cuda_persistent_launches() - before == 1 and result[7].numel() == 6 * 3
+        return
+    out, grads, launches = _run_counted(sample)
+    assert launches == 0
+    want_out, want_grads = outputs_and_grads(_detached_copy(sample, torch.float64, "cpu"), reference)
+    bound = 1e-10 if case == "float64" else 1e-5
+    _assert_norm_close(out, want_out, bound, "output")
+    _assert_norm_close(grads, want_grads, bound, "gradient")
+
+
+def test_persistent_plan_matches_launches(monkeypatch):
+    """lstmfast.cuda_persistent_plan (what a benchmark reports) says persistent exactly when it ran."""
+    _use(monkeypatch, "persistent")
+    for hidden, batch in ((64, 4), (1024, 16)):
+        text = lstmfast.cuda_persistent_plan("lstm", hidden, batch, 10, torch.float32)
+        sample = layer_sample("lstm", steps=10, batch=batch, hidden=hidden, dtype=torch.float32, device="cuda")
+        _, _, launches = _run_counted(sample)
+        assert (launches == 2) == text.startswith("persistent: "), text
+    _use(monkeypatch, "default")
+    assert lstmfast.cuda_persistent_plan("lstm", 64, 4, 10, torch.float32).startswith("default: ")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_on_non_default_stream(monkeypatch, path):
+    _use(monkeypatch, path)
+    sample = layer_sample("lstm", lengths=[30, 29, 11, 2], hidden=64, device="cuda", dtype=torch.float32)
+    expected_out, expected_grads = outputs_and_grads(sample, functional)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out, grads = outputs_and_grads(sample, functional)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert_all_close(out, expected_out, rtol=0, atol=0)
+    assert_all_close(grads, expected_grads, rtol=0, atol=0)
+
+
+def test_persistent_is_deterministic(monkeypatch):
+    _use(monkeypatch, "persistent")
+    sample = layer_sample("lstm", steps=30, batch=8, hidden=300, device="cuda", dtype=torch.float32)
+    first = outputs_and_grads(sample, functional)
+    second = outputs_and_grads(sample, functional)
+    assert_all_close(first[0] + first[1], second[0] + second[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_memcheck_subset_paths(monkeypatch, path):
+    """Small forward + backward of every cell on one path: what gpu_check.sh runs under compute-sanitizer
+    (memcheck, racecheck, synccheck) with the persistent path forced on."""
+    _use(monkeypatch, path)
+    before = lstmfast.cuda_persistent_launches()
+    for variant in PERSISTENT_CELLS:
+        for lengths in (None, [4, 3, 1]):
+            for dtype in (torch.float32, torch.bfloat16):
+                sample = layer_sample(**variant, steps=4, hidden=40, lengths=lengths, reverse=True,
+                                      dtype=dtype, device="cuda")
+                out, grads = outputs_and_grads(sample, functional)
+                assert all(torch.isfinite(t).all() for t in out + grads)
+    assert (lstmfast.cuda_persistent_launches() > before) == (path == "persistent")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("lengths", [None, [6, 4, 1]], ids=["padded", "packed"])
+def test_paths_capture_in_cuda_graph(monkeypatch, path, lengths):
+    """A cooperative launch inside CUDA graph capture (torch.compile's reduce-overhead mode captures).
+    Packed input takes the default path under capture (its batch_sizes would be copied from a reused
+    host buffer)."""
+    _use(monkeypatch, path)
+    s = layer_sample("lstm", steps=12, batch=4, hidden=64, lengths=lengths, dtype=torch.float32, device="cuda",
+                     requires_grad=False)
+    x, w_ih, w_hh, b_ih, b_hh = s.args
+
+    def run():
+        return ops.lstm_forward(x, s.kwargs.get("batch_sizes"), s.kwargs["h0"], s.kwargs["c0"], w_ih, w_hh, b_ih,
+                                b_hh, None, False, False)
+
+    expected = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up on a side stream, as torch.cuda.graph asks
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    before = lstmfast.cuda_persistent_launches()
+    with torch.cuda.graph(graph):
+        got = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (lstmfast.cuda_persistent_launches() > before) == (path == "persistent" and lengths is None)
+    assert_all_close(list(got[:3]), list(expected[:3]), rtol=0 if lengths is None or path == "default" else 1e-5,
+                     atol=0 if lengths is None or path == "default" else 1e-6)

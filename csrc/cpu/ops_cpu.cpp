@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "persistent_emulator.h"
 #include "../layer_ops.h"
 #include "gemm.h"
 #include "pointwise.h"
@@ -175,6 +176,13 @@ struct CpuBackend {
   static constexpr const char* kDtypes = "float32 or float64";
 
   explicit CpuBackend(const at::Tensor&) {}
+
+  // Test hook: the CUDA persistent kernels' code emulated on host threads, only when
+  // LSTMFAST_EMULATE_PERSISTENT is set (cpu/persistent_emulator.h); false: the time loops run.
+  template <typename Args>
+  bool whole_layer(const Args& a) {
+    return cpu::emulate_persistent(a);
+  }
 
   // ---- Threads. Outside run()'s team, each operation below splits its own work with
   // at::parallel_for. Inside a team, every thread runs the whole time loop (the same calls in the

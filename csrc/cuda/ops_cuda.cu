@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "../layer_ops.h"
+#include "persistent.cuh"
 
 namespace lstmfast {
 namespace {
@@ -115,6 +116,58 @@ struct CudaBackend {
 
   explicit CudaBackend(const at::Tensor& input)
       : guard(input.device()), stream(at::cuda::getCurrentCUDAStream()) {}
+
+  // Whole layers on the persistent kernels (persistent.cuh) when LSTMFAST_CUDA_PERSISTENT allows and
+  // they fit; false: the shared time loop runs. The forwards first project every row's input at once.
+  template <typename T>
+  bool whole_layer(const LstmForwardArgs<T>& a) {
+    if constexpr (!persistent::kSupported<T>) {
+      return false;
+    } else {
+      const auto plan = persistent::plan_lstm_forward(a);
+      if (!plan.use) return false;
+      const int64_t G = 4 * a.hidden_size;
+      gemm(false, true, a.seq.rows, G, a.input_size, 1.0, a.input, a.input_size, a.w_ih, a.input_size, 0.0,
+           a.gates, G);
+      return persistent::launch_lstm_forward(a, plan, stream);
+    }
+  }
+
+  template <typename T, typename norm_t>
+  bool whole_layer(const LstmBackwardArgs<T, norm_t>& a) {
+    if constexpr (!persistent::kSupported<T> || !std::is_same_v<norm_t, float>) {
+      return false;
+    } else {
+      const auto plan = persistent::plan_lstm_backward(a);
+      if (!plan.use) return false;
+      return persistent::launch_lstm_backward(a, plan, stream);
+    }
+  }
+
+  template <typename T>
+  bool whole_layer(const RnnForwardArgs<T>& a) {
+    if constexpr (!persistent::kSupported<T>) {
+      return false;
+    } else {
+      const auto plan = persistent::plan_rnn_forward(a);
+      if (!plan.use) return false;
+      const int64_t H = a.hidden_size;
+      gemm(false, true, a.seq.rows, H, a.input_size, 1.0, a.input, a.input_size, a.w_ih, a.input_size, 0.0,
+           a.output, H);
+      return persistent::launch_rnn_forward(a, plan, stream);
+    }
+  }
+
+  template <typename T, typename norm_t>
+  bool whole_layer(const RnnBackwardArgs<T, norm_t>& a) {
+    if constexpr (!persistent::kSupported<T> || !std::is_same_v<norm_t, float>) {
+      return false;
+    } else {
+      const auto plan = persistent::plan_rnn_backward(a);
+      if (!plan.use) return false;
+      return persistent::launch_rnn_backward(a, plan, stream);
+    }
+  }
 
   // Runs a time loop (the CPU backend may run it on a team of threads; here kernels queue on the stream).
   template <typename T, typename F>
@@ -231,6 +284,7 @@ struct CudaBackend {
     sum_kernel<T, acc_t><<<grid(rows, s.width, norm != nullptr), kThreads, 0, stream>>>(s, norm);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+
 };
 
 }  // namespace

@@ -1,0 +1,114 @@
+"""When the persistent CUDA kernels run a layer (csrc/kernels/persistent_plan.h), asked without a GPU
+through the op lstmfast::persistent_plan with a device's limits. Whether the kernels compute the
+right thing is test_cuda.py's job (on a GPU)."""
+
+import re
+
+import pytest
+import torch
+
+import lstmfast
+from lstmfast import ops
+
+# An H200 (and H100 SXM): 132 multiprocessors, 227 KiB of shared memory per block (opt-in), 228 KiB per SM.
+H200 = dict(sm_count=132, smem_per_block=232448, smem_per_sm=233472)
+# An A100: 108 multiprocessors, 163 KiB per block, 164 KiB per SM.
+A100 = dict(sm_count=108, smem_per_block=166912, smem_per_sm=167936)
+
+
+def plan(cell="lstm", backward=False, hidden=256, batch=8, steps=100, element_size=4, projection=False,
+         norms=False, device=H200, mode="1"):
+    return ops.persistent_plan(cell, backward, hidden, batch, steps, element_size, projection, norms,
+                               device["sm_count"], device["smem_per_block"], device["smem_per_sm"], mode)
+
+
+def geometry(text):
+    m = re.fullmatch(r"persistent: (\d+) blocks x (\d+) units, (\d+) bytes of shared memory, chunk (\d+) of (\d+)",
+                     text)
+    assert m, text
+    return dict(zip(("blocks", "units", "smem", "chunk", "depth"), map(int, m.groups())))
+
+
+def test_off_by_default(monkeypatch):
+    """Unverified on a GPU, so off unless asked: unset and "0" both mean the default path."""
+    monkeypatch.delenv("LSTMFAST_CUDA_PERSISTENT", raising=False)
+    assert plan(mode="").startswith("default: LSTMFAST_CUDA_PERSISTENT is off")
+    assert plan(mode="0").startswith("default: LSTMFAST_CUDA_PERSISTENT is off")
+    monkeypatch.setenv("LSTMFAST_CUDA_PERSISTENT", "1")
+    assert plan(mode="").startswith("persistent: ")
+    monkeypatch.setenv("LSTMFAST_CUDA_PERSISTENT", "auto")
+    assert plan(mode="").startswith("persistent: ")
+
+
+def test_bad_mode_is_refused(monkeypatch):
+    with pytest.raises(RuntimeError, match="LSTMFAST_CUDA_PERSISTENT must be 0, 1 or auto, but got 'yes'"):
+        plan(mode="yes")
+    monkeypatch.setenv("LSTMFAST_CUDA_PERSISTENT", "on")
+    with pytest.raises(RuntimeError, match="but got 'on'"):
+        plan(mode="")
+
+
+@pytest.mark.parametrize("kw,why", [
+    (dict(element_size=8), "only float32, float16 and bfloat16"),
+    (dict(projection=True), "proj_size is not supported"),
+    (dict(norms=True, backward=True), "per-step gradient norms are not supported"),
+    (dict(steps=0), "an empty sequence"),
+    (dict(hidden=4096), "bytes of shared memory per block"),
+    (dict(hidden=2048, batch=16), "bytes of shared memory per block"),
+    (dict(batch=33, mode="auto"), "batch 33 > 32 (auto)"),
+    (dict(hidden=1024, batch=200), "output tiles"),
+])
+def test_refusals_say_why(kw, why):
+    text = plan(**kw)
+    assert text.startswith("default: ") and why in text, text
+
+
+def test_bad_cell_is_refused():
+    with pytest.raises(RuntimeError, match="expected cell 'lstm' or 'rnn', but got 'gru'"):
+        plan(cell="gru")
+
+
+@pytest.mark.parametrize("device", [H200, A100], ids=["h200", "a100"])
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("element_size", [2, 4], ids=["16bit", "f32"])
+@pytest.mark.parametrize("hidden", [1, 33, 256, 301, 512, 1024])
+@pytest.mark.parametrize("batch", [1, 5, 16, 64])
+def test_geometry_fits_the_device(device, cell, backward, element_size, hidden, batch):
+    """Whatever it chooses covers every unit, fits the device's shared memory, and is resident at once
+    with one block per multiprocessor."""
+    text = plan(cell, backward, hidden, batch, 50, element_size, device=device)
+    if text.startswith("default: "):
+        assert "shared memory" in text, text  # the only refusal this grid can meet
+        # Only the largest float32 LSTMs (the whole W_hh does not fit the chip's shared memory).
+        assert cell == "lstm" and hidden == 1024 and (element_size == 4 or device is A100), text
+        return
+    g = geometry(text)
+    gates = 4 if cell == "lstm" else 1
+    assert g["blocks"] * g["units"] >= hidden > (g["blocks"] - 1) * g["units"]
+    assert g["blocks"] <= device["sm_count"]
+    assert g["smem"] <= device["smem_per_block"] and g["smem"] + 1024 <= device["smem_per_sm"]
+    assert g["depth"] == (gates * hidden if backward else hidden)
+    assert 1 <= g["chunk"] <= g["depth"] and (g["chunk"] == g["depth"] or g["chunk"] % 32 == 0)
+    # The block's weights alone: rows x depth elements.
+    rows = g["units"] if backward else gates * g["units"]
+    assert g["smem"] >= rows * g["depth"] * element_size
+
+
+def test_h200_targets_fit():
+    """The issue's targets (float32 and bfloat16 LSTM, H up to 1024, B <= 16) all take the persistent path
+    on an H200, forward and backward."""
+    for element_size in (2, 4):
+        for hidden in (256, 512, 1024):
+            for backward in (False, True):
+                text = plan("lstm", backward, hidden, 16, 512, element_size, mode="auto")
+                assert text.startswith("persistent: "), (element_size, hidden, backward, text)
+
+
+def test_cpu_ops_never_launch_persistent_kernels(monkeypatch):
+    monkeypatch.setenv("LSTMFAST_CUDA_PERSISTENT", "1")
+    before = lstmfast.cuda_persistent_launches()
+    m = lstmfast.LSTM(4, 8)
+    out, _ = m(torch.randn(5, 2, 4))
+    out.sum().backward()
+    assert lstmfast.cuda_persistent_launches() == before
