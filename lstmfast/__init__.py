@@ -1,7 +1,7 @@
 """lstmfast: fused LSTM and Elman RNN layers for PyTorch, drop-in for torch.nn.LSTM / torch.nn.RNN."""
 
 from . import diagnostics, functional, reference
-from ._ops import build_summary, cpu_isa, has_cuda_kernels, ops
+from ._ops import build_summary, cpu_gemm_engines, cpu_isa, has_cuda_kernels, ops
 from .cpu_cache import cpu_cache_bytes, cpu_cache_limit, empty_cpu_cache, set_cpu_cache_limit
 from .functional import LSTMFunction, RNNFunction
 from .modules import LSTM, RNN, convert, unconvert
@@ -12,5 +12,5 @@ _onnx_export.install()  # the TorchScript-based ONNX exporter's symbolics, once 
 
 __version__ = "0.1.0"
 __all__ = ["LSTM", "RNN", "convert", "unconvert", "LSTMFunction", "RNNFunction", "functional",
-           "reference", "diagnostics", "ops", "has_cuda_kernels", "cpu_isa", "empty_cpu_cache",
+           "reference", "diagnostics", "ops", "has_cuda_kernels", "cpu_isa", "cpu_gemm_engines", "empty_cpu_cache",
            "cpu_cache_bytes", "cpu_cache_limit", "set_cpu_cache_limit", "build_summary", "onnx_translations"]
