@@ -81,7 +81,7 @@ BAD_LSTM = {
     "int-dtype": (dict(input=torch.ones(7, 4, dtype=torch.int64)),
                   "expected input of dtype float32, float64, bfloat16 or float16 on cpu, but got Long"),
     "half-cpu-mixed": (dict(input=torch.ones(7, 4, dtype=torch.float16)),
-                       "expected w_ih to have dtype Half \\(the dtype of input\\), but got Double"),
+                       "expected h0 to have dtype Half \\(the dtype of input\\), but got Double"),
     "mixed-dtype": (dict(w_hh=torch.randn(24, 6, dtype=torch.float32)),
                     "expected w_hh to have dtype Double \\(the dtype of input\\), but got Float"),
     "w_hh-shape": (dict(w_hh=torch.randn(23, 6, dtype=torch.float64)),
