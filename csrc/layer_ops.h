@@ -1,4 +1,4 @@
-// The four lstmfast ops (LSTM / RNN, forward / backward) for any device: argument checks, output
+// The six lstmfast ops (LSTM / GRU / RNN, forward / backward) for any device: argument checks, output
 // allocation, dtype dispatch, then the shared time loops of kernels/layer.h run on a Backend.
 // cpu/ops_cpu.cpp and cuda/ops_cuda.cu instantiate these with their Backend and register them.
 #pragma once
@@ -183,7 +183,7 @@ void dispatch_floating(const Tensor& input, F&& f) {
   }
 }
 
-// Shapes of one layer's weights, read from w_hh (4H, P) or (H, H) and checked against the rest.
+// Shapes of one layer's weights, read from w_hh (4H, P), (3H, H) or (H, H) and checked against the rest.
 struct LayerShape {
   int64_t input_size, hidden_size, proj_size;
 };
@@ -194,8 +194,8 @@ inline LayerShape check_weights(const char* op, int64_t gates, const Tensor& inp
   check_like(op, w_ih, "w_ih", input);
   check_like(op, w_hh, "w_hh", input);
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % gates == 0 && w_hh.size(0) > 0, op,
-              ": expected w_hh of shape (", gates == 4 ? "4*hidden_size" : "hidden_size",
-              ", ", gates == 4 ? "proj_size or hidden_size" : "hidden_size", "), but got ",
+              ": expected w_hh of shape (", gates == 1 ? "" : (gates == 4 ? "4*" : "3*"), "hidden_size, ",
+              gates == 4 ? "proj_size or hidden_size" : "hidden_size", "), but got ",
               str(w_hh.sizes()));
   const int64_t H = w_hh.size(0) / gates;
   int64_t P = H;
@@ -502,6 +502,124 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   Tensor grad_bias = need_bias ? grad_pre.sum(0) : empty();
   grad_w_ih = grad_w_ih.contiguous(), grad_w_hh = grad_w_hh.contiguous();
   return {grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias, grad_h_norm};
+}
+
+// ---------------------------------------------------------------- GRU
+
+template <typename Backend>
+std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const OptTensor& batch_sizes,
+                                               const OptTensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+                                               const OptTensor& b_ih, const OptTensor& b_hh, bool reverse,
+                                               bool training) {
+  const char* op = "lstmfast.gru_forward";
+  check_dtype<Backend>(op, input);
+  Layout l = make_layout(op, input, batch_sizes, reverse);
+  const auto s = check_weights(op, 3, input, l.input_size, w_ih, w_hh, b_ih, b_hh, std::nullopt);
+  const int64_t B = l.batch, N = l.rows, H = s.hidden_size;
+  check_optional(op, h0, "h0", input, {B, H});
+  Backend dev(input);
+
+  const Tensor x = rows_of(input, l.input_size);
+  const Tensor wi = w_ih.contiguous(), wh = w_hh.contiguous();
+  const OptTensor bi = b_ih.has_value() ? OptTensor(b_ih->contiguous()) : std::nullopt;
+  const OptTensor bh = b_hh.has_value() ? OptTensor(b_hh->contiguous()) : std::nullopt;
+  Tensor output = at::empty(output_shape(input, N, H), input.options());
+  Tensor h_n = state_or_zeros(h0, B, H, input);
+  // Columns [0, 3H) hold the input projection, then r, z, n; column block 3H the saved h_n.
+  const int64_t gate_rows = training ? N : dev.inference_gate_rows(N, B, 4 * H);
+  Tensor gates = workspace(gate_rows, 4 * H, input.options());
+  Tensor hidden_gates = at::empty({B, 3 * H}, input.options());
+
+  dispatch_floating<Backend>(input, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    kernels::GruForwardArgs<scalar_t> a{l.sequence(),
+                                        l.input_size,
+                                        H,
+                                        x.data_ptr<scalar_t>(),
+                                        wi.data_ptr<scalar_t>(),
+                                        wh.data_ptr<scalar_t>(),
+                                        ptr_or_null<scalar_t>(bi),
+                                        ptr_or_null<scalar_t>(bh),
+                                        output.data_ptr<scalar_t>(),
+                                        h_n.data_ptr<scalar_t>(),
+                                        gates.data_ptr<scalar_t>(),
+                                        gate_rows,
+                                        hidden_gates.data_ptr<scalar_t>(),
+                                        training};
+    dev.template run<scalar_t>(B, 3 * H, H, [&] { kernels::gru_forward(a, dev); });
+  });
+  if (!training) gates = at::empty({0}, input.options());
+  return {output, h_n, gates};
+}
+
+template <typename Backend>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
+    const Tensor& grad_output, const OptTensor& grad_h_n, const Tensor& input,
+    const OptTensor& batch_sizes, const OptTensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+    const Tensor& output, const Tensor& gates, bool reverse, std::array<bool, 4> output_mask,
+    std::optional<double> grad_clip, bool return_norms) {
+  const char* op = "lstmfast.gru_backward";
+  check_dtype<Backend>(op, input);
+  Layout l = make_layout(op, input, batch_sizes, reverse);
+  const auto s = check_weights(op, 3, input, l.input_size, w_ih, w_hh, std::nullopt, std::nullopt,
+                               std::nullopt);
+  const int64_t B = l.batch, N = l.rows, H = s.hidden_size;
+  check_optional(op, h0, "h0", input, {B, H});
+  check_optional(op, grad_h_n, "grad_h_n", input, {B, H});
+  for (auto [t, name] : {std::pair{&output, "output"}, {&grad_output, "grad_output"}}) {
+    check_like(op, *t, name, input);
+    TORCH_CHECK(t->numel() == N * H && t->size(-1) == H, op, ": expected ", name, " with ", str(N),
+                " rows of size ", str(H), ", but got shape ", str(t->sizes()));
+  }
+  check_like(op, gates, "gates", input);
+  check_shape(op, gates, "gates", {N, 4 * H});
+  TORCH_CHECK(!grad_clip.has_value() || *grad_clip > 0, op, ": expected grad_clip > 0, but got ",
+              str(*grad_clip));
+  Backend dev(input);
+  const auto [need_input, need_state, need_weights, need_bias] = output_mask;
+  (void)need_state;
+
+  const Tensor out = rows_of(output, H), grad_out = rows_of(grad_output, H);
+  const Tensor wh = w_hh.contiguous();
+  const Tensor gates_c = gates.contiguous();
+  const Tensor h_init = state_or_zeros(h0, B, H, input);
+  Tensor grad_h0 = state_or_zeros(grad_h_n, B, H, input);
+  Tensor grad_input_gates = workspace(N, 3 * H, input.options());
+  Tensor grad_hidden_gates = workspace(N, 3 * H, input.options());
+  Tensor hidden_prev = need_weights && !l.uniform() ? workspace(N, H, input.options()) : Tensor();
+  Tensor grad_h_norm = at::empty({return_norms ? N : 0}, input.options().dtype(norm_dtype(input)));
+  dispatch_floating<Backend>(input, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using norm_t = at::opmath_type<scalar_t>;
+    kernels::GruBackwardArgs<scalar_t, norm_t> a{
+        l.sequence(),
+        H,
+        wh.data_ptr<scalar_t>(),
+        out.data_ptr<scalar_t>(),
+        gates_c.data_ptr<scalar_t>(),
+        h_init.data_ptr<scalar_t>(),
+        grad_out.data_ptr<scalar_t>(),
+        grad_h0.data_ptr<scalar_t>(),
+        grad_input_gates.data_ptr<scalar_t>(),
+        grad_hidden_gates.data_ptr<scalar_t>(),
+        hidden_prev.defined() ? hidden_prev.data_ptr<scalar_t>() : nullptr,
+        return_norms ? grad_h_norm.data_ptr<norm_t>() : nullptr,
+        grad_clip.value_or(0.0)};
+    dev.template run<scalar_t>(B, 3 * H, H, [&] { kernels::gru_backward(a, dev); });
+  });
+  if (return_norms) grad_h_norm.sqrt_();
+  const auto empty = [&] { return at::empty({0}, input.options()); };
+  Tensor grad_input = need_input ? dev.mm(grad_input_gates, w_ih).view(input.sizes()) : empty();
+  Tensor grad_w_ih = empty(), grad_w_hh = empty();
+  if (need_weights) {
+    grad_w_ih = dev.mm(grad_input_gates.t(), rows_of(input, l.input_size));
+    grad_w_hh = grad_recurrent_weight(dev, l, grad_hidden_gates, out, h_init, hidden_prev);
+  }
+  // Unlike LSTM / RNN the two bias gradients differ: b_hn sits inside the reset gate's product.
+  Tensor grad_b_ih = need_bias ? grad_input_gates.sum(0) : empty();
+  Tensor grad_b_hh = need_bias ? grad_hidden_gates.sum(0) : empty();
+  grad_w_ih = grad_w_ih.contiguous(), grad_w_hh = grad_w_hh.contiguous();
+  return {grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_h_norm};
 }
 
 }  // namespace lstmfast

@@ -1,6 +1,7 @@
 """Shared sample generator and helpers: every test builds its inputs through `layer_sample`."""
 
 import dataclasses
+import types
 from typing import List, Optional
 
 import pytest
@@ -20,9 +21,9 @@ TOLERANCES = {
 
 @dataclasses.dataclass
 class LayerSample:
-    """The arguments of one call of functional.lstm / functional.rnn (and of their references)."""
+    """The arguments of one call of functional.lstm / functional.rnn / a gru (and of their references)."""
 
-    cell: str  # "lstm" or "rnn"
+    cell: str  # "lstm", "gru" or "rnn"
     args: tuple  # input, w_ih, w_hh, b_ih, b_hh
     kwargs: dict
 
@@ -33,8 +34,7 @@ class LayerSample:
         return [t for t in candidates if t is not None and t.requires_grad]
 
     def run(self, module):
-        fn = module.lstm if self.cell == "lstm" else module.rnn
-        return fn(*self.args, **self.kwargs)
+        return getattr(module, self.cell)(*self.args, **self.kwargs)
 
 
 def layer_sample(cell="lstm", *, steps=5, batch=3, input_size=4, hidden=6, proj=0, bias=True,
@@ -43,7 +43,7 @@ def layer_sample(cell="lstm", *, steps=5, batch=3, input_size=4, hidden=6, proj=
                  grad_clip=None, seed=0) -> LayerSample:
     """Random weights and inputs for one layer. `lengths` (non-increasing) gives packed input."""
     g = torch.Generator().manual_seed(seed)
-    gates = 4 if cell == "lstm" else 1
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
     out = proj or hidden
 
     def rand(*shape, scale=1.0):
@@ -75,6 +75,39 @@ def layer_sample(cell="lstm", *, steps=5, batch=3, input_size=4, hidden=6, proj=
     if cell == "rnn":
         kwargs["nonlinearity"] = nonlinearity
     return LayerSample(cell, (x, w_ih, w_hh, b_ih, b_hh), kwargs)
+
+
+class _GruOps(torch.autograd.Function):
+    """The raw gru_forward / gru_backward ops as one differentiable call, for op-level tests (the
+    user-facing GRU lives in lstmfast.functional)."""
+
+    @staticmethod
+    def forward(ctx, input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, grad_clip):
+        output, h_n, gates = torch.ops.lstmfast.gru_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh,
+                                                            reverse, True)
+        ctx.save_for_backward(input, w_ih, w_hh, h0, output, gates, batch_sizes)
+        ctx.reverse, ctx.grad_clip = reverse, grad_clip
+        return output, h_n
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n):
+        input, w_ih, w_hh, h0, output, gates, batch_sizes = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[5], need[1] or need[2], need[3] or need[4]]
+        g_input, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, _ = torch.ops.lstmfast.gru_backward(
+            grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, output, gates, ctx.reverse, mask,
+            ctx.grad_clip, False)
+        grads = [g_input, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_h0]
+        return tuple(g if n else None for g, n in zip(grads, need)) + (None, None, None)
+
+
+def _gru_ops(input, w_ih, w_hh, b_ih=None, b_hh=None, *, h0=None, batch_sizes=None, reverse=False,
+             grad_clip=None):
+    return _GruOps.apply(input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes, reverse, grad_clip)
+
+
+# A stand-in for a module with a `gru` function (LayerSample.run), made of the raw ops.
+raw_ops = types.SimpleNamespace(gru=_gru_ops)
 
 
 def outputs_and_grads(sample: LayerSample, module, seed=1):

@@ -12,20 +12,26 @@ import torch
 import lstmfast
 from lstmfast import functional, reference
 
-from conftest import TOLERANCES, assert_all_close, layer_sample, outputs_and_grads
+from conftest import TOLERANCES, assert_all_close, layer_sample, outputs_and_grads, raw_ops
 
 # H = 37 covers whole vectors and a partial last one at every width; large inputs saturate the gates.
 SHAPES = dict(steps=6, batch=5, input_size=9, hidden=37)
 
 
+def _fused(sample):
+    """What runs a sample with lstmfast's kernels: lstmfast.functional, or the raw GRU ops."""
+    return raw_ops if sample.cell == "gru" else functional
+
+
 def _check_against_reference():
     for dtype in (torch.float64, torch.float32):
         for kw in (dict(cell="lstm"), dict(cell="lstm", proj=11, lengths=[6, 4, 4, 1], reverse=True),
-                   dict(cell="rnn"), dict(cell="rnn", nonlinearity="relu", grad_clip=0.5)):
+                   dict(cell="rnn"), dict(cell="rnn", nonlinearity="relu", grad_clip=0.5),
+                   dict(cell="gru"), dict(cell="gru", lengths=[6, 4, 4, 1], reverse=True, grad_clip=0.5)):
             sample = layer_sample(**SHAPES, **kw, dtype=dtype)
             with torch.no_grad():
                 sample.args[0].mul_(6)
-            out, grads = outputs_and_grads(sample, functional)
+            out, grads = outputs_and_grads(sample, _fused(sample))
             ref_out, ref_grads = outputs_and_grads(sample, reference)
             assert_all_close(out, ref_out, **TOLERANCES[dtype])
             assert_all_close(grads, ref_grads, **TOLERANCES[dtype])
@@ -64,6 +70,35 @@ def _train(threads, dtype, module_kwargs, packed):
         torch.set_num_threads(previous)
 
 
+def _train_gru_ops(threads, dtype, **kw):
+    """A training step of the raw GRU ops (forward, backward of random cotangents) on `threads` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sample = layer_sample("gru", dtype=dtype, **kw)
+        outputs, grads = outputs_and_grads(sample, raw_ops)
+        return outputs + grads
+    finally:
+        torch.set_num_threads(previous)
+
+
+# Large enough for a team of threads and for rows split between threads: batch 70 with small weights
+# (the team splits the batch), and weights of 3 x 200 x 200 doubles (> 256 kB: it splits the panels).
+GRU_THREAD_CASES = {"batch": dict(steps=30, batch=70, input_size=40, hidden=61),
+                    "panels-packed-reverse": dict(lengths=[20] * 12 + [13] * 10 + [4] * 8, input_size=40,
+                                                  hidden=200, reverse=True, grad_clip=0.05)}
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 threads")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kw", GRU_THREAD_CASES.values(), ids=GRU_THREAD_CASES.keys())
+def test_gru_bitwise_identical_across_thread_counts(dtype, kw):
+    one, two = _train_gru_ops(1, dtype, **kw), _train_gru_ops(2, dtype, **kw)
+    assert len(one) == 8  # output, h_n; input, both weights, both biases, h0
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 threads")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("module_kwargs,packed", [({}, False), (dict(proj_size=50, bidirectional=True), True)],
@@ -82,14 +117,17 @@ TEAM_CASES = {"lstm": dict(cell="lstm"), "proj-reverse": dict(cell="lstm", proj=
               "packed-reverse": dict(cell="lstm", lengths=[7] * 9 + [5] * 8 + [2] * 7, reverse=True),
               "rnn": dict(cell="rnn"), "relu-clip": dict(cell="rnn", nonlinearity="relu", grad_clip=0.05),
               "lstm-panels": dict(cell="lstm", hidden=165, batch=10, lengths=[7] * 6 + [3] * 4),
-              "rnn-panels": dict(cell="rnn", hidden=330, batch=4, reverse=True)}
+              "rnn-panels": dict(cell="rnn", hidden=330, batch=4, reverse=True),
+              "gru": dict(cell="gru"), "gru-packed-reverse-clip": dict(cell="gru", lengths=[7] * 9 + [5] * 8 + [2] * 7,
+                                                                    reverse=True, grad_clip=0.05),
+              "gru-panels": dict(cell="gru", hidden=190, batch=10, lengths=[7] * 6 + [3] * 4)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("kw", TEAM_CASES.values(), ids=TEAM_CASES.keys())
 def test_threaded_time_loop_matches_reference(kw, dtype):
     sample = layer_sample(**dict(dict(steps=7, batch=24, input_size=19, hidden=37), **kw), dtype=dtype)
-    out, grads = outputs_and_grads(sample, functional)
+    out, grads = outputs_and_grads(sample, _fused(sample))
     ref_out, ref_grads = outputs_and_grads(sample, reference)
     assert_all_close(out, ref_out, **TOLERANCES[dtype])
     assert_all_close(grads, ref_grads, **TOLERANCES[dtype])
@@ -144,6 +182,22 @@ def test_inference_projects_the_input_in_chunks(kw, dtype):
     out = functional.lstm(*sample.args, **sample.kwargs)
     ref = reference.lstm(*sample.args, **sample.kwargs)
     assert_all_close(out, ref, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kw", [dict(), dict(lengths=[40] * 10 + [31] * 6 + [3] * 4, reverse=True)],
+                         ids=["padded", "packed-reverse"])
+def test_gru_inference_projects_the_input_in_chunks(kw, dtype):
+    """The same for the GRU forward op without training (its gates workspace holds ~340 rows here)."""
+    sample = layer_sample("gru", **dict(dict(steps=40, batch=20, input_size=24, hidden=384), **kw), dtype=dtype,
+                          requires_grad=False)
+    x, w_ih, w_hh, b_ih, b_hh = sample.args
+    k = sample.kwargs
+    output, h_n, gates = torch.ops.lstmfast.gru_forward(x, k.get("batch_sizes"), k.get("h0"), w_ih, w_hh, b_ih,
+                                                        b_hh, k["reverse"], False)
+    assert gates.shape == (0,)
+    ref = reference.gru(*sample.args, h0=k.get("h0"), batch_sizes=k.get("batch_sizes"), reverse=k["reverse"])
+    assert_all_close([output, h_n], ref, **TOLERANCES[dtype])
 
 
 def test_reused_workspaces_leave_earlier_results_alone():

@@ -12,12 +12,18 @@ import lstmfast
 from lstmfast import functional, reference
 from lstmfast._ops import ops
 
-from conftest import CUDA, TOLERANCES, assert_all_close, layer_sample, outputs_and_grads
+from conftest import CUDA, TOLERANCES, assert_all_close, layer_sample, outputs_and_grads, raw_ops
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
 
 VARIANTS = [dict(cell="lstm"), dict(cell="lstm", proj=3), dict(cell="rnn", nonlinearity="tanh"),
-            dict(cell="rnn", nonlinearity="relu")]
+            dict(cell="rnn", nonlinearity="relu"), dict(cell="gru")]
+VARIANT_IDS = ["lstm", "lstm_proj", "rnn_tanh", "rnn_relu", "gru"]
+
+
+def _fused(cell):
+    """What runs a cell with lstmfast's kernels: lstmfast.functional, or the raw GRU ops."""
+    return raw_ops if cell == "gru" else functional
 
 
 @pytest.fixture(autouse=True)
@@ -28,14 +34,14 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=["lstm", "lstm_proj", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("lengths", [None, [6, 5, 5, 2, 1]], ids=["padded", "packed"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_cuda_matches_cpu(variant, lengths, reverse, dtype):
     kw = dict(variant, lengths=lengths, reverse=reverse, dtype=dtype, hidden=33, input_size=7, steps=6)
-    cpu_out, cpu_grads = outputs_and_grads(layer_sample(**kw), functional)
-    gpu_out, gpu_grads = outputs_and_grads(layer_sample(**kw, device="cuda"), functional)
+    cpu_out, cpu_grads = outputs_and_grads(layer_sample(**kw), _fused(variant["cell"]))
+    gpu_out, gpu_grads = outputs_and_grads(layer_sample(**kw, device="cuda"), _fused(variant["cell"]))
     assert_all_close([t.cpu() for t in gpu_out], cpu_out, **TOLERANCES[dtype])
     assert_all_close([t.cpu() for t in gpu_grads], cpu_grads, **TOLERANCES[dtype])
 
@@ -83,7 +89,7 @@ REDUCED = {torch.float16: 1e-2, torch.bfloat16: 4e-2}
 RELU_GRAD = {torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=["lstm", "lstm_proj", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("dtype", list(REDUCED), ids=["f16", "bf16"])
 def test_reduced_precision(variant, dtype):
     kw = dict(variant, steps=20, batch=8, input_size=32, hidden=64, lengths=None)
@@ -93,7 +99,7 @@ def test_reduced_precision(variant, dtype):
     for k in ("w_hr", "h0", "c0"):
         if high.kwargs.get(k) is not None:
             high.kwargs[k] = high.kwargs[k].detach().float().requires_grad_()
-    low_out, low_grads = outputs_and_grads(low, functional)
+    low_out, low_grads = outputs_and_grads(low, _fused(variant["cell"]))
     ref_out, ref_grads = outputs_and_grads(high, reference)
     relu = variant.get("nonlinearity") == "relu"
     for i, (got, want) in enumerate(zip(low_out + low_grads, ref_out + ref_grads)):
@@ -161,9 +167,33 @@ def test_mixed_devices_are_refused():
     x, w_ih, w_hh, b_ih, b_hh = s.args
     with pytest.raises(RuntimeError, match="expected w_hh on device cuda:0 \\(the device of input\\), but got cpu"):
         ops.lstm_forward(x, None, None, None, w_ih, w_hh.cpu(), b_ih, b_hh, None, False, False)
+    g = layer_sample("gru", requires_grad=False, device="cuda")
+    x, w_ih, w_hh, b_ih, b_hh = g.args
+    with pytest.raises(RuntimeError, match="gru_forward: expected b_hh on device cuda:0 \\(the device of input\\), but got cpu"):
+        ops.gru_forward(x, None, None, w_ih, w_hh, b_ih, b_hh.cpu(), False, False)
     with pytest.raises(RuntimeError, match="expected batch_sizes to be a 1-D int64 tensor on the CPU"):
         ops.lstm_forward(x.view(-1, x.shape[-1]), torch.full((5,), 3, device="cuda"), s.kwargs["h0"],
                          s.kwargs["c0"], w_ih, w_hh, b_ih, b_hh, None, False, False)
+
+
+def test_gru_norms_match_cpu():
+    """The GRU backward's per-row norms (float32 for bfloat16) on CUDA against the CPU's."""
+    for dtype in (torch.float64, torch.bfloat16):
+        norms = []
+        for device in ("cpu", "cuda"):
+            s = layer_sample("gru", lengths=[5, 4, 4, 1], reverse=True, hidden=300, requires_grad=False,
+                             device=device, dtype=torch.float64)
+            args = [None if a is None else a.to(dtype if device == "cuda" else torch.float64) for a in s.args]
+            x, w_ih, w_hh, b_ih, b_hh = args
+            h0, batch_sizes = s.kwargs["h0"].to(x.dtype), s.kwargs["batch_sizes"]
+            output, h_n, gates = ops.gru_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, True, True)
+            grad = torch.ones_like(output)
+            result = ops.gru_backward(grad, None, x, batch_sizes, h0, w_ih, w_hh, output, gates, True,
+                                      [True] * 4, 0.5, True)
+            norms.append(result[6])
+        assert norms[1].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        tolerance = TOLERANCES[torch.float64] if dtype == torch.float64 else dict(rtol=3e-2, atol=1e-3)
+        torch.testing.assert_close(norms[1].cpu().double(), norms[0], **tolerance)
 
 
 def test_memcheck_subset():
@@ -173,5 +203,5 @@ def test_memcheck_subset():
             for dtype in (torch.float32, torch.bfloat16):
                 sample = layer_sample(**variant, steps=4, hidden=40, lengths=lengths, reverse=True,
                                       dtype=dtype, device="cuda")
-                out, grads = outputs_and_grads(sample, functional)
+                out, grads = outputs_and_grads(sample, _fused(variant["cell"]))
                 assert all(torch.isfinite(t).all() for t in out + grads)

@@ -135,6 +135,7 @@ def test_every_engine_against_float64(engine, isa):
     code = ("import torch, lstmfast, test_reduced_precision as t\n"
             "for cell in ('lstm', 'rnn'):\n"
             "    for name in sorted(t.CASES): t._check_against_float64(torch.bfloat16, cell, name)\n"
+            "t.test_gru_ops_against_float64(torch.bfloat16, True)\n"
             "print(lstmfast.cpu_gemm_engines()['bfloat16'])")
     proc = _in_process({"LSTMFAST_CPU_BF16_ENGINE": engine, "LSTMFAST_CPU_ISA": isa}, code)
     if proc.returncode != 0 and "does not support it" in proc.stderr:
@@ -304,3 +305,50 @@ def test_opcheck(dtype):
     torch.library.opcheck(ops.rnn_forward, (x, None, None, w_ih, w_hh, b_ih, b_hh, "tanh", False))
     torch.library.opcheck(ops.rnn_backward, (out, None, x, None, None, w_ih, w_hh, out, "tanh", False,
                                              [True, True, True, True], None, True))
+
+
+# ------------------------------------------------------------------------------ GRU (ops only so far)
+
+def _gru_ops(tensors, h0, batch_sizes, reverse, cotangents):
+    """gru_forward + gru_backward: outputs (output, h_n) and the gradients of (x, h0, w_ih, w_hh, b_ih, b_hh)."""
+    x, w_ih, w_hh, b_ih, b_hh = tensors
+    out, h_n, gates = lstmfast.ops.gru_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
+    grads = lstmfast.ops.gru_backward(cotangents[0].to(out.dtype), cotangents[1].to(out.dtype), x, batch_sizes,
+                                      h0, w_ih, w_hh, out, gates, reverse, [True] * 4, None, False)
+    return [out, h_n], list(grads[:6])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gru_ops_against_float64(dtype, packed):
+    tensors, batch_sizes = _case("lstm", 10, 6, 5, 24, 0, packed)
+    g = torch.Generator().manual_seed(2)
+    x = tensors[0]
+    H = 24
+    tensors = [x, torch.randn(3 * H, 5, generator=g, dtype=torch.float64) / 5**0.5,
+               torch.randn(3 * H, H, generator=g, dtype=torch.float64) / H**0.5,
+               torch.randn(3 * H, generator=g, dtype=torch.float64) * 0.1,
+               torch.randn(3 * H, generator=g, dtype=torch.float64) * 0.1]
+    h0 = torch.randn(6, H, generator=g, dtype=torch.float64).to(dtype)
+    tensors = [t.to(dtype) for t in tensors]
+    exact = [t.double().requires_grad_() for t in tensors + [h0]]
+    ref_outs = reference.gru(*exact[:5], h0=exact[5], batch_sizes=batch_sizes, reverse=packed)
+    cotangents = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref_outs]
+    ref_grads = torch.autograd.grad(ref_outs, exact, cotangents)
+    ref_grads = [ref_grads[0], ref_grads[5], *ref_grads[1:5]]
+    outs, grads = _gru_ops(tensors, h0, batch_sizes, packed, cotangents)
+    assert [t.dtype for t in outs + grads] == [dtype] * 8
+    for i, (a, e) in enumerate(zip(outs + grads, list(ref_outs) + ref_grads)):
+        assert _rel(a, e) <= TOL[dtype], (i, _rel(a, e))
+
+
+def test_gru_opcheck_in_bfloat16():
+    tensors, _ = _case("lstm", 4, 3, 3, 5, 0, False)
+    x = tensors[0].bfloat16()
+    w_ih, w_hh = torch.randn(15, 3).bfloat16(), torch.randn(15, 5).bfloat16()
+    b_ih, b_hh = torch.randn(15).bfloat16(), torch.randn(15).bfloat16()
+    out, _, gates = lstmfast.ops.gru_forward(x, None, None, w_ih, w_hh, b_ih, b_hh, False, True)
+    assert gates.dtype == torch.float32
+    torch.library.opcheck(lstmfast.ops.gru_forward, (x, None, None, w_ih, w_hh, b_ih, b_hh, False, True))
+    torch.library.opcheck(lstmfast.ops.gru_backward, (out, None, x, None, None, w_ih, w_hh, out, gates, False,
+                                                      [True] * 4, None, True))

@@ -728,6 +728,20 @@ struct CpuBackend {
     const auto& k = cpu::pointwise_kernels<T>();
     for_rows(rows, s.width, [&](int64_t begin, int64_t end) { k.sum(s, begin, end, norm); });
   }
+
+  template <typename T>
+  void gru_forward(const GruForwardStep<T>& s, int64_t rows) {
+    const auto& k = cpu::pointwise_kernels<T>();
+    for_rows(rows, 3 * s.hidden_size, [&](int64_t begin, int64_t end) { k.gru_forward(s, begin, end); });
+  }
+
+  template <typename T>
+  void gru_backward(const GruBackwardStep<T>& s, int64_t rows, T* hidden_norm) {
+    const auto& k = cpu::pointwise_kernels<T>();
+    for_rows(rows, 3 * s.hidden_size, [&](int64_t begin, int64_t end) {
+      k.gru_backward(s, begin, end, hidden_norm);
+    });
+  }
 };
 
 // ---------------------------------------------------------------- float16 / bfloat16 calls
@@ -812,6 +826,7 @@ struct ReducedPrecision<Name, Op, Result (*)(Args...)> {
 
 constexpr char kLstmForward[] = "lstmfast::lstm_forward", kLstmBackward[] = "lstmfast::lstm_backward";
 constexpr char kRnnForward[] = "lstmfast::rnn_forward", kRnnBackward[] = "lstmfast::rnn_backward";
+constexpr char kGruForward[] = "lstmfast::gru_forward", kGruBackward[] = "lstmfast::gru_backward";
 
 }  // namespace
 
@@ -820,6 +835,8 @@ TORCH_LIBRARY_IMPL(lstmfast, CPU, m) {
   m.impl("lstm_backward", &ReducedPrecision<kLstmBackward, &lstm_backward<CpuBackend>>::call);
   m.impl("rnn_forward", &ReducedPrecision<kRnnForward, &rnn_forward<CpuBackend>>::call);
   m.impl("rnn_backward", &ReducedPrecision<kRnnBackward, &rnn_backward<CpuBackend>>::call);
+  m.impl("gru_forward", &ReducedPrecision<kGruForward, &gru_forward<CpuBackend>>::call);
+  m.impl("gru_backward", &ReducedPrecision<kGruBackward, &gru_backward<CpuBackend>>::call);
 }
 
 TORCH_LIBRARY_IMPL(lstmfast, CompositeExplicitAutograd, m) {

@@ -25,6 +25,9 @@ struct PointwiseKernels {
   void (*rnn_backward)(const kernels::RnnBackwardStep<T>& s, int64_t begin, int64_t end,
                        T* hidden_norm);
   void (*sum)(const kernels::SumStep<T>& s, int64_t begin, int64_t end, T* norm);
+  void (*gru_forward)(const kernels::GruForwardStep<T>& s, int64_t begin, int64_t end);
+  void (*gru_backward)(const kernels::GruBackwardStep<T>& s, int64_t begin, int64_t end,
+                       T* hidden_norm);
 };
 
 #define LSTMFAST_DECLARE_ISA(ns)                          \

@@ -9,6 +9,8 @@
 namespace lstmfast::cpu::LSTMFAST_ISA {
 namespace {
 
+using kernels::GruBackwardStep;
+using kernels::GruForwardStep;
 using kernels::LstmBackwardStep;
 using kernels::LstmForwardStep;
 using kernels::Nonlinearity;
@@ -300,8 +302,78 @@ void sum(const SumStep<T>& s, int64_t begin, int64_t end, T* norm) {
 }
 
 template <typename T>
+void gru_forward(const GruForwardStep<T>& s, int64_t begin, int64_t end) {
+  const int64_t H = s.hidden_size;
+  for (int64_t b = begin; b < end; ++b) {
+    T* a = s.gates + b * 4 * H;
+    const T* hg = s.hidden_gates + b * 3 * H;
+    for (int64_t j = 0; j < H; j += kLanes<T>) {
+      const int64_t n = std::min<int64_t>(kLanes<T>, H - j), e = b * H + j;
+      Vec<T> x_r = load(a + j, n), x_z = load(a + H + j, n), x_n = load(a + 2 * H + j, n);
+      Vec<T> h_r = load(hg + j, n), h_z = load(hg + H + j, n), h_n = load(hg + 2 * H + j, n);
+      if (s.bias_ih != nullptr) {
+        x_r += load(s.bias_ih + j, n);
+        x_z += load(s.bias_ih + H + j, n);
+        x_n += load(s.bias_ih + 2 * H + j, n);
+      }
+      if (s.bias_hh != nullptr) {
+        h_r += load(s.bias_hh + j, n);
+        h_z += load(s.bias_hh + H + j, n);
+        h_n += load(s.bias_hh + 2 * H + j, n);
+      }
+      // The same expressions, in the same order, as kernels::gru_cell_forward.
+      const Vec<T> r = sigmoid(x_r + h_r), z = sigmoid(x_z + h_z), g = tanh(x_n + r * h_n);
+      const Vec<T> hidden = (1 - z) * g + z * load(s.hidden_state + e, n);
+      if (s.save_gates) {
+        store(a + j, r, n);
+        store(a + H + j, z, n);
+        store(a + 2 * H + j, g, n);
+        store(a + 3 * H + j, h_n, n);
+      }
+      store(s.output + e, hidden, n);
+      store(s.hidden_state + e, hidden, n);
+    }
+  }
+}
+
+template <typename T>
+void gru_backward(const GruBackwardStep<T>& s, int64_t begin, int64_t end, T* hidden_norm) {
+  const int64_t H = s.hidden_size;
+  const T grad_clip = static_cast<T>(s.grad_clip);
+  for (int64_t b = begin; b < end; ++b) {
+    const T* a = s.gates + b * 4 * H;
+    T* dx = s.grad_input_gates + b * 3 * H;
+    T* dh = s.grad_hidden_gates + b * 3 * H;
+    const T* hidden_prev_row = b < s.prev_hidden.split ? s.prev_hidden.from_prev : s.prev_hidden.initial;
+    Vec<T> hidden_sq{};
+    for (int64_t j = 0; j < H; j += kLanes<T>) {
+      const int64_t n = std::min<int64_t>(kLanes<T>, H - j), e = b * H + j;
+      const Vec<T> grad_hidden = load(s.grad_hidden + e, n) + load(s.grad_hidden_extra + e, n);
+      const Vec<T> r = load(a + j, n), z = load(a + H + j, n), g = load(a + 2 * H + j, n),
+                   h_n = load(a + 3 * H + j, n);
+      const Vec<T> hidden_prev = load(hidden_prev_row + e, n);
+      // The same expressions, in the same order, as kernels::gru_cell_backward.
+      const Vec<T> a_n = clip(grad_hidden * (1 - z) * (1 - g * g), grad_clip);
+      const Vec<T> a_z = clip(grad_hidden * (hidden_prev - g) * z * (1 - z), grad_clip);
+      const Vec<T> a_r = clip(a_n * h_n * r * (1 - r), grad_clip);
+      store(dx + j, a_r, n);
+      store(dx + H + j, a_z, n);
+      store(dx + 2 * H + j, a_n, n);
+      store(dh + j, a_r, n);
+      store(dh + H + j, a_z, n);
+      store(dh + 2 * H + j, a_n * r, n);
+      store(s.grad_hidden + e, grad_hidden * z, n);
+      hidden_sq += grad_hidden * grad_hidden;
+    }
+    copy_prev_hidden(s.prev_hidden, b);
+    if (hidden_norm != nullptr) hidden_norm[b] = horizontal_sum<T>(hidden_sq);
+  }
+}
+
+template <typename T>
 const PointwiseKernels<T> kKernels{LSTMFAST_ISA_NAME, &lstm_forward<T>, &lstm_backward<T>,
-                                   &rnn_forward<T>, &rnn_backward<T>, &sum<T>};
+                                   &rnn_forward<T>, &rnn_backward<T>, &sum<T>,
+                                   &gru_forward<T>, &gru_backward<T>};
 
 }  // namespace
 

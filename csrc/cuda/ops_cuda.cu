@@ -80,6 +80,22 @@ __global__ void rnn_backward_kernel(RnnBackwardStep<T> s, acc_t* hidden_norm) {
 }
 
 template <typename T, typename acc_t>
+__global__ void gru_forward_kernel(GruForwardStep<T> s) {
+  LSTMFAST_COLUMNS(s.hidden_size) gru_forward_point<T, acc_t>(s, blockIdx.x, j);
+}
+
+template <typename T, typename acc_t>
+__global__ void gru_backward_kernel(GruBackwardStep<T> s, acc_t* hidden_norm) {
+  __shared__ acc_t shared[kThreads];
+  acc_t hidden = 0;
+  LSTMFAST_COLUMNS(s.hidden_size) hidden += gru_backward_point<T, acc_t>(s, blockIdx.x, j);
+  if (hidden_norm != nullptr) {
+    hidden = block_sum(hidden, shared);
+    if (threadIdx.x == 0) hidden_norm[blockIdx.x] = hidden;
+  }
+}
+
+template <typename T, typename acc_t>
 __global__ void sum_kernel(SumStep<T> s, acc_t* norm) {
   __shared__ acc_t shared[kThreads];
   acc_t total = 0;
@@ -193,6 +209,22 @@ struct CudaBackend {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  template <typename T>
+  void gru_forward(const GruForwardStep<T>& s, int64_t rows) {
+    if (rows == 0) return;
+    gru_forward_kernel<T, at::opmath_type<T>>
+        <<<grid(rows, s.hidden_size, false), kThreads, 0, stream>>>(s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename T, typename acc_t>
+  void gru_backward(const GruBackwardStep<T>& s, int64_t rows, acc_t* hidden_norm) {
+    if (rows == 0) return;
+    gru_backward_kernel<T, acc_t>
+        <<<grid(rows, s.hidden_size, hidden_norm != nullptr), kThreads, 0, stream>>>(s, hidden_norm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
   template <typename T, typename acc_t>
   void sum(const SumStep<T>& s, int64_t rows, acc_t* norm) {
     if (rows == 0) return;
@@ -208,6 +240,8 @@ TORCH_LIBRARY_IMPL(lstmfast, CUDA, m) {
   m.impl("lstm_backward", &lstm_backward<CudaBackend>);
   m.impl("rnn_forward", &rnn_forward<CudaBackend>);
   m.impl("rnn_backward", &rnn_backward<CudaBackend>);
+  m.impl("gru_forward", &gru_forward<CudaBackend>);
+  m.impl("gru_backward", &gru_backward<CudaBackend>);
 }
 
 }  // namespace lstmfast

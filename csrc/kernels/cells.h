@@ -1,4 +1,4 @@
-// Pointwise math of one LSTM / Elman-RNN cell element, shared by the CPU and CUDA kernels.
+// Pointwise math of one LSTM / GRU / Elman-RNN cell element, shared by the CPU and CUDA kernels.
 //
 // Gate order is PyTorch's: i, f, g, o. Every backward function works from saved activations
 // (gates after sigma/tanh, cell states, outputs), never by recomputing pre-activations.
@@ -76,6 +76,50 @@ LSTMFAST_HD LstmCellGrad<acc_t> lstm_cell_backward(acc_t i, acc_t f, acc_t g, ac
   r.a_o = clip(grad_hidden * tanh_cell * o * (one - o), grad_clip);
   r.cell_prev = r.cell * f;
   return r;
+}
+
+template <typename acc_t>
+struct GruCellOut {
+  acc_t r, z, n;      // activated gates
+  acc_t hidden_n;     // W_hn h_{t-1} + b_hn, the recurrent part of n's pre-activation (saved for backward)
+  acc_t hidden;       // h_t
+};
+
+// One GRU element (gate order r, z, n) from the input part x_* = W_i* x_t + b_i* and the recurrent part
+// h_* = W_h* h_{t-1} + b_h* of each pre-activation, and h_{t-1}. The reset gate scales only h_n.
+template <typename acc_t>
+LSTMFAST_HD GruCellOut<acc_t> gru_cell_forward(acc_t x_r, acc_t x_z, acc_t x_n, acc_t h_r, acc_t h_z,
+                                               acc_t h_n, acc_t hidden_prev) {
+  const acc_t one(1);
+  GruCellOut<acc_t> o;
+  o.r = sigmoid(x_r + h_r);
+  o.z = sigmoid(x_z + h_z);
+  o.n = tanh_(x_n + o.r * h_n);
+  o.hidden_n = h_n;
+  o.hidden = (one - o.z) * o.n + o.z * hidden_prev;
+  return o;
+}
+
+template <typename acc_t>
+struct GruCellGrad {
+  acc_t a_r, a_z, a_n;  // dL/d(pre-activations of r, z and n = x_n + r * h_n), clipped when asked
+  acc_t hidden_n;       // dL/dh_n = a_n * r: the n-block of the recurrent part's gradient
+  acc_t hidden_prev;    // dL/dh_{t-1} through the z-gate path (dh * z); W_hh^T da_h is added apart
+};
+
+// Backward of one GRU element from its saved activations. grad_hidden = dL/dh_t (total). The clip
+// applies to a_n before it reaches r, as autograd's hooks on the three pre-activations do.
+template <typename acc_t>
+LSTMFAST_HD GruCellGrad<acc_t> gru_cell_backward(acc_t r, acc_t z, acc_t n, acc_t hidden_n,
+                                                 acc_t hidden_prev, acc_t grad_hidden, acc_t grad_clip) {
+  const acc_t one(1);
+  GruCellGrad<acc_t> g;
+  g.a_n = clip(grad_hidden * (one - z) * (one - n * n), grad_clip);
+  g.a_z = clip(grad_hidden * (hidden_prev - n) * z * (one - z), grad_clip);
+  g.a_r = clip(g.a_n * hidden_n * r * (one - r), grad_clip);
+  g.hidden_n = g.a_n * r;
+  g.hidden_prev = grad_hidden * z;
+  return g;
 }
 
 enum class Nonlinearity : int { Tanh = 0, Relu = 1 };

@@ -1,4 +1,4 @@
-// The time loops of one LSTM / RNN layer in one direction, written once for every device.
+// The time loops of one LSTM / GRU / RNN layer in one direction, written once for every device.
 //
 // A Backend supplies the device's primitives; all pointers it receives are raw device pointers:
 //   gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
@@ -9,6 +9,7 @@
 //   lstm_forward(step, rows)              LstmForwardStep over rows x H
 //   lstm_backward(step, rows, hidden_norm, cell_norm)   norms: (rows) or nullptr
 //   rnn_forward(step, rows), rnn_backward(step, rows, hidden_norm), sum(step, rows, norm)
+//   gru_forward(step, rows), gru_backward(step, rows, hidden_norm)
 // The loops allocate nothing: every buffer is passed in. The ops call each loop through
 //   run<scalar_t>(batch, width, depth, f)  f() runs the loop, whose steps multiply up to `batch` rows
 //                                        by a (depth, width) weight; the CPU backend may run it on
@@ -252,6 +253,92 @@ void rnn_backward(const RnnBackwardArgs<scalar_t, norm_t>& a, Backend& dev) {
                                 prev_hidden_of(q, t, H, a.output, a.hidden_initial, a.hidden_prev)};
     dev.rnn_backward(s, rows, a.grad_hidden_norm != nullptr ? a.grad_hidden_norm + r0 : nullptr);
     dev.step_gemm(false, false, rows, H, H, 1.0, s.grad_pre, H, a.w_hh, H, 0.0, a.grad_hidden_state, H);
+  }
+}
+
+template <typename scalar_t>
+struct GruForwardArgs {
+  Sequence seq;
+  int64_t input_size, hidden_size;  // I, H
+  const scalar_t* input;            // (N, I)
+  const scalar_t* w_ih;             // (3H, I)
+  const scalar_t* w_hh;             // (3H, H)
+  const scalar_t* b_ih;             // (3H), or nullptr
+  const scalar_t* b_hh;             // (3H), or nullptr
+  scalar_t* output;                 // (N, H)
+  scalar_t* hidden_state;           // (B, H): h0 in, h_n out
+  scalar_t* gates;                  // (gate_rows, 4H) workspace; when training (gate_rows = N) r, z, n, h_n out
+  int64_t gate_rows;                // N, or fewer (>= B): the input projection is then made a few steps at a time
+  scalar_t* hidden_gates;           // (B, 3H) scratch for h_{t-1} W_hh^T
+  bool training;
+};
+
+// The recurrent product goes to its own scratch rather than being added to the input projection:
+// the reset gate multiplies only its n-block (and backward needs that block apart).
+template <typename scalar_t, typename Backend>
+void gru_forward(const GruForwardArgs<scalar_t>& a, Backend& dev) {
+  const Sequence& q = a.seq;
+  const int64_t H = a.hidden_size, G = 4 * H;
+  int64_t projected_lo = 0, projected_hi = 0;  // the input rows whose projection the workspace holds
+  for (int64_t k = 0; k < q.steps; ++k) {
+    const int64_t t = q.forward_step(k), rows = q.batch_sizes[t], r0 = q.offsets[t];
+    if (r0 < projected_lo || r0 + rows > projected_hi) {
+      // x_t W_ih^T into columns [0, 3H) for as many of the next steps as the workspace holds.
+      const Rows chunk = q.forward_rows(k, a.gate_rows);
+      projected_lo = chunk.begin;
+      projected_hi = chunk.end;
+      dev.gemm(false, true, chunk.end - chunk.begin, 3 * H, a.input_size, 1.0,
+               a.input + chunk.begin * a.input_size, a.input_size, a.w_ih, a.input_size, 0.0, a.gates, G);
+    }
+    dev.step_gemm(false, true, rows, 3 * H, H, 1.0, a.hidden_state, H, a.w_hh, H, 0.0, a.hidden_gates,
+                  3 * H);
+    GruForwardStep<scalar_t> s{H,
+                               a.gates + (r0 - projected_lo) * G,
+                               a.hidden_gates,
+                               a.b_ih,
+                               a.b_hh,
+                               a.hidden_state,
+                               a.output + r0 * H,
+                               a.training};
+    dev.gru_forward(s, rows);
+  }
+}
+
+template <typename scalar_t, typename norm_t>
+struct GruBackwardArgs {
+  Sequence seq;
+  int64_t hidden_size;              // H
+  const scalar_t* w_hh;             // (3H, H)
+  const scalar_t* output;           // (N, H) h_t
+  const scalar_t* gates;            // (N, 4H) r, z, n, h_n
+  const scalar_t* hidden_initial;   // (B, H) h0
+  const scalar_t* grad_output;      // (N, H)
+  scalar_t* grad_hidden_state;      // (B, H): dL/dh_n in, dL/dh0 out
+  scalar_t* grad_input_gates;       // (N, 3H) da_x out
+  scalar_t* grad_hidden_gates;      // (N, 3H) da_h out
+  scalar_t* hidden_prev;            // (N, H) h_{t-1} of every row out (for dW_hh), or nullptr
+  norm_t* grad_hidden_norm;         // (N) ||dL/dh_t|| per row out, or nullptr
+  double grad_clip;                 // <= 0: none
+};
+
+template <typename scalar_t, typename norm_t, typename Backend>
+void gru_backward(const GruBackwardArgs<scalar_t, norm_t>& a, Backend& dev) {
+  const Sequence& q = a.seq;
+  const int64_t H = a.hidden_size;
+  for (int64_t k = 0; k < q.steps; ++k) {
+    const int64_t t = q.backward_step(k), rows = q.batch_sizes[t], r0 = q.offsets[t];
+    GruBackwardStep<scalar_t> s{H,
+                                a.gates + r0 * 4 * H,
+                                a.grad_hidden_state,
+                                a.grad_output + r0 * H,
+                                a.grad_input_gates + r0 * 3 * H,
+                                a.grad_hidden_gates + r0 * 3 * H,
+                                a.grad_clip,
+                                prev_hidden_of(q, t, H, a.output, a.hidden_initial, a.hidden_prev)};
+    dev.gru_backward(s, rows, a.grad_hidden_norm != nullptr ? a.grad_hidden_norm + r0 : nullptr);
+    // dL/dh_{t-1} = dh_t * z (written above) + da_h W_hh.
+    dev.step_gemm(false, false, rows, H, 3 * H, 1.0, s.grad_hidden_gates, 3 * H, a.w_hh, H, 1.0,
+                  a.grad_hidden_state, H);
   }
 }
 

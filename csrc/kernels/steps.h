@@ -151,6 +151,86 @@ LSTMFAST_HD acc_t rnn_backward_point(const RnnBackwardStep<scalar_t>& s, int64_t
   return grad_hidden * grad_hidden;
 }
 
+template <typename scalar_t>
+struct GruForwardStep {
+  int64_t hidden_size;           // H
+  scalar_t* gates;               // (rows, 4H) x_t W_ih^T in columns [0, 3H) (no bias); when save_gates
+                                 // r, z, n, h_n out (h_n = W_hn h_{t-1} + b_hn)
+  const scalar_t* hidden_gates;  // (rows, 3H) h_{t-1} W_hh^T (no bias)
+  const scalar_t* bias_ih;       // (3H) b_ih, or nullptr
+  const scalar_t* bias_hh;       // (3H) b_hh, or nullptr
+  scalar_t* hidden_state;        // (rows, H) running state: h_{t-1} in, h_t out
+  scalar_t* output;              // (rows, H) h_t: the output rows
+  bool save_gates;
+};
+
+template <typename scalar_t, typename acc_t>
+LSTMFAST_HD void gru_forward_point(const GruForwardStep<scalar_t>& s, int64_t b, int64_t j) {
+  const int64_t H = s.hidden_size;
+  scalar_t* a = s.gates + b * 4 * H;
+  const scalar_t* h = s.hidden_gates + b * 3 * H;
+  acc_t x_r = a[j], x_z = a[H + j], x_n = a[2 * H + j];
+  acc_t h_r = h[j], h_z = h[H + j], h_n = h[2 * H + j];
+  if (s.bias_ih != nullptr) {
+    x_r += acc_t(s.bias_ih[j]);
+    x_z += acc_t(s.bias_ih[H + j]);
+    x_n += acc_t(s.bias_ih[2 * H + j]);
+  }
+  if (s.bias_hh != nullptr) {
+    h_r += acc_t(s.bias_hh[j]);
+    h_z += acc_t(s.bias_hh[H + j]);
+    h_n += acc_t(s.bias_hh[2 * H + j]);
+  }
+  const int64_t e = b * H + j;
+  const auto o = gru_cell_forward<acc_t>(x_r, x_z, x_n, h_r, h_z, h_n, acc_t(s.hidden_state[e]));
+  if (s.save_gates) {
+    a[j] = o.r;
+    a[H + j] = o.z;
+    a[2 * H + j] = o.n;
+    a[3 * H + j] = o.hidden_n;
+  }
+  s.output[e] = o.hidden;
+  s.hidden_state[e] = o.hidden;
+}
+
+template <typename scalar_t>
+struct GruBackwardStep {
+  int64_t hidden_size;               // H
+  const scalar_t* gates;             // (rows, 4H) r, z, n, h_n of this step
+  scalar_t* grad_hidden;             // (rows, H) running dL/dh: from later steps in, dh_t * z out
+                                     // (the step GEMM then adds da_h W_hh)
+  const scalar_t* grad_hidden_extra; // (rows, H) dL/dh_t from this step's output
+  scalar_t* grad_input_gates;        // (rows, 3H) da_x = dL/d(x W_ih^T + b_ih) out
+  scalar_t* grad_hidden_gates;       // (rows, 3H) da_h = dL/d(h_{t-1} W_hh^T + b_hh) out
+  double grad_clip;                  // <= 0: no clipping
+  PrevHidden<scalar_t> prev_hidden;  // width H: where h_{t-1} is read (from_prev, initial, split),
+                                     // and collected to when out is not nullptr
+};
+
+// Returns the square of dL/dh_t at this element.
+template <typename scalar_t, typename acc_t>
+LSTMFAST_HD acc_t gru_backward_point(const GruBackwardStep<scalar_t>& s, int64_t b, int64_t j) {
+  const int64_t H = s.hidden_size;
+  const scalar_t* a = s.gates + b * 4 * H;
+  const int64_t e = b * H + j;
+  const acc_t grad_hidden = acc_t(s.grad_hidden[e]) + acc_t(s.grad_hidden_extra[e]);
+  const PrevHidden<scalar_t>& p = s.prev_hidden;
+  const acc_t hidden_prev = b < p.split ? acc_t(p.from_prev[e]) : acc_t(p.initial[e]);
+  const auto g = gru_cell_backward<acc_t>(a[j], a[H + j], a[2 * H + j], a[3 * H + j], hidden_prev,
+                                          grad_hidden, acc_t(s.grad_clip));
+  scalar_t* dx = s.grad_input_gates + b * 3 * H;
+  scalar_t* dh = s.grad_hidden_gates + b * 3 * H;
+  dx[j] = g.a_r;
+  dx[H + j] = g.a_z;
+  dx[2 * H + j] = g.a_n;
+  dh[j] = g.a_r;
+  dh[H + j] = g.a_z;
+  dh[2 * H + j] = g.hidden_n;
+  s.grad_hidden[e] = g.hidden_prev;
+  prev_hidden_point(p, b, j);
+  return grad_hidden * grad_hidden;
+}
+
 // out = x + y elementwise over (rows, width); used to total dL/dh_t before a projection's backward.
 template <typename scalar_t>
 struct SumStep {
