@@ -161,6 +161,22 @@ void round_rows(const float* a, int64_t lda, int64_t rows, int64_t k, uint16_t* 
   }
 }
 
+void round_rows_split(const float* a, int64_t lda, int64_t rows, int64_t k, uint16_t* high, uint16_t* low) {
+  const int64_t kp = padded_depth(k);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* from = a + r * lda;
+    for (int64_t kk = 0; kk < kp; kk += 16) {
+      const __mmask16 lanes = first_lanes(k - kk), stored = first_lanes(kp - kk);
+      const __m512 x = _mm512_maskz_loadu_ps(lanes, from + kk);
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+      const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      const __m256i l = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back));
+      _mm256_mask_storeu_epi16(high + r * kp + kk, stored, h);
+      _mm256_mask_storeu_epi16(low + r * kp + kk, stored, l);
+    }
+  }
+}
+
 void gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* b, float* c, int64_t ldc, bool accumulate,
           int64_t rows, int64_t panel_begin, int64_t panel_end) {
   const int64_t lda = padded_depth(k), bs = panel_stride(k);
@@ -192,6 +208,7 @@ bool supported() { return false; }
 void pack_b(const float*, int64_t, int64_t, int64_t, bool, uint16_t*, int64_t, int64_t) {}
 void round_rows(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
 void round_columns(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
+void round_rows_split(const float*, int64_t, int64_t, int64_t, uint16_t*, uint16_t*) {}
 void gemm(int64_t, int64_t, const uint16_t*, const uint16_t*, float*, int64_t, bool, int64_t, int64_t, int64_t) {}
 }  // namespace lstmfast::cpu::bf16
 

@@ -32,6 +32,10 @@ void pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, u
 // Rounds rows [0, rows) of A (a[r * lda + kk]) to bfloat16 rows of padded_depth(k) elements in out.
 void round_rows(const float* a, int64_t lda, int64_t rows, int64_t k, uint16_t* out);
 
+// A as the sum of two bfloat16 rows: high = A rounded, low = (A - high) rounded (16 significant bits in
+// all; products by a weight that is bfloat16 already then lose about what float32 products would).
+void round_rows_split(const float* a, int64_t lda, int64_t rows, int64_t k, uint16_t* high, uint16_t* low);
+
 // The same for A read through its columns, a[kk * ld + r] (a weight gradient's G^T, with G in place).
 void round_columns(const float* a, int64_t ld, int64_t rows, int64_t k, uint16_t* out);
 
