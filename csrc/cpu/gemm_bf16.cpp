@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
@@ -25,15 +26,6 @@ bool supported() {
 
 namespace lstmfast::cpu::bf16 {
 namespace {
-
-// Round to nearest even, as vcvtne2ps2bf16 does (NaN stays NaN).
-inline uint16_t round_one(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 constexpr int kMaxRows = 8, kMaxPanels = 3;  // 24 accumulators, 3 B vectors and an A broadcast of 32
 constexpr int64_t kDepthBlock = 1024;        // depth per pass over C: 64 KB of a panel triple
@@ -114,15 +106,16 @@ void pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, u
       }
       continue;
     }
-    // B = W^T: column j of B is row j of W, whose consecutive pairs go to lane j - j0 of each vector.
-    for (int64_t c = 0; c < kPanel; ++c) {
-      const int64_t j = j0 + c;
-      for (int64_t kk = 0; kk < kp; kk += 2) {
-        const float lo = j < n ? b[j * ld + kk] : 0.0f;
-        const float hi = j < n && kk + 1 < k ? b[j * ld + kk + 1] : 0.0f;
-        panel[kk * kPanel + 2 * c] = round_one(lo);
-        panel[kk * kPanel + 2 * c + 1] = round_one(hi);
-      }
+    // B = W^T: column j of B is row j of W, whose consecutive pairs go to lane j - j0 of each vector:
+    // the panel's 16 rows of W rounded (round_rows), then their pairs moved as 32-bit words.
+    const int64_t count = std::min<int64_t>(kPanel, n - j0);
+    thread_local std::vector<uint32_t> rows;
+    rows.resize(kPanel * kp / 2);
+    round_rows(b + j0 * ld, ld, count, k, reinterpret_cast<uint16_t*>(rows.data()));
+    std::fill(rows.begin() + count * kp / 2, rows.end(), 0u);
+    auto* words = reinterpret_cast<uint32_t*>(panel);
+    for (int64_t pair = 0; pair < kp / 2; ++pair) {
+      for (int64_t c = 0; c < kPanel; ++c) words[pair * kPanel + c] = rows[c * kp / 2 + pair];
     }
   }
 }
