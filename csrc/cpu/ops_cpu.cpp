@@ -525,8 +525,9 @@ struct CpuBackend {
   }
 
   // C(m, n) (+)= A(m, k) op(B) with operands rounded to bfloat16 (A to two terms when split). The weight
-  // op(B) is rounded and packed once per call. The engine float32 multiplies A rounded to bfloat16 values (into a scratch copy) by
-  // the weight, whose float32 values a bfloat16 call made from bfloat16 ones, with the float32 GEMM.
+  // op(B) is rounded and packed once per call. The engine float32 instead rounds A the same way into a
+  // float32 scratch copy and multiplies it with the float32 GEMM by the weight as it is: a weight of a
+  // bfloat16 call holds bfloat16 values already (widened at entry).
   void bf16_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                  bool trans_b, bool accumulate, float* c, int64_t ldc, bool split) {
     if (engine_ == cpu::Bf16Engine::kFloat32) {
