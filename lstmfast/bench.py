@@ -400,7 +400,10 @@ def format_table(result: dict) -> str:
     others = [n for n in ALL_CONTENDERS[1:] if f"{n}_fwd_ms" in rows[0]]
     head = f"{'case':36}{'lstmfast ms fwd/train':>24}" + "".join(f"{'x vs ' + n:>22}" for n in others)
     head += f"{'peak MB ours/nn':>18}{'eff fwd/train':>16}"
-    lines = [f"threads={result['meta']['threads']}  large GEMM GFLOP/s: "
+    engines = result["meta"].get("cpu_gemm_engines", {})
+    lines = [f"{result['meta']['processor']}; lstmfast CPU GEMMs: "
+             + ", ".join(f"{k} {v}" for k, v in engines.items() if k in result["meta"]["large_gemm_gflops"]),
+             f"threads={result['meta']['threads']}  large GEMM GFLOP/s: "
              + ", ".join(f"{k} {v:.0f}" for k, v in result["meta"]["large_gemm_gflops"].items()),
              "speedup columns: competitor time / lstmfast time, forward (no grad) / training step", "",
              head, "-" * len(head)]
