@@ -50,6 +50,8 @@ TORCH_LIBRARY(lstmfast, m) {
       "Tensor grad_b_hh, Tensor grad_h_norm)");
   // Which build of the CPU pointwise passes runs here ("avx512", "avx2" or "baseline"); no tensors.
   m.def("cpu_isa() -> str");
+  // Which GEMM runs the CPU products of an op called with this dtype (e.g. "avx512_bf16" for bfloat16).
+  m.def("cpu_gemm_engine(ScalarType dtype) -> str");
   // The cache of large CPU buffers (cpu/workspace_cache.h): bytes all threads' caches hold, freeing
   // them all, and the bound on their total.
   m.def("cpu_cache_bytes() -> int");

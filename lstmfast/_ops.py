@@ -1,6 +1,6 @@
 """Loads the compiled ops (torch.ops.lstmfast.*) and gives each a fake implementation.
 
-The fakes describe output shapes from input shapes only (never from values or the device), so the ops
+The fakes describe output shapes from input shapes only (never from values), so the ops
 work under torch.compile, FakeTensorMode and torch.library.opcheck. Every output is contiguous, whatever
 the strides of the inputs (transposed batch_first views, expanded inputs or weights): the kernels
 allocate their outputs so (csrc/layer_ops.h), and inductor relies on the fakes' strides.
@@ -35,13 +35,19 @@ def _empty(like):
     return like.new_empty((0,))
 
 
+def _saved_dtype(input):
+    """The dtype of the activations a training forward saves for backward: float32 for a float16 or
+    bfloat16 call on the CPU (its kernels keep them float32, csrc/cpu/ops_cpu.cpp), else input's."""
+    return torch.float32 if input.device.type == "cpu" and input.dtype in _REDUCED else input.dtype
+
+
 @torch.library.register_fake("lstmfast::lstm_forward")
 def _lstm_forward_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, training):
     hidden, proj = w_hh.shape[0] // 4, w_hh.shape[1]
     rows, batch, lead = _layout(input, batch_sizes, h0)
     output = input.new_empty((*lead, proj))
-    gates = input.new_empty((rows, 4 * hidden)) if training else _empty(input)
-    cells = input.new_empty((rows, hidden)) if training else _empty(input)
+    gates = input.new_empty((rows, 4 * hidden), dtype=_saved_dtype(input)) if training else _empty(input)
+    cells = input.new_empty((rows, hidden), dtype=_saved_dtype(input)) if training else _empty(input)
     return output, input.new_empty((batch, proj)), input.new_empty((batch, hidden)), gates, cells
 
 
@@ -92,7 +98,7 @@ def _rnn_backward_fake(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh
 def _gru_forward_fake(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, training):
     hidden = w_hh.shape[0] // 3
     rows, batch, lead = _layout(input, batch_sizes, h0)
-    gates = input.new_empty((rows, 4 * hidden)) if training else _empty(input)
+    gates = input.new_empty((rows, 4 * hidden), dtype=_saved_dtype(input)) if training else _empty(input)
     return input.new_empty((*lead, hidden)), input.new_empty((batch, hidden)), gates
 
 
@@ -113,8 +119,11 @@ def _gru_backward_fake(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh
     )
 
 
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
 def _norm_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.float32 if dtype in _REDUCED else dtype
 
 
 def has_cuda_kernels():
@@ -126,6 +135,15 @@ def cpu_isa():
     """The instruction set of the CPU kernels' pointwise passes: "avx512", "avx2" or "baseline" (the
     widest this CPU supports, or the one named by the environment variable LSTMFAST_CPU_ISA)."""
     return ops.cpu_isa()
+
+
+def cpu_gemm_engines():
+    """The GEMM that runs the CPU products of each dtype: {"float32": "avx512", "bfloat16": "avx512_bf16",
+    ...}. bfloat16 products take bfloat16 operands and sum in float32 ("avx512_bf16": lstmfast's AVX512-BF16
+    kernels; "float32 (...)": the operands rounded to bfloat16 values, multiplied by the float32 GEMM);
+    LSTMFAST_CPU_BF16_ENGINE=float32 forces the latter. float16 runs on float32 copies."""
+    return {str(d).removeprefix("torch."): ops.cpu_gemm_engine(d)
+            for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
 
 
 def _loop_over_batch(op):
@@ -164,7 +182,7 @@ def build_summary(detail=False):
             f"{cpu_isa()}; CUDA device available: {torch.cuda.is_available()}")
     if not detail:
         return line
-    lines = [line]
+    lines = [line, "  CPU GEMM engines: " + ", ".join(f"{d} {e}" for d, e in cpu_gemm_engines().items())]
     if BUILD:
         lines.append(f"  built against torch {BUILD['torch']}"
                      + (f" (CUDA {BUILD['torch_cuda']})" if BUILD["torch_cuda"] else "") + f": {BUILD['reason']}")

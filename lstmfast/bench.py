@@ -26,6 +26,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from . import reference
 from .cpu_cache import empty_cpu_cache
+from ._ops import cpu_gemm_engines
 from .modules import GRU, LSTM, RNN
 
 
@@ -66,6 +67,10 @@ def cpu_description() -> str:
     return f"{model} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
 
 CONTENDERS = ("lstmfast", "torch.nn", "torch.nn-native", "reference")
+# With --dtype bfloat16: torch.nn in bfloat16 (oneDNN's bf16 RNN kernels where the CPU has them), a
+# float32 torch.nn under torch.autocast("cpu", bfloat16), and lstmfast in float32 on the same input.
+BF16_CONTENDERS = ("lstmfast", "torch.nn", "torch.nn-autocast", "lstmfast-float32")
+ALL_CONTENDERS = tuple(dict.fromkeys(CONTENDERS + BF16_CONTENDERS))
 MODES = ("fwd", "train")
 KINDS = ("LSTM", "GRU", "RNN")  # the grid's layers (RNN: tanh)
 
@@ -167,12 +172,35 @@ def build(case: Case, contenders) -> Dict[str, Callable]:
     kwargs = dict(num_layers=case.layers, bidirectional=case.bidirectional)
     if case.kind == "LSTM":
         kwargs["proj_size"] = case.proj
-    ours = {"LSTM": LSTM, "GRU": GRU, "RNN": RNN}[case.kind](case.I, case.H, **kwargs).to(dtype)
+    layer = {"LSTM": LSTM, "GRU": GRU, "RNN": RNN}[case.kind]
+    ours = layer(case.I, case.H, **kwargs).to(dtype)
     theirs = getattr(nn, case.kind)(case.I, case.H, **kwargs).to(dtype)
     theirs.load_state_dict(ours.state_dict())
     runners = {"lstmfast": ours, "torch.nn": theirs, "torch.nn-native": _native(theirs),
                "reference": _Reference(ours)}
+    if "torch.nn-autocast" in contenders or "lstmfast-float32" in contenders:
+        # float32 copies of the same (bf16-valued) weights.
+        ours32 = layer(case.I, case.H, **kwargs)
+        theirs32 = getattr(nn, case.kind)(case.I, case.H, **kwargs)
+        ours32.load_state_dict(ours.state_dict())
+        theirs32.load_state_dict(ours.state_dict())
+
+        def autocast(x):
+            with torch.autocast("cpu", dtype=dtype):
+                return theirs32(_as_float(x))
+
+        runners.update({"torch.nn-autocast": autocast,
+                        "lstmfast-float32": lambda x: ours32(_as_float(x))})
+        params = [p for m in (ours, theirs, ours32, theirs32) for p in m.parameters()]
+        return {name: runners[name] for name in contenders}, params
     return {name: runners[name] for name in contenders}, list(ours.parameters()) + list(theirs.parameters())
+
+
+def _as_float(x):
+    """x (a tensor or PackedSequence) in float32, differentiably."""
+    if isinstance(x, PackedSequence):
+        return PackedSequence(x.data.float(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+    return x.float()
 
 
 def make_input(case: Case, requires_grad: bool):
@@ -270,7 +298,20 @@ def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
-def default_cases(quick: bool) -> List[Case]:
+def default_cases(quick: bool, dtype: str = "float32") -> List[Case]:
+    if dtype == "bfloat16":
+        # The grid with T up to 128 and H up to 512 (bf16's matrix-engine shapes; a shorter run on the
+        # three contenders), and the options as extra rows.
+        shapes = ([(16, 8, 64)] if quick else
+                  list(itertools.product((16, 128), (1, 8, 32), (256, 512))))
+        grid = [Case(kind, T, B, H, H, dtype=dtype) for kind in KINDS for T, B, H in shapes]
+        n = 32 if quick else 256
+        extras = [
+            Case("LSTM", 16, 4, n, n, dtype=dtype, layers=2, bidirectional=True, group="bidirectional 2-layer"),
+            Case("LSTM", 16 if quick else 128, 16, n, n, dtype=dtype, packed=True, group="packed"),
+            Case("LSTM", 16 if quick else 128, 16, 2 * n, n, dtype=dtype, proj=n // 2, group="proj_size"),
+        ]
+        return grid + extras
     if quick:
         grid = [Case(kind, 16, 8, 64, 64) for kind in KINDS]
         extras = [
@@ -319,6 +360,9 @@ def summarize(rows: List[dict]) -> dict:
     summary = {}
     keys = sorted({k for r in rows for k in r if k.startswith("speedup_")})
     groups = [(kind, lambda r, kind=kind: r["kind"] == kind and r["group"] == "grid") for kind in KINDS]
+    if any(r["dtype"] == "bfloat16" for r in rows):  # (issue 16's targets are over B >= 8)
+        groups += [(f"{kind} B>=8", lambda r, kind=kind: r["kind"] == kind and r["group"] == "grid" and r["B"] >= 8)
+                   for kind in KINDS]
     groups += [(g, lambda r, g=g: r["group"] == g) for g in dict.fromkeys(r["group"] for r in rows) if g != "grid"]
     for name, member in groups:
         for key in keys:
@@ -333,7 +377,8 @@ def summarize(rows: List[dict]) -> dict:
     return summary
 
 
-def run(cases: List[Case], contenders=CONTENDERS, progress=True, min_run_time=0.3, quick=False) -> dict:
+def run(cases: List[Case], contenders=CONTENDERS, progress=True, min_run_time=0.3, quick=False,
+        ratios=True) -> dict:
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -350,15 +395,19 @@ def run(cases: List[Case], contenders=CONTENDERS, progress=True, min_run_time=0.
                 processor=cpu_description(), date=time.strftime("%Y-%m-%d %H:%M"),
                 large_gemm_gflops=gemm, large_gemm_n=gemm_n,
                 note="speedup = competitor time / lstmfast time, measured in the same run")
-    return dict(meta=meta, rows=rows, summary=summarize(rows), cost_ratios=cost_ratios(quick, min_run_time))
+    return dict(meta=meta, rows=rows, summary=summarize(rows),
+                cost_ratios=cost_ratios(quick, min_run_time) if ratios else {})
 
 
 def format_table(result: dict) -> str:
     rows = result["rows"]
-    others = [n for n in CONTENDERS[1:] if f"{n}_fwd_ms" in rows[0]]
+    others = [n for n in ALL_CONTENDERS[1:] if f"{n}_fwd_ms" in rows[0]]
     head = f"{'case':36}{'lstmfast ms fwd/train':>24}" + "".join(f"{'x vs ' + n:>22}" for n in others)
     head += f"{'peak MB ours/nn':>18}{'eff fwd/train':>16}"
-    lines = [f"threads={result['meta']['threads']}  large GEMM GFLOP/s: "
+    engines = result["meta"].get("cpu_gemm_engines", {})
+    lines = [f"{result['meta']['processor']}; lstmfast CPU GEMMs: "
+             + ", ".join(f"{k} {v}" for k, v in engines.items() if k in result["meta"]["large_gemm_gflops"]),
+             f"threads={result['meta']['threads']}  large GEMM GFLOP/s: "
              + ", ".join(f"{k} {v:.0f}" for k, v in result["meta"]["large_gemm_gflops"].items()),
              "speedup columns: competitor time / lstmfast time, forward (no grad) / training step", "",
              head, "-" * len(head)]
@@ -386,7 +435,7 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    others = [n for n in CONTENDERS[1:] if f"speedup_train_vs_{n}" in rows[0]]
+    others = [n for n in ALL_CONTENDERS[1:] if f"speedup_train_vs_{n}" in rows[0]]
     fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.22 * len(rows) + 1.5)), sharey=True)
     y = list(range(len(rows)))
     for ax, mode in zip(axes, MODES):
@@ -418,11 +467,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--min-run-time", type=float, default=None,
                         help="seconds per measurement (default 0.3, 0.05 with --quick)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="bfloat16: lstmfast bf16 against torch.nn bf16, torch.nn float32 under CPU "
+                             "bf16 autocast and lstmfast float32, on a bf16 grid")
     args = parser.parse_args(argv)
-    contenders = tuple(c for c in CONTENDERS if not (args.no_reference and c == "reference"))
+    if args.dtype == "bfloat16":
+        contenders = BF16_CONTENDERS
+    else:
+        contenders = tuple(c for c in CONTENDERS if not (args.no_reference and c == "reference"))
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 0.3)
-    result = run(default_cases(args.quick), contenders, progress=not args.no_progress,
-                 min_run_time=min_run_time, quick=args.quick)
+    result = run(default_cases(args.quick, args.dtype), contenders, progress=not args.no_progress,
+                 min_run_time=min_run_time, quick=args.quick, ratios=args.dtype == "float32")
+    result["meta"]["cpu_gemm_engines"] = cpu_gemm_engines()
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:

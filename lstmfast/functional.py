@@ -22,9 +22,10 @@ goes through the reference; ``torch.func.grad`` and ``vmap`` work (vmap loops ov
 The output may be modified in place (``out += x``, ``relu_``, in-place dropout) as torch.nn's: the
 backward then recomputes the forward output it needs.
 
-On the CPU, float16 and bfloat16 run as float32 (widened operands, float32 cell state and arithmetic;
-results rounded back, gradients in the parameters' dtype); under ``torch.autocast("cpu")`` the layer
-runs in the autocast dtype, like torch.nn's.
+On the CPU, float16 and bfloat16 keep the cell state, gate pre-activations and arithmetic in float32;
+bfloat16 products take bfloat16 operands with float32 sums (``lstmfast.cpu_gemm_engines()``). Results
+are rounded once, gradients in the parameters' dtype; under ``torch.autocast("cpu")`` the layer runs in
+the autocast dtype, like torch.nn's.
 
 On CUDA, float16 and bfloat16 run with float32 arithmetic inside the kernels; under
 ``torch.autocast("cuda")`` the layer runs in the autocast dtype, like torch.nn's cuDNN layers.
@@ -67,20 +68,6 @@ def _autocast(*tensors):
         return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
                 else t for t in tensors]
     return list(tensors)
-
-
-_REDUCED = (torch.float16, torch.bfloat16)
-
-
-def _float32_on_cpu(tensors):
-    """The CPU kernels take float32 and float64: float16/bfloat16 operands are widened to float32
-    (differentiably), so the arithmetic and the cell state stay float32. Returns the operands and
-    the dtype to round the results back to (None when nothing was widened)."""
-    input = tensors[0]
-    if input.device.type != "cpu" or input.dtype not in _REDUCED or \
-            any(t is not None and t.dtype != input.dtype for t in tensors):
-        return list(tensors), None  # (mixed dtypes: the op names the mismatch)
-    return [t.float() if t is not None else None for t in tensors], input.dtype
 
 
 def _apply(function, core, *args):
@@ -526,15 +513,14 @@ def lstm(
     ``h0 (B, P)``, ``c0 (B, H)``. Output ``(T, B, P)`` or ``(N, P)``; ``h_n (B, P)``, ``c_n (B, H)``.
     """
     _check_grad_clip(grad_clip)
-    tensors = _autocast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), rounded = _float32_on_cpu(tensors)
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         outputs = _apply(LSTMFunction, _LSTMCore, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                          w_hr, reverse, grad_clip, norm_sink)[:3]
     else:
         outputs = ops.lstm_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
                                    False)[:3]
-    return tuple(o.to(rounded) for o in outputs) if rounded is not None else tuple(outputs)
+    return tuple(outputs)
 
 
 def rnn(
@@ -556,14 +542,13 @@ def rnn(
     _check_grad_clip(grad_clip)
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-    tensors = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
-    (input, h0, w_ih, w_hh, b_ih, b_hh), rounded = _float32_on_cpu(tensors)
+    input, h0, w_ih, w_hh, b_ih, b_hh = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
         outputs = _apply(RNNFunction, _RNNCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh,
                          nonlinearity, reverse, grad_clip, norm_sink)
     else:
         outputs = ops.rnn_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
-    return tuple(o.to(rounded) for o in outputs) if rounded is not None else tuple(outputs)
+    return tuple(outputs)
 
 
 
@@ -588,11 +573,10 @@ def gru(
     Returns ``(output, h_n)``. Shapes as :func:`rnn` with 3H in place of H for the weights and biases.
     ``grad_clip`` clamps the gradients of the pre-activations of r, z and n."""
     _check_grad_clip(grad_clip)
-    tensors = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
-    (input, h0, w_ih, w_hh, b_ih, b_hh), rounded = _float32_on_cpu(tensors)
+    input, h0, w_ih, w_hh, b_ih, b_hh = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
         outputs = _apply(GRUFunction, _GRUCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse,
                          grad_clip, norm_sink)[:2]
     else:
         outputs = ops.gru_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, False)[:2]
-    return tuple(o.to(rounded) for o in outputs) if rounded is not None else tuple(outputs)
+    return tuple(outputs)

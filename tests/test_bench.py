@@ -40,3 +40,23 @@ def test_plot(tmp_path):
     path = tmp_path / "speedups.png"
     bench.plot(result, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bfloat16_benchmark(tmp_path):
+    """--dtype bfloat16: every row times lstmfast bf16 against torch.nn bf16, torch.nn float32 under CPU
+    bf16 autocast and lstmfast float32, with efficiency against a bf16 torch.mm, and says which GEMM
+    engine ran."""
+    path = tmp_path / "bench.json"
+    bench.main(["--quick", "--dtype", "bfloat16", "--min-run-time", "0.001", "--no-progress", "--json", str(path)])
+    loaded = json.loads(path.read_text())
+    assert set(loaded["meta"]["large_gemm_gflops"]) == {"bfloat16"}
+    assert loaded["meta"]["cpu_gemm_engines"]["bfloat16"]
+    rows = loaded["rows"]
+    assert {r["dtype"] for r in rows} == {"bfloat16"}
+    assert {"grid", "bidirectional 2-layer", "packed", "proj_size"} <= {r["group"] for r in rows}
+    for r in rows:
+        for name in bench.BF16_CONTENDERS[1:]:
+            for mode in bench.MODES:
+                assert r[f"{name}_{mode}_ms"] > 0 and math.isfinite(r[f"speedup_{mode}_vs_{name}"])
+        assert r["efficiency_fwd"] > 0 and r["efficiency_train"] > 0
+    assert "LSTM B>=8 speedup_train_vs_torch.nn" in loaded["summary"]

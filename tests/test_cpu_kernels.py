@@ -100,7 +100,7 @@ def test_gru_bitwise_identical_across_thread_counts(dtype, kw):
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 threads")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
 @pytest.mark.parametrize("module_kwargs,packed", [({}, False), (dict(proj_size=50, bidirectional=True), True)],
                          ids=["plain", "proj-bi-packed"])
 def test_bitwise_identical_across_thread_counts(dtype, module_kwargs, packed):

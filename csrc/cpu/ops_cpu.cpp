@@ -2,6 +2,7 @@
 // (pointwise.h) split over rows with at::parallel_for (each row's work, norms included, stays on one
 // thread, so results do not depend on the thread count).
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
@@ -21,6 +22,7 @@
 #include "persistent_emulator.h"
 #include "../layer_ops.h"
 #include "gemm.h"
+#include "gemm_bf16.h"
 #include "pointwise.h"
 
 // The Fortran BLAS that torch links (MKL on x86 builds) exports these; they are weak so that a torch
@@ -79,6 +81,42 @@ std::string isa_name() { return pointwise_kernels<float>().isa; }
 // lstmfast's own AVX-512 GEMM (gemm.h) runs the float32 and float64 products when the AVX-512 kernels
 // are chosen.
 bool packed_gemm_enabled() { return chosen_isa() == 0; }
+
+// The engine of the products of a bfloat16 op call (operands rounded to bfloat16, sums in float32):
+// LSTMFAST_CPU_BF16_ENGINE if set (and supported), else the fastest this CPU has. "float32" rounds the
+// operands to bfloat16 values and multiplies them with the float32 GEMM: the same products, on any CPU.
+enum class Bf16Engine { kAvx512Bf16, kFloat32 };
+
+Bf16Engine bf16_engine() {
+  static const Bf16Engine engine = [] {
+    if (const char* want = std::getenv("LSTMFAST_CPU_BF16_ENGINE"); want != nullptr && *want != '\0') {
+      if (std::strcmp(want, "avx512_bf16") == 0) {
+        TORCH_CHECK(bf16::supported(), "lstmfast: LSTMFAST_CPU_BF16_ENGINE=avx512_bf16 but this CPU does not "
+                    "support AVX512-BF16");
+        return Bf16Engine::kAvx512Bf16;
+      }
+      if (std::strcmp(want, "float32") == 0) return Bf16Engine::kFloat32;
+      TORCH_CHECK(false, "lstmfast: LSTMFAST_CPU_BF16_ENGINE must be avx512_bf16 or float32, but got '", want,
+                  "'");
+    }
+    return bf16::supported() ? Bf16Engine::kAvx512Bf16 : Bf16Engine::kFloat32;
+  }();
+  return engine;
+}
+
+// Which GEMM runs the products of an op called with `dtype` on the CPU.
+std::string gemm_engine(at::ScalarType dtype) {
+  const std::string wide = packed_gemm_enabled() ? "avx512" : "brgemm/blas";
+  if (dtype == at::kBFloat16) {
+    return bf16_engine() == Bf16Engine::kAvx512Bf16 ? "avx512_bf16" : "float32 (" + wide + ")";
+  }
+  if (dtype == at::kHalf) return "float32 (" + wide + ")";
+  return wide;
+}
+
+// Set for the duration of a bfloat16 op call (ReducedPrecision below): the backend constructed on this
+// thread then rounds its products' operands to bfloat16.
+thread_local bool bf16_products = false;
 
 }  // namespace cpu
 
@@ -172,10 +210,24 @@ class SpinBarrier {
 struct TeamAbort {};
 
 struct CpuBackend {
+  // float16 / bfloat16 calls are widened to float32 before they reach the loops (ReducedPrecision).
   static constexpr bool kReducedPrecision = false;
-  static constexpr const char* kDtypes = "float32 or float64";
+  static constexpr const char* kDtypes = "float32, float64, bfloat16 or float16";
 
-  explicit CpuBackend(const at::Tensor&) {}
+  explicit CpuBackend(const at::Tensor&)
+      : bf16_(cpu::bf16_products), engine_(bf16_ ? cpu::bf16_engine() : cpu::Bf16Engine::kFloat32) {}
+
+  // A bfloat16 call: every product's operands are rounded to bfloat16 (sums stay float32).
+  bool bf16_;
+  cpu::Bf16Engine engine_;
+  // Whether a bfloat16 call's product takes its A operand as two bfloat16 terms (high + low, 16
+  // significant bits; bf16::round_rows_split): the forward's per-step products, which multiply the state
+  // h_{t-1} (or m_t) by a weight's transpose (trans_b; the backward's per-step products multiply gate
+  // gradients by the weight itself). Rounding h_{t-1} to 8 bits every step perturbs the forward's
+  // recurrence, and a long memory amplifies that: with a forget-gate bias of 5 at T = 1024, dW_hh's
+  // error against float64 was 64% with one term and 0.4% with two (the backward's products gain
+  // nothing measurable from it). It doubles those products' work only.
+  static bool split_operand(bool step, bool trans_b) { return step && trans_b; }
 
   // Test hook: the CUDA persistent kernels' code emulated on host threads, only when
   // LSTMFAST_EMULATE_PERSISTENT is set (cpu/persistent_emulator.h); false: the time loops run.
@@ -323,7 +375,7 @@ struct CpuBackend {
   struct Packed {
     const void* source;
     int64_t k, n, ld;
-    bool transposed;
+    bool transposed, bf16;
     at::Tensor data;
   };
   static constexpr int kPackedSlots = 8;
@@ -331,21 +383,24 @@ struct CpuBackend {
   std::atomic<int> packed_count_{0};
 
   // op(B) (k, n) packed: B = b (k, n) with row stride ld, or B = W^T with W = b (n, k) when transposed.
+  // With bf16 (T = float only), the weight is rounded to bfloat16 and packed for bf16::gemm instead; the
+  // result then points at bfloat16 bits.
   template <typename T>
-  const T* packed(const T* b, int64_t k, int64_t n, int64_t ld, bool transposed) {
+  const void* packed(const T* b, int64_t k, int64_t n, int64_t ld, bool transposed, bool bf16 = false) {
     const int count = packed_count_.load(std::memory_order_acquire);
     for (int i = 0; i < count; ++i) {
       const Packed& p = packed_[i];
-      if (p.source == b && p.k == k && p.n == n && p.ld == ld && p.transposed == transposed) {
-        return p.data.data_ptr<T>();
+      if (p.source == b && p.k == k && p.n == n && p.ld == ld && p.transposed == transposed && p.bf16 == bf16) {
+        return p.data.data_ptr();
       }
     }
     if (team_) barrier_.wait();
     if (!team_ || omp_get_thread_num() == 0) {
       try {
         TORCH_CHECK(count < kPackedSlots, "lstmfast: internal error: too many packed weights");
-        packed_[count] = {b, k, n, ld, transposed,
-                          workspace(1, cpu::avx512::packed_size<T>(k, n), c10::CppTypeToScalarType<T>::value)};
+        packed_[count] = {b, k, n, ld, transposed, bf16,
+                          bf16 ? workspace(1, cpu::bf16::packed_size(k, n), at::kBFloat16)
+                               : workspace(1, cpu::avx512::packed_size<T>(k, n), c10::CppTypeToScalarType<T>::value)};
       } catch (...) {
         team_error_ = std::current_exception();
       }
@@ -355,9 +410,18 @@ struct CpuBackend {
       if (team_) throw TeamAbort{};
       std::rethrow_exception(std::exchange(team_error_, nullptr));
     }
-    T* out = packed_[count].data.data_ptr<T>();
+    void* out = packed_[count].data.data_ptr();
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16) {
+        share(cpu::bf16::panels_of(n), 4, [&](int64_t begin, int64_t end) {
+          cpu::bf16::pack_b(b, k, n, ld, transposed, static_cast<uint16_t*>(out), begin, end);
+        });
+        packed_count_.store(count + 1, std::memory_order_release);
+        return out;
+      }
+    }
     share(cpu::avx512::panels_of<T>(n), 16, [&](int64_t begin, int64_t end) {
-      cpu::avx512::pack_b<T>(b, k, n, ld, transposed, out, begin, end);
+      cpu::avx512::pack_b<T>(b, k, n, ld, transposed, static_cast<T*>(out), begin, end);
     });
     packed_count_.store(count + 1, std::memory_order_release);
     return out;
@@ -390,7 +454,7 @@ struct CpuBackend {
     if (!trans_b && k * n * static_cast<int64_t>(sizeof(T)) <= (int64_t(1) << 20)) {
       return cpu::avx512::row_major_matrix(b, ldb);
     }
-    return cpu::avx512::packed_matrix(packed(b, k, n, ldb, trans_b), k);
+    return cpu::avx512::packed_matrix(static_cast<const T*>(packed(b, k, n, ldb, trans_b)), k);
   }
 
   // One time step's product (row b of C depends only on row b of A): in a row team, this thread's rows
@@ -398,9 +462,21 @@ struct CpuBackend {
   template <typename T>
   void step_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
                  int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {
-    if (!row_team_ || trans_a || alpha != 1.0 || (beta != 0.0 && beta != 1.0) || k == 0) {
-      gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (!row_team_ || trans_a || alpha != 1.0 || (beta != 0.0 && beta != 1.0) || k == 0 ||
+        (bf16_ && engine_ == cpu::Bf16Engine::kFloat32)) {
+      product(true, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
       return;
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16_) {
+        const auto* weights = static_cast<const uint16_t*>(packed(b, k, n, ldb, trans_b, true));
+        const auto [begin, end] = own_rows(m);
+        if (begin < end) {
+          bf16_rows(end - begin, n, k, a + begin * lda, lda, weights, c + begin * ldc, ldc, beta == 1.0, 0,
+                    cpu::bf16::panels_of(n), split_operand(true, trans_b));
+        }
+        return;
+      }
     }
     const cpu::avx512::MatrixB<T> weights = weight_matrix(b, k, n, ldb, trans_b);
     const auto [begin, end] = own_rows(m);
@@ -411,9 +487,104 @@ struct CpuBackend {
   template <typename T>
   void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
             int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {
+    product(false, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+
+  // gemm, for a time step's product when `step` (step_gemm's, split between threads by panels).
+  template <typename T>
+  void product(bool step, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
+               int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {
     if (m == 0 || n == 0) return;
     // In a row team the other threads may still be on earlier steps, reading what this writes.
     if (row_team_) barrier_.wait();
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16_ && !trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0) {
+        bf16_gemm(m, n, k, a, lda, b, ldb, trans_b, beta == 1.0, c, ldc, split_operand(step, trans_b));
+        return;
+      }
+    }
+    wide_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+
+  // ---- bfloat16 products (a bfloat16 call; float32 buffers everywhere else).
+
+  // Rows [0, rows) x panels [panel_begin, panel_end) of C = A B (+ C when accumulate) with B packed by
+  // packed(..., bf16 = true): A's rows rounded to bfloat16 here, 64 at a time, into this thread's scratch
+  // (as two terms, two products, when split: split_operand).
+  static void bf16_rows(int64_t rows, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* b,
+                        float* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end,
+                        bool split = false) {
+    constexpr int64_t kBlock = 64;
+    thread_local std::vector<uint16_t> scratch;
+    const int64_t kp = cpu::bf16::padded_depth(k);
+    if (static_cast<int64_t>(scratch.size()) < 2 * kBlock * kp) scratch.resize(2 * kBlock * kp);
+    uint16_t *high = scratch.data(), *low = high + kBlock * kp;
+    for (int64_t r = 0; r < rows; r += kBlock) {
+      const int64_t count = std::min(kBlock, rows - r);
+      if (split) {
+        cpu::bf16::round_rows_split(a + r * lda, lda, count, k, high, low);
+        cpu::bf16::gemm(n, k, high, b, c + r * ldc, ldc, accumulate, count, panel_begin, panel_end);
+        cpu::bf16::gemm(n, k, low, b, c + r * ldc, ldc, true, count, panel_begin, panel_end);
+        continue;
+      }
+      cpu::bf16::round_rows(a + r * lda, lda, count, k, high);
+      cpu::bf16::gemm(n, k, high, b, c + r * ldc, ldc, accumulate, count, panel_begin, panel_end);
+    }
+  }
+
+  // C(m, n) (+)= A(m, k) op(B) with operands rounded to bfloat16 (A to two terms when split). The weight
+  // op(B) is rounded and packed once per call. The engine float32 instead rounds A the same way into a
+  // float32 scratch copy and multiplies it with the float32 GEMM by the weight as it is: a weight of a
+  // bfloat16 call holds bfloat16 values already (widened at entry).
+  void bf16_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                 bool trans_b, bool accumulate, float* c, int64_t ldc, bool split) {
+    if (engine_ == cpu::Bf16Engine::kFloat32) {
+      thread_local std::vector<float> rounded;
+      if (static_cast<int64_t>(rounded.size()) < m * k) rounded.resize(m * k);
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t kk = 0; kk < k; ++kk) {
+          const float x = a[r * lda + kk], high = static_cast<float>(c10::BFloat16(x));
+          rounded[r * k + kk] = split ? high + static_cast<float>(c10::BFloat16(x - high)) : high;
+        }
+      }
+      wide_gemm<float>(false, trans_b, m, n, k, 1.0, rounded.data(), k, b, ldb, accumulate ? 1.0 : 0.0, c, ldc);
+      return;
+    }
+    const auto* weights = static_cast<const uint16_t*>(packed(b, k, n, ldb, trans_b, true));
+    bf16_split(m, n, k, a, lda, weights, c, ldc, accumulate, nullptr, split);
+  }
+
+  // bf16_rows over C(m, n) split between threads in units of (64 rows) x (a group of panels), each
+  // unit's work at least about 64k multiply-adds where there is that much. With `rounded` (A already
+  // rounded to bfloat16 rows of padded_depth(k)), a is not read.
+  void bf16_split(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* b, float* c,
+                  int64_t ldc, bool accumulate, const uint16_t* rounded = nullptr, bool split = false) {
+    constexpr int64_t kBlock = 64;
+    const int64_t panels = cpu::bf16::panels_of(n), blocks = (m + kBlock - 1) / kBlock;
+    const int64_t block_rows = std::min(kBlock, m);
+    // (Tall products take groups of 8 panels or more: each unit rounds its 64 rows of A again.)
+    const int64_t group = std::clamp<int64_t>((int64_t(1) << 16) / (block_rows * cpu::bf16::kPanel * k),
+                                              blocks > 1 ? 8 : 3, 24);
+    const int64_t groups = (panels + group - 1) / group;
+    const int64_t unit_work = block_rows * std::min(panels, group) * cpu::bf16::kPanel * k;
+    const int64_t kp = cpu::bf16::padded_depth(k);
+    share(blocks * groups, std::max<int64_t>(1, (int64_t(1) << 17) / unit_work), [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t r0 = (u / groups) * kBlock, p0 = (u % groups) * group, p1 = std::min(panels, p0 + group);
+        const int64_t rows = std::min(kBlock, m - r0);
+        if (rounded != nullptr) {
+          cpu::bf16::gemm(n, k, rounded + r0 * kp, b, c + r0 * ldc, ldc, accumulate, rows, p0, p1);
+        } else {
+          bf16_rows(rows, n, k, a + r0 * lda, lda, b, c + r0 * ldc, ldc, accumulate, p0, p1, split);
+        }
+      }
+    });
+  }
+
+  // The products of float32 and float64 calls.
+  template <typename T>
+  void wide_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
+                 int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {
     const bool plain = !trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0;
     if (plain && cpu::packed_gemm_enabled() && m > kStepRows) {
       // A product of many rows (the input projection) packs B block by block as it goes.
@@ -451,6 +622,43 @@ struct CpuBackend {
   // sequence buffer) is computed as (b^T g)^T, transposing the narrower b instead of g.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
     if (a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
+    if (cpu::bf16_products) {
+      if (cpu::bf16_engine() == cpu::Bf16Engine::kFloat32) return wide_mm(bf16_values(a), bf16_values(b));
+      at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+      bf16_product(c, a, b, false);
+      return c;
+    }
+    return wide_mm(a, b);
+  }
+
+  // A float32 copy of t rounded to bfloat16 values.
+  static at::Tensor bf16_values(const at::Tensor& t) { return t.to(at::kBFloat16).to(at::kFloat); }
+
+  // c (contiguous) = a @ b, or c += a @ b when accumulate, through bf16::gemm: a copied to contiguous rows
+  // when it is a transposed view (a weight gradient's G^T), b packed here (it is a sequence buffer, used
+  // once).
+  static void bf16_product(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+    const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
+    const bool columns = a.stride(1) != 1 && a.stride(0) == 1;
+    const at::Tensor ac = a.stride(1) == 1 || columns ? a : a.contiguous();
+    const int64_t m = a.size(0), k = a.size(1), n = b.size(1), kp = cpu::bf16::padded_depth(k);
+    const auto options = a.options().dtype(at::kBFloat16);
+    at::Tensor packed = at::empty({cpu::bf16::packed_size(k, n)}, options), rounded = at::empty({m * kp}, options);
+    auto* b_out = reinterpret_cast<uint16_t*>(packed.data_ptr());
+    auto* a_out = reinterpret_cast<uint16_t*>(rounded.data_ptr());
+    at::parallel_for(0, cpu::bf16::panels_of(n), 4, [&](int64_t begin, int64_t end) {
+      cpu::bf16::pack_b(bc.data_ptr<float>(), k, n, bc.stride(0), false, b_out, begin, end);
+    });
+    at::parallel_for(0, (m + 15) / 16, 4, [&](int64_t begin, int64_t end) {
+      const int64_t r0 = begin * 16, rows = std::min(m, end * 16) - r0;
+      if (columns) cpu::bf16::round_columns(ac.data_ptr<float>() + r0, ac.stride(1), rows, k, a_out + r0 * kp);
+      else cpu::bf16::round_rows(ac.data_ptr<float>() + r0 * ac.stride(0), ac.stride(0), rows, k, a_out + r0 * kp);
+    });
+    CpuBackend dev(a);
+    dev.bf16_split(m, n, k, nullptr, 0, b_out, c.data_ptr<float>(), c.size(1), accumulate, a_out);
+  }
+
+  static at::Tensor wide_mm(const at::Tensor& a, const at::Tensor& b) {
     if (cpu::packed_gemm_enabled()) {
       at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
       tall_product(c, a, b, false);
@@ -466,6 +674,14 @@ struct CpuBackend {
   // c += a @ b (whole-sequence products, outside any team).
   static void addmm_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
     if (a.numel() == 0 || b.numel() == 0) return;
+    if (cpu::bf16_products) {
+      if (cpu::bf16_engine() == cpu::Bf16Engine::kAvx512Bf16 && c.is_contiguous()) {
+        bf16_product(c, a, b, true);
+      } else {
+        c.addmm_(bf16_values(a), bf16_values(b));
+      }
+      return;
+    }
     if (!cpu::packed_gemm_enabled() || !c.is_contiguous()) {
       c.addmm_(a, b);
       return;
@@ -564,19 +780,104 @@ struct CpuBackend {
   }
 };
 
+// ---------------------------------------------------------------- float16 / bfloat16 calls
+
+// An op called with float16 or bfloat16 tensors runs the float32 loops: its tensors of that dtype are
+// widened to float32 at entry (exactly), a bfloat16 call's products round their operands to bfloat16
+// (bf16_products), and the results are rounded to the call's dtype once at the end. The cell state,
+// gate pre-activations, pointwise math and weight-gradient sums stay float32 throughout, and so do the
+// activations saved for backward (outputs named gates / cells: rounding the saved forget gate would
+// compound over the steps of backward) and the gradient norms (float32 for these dtypes on every
+// device). Written once for every op, from its schema's names: an op of the same form (GRU's) gets it
+// by registering through it.
+template <const char* Name, auto Op, typename Signature = decltype(Op)>
+struct ReducedPrecision;
+
+template <const char* Name, auto Op, typename Result, typename... Args>
+struct ReducedPrecision<Name, Op, Result (*)(Args...)> {
+  static const c10::FunctionSchema& schema() {
+    static const c10::FunctionSchema& s = c10::Dispatcher::singleton().findSchemaOrThrow(Name, "").schema();
+    return s;
+  }
+  // Saved activations: float32 in a reduced-precision call.
+  static bool kept_float(const std::string& name) {
+    return name == "gates" || name == "cells" || (name.size() > 5 && name.compare(name.size() - 5, 5, "_norm") == 0);
+  }
+
+  static Result call(Args... args) {
+    at::ScalarType dtype = at::kFloat;
+    bool found = false;
+    const auto first = [&](const auto& arg) {
+      using A = std::decay_t<decltype(arg)>;
+      if constexpr (std::is_same_v<A, at::Tensor>) {
+        if (!found) dtype = arg.scalar_type(), found = true;
+      }
+    };
+    (first(args), ...);
+    if (dtype != at::kHalf && dtype != at::kBFloat16) return Op(args...);
+
+    const std::string op = [] {
+      std::string n = Name;
+      return n.replace(n.find("::"), 2, ".");
+    }();
+    int index = 0;
+    const auto widen = [&](const auto& arg) {
+      using A = std::decay_t<decltype(arg)>;
+      const int i = index++;
+      const auto one = [&](const at::Tensor& t) {
+        if (!t.is_floating_point() || t.scalar_type() == dtype) return t.is_floating_point() ? t.to(at::kFloat) : t;
+        const std::string& name = schema().arguments()[i].name();
+        // (A mismatch is reported in the op's words; saved activations are float32 here.)
+        TORCH_CHECK(kept_float(name) && t.scalar_type() == at::kFloat, op, ": expected ", name,
+                    " to have dtype ", str(dtype), " (the dtype of input)", kept_float(name) ? " or Float" : "",
+                    ", but got ", str(t.scalar_type()));
+        return t;
+      };
+      if constexpr (std::is_same_v<A, at::Tensor>) {
+        return one(arg);
+      } else if constexpr (std::is_same_v<A, OptTensor>) {
+        return arg.has_value() ? OptTensor(one(*arg)) : OptTensor();
+      } else {
+        return arg;
+      }
+    };
+    // (Braced: the arguments are widened in order, so `index` counts them.)
+    std::tuple<std::decay_t<Args>...> wide{widen(args)...};
+
+    struct Products {
+      bool saved = cpu::bf16_products;
+      ~Products() { cpu::bf16_products = saved; }
+    } restore;
+    cpu::bf16_products = dtype == at::kBFloat16;
+    Result result = std::apply(Op, wide);
+
+    const auto& returns = schema().returns();
+    [&]<size_t... I>(std::index_sequence<I...>) {
+      ((std::get<I>(result) = kept_float(returns[I].name()) ? std::get<I>(result) : std::get<I>(result).to(dtype)),
+       ...);
+    }(std::make_index_sequence<std::tuple_size_v<Result>>{});
+    return result;
+  }
+};
+
+constexpr char kLstmForward[] = "lstmfast::lstm_forward", kLstmBackward[] = "lstmfast::lstm_backward";
+constexpr char kRnnForward[] = "lstmfast::rnn_forward", kRnnBackward[] = "lstmfast::rnn_backward";
+constexpr char kGruForward[] = "lstmfast::gru_forward", kGruBackward[] = "lstmfast::gru_backward";
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lstmfast, CPU, m) {
-  m.impl("lstm_forward", &lstm_forward<CpuBackend>);
-  m.impl("lstm_backward", &lstm_backward<CpuBackend>);
-  m.impl("rnn_forward", &rnn_forward<CpuBackend>);
-  m.impl("rnn_backward", &rnn_backward<CpuBackend>);
-  m.impl("gru_forward", &gru_forward<CpuBackend>);
-  m.impl("gru_backward", &gru_backward<CpuBackend>);
+  m.impl("lstm_forward", &ReducedPrecision<kLstmForward, &lstm_forward<CpuBackend>>::call);
+  m.impl("lstm_backward", &ReducedPrecision<kLstmBackward, &lstm_backward<CpuBackend>>::call);
+  m.impl("rnn_forward", &ReducedPrecision<kRnnForward, &rnn_forward<CpuBackend>>::call);
+  m.impl("rnn_backward", &ReducedPrecision<kRnnBackward, &rnn_backward<CpuBackend>>::call);
+  m.impl("gru_forward", &ReducedPrecision<kGruForward, &gru_forward<CpuBackend>>::call);
+  m.impl("gru_backward", &ReducedPrecision<kGruBackward, &gru_backward<CpuBackend>>::call);
 }
 
 TORCH_LIBRARY_IMPL(lstmfast, CompositeExplicitAutograd, m) {
   m.impl("cpu_isa", &cpu::isa_name);
+  m.impl("cpu_gemm_engine", &cpu::gemm_engine);
   m.impl("cpu_cache_bytes", &cpu::cache_bytes);
   m.impl("empty_cpu_cache", &cpu::empty_cache);
   m.impl("cpu_cache_limit", &cpu::cache_limit);

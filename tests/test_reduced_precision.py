@@ -1,0 +1,356 @@
+"""CPU bfloat16 / float16 (issue 16): the ops take them directly, keep the state and arithmetic float32,
+round a bfloat16 call's product operands to bfloat16 (every engine this CPU has), and return torch.nn's
+dtypes.
+
+Tolerances, from the math. A result is compared, normwise (||a - e|| / ||e||), with a float64 run on the
+same operands (the inputs and weights already rounded to the dtype, so only the kernels' own rounding
+counts). u is the dtype's unit roundoff: 2^-9 for bfloat16, 2^-11 for float16.
+- Rounding each result once costs at most u per element, about u / sqrt(3) normwise for random data.
+- bfloat16 also rounds the product operands that the kernels computed (the gate gradients in backward,
+  the sequence products' operands; the forward's h_{t-1} keeps 16 bits as two bfloat16 terms): each
+  product then carries about u of relative error, which the recurrence
+  passes on but does not amplify for the contracting layers tested here (weights scaled 1/sqrt(H)). A
+  few such roundings on the way to any result: 8u (1.6e-2) bounds them with room; a kernel that, say,
+  rounded the cell state or a gate each step instead would stay within it only at few steps, which is
+  why the long-memory test below compares against torch.nn's bfloat16 at T = 128.
+- float16 multiplies float32 copies in float32: only the final rounding, so 4u (2e-3).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lstmfast
+from lstmfast import functional, reference
+
+U = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-11}
+TOL = {torch.bfloat16: 8 * U[torch.bfloat16], torch.float16: 4 * U[torch.float16]}
+
+
+def _rel(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def _case(cell, T, B, I, H, proj, packed, seed=0):  # noqa: E741
+    """Float64 operands (x, w_ih, w_hh, b_ih, b_hh, w_hr) and the op's batch_sizes (None when padded)."""
+    g = torch.Generator().manual_seed(seed)
+    G = 4 if cell == "lstm" else 1
+    P = proj or H
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    w = [torch.randn(G * H, I, generator=g, dtype=torch.float64) / I**0.5,
+         torch.randn(G * H, P, generator=g, dtype=torch.float64) / H**0.5,
+         torch.randn(G * H, generator=g, dtype=torch.float64) * 0.1,
+         torch.randn(G * H, generator=g, dtype=torch.float64) * 0.1]
+    if proj:
+        w.append(torch.randn(P, H, generator=g, dtype=torch.float64) / H**0.5)
+    batch_sizes = None
+    if packed:
+        lengths = sorted(torch.randint(1, T + 1, (B,), generator=g).tolist(), reverse=True)
+        lengths[0] = T
+        sequence = nn.utils.rnn.pack_padded_sequence(x, lengths)
+        x, batch_sizes = sequence.data, sequence.batch_sizes
+    return [x] + w, batch_sizes
+
+
+def _run(module, cell, tensors, batch_sizes, reverse, grad_clip=None, cotangent_seed=1):
+    """Outputs and the gradients of every operand for fixed cotangents (rounded to the outputs' dtype)."""
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    if cell == "lstm":
+        w_hr = leaves[5] if len(leaves) > 5 else None
+        outs = module.lstm(*leaves[:5], w_hr=w_hr, batch_sizes=batch_sizes, reverse=reverse, grad_clip=grad_clip)
+    else:
+        outs = module.rnn(*leaves, batch_sizes=batch_sizes, reverse=reverse, grad_clip=grad_clip)
+    g = torch.Generator().manual_seed(cotangent_seed)
+    cotangents = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
+    return list(outs), list(torch.autograd.grad(outs, leaves, cotangents))
+
+
+CASES = {
+    "padded": dict(T=12, B=5, I=7, H=24, proj=0, packed=False, reverse=False),
+    "packed-reverse": dict(T=10, B=6, I=5, H=20, proj=0, packed=True, reverse=True),
+    "proj": dict(T=9, B=4, I=6, H=32, proj=8, packed=False, reverse=False),
+    # a step of 70 rows by a 512 x 128 weight: the threaded time loop and the tall products' row blocks
+    "team": dict(T=6, B=70, I=130, H=128, proj=0, packed=False, reverse=True),
+}
+
+
+def _check_against_float64(dtype, cell, name):
+    c = dict(CASES[name])
+    reverse = c.pop("reverse")
+    if cell == "rnn":
+        if c["proj"]:
+            return
+        c["H"] *= 2
+    tensors, batch_sizes = _case(cell, **c)
+    tensors = [t.to(dtype) for t in tensors]
+    outs, grads = _run(functional, cell, tensors, batch_sizes, reverse)
+    ref_outs, ref_grads = _run(reference, cell, [t.double() for t in tensors], batch_sizes, reverse)
+    assert [t.dtype for t in outs + grads] == [dtype] * (len(outs) + len(grads))
+    for i, (a, e) in enumerate(zip(outs + grads, ref_outs + ref_grads)):
+        assert _rel(a, e) <= TOL[dtype], (i, _rel(a, e))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ops_against_float64(dtype, cell, name):
+    _check_against_float64(dtype, cell, name)
+
+
+def test_grad_clip_in_bfloat16():
+    """grad_clip clamps the float32 gate gradients as the float64 reference's clamp does."""
+    tensors, batch_sizes = _case("lstm", 8, 4, 5, 16, 0, False)
+    tensors = [t.to(torch.bfloat16) for t in tensors]
+    outs, grads = _run(functional, "lstm", tensors, batch_sizes, False, grad_clip=0.05)
+    _, unclipped = _run(functional, "lstm", tensors, batch_sizes, False)
+    ref_outs, ref_grads = _run(reference, "lstm", [t.double() for t in tensors], batch_sizes, False,
+                               grad_clip=0.05)
+    for a, e in zip(outs + grads, ref_outs + ref_grads):
+        assert _rel(a, e) <= TOL[torch.bfloat16]
+    assert _rel(grads[1], unclipped[1]) > 0.1  # the clamp is active
+
+
+def _supported_engines():
+    """The bfloat16 engines this CPU runs (avx512_bf16 needs AVX512-BF16)."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    return (["avx512_bf16"] if " avx512_bf16" in flags and " avx512f" in flags else []) + ["float32"]
+
+
+def _in_process(env, code):
+    code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); " + code
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
+                          text=True)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("engine", ["avx512_bf16", "float32"])
+def test_every_engine_against_float64(engine, isa):
+    """Each bfloat16 engine (forced with LSTMFAST_CPU_BF16_ENGINE), under each float32 GEMM / pointwise
+    instruction set (LSTMFAST_CPU_ISA), in a fresh process."""
+    if engine not in _supported_engines():
+        pytest.skip(f"this CPU has no {engine}")
+    code = ("import torch, lstmfast, test_reduced_precision as t\n"
+            "for cell in ('lstm', 'rnn'):\n"
+            "    for name in sorted(t.CASES): t._check_against_float64(torch.bfloat16, cell, name)\n"
+            "t.test_gru_ops_against_float64(torch.bfloat16, True)\n"
+            "print(lstmfast.cpu_gemm_engines()['bfloat16'])")
+    proc = _in_process({"LSTMFAST_CPU_BF16_ENGINE": engine, "LSTMFAST_CPU_ISA": isa}, code)
+    if proc.returncode != 0 and "does not support it" in proc.stderr:
+        pytest.skip(f"this CPU has no {isa}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith(engine)
+
+
+def test_engines_agree(tmp_path):
+    engines = _supported_engines()
+    if len(engines) < 2:
+        pytest.skip("one bfloat16 engine on this CPU")
+    results = []
+    for engine in engines:
+        path = tmp_path / f"{engine}.pt"
+        code = ("import torch, test_reduced_precision as t\n"
+                "c = {k: v for k, v in t.CASES['team'].items() if k != 'reverse'}\n"
+                "tensors, bs = t._case('lstm', **c)\n"
+                "outs, grads = t._run(t.functional, 'lstm', [x.bfloat16() for x in tensors], bs, True)\n"
+                f"torch.save([o.float() for o in outs + grads], {str(path)!r})")
+        proc = _in_process({"LSTMFAST_CPU_BF16_ENGINE": engine}, code)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(torch.load(path))
+    # The same rounded operands; only the float32 sums' order differs, which can move a result across
+    # one bfloat16 rounding boundary: within 2u normwise.
+    for a, e in zip(*results):
+        assert _rel(a, e) <= 2 * U[torch.bfloat16]
+
+
+def test_unknown_or_unsupported_engine_is_refused():
+    proc = _in_process({"LSTMFAST_CPU_BF16_ENGINE": "amx"},
+                       "import torch, lstmfast; lstmfast.LSTM(3, 4).bfloat16()(torch.ones(2, 1, 3).bfloat16())")
+    assert proc.returncode != 0
+    assert "LSTMFAST_CPU_BF16_ENGINE must be avx512_bf16 or float32, but got 'amx'" in proc.stderr
+    if "avx512_bf16" not in _supported_engines():
+        proc = _in_process({"LSTMFAST_CPU_BF16_ENGINE": "avx512_bf16"},
+                           "import torch, lstmfast; lstmfast.LSTM(3, 4).bfloat16()(torch.ones(2, 1, 3).bfloat16())")
+        assert "does not support AVX512-BF16" in proc.stderr
+
+
+def test_engine_report():
+    engines = lstmfast.cpu_gemm_engines()
+    assert set(engines) == {"float32", "float64", "bfloat16", "float16"}
+    if "LSTMFAST_CPU_BF16_ENGINE" not in os.environ:
+        assert engines["bfloat16"].startswith(_supported_engines()[0])
+    assert "bfloat16" in lstmfast.build_summary(detail=True)
+
+
+# ------------------------------------------------------------------------------ modules, torch.nn
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_module_against_torch_nn_and_float64(kind, dtype):
+    """A 2-layer bidirectional module (LSTM with projection) in the dtype, on a PackedSequence: torch.nn's
+    dtypes for every output and gradient; within the tolerance of a float64 run of the same weights,
+    and close to torch.nn's own run in the dtype (which rounds more: its bound is looser)."""
+    torch.manual_seed(0)
+    options = dict(num_layers=2, bidirectional=True, **({"proj_size": 6} if kind == "LSTM" else {}))
+    ours = getattr(lstmfast, kind)(5, 12, **options).to(dtype)
+    theirs = getattr(nn, kind)(5, 12, **options).to(dtype)
+    theirs.load_state_dict(ours.state_dict())
+    exact = getattr(lstmfast, kind)(5, 12, **options).double()
+    exact.load_state_dict(ours.state_dict())
+    x = torch.randn(9, 4, 5).to(dtype)
+    lengths = [9, 7, 7, 3]
+
+    def run(module, x):
+        leaf = x.clone().requires_grad_()
+        packed = nn.utils.rnn.pack_padded_sequence(leaf, lengths)
+        out, hx = module(packed)
+        outs = [out.data] + (list(hx) if isinstance(hx, tuple) else [hx])
+        loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view(o.shape)).sum()
+                   for o in outs)
+        return outs, list(torch.autograd.grad(loss, [leaf] + list(module.parameters())))
+
+    outs, grads = run(ours, x)
+    their_outs, their_grads = run(theirs, x)
+    exact_outs, exact_grads = run(exact, x.double())
+    assert [t.dtype for t in outs + grads] == [t.dtype for t in their_outs + their_grads]
+    for a, e in zip(outs + grads, exact_outs + exact_grads):
+        assert _rel(a, e) <= TOL[dtype]
+    for a, e in zip(outs + grads, their_outs + their_grads):
+        assert _rel(a, e) <= 4 * TOL[dtype]
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_autocast_runs_the_bfloat16_kernels(kind):
+    """Under torch.autocast("cpu", bfloat16), a float32 module runs the same op calls as a bfloat16
+    module with the same (rounded) weights: identical outputs, and its float32 parameter gradients are
+    the bfloat16 module's exactly."""
+    torch.manual_seed(0)
+    fp32 = getattr(lstmfast, kind)(6, 16, num_layers=2)
+    bf16 = getattr(lstmfast, kind)(6, 16, num_layers=2).bfloat16()
+    bf16.load_state_dict(fp32.state_dict())
+    x = torch.randn(7, 3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = fp32(x)
+    expected, _ = bf16(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    grads = torch.autograd.grad(out.float().sum(), list(fp32.parameters()))
+    expected_grads = torch.autograd.grad(expected.float().sum(), list(bf16.parameters()))
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert all(torch.equal(g, e.float()) for g, e in zip(grads, expected_grads))
+
+
+@pytest.mark.parametrize("steps", [128, 1024])
+def test_long_memory_keeps_the_cell_state_in_float32(steps):
+    """Forget-gate bias 5: the cell state carries early inputs far. lstmfast bf16 keeps it float32 (and
+    the forward's recurrent operand to 16 bits); torch.nn's bf16 LSTM rounds it each step. Issue 16's
+    target: at most 1/4 of torch.nn's error against float64, on the output and on dW_hh."""
+    torch.manual_seed(0)
+    H = 32
+    ours = lstmfast.LSTM(H, H).bfloat16()
+    with torch.no_grad():
+        ours.bias_hh_l0.zero_()
+        ours.bias_ih_l0.zero_()
+        ours.bias_ih_l0[H:2 * H] = 5.0
+    theirs = nn.LSTM(H, H).bfloat16()
+    theirs.load_state_dict(ours.state_dict())
+    exact = lstmfast.LSTM(H, H).double()
+    exact.load_state_dict(ours.state_dict())
+    x = torch.randn(steps, 4, H).bfloat16()
+    errors = []
+    results = []
+    for m in (ours, theirs, exact):
+        out, _ = m(x.to(m.weight_hh_l0.dtype))
+        (grad,) = torch.autograd.grad(out.double().sum(), [m.weight_hh_l0])
+        results.append((out, grad))
+    for out, grad in results[:2]:
+        errors.append((_rel(out, results[2][0]), _rel(grad, results[2][1])))
+    (ours_out, ours_dw), (their_out, their_dw) = errors
+    assert ours_out <= their_out / 4 and ours_dw <= their_dw / 4, errors
+
+
+# ------------------------------------------------------------------------------ op contract
+
+def test_saved_activations_are_float32_and_mismatches_are_named():
+    tensors, _ = _case("lstm", 4, 2, 3, 5, 0, False)
+    x, w_ih, w_hh, b_ih, b_hh = [t.bfloat16() for t in tensors]
+    out, h, c, gates, cells = lstmfast.ops.lstm_forward(x, None, None, None, w_ih, w_hh, b_ih, b_hh, None,
+                                                        False, True)
+    assert (out.dtype, h.dtype, c.dtype, gates.dtype, cells.dtype) == (torch.bfloat16,) * 3 + (torch.float32,) * 2
+    with pytest.raises(RuntimeError, match=r"lstmfast.lstm_forward: expected w_hh to have dtype BFloat16 "
+                                           r"\(the dtype of input\), but got Float"):
+        lstmfast.ops.lstm_forward(x, None, None, None, w_ih, w_hh.float(), b_ih, b_hh, None, False, True)
+    with pytest.raises(RuntimeError, match=r"expected gates to have dtype BFloat16 \(the dtype of input\) or "
+                                           r"Float, but got Double"):
+        lstmfast.ops.lstm_backward(out, None, None, x, None, None, None, w_ih, w_hh, None, out, gates.double(),
+                                   cells, False, [True, True, True, True], None, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_opcheck(dtype):
+    """torch.library.opcheck on every op with reduced-precision inputs (schemas, fakes, autograd
+    registration): the fakes say float32 for the saved activations on the CPU."""
+    ops = lstmfast.ops
+    tensors, batch_sizes = _case("lstm", 4, 3, 3, 5, 0, True)
+    x, w_ih, w_hh, b_ih, b_hh = [t.to(dtype) for t in tensors]
+    h0, c0 = torch.randn(3, 5).to(dtype), torch.randn(3, 5).to(dtype)
+    out, _, _, gates, cells = ops.lstm_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, None, True, True)
+    torch.library.opcheck(ops.lstm_forward, (x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, None, True, True))
+    torch.library.opcheck(ops.lstm_backward, (out, None, None, x, batch_sizes, h0, c0, w_ih, w_hh, None, out,
+                                              gates, cells, True, [True, True, True, True], None, True))
+    tensors, _ = _case("rnn", 4, 3, 3, 5, 0, False)
+    x, w_ih, w_hh, b_ih, b_hh = [t.to(dtype) for t in tensors]
+    out, _ = ops.rnn_forward(x, None, None, w_ih, w_hh, b_ih, b_hh, "tanh", False)
+    torch.library.opcheck(ops.rnn_forward, (x, None, None, w_ih, w_hh, b_ih, b_hh, "tanh", False))
+    torch.library.opcheck(ops.rnn_backward, (out, None, x, None, None, w_ih, w_hh, out, "tanh", False,
+                                             [True, True, True, True], None, True))
+
+
+# ------------------------------------------------------------------------------ GRU (ops only so far)
+
+def _gru_ops(tensors, h0, batch_sizes, reverse, cotangents):
+    """gru_forward + gru_backward: outputs (output, h_n) and the gradients of (x, h0, w_ih, w_hh, b_ih, b_hh)."""
+    x, w_ih, w_hh, b_ih, b_hh = tensors
+    out, h_n, gates = lstmfast.ops.gru_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
+    grads = lstmfast.ops.gru_backward(cotangents[0].to(out.dtype), cotangents[1].to(out.dtype), x, batch_sizes,
+                                      h0, w_ih, w_hh, out, gates, reverse, [True] * 4, None, False)
+    return [out, h_n], list(grads[:6])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gru_ops_against_float64(dtype, packed):
+    tensors, batch_sizes = _case("lstm", 10, 6, 5, 24, 0, packed)
+    g = torch.Generator().manual_seed(2)
+    x = tensors[0]
+    H = 24
+    tensors = [x, torch.randn(3 * H, 5, generator=g, dtype=torch.float64) / 5**0.5,
+               torch.randn(3 * H, H, generator=g, dtype=torch.float64) / H**0.5,
+               torch.randn(3 * H, generator=g, dtype=torch.float64) * 0.1,
+               torch.randn(3 * H, generator=g, dtype=torch.float64) * 0.1]
+    h0 = torch.randn(6, H, generator=g, dtype=torch.float64).to(dtype)
+    tensors = [t.to(dtype) for t in tensors]
+    exact = [t.double().requires_grad_() for t in tensors + [h0]]
+    ref_outs = reference.gru(*exact[:5], h0=exact[5], batch_sizes=batch_sizes, reverse=packed)
+    cotangents = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref_outs]
+    ref_grads = torch.autograd.grad(ref_outs, exact, cotangents)
+    ref_grads = [ref_grads[0], ref_grads[5], *ref_grads[1:5]]
+    outs, grads = _gru_ops(tensors, h0, batch_sizes, packed, cotangents)
+    assert [t.dtype for t in outs + grads] == [dtype] * 8
+    for i, (a, e) in enumerate(zip(outs + grads, list(ref_outs) + ref_grads)):
+        assert _rel(a, e) <= TOL[dtype], (i, _rel(a, e))
+
+
+def test_gru_opcheck_in_bfloat16():
+    tensors, _ = _case("lstm", 4, 3, 3, 5, 0, False)
+    x = tensors[0].bfloat16()
+    w_ih, w_hh = torch.randn(15, 3).bfloat16(), torch.randn(15, 5).bfloat16()
+    b_ih, b_hh = torch.randn(15).bfloat16(), torch.randn(15).bfloat16()
+    out, _, gates = lstmfast.ops.gru_forward(x, None, None, w_ih, w_hh, b_ih, b_hh, False, True)
+    assert gates.dtype == torch.float32
+    torch.library.opcheck(lstmfast.ops.gru_forward, (x, None, None, w_ih, w_hh, b_ih, b_hh, False, True))
+    torch.library.opcheck(lstmfast.ops.gru_backward, (out, None, x, None, None, w_ih, w_hh, out, gates, False,
+                                                      [True] * 4, None, True))
