@@ -470,13 +470,19 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="bfloat16: lstmfast bf16 against torch.nn bf16, torch.nn float32 under CPU "
                              "bf16 autocast and lstmfast float32, on a bf16 grid")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"comma-separated layers to time (default {','.join(KINDS)}; the extra rows are LSTMs)")
     args = parser.parse_args(argv)
+    kinds = args.kinds.split(",")
+    if not kinds or any(k not in KINDS for k in kinds):
+        parser.error(f"--kinds takes a comma-separated subset of {','.join(KINDS)}, got {args.kinds!r}")
     if args.dtype == "bfloat16":
         contenders = BF16_CONTENDERS
     else:
         contenders = tuple(c for c in CONTENDERS if not (args.no_reference and c == "reference"))
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 0.3)
-    result = run(default_cases(args.quick, args.dtype), contenders, progress=not args.no_progress,
+    cases = [c for c in default_cases(args.quick, args.dtype) if c.kind in kinds]
+    result = run(cases, contenders, progress=not args.no_progress,
                  min_run_time=min_run_time, quick=args.quick, ratios=args.dtype == "float32")
     result["meta"]["cpu_gemm_engines"] = cpu_gemm_engines()
     print(format_table(result))

@@ -60,3 +60,10 @@ def test_bfloat16_benchmark(tmp_path):
                 assert r[f"{name}_{mode}_ms"] > 0 and math.isfinite(r[f"speedup_{mode}_vs_{name}"])
         assert r["efficiency_fwd"] > 0 and r["efficiency_train"] > 0
     assert "LSTM B>=8 speedup_train_vs_torch.nn" in loaded["summary"]
+
+
+def test_kinds_option_selects_the_layers():
+    result = bench.main(["--quick", "--min-run-time", "0.001", "--no-progress", "--no-reference", "--kinds", "GRU"])
+    assert {r["kind"] for r in result["rows"]} == {"GRU"}
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--kinds", "GRU,LSTMX"])
