@@ -193,7 +193,9 @@ def plot_gradient_flow(flows: List[dict], trained: List[dict], path: str):
     for entry in trained:
         curve(ax, entry["relative_hidden"], entry["label"])
     ax.set_title("after training on the adding problem: ||dL/dh_t||")
-    for ax in panels:
+    for ax in panels[len(CELLS) + 2:]:
+        ax.set_visible(False)  # unused panels of the grid
+    for ax in panels[:len(CELLS) + 2]:
         ax.axhline(1e-6, color="grey", lw=0.6, ls="--")
         ax.set_xlabel("distance from the loss (steps)")
         ax.legend(fontsize=8)
