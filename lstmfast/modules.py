@@ -153,7 +153,8 @@ class _RecurrentBase:
         raise NotImplementedError
 
     def _state_sizes(self, batch):
-        raise NotImplementedError
+        """Shapes of the initial states (RNN and GRU: h0 only; LSTM overrides)."""
+        return [(self.num_layers * self._directions, batch, self.hidden_size)]
 
     def forward(self, input, hx=None):
         kind = self._kind
@@ -339,9 +340,6 @@ class RNN(_RecurrentBase, nn.RNN):
         super().__init__(*args, **kwargs)
         self._init_extras(grad_clip)
 
-    def _state_sizes(self, batch):
-        return [(self.num_layers * self._directions, batch, self.hidden_size)]
-
     def _run_layer(self, input, batch_sizes, states, layer, direction):
         w_ih, w_hh, b_ih, b_hh, _ = self._layer_weights(layer, direction)
         return functional.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=self.nonlinearity,
@@ -367,9 +365,6 @@ class GRU(_RecurrentBase, nn.GRU):
         functional._check_grad_clip(grad_clip)
         super().__init__(*args, **kwargs)
         self._init_extras(grad_clip)
-
-    def _state_sizes(self, batch):
-        return [(self.num_layers * self._directions, batch, self.hidden_size)]
 
     def _run_layer(self, input, batch_sizes, states, layer, direction):
         w_ih, w_hh, b_ih, b_hh, _ = self._layer_weights(layer, direction)
