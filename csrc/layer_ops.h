@@ -54,6 +54,14 @@ inline void check_shape(const char* op, const Tensor& t, const char* name, at::I
               ", but got ", str(t.sizes()));
 }
 
+// A backward op's (T, B, width) or (N, width) per-row tensor: like input, `rows` rows of `width`.
+inline void check_rows(const char* op, const Tensor& t, const char* name, const Tensor& input, int64_t rows,
+                       int64_t width) {
+  check_like(op, t, name, input);
+  TORCH_CHECK(t.numel() == rows * width && t.size(-1) == width, op, ": expected ", name, " with ", str(rows),
+              " rows of size ", str(width), ", but got shape ", str(t.sizes()));
+}
+
 inline void check_optional(const char* op, const OptTensor& t, const char* name, const Tensor& input,
                            at::IntArrayRef expected) {
   if (!t.has_value()) return;
@@ -335,11 +343,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   check_optional(op, c0, "c0", input, {B, H});
   check_optional(op, grad_h_n, "grad_h_n", input, {B, P});
   check_optional(op, grad_c_n, "grad_c_n", input, {B, H});
-  for (auto [t, name] : {std::pair{&output, "output"}, {&grad_output, "grad_output"}}) {
-    check_like(op, *t, name, input);
-    TORCH_CHECK(t->numel() == N * P && t->size(-1) == P, op, ": expected ", name, " with ", str(N),
-                " rows of size ", str(P), ", but got shape ", str(t->sizes()));
-  }
+  check_rows(op, output, "output", input, N, P);
+  check_rows(op, grad_output, "grad_output", input, N, P);
   check_like(op, gates, "gates", input);
   check_shape(op, gates, "gates", {N, 4 * H});
   check_like(op, cells, "cells", input);
@@ -468,11 +473,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   const int64_t B = l.batch, N = l.rows, H = s.hidden_size;
   check_optional(op, h0, "h0", input, {B, H});
   check_optional(op, grad_h_n, "grad_h_n", input, {B, H});
-  for (auto [t, name] : {std::pair{&output, "output"}, {&grad_output, "grad_output"}}) {
-    check_like(op, *t, name, input);
-    TORCH_CHECK(t->numel() == N * H && t->size(-1) == H, op, ": expected ", name, " with ", str(N),
-                " rows of size ", str(H), ", but got shape ", str(t->sizes()));
-  }
+  check_rows(op, output, "output", input, N, H);
+  check_rows(op, grad_output, "grad_output", input, N, H);
   TORCH_CHECK(!grad_clip.has_value() || *grad_clip > 0, op, ": expected grad_clip > 0, but got ",
               str(*grad_clip));
   Backend dev(input);
@@ -579,11 +581,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   const int64_t B = l.batch, N = l.rows, H = s.hidden_size;
   check_optional(op, h0, "h0", input, {B, H});
   check_optional(op, grad_h_n, "grad_h_n", input, {B, H});
-  for (auto [t, name] : {std::pair{&output, "output"}, {&grad_output, "grad_output"}}) {
-    check_like(op, *t, name, input);
-    TORCH_CHECK(t->numel() == N * H && t->size(-1) == H, op, ": expected ", name, " with ", str(N),
-                " rows of size ", str(H), ", but got shape ", str(t->sizes()));
-  }
+  check_rows(op, output, "output", input, N, H);
+  check_rows(op, grad_output, "grad_output", input, N, H);
   check_like(op, gates, "gates", input);
   check_shape(op, gates, "gates", {N, 4 * H});
   TORCH_CHECK(!grad_clip.has_value() || *grad_clip > 0, op, ": expected grad_clip > 0, but got ",

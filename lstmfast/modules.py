@@ -75,6 +75,14 @@ class _RecurrentBase:
             args = args[:device_position]
         return args
 
+    def _single_state_args(self, args, kwargs, grad_clip):
+        """RNN's and GRU's constructor checks (LSTM has its own: proj_size, forget_bias); returns the
+        positional arguments for torch.nn's constructor."""
+        args = self._device_and_dtype_positional(self._kind, args, kwargs, self._device_position)
+        self._check_constructor_args(args, kwargs, (("input_size", 0), ("hidden_size", 1), ("num_layers", 2)))
+        functional._check_grad_clip(grad_clip)
+        return args
+
     @property
     def _directions(self):
         return 2 if self.bidirectional else 1
@@ -331,12 +339,10 @@ class RNN(_RecurrentBase, nn.RNN):
 
     _kind = "RNN"
     _torch_class = nn.RNN
+    _device_position = 8  # of `device` in nn.RNN's documented signature
 
     def __init__(self, *args, grad_clip: Optional[float] = None, **kwargs):
-        args = self._device_and_dtype_positional("RNN", args, kwargs, 8)
-        self._check_constructor_args(args, kwargs, (("input_size", 0), ("hidden_size", 1),
-                                                    ("num_layers", 2)))
-        functional._check_grad_clip(grad_clip)
+        args = self._single_state_args(args, kwargs, grad_clip)
         super().__init__(*args, **kwargs)
         self._init_extras(grad_clip)
 
@@ -357,12 +363,10 @@ class GRU(_RecurrentBase, nn.GRU):
 
     _kind = "GRU"
     _torch_class = nn.GRU
+    _device_position = 7  # of `device` in nn.GRU's documented signature
 
     def __init__(self, *args, grad_clip: Optional[float] = None, **kwargs):
-        args = self._device_and_dtype_positional("GRU", args, kwargs, 7)
-        self._check_constructor_args(args, kwargs, (("input_size", 0), ("hidden_size", 1),
-                                                    ("num_layers", 2)))
-        functional._check_grad_clip(grad_clip)
+        args = self._single_state_args(args, kwargs, grad_clip)
         super().__init__(*args, **kwargs)
         self._init_extras(grad_clip)
 
