@@ -82,10 +82,10 @@ def _train_gru_ops(threads, dtype, **kw):
         torch.set_num_threads(previous)
 
 
-# Large enough for a team of threads and for rows split between threads: batch 70 with small weights
-# (the team splits the batch), and weights of 3 x 200 x 200 doubles (> 256 kB: it splits the panels).
+# Large enough for a team of threads and for rows split between threads: batch 70 (the team splits the
+# batch), and batch 7 (fewer than 4 rows per thread: it splits the weights' panels).
 GRU_THREAD_CASES = {"batch": dict(steps=30, batch=70, input_size=40, hidden=61),
-                    "panels-packed-reverse": dict(lengths=[20] * 12 + [13] * 10 + [4] * 8, input_size=40,
+                    "panels-packed-reverse": dict(lengths=[20] * 3 + [13] * 2 + [4] * 2, input_size=40,
                                                   hidden=200, reverse=True, grad_clip=0.05)}
 
 
@@ -110,17 +110,17 @@ def test_bitwise_identical_across_thread_counts(dtype, module_kwargs, packed):
 
 
 # Large enough per step (batch x gates x hidden x width >= 2^15 multiply-adds) for the CPU backend to run
-# the time loop on a team of threads (with AVX-512); 37 and 21 leave partial panels. With small weights
-# and batch 24 the team splits the batch; the last two cases' weights (> 256 kB) make it split the
+# the time loop on a team of threads (with AVX-512); 37 and 21 leave partial panels. With batch 24 the
+# team splits the batch; the "-panels" cases' batches (fewer than 4 rows per thread) make it split the
 # weights' panels instead.
 TEAM_CASES = {"lstm": dict(cell="lstm"), "proj-reverse": dict(cell="lstm", proj=21, reverse=True),
               "packed-reverse": dict(cell="lstm", lengths=[7] * 9 + [5] * 8 + [2] * 7, reverse=True),
               "rnn": dict(cell="rnn"), "relu-clip": dict(cell="rnn", nonlinearity="relu", grad_clip=0.05),
-              "lstm-panels": dict(cell="lstm", hidden=165, batch=10, lengths=[7] * 6 + [3] * 4),
+              "lstm-panels": dict(cell="lstm", hidden=165, batch=6, lengths=[7] * 4 + [3] * 2),
               "rnn-panels": dict(cell="rnn", hidden=330, batch=4, reverse=True),
               "gru": dict(cell="gru"), "gru-packed-reverse-clip": dict(cell="gru", lengths=[7] * 9 + [5] * 8 + [2] * 7,
                                                                     reverse=True, grad_clip=0.05),
-              "gru-panels": dict(cell="gru", hidden=190, batch=10, lengths=[7] * 6 + [3] * 4)}
+              "gru-panels": dict(cell="gru", hidden=190, batch=6, lengths=[7] * 4 + [3] * 2)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -264,7 +265,7 @@ struct CpuBackend {
       f();
       return;
     }
-    row_team_ = batch >= 4 * threads && width * depth * static_cast<int64_t>(sizeof(T)) <= kRowTeamWeightBytes;
+    row_team_ = batch >= 4 * threads && width * depth * static_cast<int64_t>(sizeof(T)) <= row_team_weight_bytes();
     team_batch_ = batch;
 #pragma omp parallel num_threads(threads)
     {
@@ -287,8 +288,18 @@ struct CpuBackend {
   static constexpr int64_t kStepRows = 128;
   // A team pays off from about this many multiply-adds per step.
   static constexpr int64_t kTeamWork = int64_t(1) << 15;
-  // Weights up to this size (a quarter of a core's L2 here) let a team split the batch instead.
-  static constexpr int64_t kRowTeamWeightBytes = int64_t(256) << 10;
+  // Weights that fit in a core's L2 cache let a team split the batch instead: each thread then
+  // streams the whole weight from its own L2 at every step, with no barrier. Measured on an AMD EPYC
+  // (Zen 4, 1 MB L2), B = 64: 256 kB -> 1 MB raised GRU H = 256 inference 16% and LSTM / RNN H = 256
+  // training 8-9%; above the L2 size the panel split is as fast or faster. 256 kB when the L2 size is
+  // unknown.
+  static int64_t row_team_weight_bytes() {
+    static const int64_t bytes = [] {
+      const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+      return l2 > 0 ? static_cast<int64_t>(l2) : int64_t(256) << 10;
+    }();
+    return bytes;
+  }
 
   // In a team, this thread's static share [begin, end) of [0, total), cut off at n.
   static std::pair<int64_t, int64_t> thread_share(int64_t total, int64_t n) {
