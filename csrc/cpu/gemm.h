@@ -72,9 +72,10 @@ void gemm(int64_t n, int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, b
 // C rows [0, m) x panels [panel_begin, panel_end) of C = A B (+ C when accumulate) for products with many
 // rows, B read in place (b[kk * ldb + j], or b[j * ldb + kk] when b_transposed), e.g. the weight
 // gradients G^T X or the input projection X W_ih^T: per depth block, 16 panels of B
-// at a time are packed (then reused by every row) and 64 rows of A are gathered into contiguous 8-row
-// tiles (then reused by 16 panels), so the micro-kernels stream contiguous memory instead of one cache
-// line per page. Same sums in the same order as gemm. `scratch` holds
+// at a time are packed (then reused by every row); a row-major A is read in place, any other (G^T) has
+// 64 rows at a time gathered into contiguous 8-row tiles (then reused by 16 panels), so the
+// micro-kernels stream contiguous memory instead of one cache line per page. Same sums in the same
+// order as gemm. `scratch` holds
 // gemm_tall_scratch<T>() elements.
 template <typename T>
 constexpr int64_t gemm_tall_scratch() {
