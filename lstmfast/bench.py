@@ -5,7 +5,8 @@ torch.utils.benchmark, so the reported ratios (competitor time / lstmfast time; 
 faster) are robust on shared, noisy machines. Per row: inference forward (no grad) and training step
 (forward + backward) times, speedups, the peak memory a training step allocates (torch's CPU allocator,
 through the profiler) and efficiency: the layer's useful GEMM FLOPs per second as a fraction of a
-large GEMM's FLOPs per second measured in the same run.
+large GEMM's FLOPs per second measured in the same run, for lstmfast and for torch.nn (a row where both
+are near 1 is bound by the machine's GEMM rate).
 """
 
 import argparse
@@ -281,8 +282,12 @@ def time_case(case: Case, contenders=CONTENDERS, min_run_time=0.3, gemm_gflops=N
     if gemm_gflops:
         peak = gemm_gflops[case.dtype]
         flops = gemm_flops(case, tokens_of(case))
-        row["efficiency_fwd"] = flops / (row["lstmfast_fwd_ms"] * 1e-3) / (peak * 1e9)
-        row["efficiency_train"] = 3 * flops / (row["lstmfast_train_ms"] * 1e-3) / (peak * 1e9)
+        # The same measure for torch.nn: where both are near 1, a row is bound by the machine's GEMM
+        # rate and no kernel can be much faster than the other.
+        for name, suffix in (("lstmfast", ""), ("torch.nn", "_torch.nn")):
+            if f"{name}_fwd_ms" in row:
+                row[f"efficiency_fwd{suffix}"] = flops / (row[f"{name}_fwd_ms"] * 1e-3) / (peak * 1e9)
+                row[f"efficiency_train{suffix}"] = 3 * flops / (row[f"{name}_train_ms"] * 1e-3) / (peak * 1e9)
     return row
 
 
@@ -403,7 +408,7 @@ def format_table(result: dict) -> str:
     rows = result["rows"]
     others = [n for n in ALL_CONTENDERS[1:] if f"{n}_fwd_ms" in rows[0]]
     head = f"{'case':36}{'lstmfast ms fwd/train':>24}" + "".join(f"{'x vs ' + n:>22}" for n in others)
-    head += f"{'peak MB ours/nn':>18}{'eff fwd/train':>16}"
+    head += f"{'peak MB ours/nn':>18}{'eff fwd/train':>16}{'nn eff fwd/train':>18}"
     engines = result["meta"].get("cpu_gemm_engines", {})
     lines = [f"{result['meta']['processor']}; lstmfast CPU GEMMs: "
              + ", ".join(f"{k} {v}" for k, v in engines.items() if k in result["meta"]["large_gemm_gflops"]),
@@ -417,6 +422,8 @@ def format_table(result: dict) -> str:
         mem = (f"{r['lstmfast_train_peak_mb']:8.1f}/{r['torch.nn_train_peak_mb']:<9.1f}"
                if "torch.nn_train_peak_mb" in r else " " * 18)
         eff = f"{r['efficiency_fwd']:7.2f}/{r['efficiency_train']:<8.2f}" if "efficiency_fwd" in r else ""
+        if "efficiency_fwd_torch.nn" in r:
+            eff += f"{r['efficiency_fwd_torch.nn']:9.2f}/{r['efficiency_train_torch.nn']:<8.2f}"
         lines.append(line + mem + eff)
     lines.append("")
     for key, s in result["summary"].items():

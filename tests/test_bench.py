@@ -25,7 +25,7 @@ def test_quick_benchmark_json(tmp_path):
             for mode in bench.MODES:
                 assert r[f"{name}_{mode}_ms"] > 0
         ratios = [v for k, v in r.items() if k.startswith(("speedup_", "efficiency_"))]
-        assert len(ratios) == 2 * (len(bench.CONTENDERS) - 1) + 2
+        assert len(ratios) == 2 * (len(bench.CONTENDERS) - 1) + 4  # speedups, lstmfast's and torch.nn's efficiency
         assert all(v > 0 and math.isfinite(v) for v in ratios), r
         assert r["lstmfast_train_peak_mb"] > 0 and r["torch.nn_train_peak_mb"] > 0
     for s in loaded["summary"].values():
@@ -59,6 +59,7 @@ def test_bfloat16_benchmark(tmp_path):
             for mode in bench.MODES:
                 assert r[f"{name}_{mode}_ms"] > 0 and math.isfinite(r[f"speedup_{mode}_vs_{name}"])
         assert r["efficiency_fwd"] > 0 and r["efficiency_train"] > 0
+        assert r["efficiency_fwd_torch.nn"] > 0 and r["efficiency_train_torch.nn"] > 0
     assert "LSTM B>=8 speedup_train_vs_torch.nn" in loaded["summary"]
 
 
