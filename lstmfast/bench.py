@@ -50,18 +50,30 @@ tb = _import_torch_benchmark()
 
 
 def cpu_description() -> str:
-    """The CPU's model and the features that decide lstmfast's and oneDNN's kernels, e.g.
-    "AMD EPYC (avx512f, avx512_bf16)": every benchmark says what it ran on."""
-    model, flags = platform.processor() or platform.machine(), set()
+    """The CPU's model, generation (family / model numbers: a virtual machine may name only "AMD EPYC"),
+    L2 cache per core and the features that decide lstmfast's and oneDNN's kernels, e.g.
+    "AMD EPYC, family 25 model 17, L2 1024K (avx2, avx512f, avx512_bf16)": every benchmark says what it
+    ran on."""
+    model, flags, ids = platform.processor() or platform.machine(), set(), {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name":
+                key = key.strip()
+                if key == "model name":
                     model = value.strip()
-                elif key.strip() == "flags":
+                elif key in ("cpu family", "model"):
+                    ids[key] = value.strip()
+                elif key == "flags":
                     flags = set(value.split())
                     break
+    except OSError:
+        pass
+    if "cpu family" in ids and "model" in ids:
+        model += f", family {ids['cpu family']} model {ids['model']}"
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+            model += f", L2 {f.read().strip()}"
     except OSError:
         pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
