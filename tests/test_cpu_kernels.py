@@ -111,12 +111,14 @@ def test_bitwise_identical_across_thread_counts(dtype, module_kwargs, packed):
 
 # Large enough per step (batch x gates x hidden x width >= 2^15 multiply-adds) for the CPU backend to run
 # the time loop on a team of threads (with AVX-512); 37 and 21 leave partial panels. With batch 24 the
-# team splits the batch; the "-panels" cases' batches (fewer than 4 rows per thread) make it split the
-# weights' panels instead.
+# team splits the batch when the weight fits in a core's L2 cache ("lstm-rows-large": 270 kB in float32,
+# 540 kB in float64, over the old fixed 256 kB limit) and the panels otherwise; the "-panels" cases'
+# batches (fewer than 4 rows per thread) make it split the weights' panels whatever their size.
 TEAM_CASES = {"lstm": dict(cell="lstm"), "proj-reverse": dict(cell="lstm", proj=21, reverse=True),
               "packed-reverse": dict(cell="lstm", lengths=[7] * 9 + [5] * 8 + [2] * 7, reverse=True),
               "rnn": dict(cell="rnn"), "relu-clip": dict(cell="rnn", nonlinearity="relu", grad_clip=0.05),
               "lstm-panels": dict(cell="lstm", hidden=165, batch=6, lengths=[7] * 4 + [3] * 2),
+              "lstm-rows-large": dict(cell="lstm", hidden=130, lengths=[7] * 20 + [4] * 4, reverse=True),
               "rnn-panels": dict(cell="rnn", hidden=330, batch=4, reverse=True),
               "gru": dict(cell="gru"), "gru-packed-reverse-clip": dict(cell="gru", lengths=[7] * 9 + [5] * 8 + [2] * 7,
                                                                     reverse=True, grad_clip=0.05),
