@@ -68,3 +68,18 @@ def test_kinds_option_selects_the_layers():
     assert {r["kind"] for r in result["rows"]} == {"GRU"}
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--kinds", "GRU,LSTMX"])
+
+
+def test_interleaved_retiming_script():
+    """benchmarks/interleaved.py (re-times rows with both sides interleaved) runs and reports a ratio."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "interleaved.py"
+    if not path.exists():
+        pytest.skip("benchmarks/ is not part of this checkout (an installed sdist's tests)")
+    spec = importlib.util.spec_from_file_location("interleaved", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for mode in ("train", "fwd"):
+        (row,) = module.main(["GRU:3:2:5", "--mode", mode, "--rounds", "2", "--seconds", "0.001"])
+        assert row["lstmfast"] > 0 and row["torch.nn"] > 0 and math.isfinite(row["speedup"])
