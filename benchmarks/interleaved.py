@@ -1,7 +1,8 @@
 """Re-time a few benchmark rows with lstmfast and torch.nn interleaved: one short block of each in turn,
 several rounds in one process, the median of each side's rounds. On a shared machine whose speed moves
 by tens of percent within minutes, this puts both sides in the same moments, which single back-to-back
-measurements (`python -m lstmfast bench`) do not. Rows are KIND:T:B:H (one layer, I = H, float32):
+measurements (`python -m lstmfast bench`) do not. Rows are KIND:T:B:H (one layer, I = H, float32), built
+and stepped exactly as the benchmark's:
 
     python benchmarks/interleaved.py GRU:16:64:1024 GRU:128:64:256 --mode train --rounds 7
 """
@@ -12,20 +13,7 @@ import time
 
 import torch
 
-import lstmfast
 from lstmfast import bench
-
-
-def statement(module, x, mode):
-    if mode == "train":
-        def step():
-            out, _ = module(x)
-            out.sum().backward()
-    else:
-        def step():
-            with torch.no_grad():
-                module(x)
-    return step
 
 
 def per_call_ms(step, calls):
@@ -36,12 +24,11 @@ def per_call_ms(step, calls):
 
 
 def time_row(kind, T, B, H, mode, rounds, seconds):
-    """Median ms per call of lstmfast and torch.nn (the same weights and input), interleaved."""
-    torch.manual_seed(0)
-    theirs = getattr(torch.nn, kind)(H, H)
-    ours = getattr(lstmfast, kind).from_torch(theirs)
-    x = torch.randn(T, B, H, requires_grad=mode == "train")
-    steps = {"lstmfast": statement(ours, x, mode), "torch.nn": statement(theirs, x, mode)}
+    """Median ms per call of lstmfast and torch.nn on the benchmark's row (bench.build: the same weights;
+    bench._statements: the same input and steps), interleaved."""
+    case = bench.Case(kind, T, B, H, H)
+    runners, params = bench.build(case, ("lstmfast", "torch.nn"))
+    steps = {name: bench._statements(fn, case, params)[mode] for name, fn in runners.items()}
     for step in steps.values():  # first calls pack weights, create oneDNN primitives, start threads
         step(), step()
     calls = max(1, int(seconds / (per_call_ms(steps["torch.nn"], 1) * 1e-3)))
