@@ -274,8 +274,7 @@ def measure(stmt, label, sub_label, description, min_run_time) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def time_case(case: Case, contenders=CONTENDERS, min_run_time=0.3, gemm_gflops=None,
-              memory=True) -> dict:
+def time_case(case: Case, contenders=CONTENDERS, min_run_time=0.3, memory=True) -> dict:
     runners, params = build(case, contenders)
     row = asdict(case)
     row["label"] = case.label
@@ -291,8 +290,6 @@ def time_case(case: Case, contenders=CONTENDERS, min_run_time=0.3, gemm_gflops=N
             continue
         for mode in MODES:
             row[f"speedup_{mode}_vs_{name}"] = row[f"{name}_{mode}_ms"] / row[f"lstmfast_{mode}_ms"]
-    if gemm_gflops:
-        add_efficiency(row, case, gemm_gflops)
     return row
 
 
