@@ -27,6 +27,8 @@ from torch import nn
 import lstmfast
 from lstmfast import functional, reference
 
+from conftest import raw_ops
+
 U = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-11}
 TOL = {torch.bfloat16: 8 * U[torch.bfloat16], torch.float16: 4 * U[torch.float16]}
 
@@ -309,16 +311,7 @@ def test_opcheck(dtype):
                                              [True, True, True, True], None, True))
 
 
-# ------------------------------------------------------------------------------ GRU (ops only so far)
-
-def _gru_ops(tensors, h0, batch_sizes, reverse, cotangents):
-    """gru_forward + gru_backward: outputs (output, h_n) and the gradients of (x, h0, w_ih, w_hh, b_ih, b_hh)."""
-    x, w_ih, w_hh, b_ih, b_hh = tensors
-    out, h_n, gates = lstmfast.ops.gru_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
-    grads = lstmfast.ops.gru_backward(cotangents[0].to(out.dtype), cotangents[1].to(out.dtype), x, batch_sizes,
-                                      h0, w_ih, w_hh, out, gates, reverse, [True] * 4, None, False)
-    return [out, h_n], list(grads[:6])
-
+# ------------------------------------------------------------------------------ GRU ops (modules above)
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -336,9 +329,10 @@ def test_gru_ops_against_float64(dtype, packed):
     exact = [t.double().requires_grad_() for t in tensors + [h0]]
     ref_outs = reference.gru(*exact[:5], h0=exact[5], batch_sizes=batch_sizes, reverse=packed)
     cotangents = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref_outs]
-    ref_grads = torch.autograd.grad(ref_outs, exact, cotangents)
-    ref_grads = [ref_grads[0], ref_grads[5], *ref_grads[1:5]]
-    outs, grads = _gru_ops(tensors, h0, batch_sizes, packed, cotangents)
+    ref_grads = list(torch.autograd.grad(ref_outs, exact, cotangents))
+    leaves = [t.detach().requires_grad_() for t in tensors + [h0]]
+    outs = list(raw_ops.gru(*leaves[:5], h0=leaves[5], batch_sizes=batch_sizes, reverse=packed))
+    grads = list(torch.autograd.grad(outs, leaves, [c.to(o.dtype) for c, o in zip(cotangents, outs)]))
     assert [t.dtype for t in outs + grads] == [dtype] * 8
     for i, (a, e) in enumerate(zip(outs + grads, list(ref_outs) + ref_grads)):
         assert _rel(a, e) <= TOL[dtype], (i, _rel(a, e))
