@@ -525,22 +525,37 @@ struct CpuBackend {
   static void bf16_rows(int64_t rows, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* b,
                         float* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end,
                         bool split = false) {
-    constexpr int64_t kBlock = 64;
+    for (int64_t r = 0; r < rows; r += kBf16Block) {
+      const int64_t count = std::min(kBf16Block, rows - r);
+      const RoundedBlock block = round_block(a + r * lda, lda, count, k, split);
+      block_product(block, count, n, k, b, c + r * ldc, ldc, accumulate, panel_begin, panel_end);
+    }
+  }
+
+  // Up to kBf16Block rows of A rounded to bfloat16 rows of padded_depth(k) in this thread's scratch:
+  // `low` holds the second terms when split (else nullptr).
+  static constexpr int64_t kBf16Block = 64;
+  struct RoundedBlock {
+    const uint16_t *high, *low;
+  };
+  static RoundedBlock round_block(const float* a, int64_t lda, int64_t rows, int64_t k, bool split) {
     thread_local std::vector<uint16_t> scratch;
     const int64_t kp = cpu::bf16::padded_depth(k);
-    if (static_cast<int64_t>(scratch.size()) < 2 * kBlock * kp) scratch.resize(2 * kBlock * kp);
-    uint16_t *high = scratch.data(), *low = high + kBlock * kp;
-    for (int64_t r = 0; r < rows; r += kBlock) {
-      const int64_t count = std::min(kBlock, rows - r);
-      if (split) {
-        cpu::bf16::round_rows_split(a + r * lda, lda, count, k, high, low);
-        cpu::bf16::gemm(n, k, high, b, c + r * ldc, ldc, accumulate, count, panel_begin, panel_end);
-        cpu::bf16::gemm(n, k, low, b, c + r * ldc, ldc, true, count, panel_begin, panel_end);
-        continue;
-      }
-      cpu::bf16::round_rows(a + r * lda, lda, count, k, high);
-      cpu::bf16::gemm(n, k, high, b, c + r * ldc, ldc, accumulate, count, panel_begin, panel_end);
+    if (static_cast<int64_t>(scratch.size()) < 2 * kBf16Block * kp) scratch.resize(2 * kBf16Block * kp);
+    uint16_t *high = scratch.data(), *low = high + kBf16Block * kp;
+    if (split) {
+      cpu::bf16::round_rows_split(a, lda, rows, k, high, low);
+      return {high, low};
     }
+    cpu::bf16::round_rows(a, lda, rows, k, high);
+    return {high, nullptr};
+  }
+  // C (+)= the block times B over panels [panel_begin, panel_end): the high terms' products, then the
+  // low terms' added (each element's sum in the same order however the panels are grouped).
+  static void block_product(const RoundedBlock& block, int64_t rows, int64_t n, int64_t k, const uint16_t* b,
+                            float* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end) {
+    cpu::bf16::gemm(n, k, block.high, b, c, ldc, accumulate, rows, panel_begin, panel_end);
+    if (block.low != nullptr) cpu::bf16::gemm(n, k, block.low, b, c, ldc, true, rows, panel_begin, panel_end);
   }
 
   // C(m, n) (+)= A(m, k) op(B) with operands rounded to bfloat16 (A to two terms when split). The weight
@@ -565,29 +580,31 @@ struct CpuBackend {
     bf16_split(m, n, k, a, lda, weights, c, ldc, accumulate, nullptr, split);
   }
 
-  // bf16_rows over C(m, n) split between threads in units of (64 rows) x (a group of panels), each
-  // unit's work at least about 64k multiply-adds where there is that much. With `rounded` (A already
-  // rounded to bfloat16 rows of padded_depth(k)), a is not read.
+  // C(m, n) (+)= A B split between threads in units of (64 rows) x (a group of panels), each unit's
+  // work at least about 64k multiply-adds where there is that much. A thread rounds each 64-row block
+  // of A once for the run of its units on that block (units go block by block), however many panel
+  // groups the block is cut into. With `rounded` (A already rounded to bfloat16 rows of
+  // padded_depth(k)), a is not read.
   void bf16_split(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* b, float* c,
                   int64_t ldc, bool accumulate, const uint16_t* rounded = nullptr, bool split = false) {
-    constexpr int64_t kBlock = 64;
-    const int64_t panels = cpu::bf16::panels_of(n), blocks = (m + kBlock - 1) / kBlock;
-    const int64_t block_rows = std::min(kBlock, m);
-    // (Tall products take groups of 8 panels or more: each unit rounds its 64 rows of A again.)
+    const int64_t panels = cpu::bf16::panels_of(n), blocks = (m + kBf16Block - 1) / kBf16Block;
+    const int64_t block_rows = std::min(kBf16Block, m);
     const int64_t group = std::clamp<int64_t>((int64_t(1) << 16) / (block_rows * cpu::bf16::kPanel * k),
                                               blocks > 1 ? 8 : 3, 24);
     const int64_t groups = (panels + group - 1) / group;
     const int64_t unit_work = block_rows * std::min(panels, group) * cpu::bf16::kPanel * k;
     const int64_t kp = cpu::bf16::padded_depth(k);
     share(blocks * groups, std::max<int64_t>(1, (int64_t(1) << 17) / unit_work), [&](int64_t begin, int64_t end) {
-      for (int64_t u = begin; u < end; ++u) {
-        const int64_t r0 = (u / groups) * kBlock, p0 = (u % groups) * group, p1 = std::min(panels, p0 + group);
-        const int64_t rows = std::min(kBlock, m - r0);
-        if (rounded != nullptr) {
-          cpu::bf16::gemm(n, k, rounded + r0 * kp, b, c + r0 * ldc, ldc, accumulate, rows, p0, p1);
-        } else {
-          bf16_rows(rows, n, k, a + r0 * lda, lda, b, c + r0 * ldc, ldc, accumulate, p0, p1, split);
-        }
+      for (int64_t u = begin; u < end;) {
+        // Units [u, last) are this thread's on one block: panels [p0, p1).
+        const int64_t block = u / groups, last = std::min(end, (block + 1) * groups);
+        const int64_t r0 = block * kBf16Block, rows = std::min(kBf16Block, m - r0);
+        const int64_t p0 = (u % groups) * group, p1 = std::min(panels, ((last - 1) % groups + 1) * group);
+        const RoundedBlock rows_of_a = rounded != nullptr
+                                           ? RoundedBlock{rounded + r0 * kp, nullptr}
+                                           : round_block(a + r0 * lda, lda, rows, k, split);
+        block_product(rows_of_a, rows, n, k, b, c + r0 * ldc, ldc, accumulate, p0, p1);
+        u = last;
       }
     });
   }
