@@ -1,8 +1,9 @@
 """Speed benchmark: lstmfast against torch.nn (oneDNN and native paths) and lstmfast.reference.
 
-Every row builds the contenders with identical weights and inputs and times them in the same run with
-torch.utils.benchmark, so the reported ratios (competitor time / lstmfast time; > 1 means lstmfast is
-faster) are robust on shared, noisy machines. Per row: inference forward (no grad) and training step
+Every row builds the contenders with identical weights and inputs and times them in the same run,
+interleaved (rounds of one short block of calls each, the median of each contender's blocks), so the
+reported ratios (competitor time / lstmfast time; > 1 means lstmfast is faster) hold on shared, noisy
+machines. Per row: inference forward (no grad) and training step
 (forward + backward) times, speedups, the peak memory a training step allocates (torch's CPU allocator,
 through the profiler) and efficiency: the layer's useful GEMM FLOPs per second as a fraction of a
 large GEMM's FLOPs per second measured in the same run, for lstmfast and for torch.nn (a row where both
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 import platform
+import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -85,6 +87,7 @@ CONTENDERS = ("lstmfast", "torch.nn", "torch.nn-native", "reference")
 BF16_CONTENDERS = ("lstmfast", "torch.nn", "torch.nn-autocast", "lstmfast-float32")
 ALL_CONTENDERS = tuple(dict.fromkeys(CONTENDERS + BF16_CONTENDERS))
 MODES = ("fwd", "train")
+ROUNDS = 7  # interleaved rounds per row and mode (measure_interleaved)
 KINDS = ("LSTM", "GRU", "RNN")  # the grid's layers (RNN: tanh)
 
 
@@ -274,17 +277,48 @@ def measure(stmt, label, sub_label, description, min_run_time) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def measure_interleaved(stmts: Dict[str, Callable], min_run_time: float, rounds: int = ROUNDS) -> Dict[str, float]:
+    """Median ms per call of each statement, timed interleaved: `rounds` rounds, in each of which every
+    statement runs one block of calls (about min_run_time / rounds seconds), the order rotated from round
+    to round. On a shared machine whose speed drifts by tens of percent within minutes, this puts all
+    contenders of a row in the same moments, so their ratio holds where back-to-back timings of each do
+    not."""
+    per_call = {}
+    for name, stmt in stmts.items():
+        for _ in range(2):  # first calls compile kernels, create oneDNN primitives, start threads
+            stmt()
+        start = time.perf_counter()
+        stmt()
+        per_call[name] = time.perf_counter() - start
+    calls = {name: max(1, round(min_run_time / rounds / max(t, 1e-7))) for name, t in per_call.items()}
+    names = list(stmts)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            stmt, n = stmts[name], calls[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                stmt()
+            times[name].append((time.perf_counter() - start) / n * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def time_case(case: Case, contenders=CONTENDERS, min_run_time=0.3, memory=True) -> dict:
+    """One row: every contender's forward (no grad) and training step, each mode timed with the
+    contenders interleaved (measure_interleaved), and the peak memory of a training step."""
     runners, params = build(case, contenders)
     row = asdict(case)
     row["label"] = case.label
-    for name, fn in runners.items():
-        stmts = _statements(fn, case, params)
-        for mode in MODES:
-            row[f"{name}_{mode}_ms"] = measure(stmts[mode], case.label, mode, name, min_run_time)
-        if memory and name in ("lstmfast", "torch.nn"):
-            stmts["train"]()  # warm caches so that only the step's own allocations count
-            row[f"{name}_train_peak_mb"] = peak_memory_mb(stmts["train"])
+    stmts = {name: _statements(fn, case, params) for name, fn in runners.items()}
+    for mode in MODES:
+        ms = measure_interleaved({name: s[mode] for name, s in stmts.items()}, min_run_time)
+        for name in runners:
+            row[f"{name}_{mode}_ms"] = ms[name]
+    if memory:
+        for name in ("lstmfast", "torch.nn"):
+            if name in stmts:
+                stmts[name]["train"]()  # warm caches so that only the step's own allocations count
+                row[f"{name}_train_peak_mb"] = peak_memory_mb(stmts[name]["train"])
     for name in runners:
         if name == "lstmfast":
             continue
@@ -486,6 +520,15 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def parse_row(text: str, dtype: str, parser: argparse.ArgumentParser) -> Case:
+    """KIND:T:B:H as a one-layer Case with I = H."""
+    kind, *dims = text.split(":")
+    if kind not in KINDS or len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
+        parser.error(f"--rows takes KIND:T:B:H with KIND one of {','.join(KINDS)} and positive sizes, got {text!r}")
+    T, B, H = map(int, dims)
+    return Case(kind, T, B, H, H, dtype=dtype)
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="lstmfast bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a small grid (well under a minute)")
@@ -493,23 +536,28 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the speedups")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow plain-PyTorch contender")
     parser.add_argument("--min-run-time", type=float, default=None,
-                        help="seconds per measurement (default 0.3, 0.05 with --quick)")
+                        help="seconds per contender and mode of a row, over its interleaved rounds "
+                             "(default 0.3, 0.05 with --quick)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="bfloat16: lstmfast bf16 against torch.nn bf16, torch.nn float32 under CPU "
                              "bf16 autocast and lstmfast float32, on a bf16 grid")
     parser.add_argument("--kinds", default=",".join(KINDS),
                         help=f"comma-separated layers to time (default {','.join(KINDS)}; the extra rows are LSTMs)")
+    parser.add_argument("--rows", nargs="+", metavar="KIND:T:B:H",
+                        help="time only these rows (one layer, I = H), e.g. GRU:16:64:1024 LSTM:128:32:512, "
+                             "instead of the grid")
     args = parser.parse_args(argv)
     kinds = args.kinds.split(",")
     if not kinds or any(k not in KINDS for k in kinds):
         parser.error(f"--kinds takes a comma-separated subset of {','.join(KINDS)}, got {args.kinds!r}")
+    rows = [parse_row(r, args.dtype, parser) for r in args.rows or ()]
     if args.dtype == "bfloat16":
         contenders = BF16_CONTENDERS
     else:
         contenders = tuple(c for c in CONTENDERS if not (args.no_reference and c == "reference"))
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 0.3)
-    cases = [c for c in default_cases(args.quick, args.dtype) if c.kind in kinds]
+    cases = rows or [c for c in default_cases(args.quick, args.dtype) if c.kind in kinds]
     result = run(cases, contenders, progress=not args.no_progress,
                  min_run_time=min_run_time, quick=args.quick, ratios=args.dtype == "float32")
     result["meta"]["cpu_gemm_engines"] = cpu_gemm_engines()

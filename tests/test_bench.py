@@ -70,16 +70,27 @@ def test_kinds_option_selects_the_layers():
         bench.main(["--quick", "--kinds", "GRU,LSTMX"])
 
 
-def test_interleaved_retiming_script():
-    """benchmarks/interleaved.py (re-times rows with both sides interleaved) runs and reports a ratio."""
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "interleaved.py"
-    if not path.exists():
-        pytest.skip("benchmarks/ is not part of this checkout (an installed sdist's tests)")
-    spec = importlib.util.spec_from_file_location("interleaved", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for mode in ("train", "fwd"):
-        (row,) = module.main(["GRU:3:2:5", "--mode", mode, "--rounds", "2", "--seconds", "0.001"])
-        assert row["lstmfast"] > 0 and row["torch.nn"] > 0 and math.isfinite(row["speedup"])
+def test_rows_option_times_the_named_rows():
+    """--rows times exactly the named one-layer rows (the way to re-time a few grid rows), all
+    contenders of a row interleaved; bad rows are refused."""
+    result = bench.main(["--rows", "GRU:3:2:5", "RNN:4:1:3", "--min-run-time", "0.001", "--no-progress",
+                         "--no-reference"])
+    assert [(r["kind"], r["T"], r["B"], r["H"], r["I"], r["layers"]) for r in result["rows"]] == [
+        ("GRU", 3, 2, 5, 5, 1), ("RNN", 4, 1, 3, 3, 1)]
+    for r in result["rows"]:
+        for mode in bench.MODES:
+            assert r[f"lstmfast_{mode}_ms"] > 0 and math.isfinite(r[f"speedup_{mode}_vs_torch.nn"])
+    for bad in ("GRUX:3:2:5", "GRU:3:2", "GRU:3:0:5", "GRU:3:b:5"):
+        with pytest.raises(SystemExit):
+            bench.main(["--rows", bad, "--no-progress"])
+
+
+def test_interleaved_timing_rotates_and_takes_medians():
+    """measure_interleaved runs every statement in every round, in a rotated order, and reports the
+    median of its per-call block times."""
+    order = []
+    stmts = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    ms = bench.measure_interleaved(stmts, min_run_time=0.0, rounds=3)
+    assert set(ms) == {"a", "b", "c"} and all(v >= 0 for v in ms.values())
+    timed = order[9:]  # after 2 warm-up calls and one calibration call each
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
