@@ -16,8 +16,10 @@ import itertools
 import json
 import logging
 import math
+import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -254,11 +256,28 @@ def _statements(fn, case: Case, params):
     return {"fwd": forward, "train": train}
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 pointed at /dev/null for the block: the profiler's native side prints two
+    "USDT: ... profiler_start/stop" lines per use (torch 2.13), which no setting turns off. Python
+    exceptions still propagate and print after the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_mb(stmt) -> float:
     """Peak bytes a call allocates through torch's CPU allocator (net of what it started with). lstmfast's
     cache of reusable CPU buffers is emptied first, so the buffers a call uses count as allocated."""
     empty_cpu_cache()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                           profile_memory=True) as prof:
         stmt()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())

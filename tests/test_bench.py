@@ -70,11 +70,14 @@ def test_kinds_option_selects_the_layers():
         bench.main(["--quick", "--kinds", "GRU,LSTMX"])
 
 
-def test_rows_option_times_the_named_rows():
+def test_rows_option_times_the_named_rows(capfd):
     """--rows times exactly the named one-layer rows (the way to re-time a few grid rows), all
-    contenders of a row interleaved; bad rows are refused."""
+    contenders of a row interleaved; bad rows are refused. The profiler behind the peak-memory column
+    prints nothing of its own."""
     result = bench.main(["--rows", "GRU:3:2:5", "RNN:4:1:3", "--min-run-time", "0.001", "--no-progress",
                          "--no-reference"])
+    out, err = capfd.readouterr()
+    assert "GRU T=3 B=2 H=5" in out and "profiler_start" not in out + err
     assert [(r["kind"], r["T"], r["B"], r["H"], r["I"], r["layers"]) for r in result["rows"]] == [
         ("GRU", 3, 2, 5, 5, 1), ("RNN", 4, 1, 3, 3, 1)]
     for r in result["rows"]:
