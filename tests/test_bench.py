@@ -3,6 +3,7 @@ It makes no speed claim: speed is measured by running the benchmark, never by te
 
 import json
 import math
+import time
 
 import pytest
 
@@ -97,3 +98,9 @@ def test_interleaved_timing_rotates_and_takes_medians():
     assert set(ms) == {"a", "b", "c"} and all(v >= 0 for v in ms.values())
     timed = order[9:]  # after 2 warm-up calls and one calibration call each
     assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    # One whose single call outlasts min_run_time sits out after three rounds.
+    order.clear()
+    stmts["slow"] = lambda: (order.append("slow"), time.sleep(0.02))
+    ms = bench.measure_interleaved(stmts, min_run_time=0.01, rounds=5)
+    assert order.count("slow") == 3 + 3 and order.count("a") >= 3 + 5
+    assert set(ms) == {"a", "b", "c", "slow"} and ms["slow"] >= 20
