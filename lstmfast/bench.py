@@ -486,7 +486,7 @@ def run(cases: List[Case], contenders=CONTENDERS, progress=True, min_run_time=0.
 def format_table(result: dict) -> str:
     rows = result["rows"]
     others = [n for n in ALL_CONTENDERS[1:] if f"{n}_fwd_ms" in rows[0]]
-    head = f"{'case':36}{'lstmfast ms fwd/train':>24}" + "".join(f"{'x vs ' + n:>22}" for n in others)
+    head = f"{'case':36}{'lstmfast ms fwd/train':>24}" + "".join(f"{'x vs ' + n:>24}" for n in others)
     head += f"{'peak MB ours/nn':>18}{'eff fwd/train':>16}{'nn eff fwd/train':>18}"
     engines = result["meta"].get("cpu_gemm_engines", {})
     lines = [f"{result['meta']['processor']}; lstmfast CPU GEMMs: "
@@ -497,7 +497,7 @@ def format_table(result: dict) -> str:
              head, "-" * len(head)]
     for r in rows:
         line = f"{r['label']:36}{r['lstmfast_fwd_ms']:11.3f}/{r['lstmfast_train_ms']:<12.3f}"
-        line += "".join(f"{r[f'speedup_fwd_vs_{n}']:11.2f}/{r[f'speedup_train_vs_{n}']:<10.2f}" for n in others)
+        line += "".join(f"{r[f'speedup_fwd_vs_{n}']:13.2f}/{r[f'speedup_train_vs_{n}']:<10.2f}" for n in others)
         mem = (f"{r['lstmfast_train_peak_mb']:8.1f}/{r['torch.nn_train_peak_mb']:<9.1f}"
                if "torch.nn_train_peak_mb" in r else " " * 18)
         eff = f"{r['efficiency_fwd']:7.2f}/{r['efficiency_train']:<8.2f}" if "efficiency_fwd" in r else ""
