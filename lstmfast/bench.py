@@ -296,19 +296,26 @@ def measure(stmt, label, sub_label, description, min_run_time) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def _clock() -> float:
+    """time.perf_counter() after the GPU's queued work, when CUDA is in use (the demo times on CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def measure_interleaved(stmts: Dict[str, Callable], min_run_time: float, rounds: int = ROUNDS) -> Dict[str, float]:
     """Median ms per call of each statement, timed interleaved: `rounds` rounds, in each of which every
     statement runs one block of calls (about min_run_time / rounds seconds, at least one call), the order
-    rotated from round to round. On a shared machine whose speed drifts by tens of percent within minutes, this puts all
-    contenders of a row in the same moments, so their ratio holds where back-to-back timings of each do
-    not."""
+    rotated from round to round. On a shared machine whose speed drifts by tens of percent within
+    minutes, this puts all contenders of a row in the same moments, so their ratio holds where
+    back-to-back timings of each do not."""
     per_call = {}
     for name, stmt in stmts.items():
         for _ in range(2):  # first calls compile kernels, create oneDNN primitives, start threads
             stmt()
-        start = time.perf_counter()
+        start = _clock()
         stmt()
-        per_call[name] = time.perf_counter() - start
+        per_call[name] = _clock() - start
     calls = {name: max(1, round(min_run_time / rounds / max(t, 1e-7))) for name, t in per_call.items()}
     # A statement whose one call outlasts the whole budget (the plain-PyTorch reference on large rows)
     # sits out after three rounds rather than stretching the run.
@@ -320,10 +327,10 @@ def measure_interleaved(stmts: Dict[str, Callable], min_run_time: float, rounds:
             if name in slow and r >= 3:
                 continue
             stmt, n = stmts[name], calls[name]
-            start = time.perf_counter()
+            start = _clock()
             for _ in range(n):
                 stmt()
-            times[name].append((time.perf_counter() - start) / n * 1e3)
+            times[name].append((_clock() - start) / n * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

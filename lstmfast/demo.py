@@ -150,20 +150,20 @@ def train_adding(kind: str, length: int, hidden: int, steps: int, seed: int, dev
 # ---------------------------------------------------------------------------- part 3: speed
 
 def training_step_speed(length: int, hidden: int, device: str, min_run_time: float) -> dict:
-    from .bench import tb
+    from .bench import measure_interleaved
 
     results = {}
     x, y = adding_batch(64, length, torch.Generator().manual_seed(0), device)
     for kind in KINDS:
         ours = Regressor(kind, hidden).to(device)
         theirs = unconvert(copy.deepcopy(ours))  # the same model and weights on torch.nn's layers
-        times = {}
-        for name, model in (("lstmfast", ours), ("torch.nn", theirs)):
-            def step(model=model):
-                loss = nn.functional.mse_loss(model(x), y)
-                loss.backward()
-            timer = tb.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
-            times[name] = timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+        def step(model):
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+        # Both models timed interleaved, in the same moments (as the benchmark's rows).
+        times = measure_interleaved({"lstmfast": lambda: step(ours), "torch.nn": lambda: step(theirs)},
+                                    min_run_time)
         results[kind] = dict(lstmfast_ms=times["lstmfast"], torch_ms=times["torch.nn"],
                              speedup=times["torch.nn"] / times["lstmfast"])
     return results
