@@ -3,11 +3,11 @@
 Every row builds the contenders with identical weights and inputs and times them in the same run,
 interleaved (rounds of one short block of calls each, the median of each contender's blocks), so the
 reported ratios (competitor time / lstmfast time; > 1 means lstmfast is faster) hold on shared, noisy
-machines. Per row: inference forward (no grad) and training step
-(forward + backward) times, speedups, the peak memory a training step allocates (torch's CPU allocator,
-through the profiler) and efficiency: the layer's useful GEMM FLOPs per second as a fraction of a
-large GEMM's FLOPs per second measured in the same run, for lstmfast and for torch.nn (a row where both
-are near 1 is bound by the machine's GEMM rate).
+machines. Per row: inference forward (no grad) and training step (forward + backward) times, speedups,
+the peak memory a training step allocates (torch's CPU allocator, through the profiler) and efficiency:
+the layer's useful GEMM FLOPs per second as a fraction of a large GEMM's FLOPs per second measured in
+the same run, for lstmfast and for torch.nn (a row where both are near 1 is bound by the machine's GEMM
+rate).
 """
 
 import argparse
