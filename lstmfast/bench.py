@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import itertools
 import json
-import logging
 import math
 import os
 import platform
@@ -33,24 +32,6 @@ from . import reference
 from .cpu_cache import empty_cpu_cache
 from ._ops import cpu_gemm_engines
 from .modules import GRU, LSTM, RNN
-
-
-
-def _import_torch_benchmark():
-    """torch.utils.benchmark, imported without the "No CUDA runtime is found" warning that the
-    torch.utils.cpp_extension it imports logs on a CUDA build of torch with no GPU: nothing a user
-    running a CPU benchmark can act on."""
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        from torch.utils import benchmark
-    finally:
-        logger.setLevel(level)
-    return benchmark
-
-
-tb = _import_torch_benchmark()
 
 
 def cpu_description() -> str:
@@ -288,14 +269,6 @@ def peak_memory_mb(stmt) -> float:
     return peak / 2**20
 
 
-def measure(stmt, label, sub_label, description, min_run_time) -> float:
-    for _ in range(2):  # first calls compile kernels, create oneDNN primitives, start threads
-        stmt()
-    timer = tb.Timer(stmt="stmt()", globals={"stmt": stmt}, label=label, sub_label=sub_label,
-                     description=description, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
 def _clock() -> float:
     """time.perf_counter() after the GPU's queued work, when CUDA is in use (the demo times on CUDA)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -373,7 +346,7 @@ def add_efficiency(row: dict, case: Case, gemm_gflops: dict) -> None:
 def large_gemm_gflops(dtype: str, n: int, min_run_time: float) -> float:
     a = torch.randn(n, n, dtype=getattr(torch, dtype))
     b = torch.randn(n, n, dtype=getattr(torch, dtype))
-    ms = measure(lambda: torch.mm(a, b), f"GEMM {n}", dtype, "torch.mm", min_run_time)
+    ms = measure_interleaved({"torch.mm": lambda: torch.mm(a, b)}, min_run_time)["torch.mm"]
     return 2 * n**3 / (ms * 1e-3) / 1e9
 
 
@@ -425,10 +398,12 @@ def cost_ratios(quick: bool, min_run_time: float) -> dict:
     padded = Case("LSTM", max(1, round(tokens / B)), B, H, H)
     uni, bi = Case("LSTM", T, B, H, H), Case("LSTM", T, B, H, H, bidirectional=True)
     times = {}
-    for name, case in (("packed", packed), ("padded", padded), ("unidirectional", uni), ("bidirectional", bi)):
-        runners, params = build(case, ("lstmfast",))
-        times[name] = measure(_statements(runners["lstmfast"], case, params)["train"], case.label, "train",
-                              "lstmfast", min_run_time)
+    for pair in ((("packed", packed), ("padded", padded)), (("unidirectional", uni), ("bidirectional", bi))):
+        steps = {}
+        for name, case in pair:  # the two sides of a ratio timed interleaved
+            runners, params = build(case, ("lstmfast",))
+            steps[name] = _statements(runners["lstmfast"], case, params)["train"]
+        times.update(measure_interleaved(steps, min_run_time))
     return {
         "packed_vs_padded": dict(ratio=times["packed"] / times["padded"] * tokens_of(padded) / tokens,
                                  packed_ms=times["packed"], padded_ms=times["padded"], tokens=tokens,
