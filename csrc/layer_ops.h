@@ -238,6 +238,13 @@ inline Tensor workspace(int64_t rows, int64_t width, const at::TensorOptions& op
       .view({rows, width});
 }
 
+// An op's output of the given shape: at::empty, or a workspace on a thread running a float16 / bfloat16
+// CPU call (cpu::temporary_results), whose float32 results only live until they are rounded.
+inline Tensor result(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (!options.device().is_cpu() || !cpu::temporary_results) return at::empty(sizes, options);
+  return workspace(1, c10::multiply_integers(sizes), options).view(sizes);
+}
+
 // dW_hh = sum_t G_t^T h_{t-1} from the gradients G (N, X) of the pre-activations. With packed input the
 // backward loop collects the h_{t-1} rows (hidden_prev); with every step the same batch they are the
 // previous step's output rows and h0, read in place: two products (the second accumulated into the
@@ -292,7 +299,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const OptTensor bias = combined_bias(b_ih, b_hh);
   // Allocated in its final shape: the op's outputs are never views (autograd lets callers modify
   // them in place), and contiguous, as the fake implementations (lstmfast/_ops.py) say.
-  Tensor output = at::empty(output_shape(input, N, P), input.options());
+  Tensor output = result(output_shape(input, N, P), input.options());
   Tensor h_n = state_or_zeros(h0, B, P, input);
   Tensor c_n = state_or_zeros(c0, B, H, input);
   // Inference keeps no gates (a workspace): the backend may then project the input a few steps at a time.
@@ -439,7 +446,7 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const OptTensor& bat
   const Tensor x = rows_of(input, l.input_size);
   const Tensor wi = w_ih.contiguous(), wh = w_hh.contiguous();
   const OptTensor bias = combined_bias(b_ih, b_hh);
-  Tensor output = at::empty(output_shape(input, N, H), input.options());
+  Tensor output = result(output_shape(input, N, H), input.options());
   Tensor h_n = state_or_zeros(h0, B, H, input);
   dispatch_floating<Backend>(input, [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -538,7 +545,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const OptTen
   const Tensor wi = w_ih.contiguous(), wh = w_hh.contiguous();
   const OptTensor bi = b_ih.has_value() ? OptTensor(b_ih->contiguous()) : std::nullopt;
   const OptTensor bh = b_hh.has_value() ? OptTensor(b_hh->contiguous()) : std::nullopt;
-  Tensor output = at::empty(output_shape(input, N, H), input.options());
+  Tensor output = result(output_shape(input, N, H), input.options());
   Tensor h_n = state_or_zeros(h0, B, H, input);
   // Columns [0, 3H) hold the input projection, then r, z, n; column block 3H the saved h_n.
   const int64_t gate_rows = training ? N : dev.inference_gate_rows(N, B, 4 * H);

@@ -146,6 +146,38 @@ def test_results_do_not_depend_on_the_cache(cache_limit):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_reduced_precision_temporaries_are_cached_and_never_returned(cache_limit, dtype, kind):
+    """A bfloat16 / float16 call's float32 copies of its arguments and its float32 results (rounded to
+    the call's dtype, then dropped) come from the cache; a second identical step reuses those blocks.
+    What the caller gets is its own memory: held results survive later calls."""
+    torch.manual_seed(0)
+    hidden = {"LSTM": 256, "GRU": 320, "RNN": 512}[kind]  # float32 weights of >= 1 MiB, the cache's smallest block
+    model = getattr(lstmfast, kind)(hidden, hidden, dtype=dtype)
+
+    def step(x):
+        model.zero_grad(set_to_none=True)
+        out, _ = model(x)
+        out.float().square().sum().backward()
+        return out, [p.grad for p in model.parameters()]
+
+    x1, x2 = torch.randn(2, 4, 1, hidden, dtype=dtype)
+    out1, grads1 = step(x1)
+    held = lstmfast.cpu_cache_bytes()
+    # Small activations: the backward holds the two weights' float32 copies and computes the two
+    # float32 weight gradients at once, 1 MiB or more each (without them: no block, or float16's two
+    # packed weights).
+    assert held >= 4 << 20
+    kept = [out1.clone()] + [g.clone() for g in grads1]
+    out2, grads2 = step(x2)
+    assert lstmfast.cpu_cache_bytes() == held, "the second step reuses the first one's blocks"
+    assert not torch.equal(out1, out2)
+    for before, now in zip(kept, [out1] + grads1):
+        assert now.dtype == dtype and now.untyped_storage().nbytes() == now.numel() * now.element_size()
+        assert torch.equal(before, now)
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
 def test_bad_limit(bad):
     with pytest.raises(ValueError, match="set_cpu_cache_limit expects a number of bytes >= 0"):

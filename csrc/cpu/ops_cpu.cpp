@@ -652,7 +652,7 @@ struct CpuBackend {
     if (a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
     if (cpu::bf16_products) {
       if (cpu::bf16_engine() == cpu::Bf16Engine::kFloat32) return wide_mm(bf16_values(a), bf16_values(b));
-      at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+      at::Tensor c = result({a.size(0), b.size(1)}, a.options());
       bf16_product(c, a, b, false);
       return c;
     }
@@ -671,7 +671,8 @@ struct CpuBackend {
     const at::Tensor ac = a.stride(1) == 1 || columns ? a : a.contiguous();
     const int64_t m = a.size(0), k = a.size(1), n = b.size(1), kp = cpu::bf16::padded_depth(k);
     const auto options = a.options().dtype(at::kBFloat16);
-    at::Tensor packed = at::empty({cpu::bf16::packed_size(k, n)}, options), rounded = at::empty({m * kp}, options);
+    const at::Tensor packed = workspace(1, cpu::bf16::packed_size(k, n), options);
+    const at::Tensor rounded = workspace(1, m * kp, options);
     auto* b_out = reinterpret_cast<uint16_t*>(packed.data_ptr());
     auto* a_out = reinterpret_cast<uint16_t*>(rounded.data_ptr());
     at::parallel_for(0, cpu::bf16::panels_of(n), 4, [&](int64_t begin, int64_t end) {
@@ -688,7 +689,7 @@ struct CpuBackend {
 
   static at::Tensor wide_mm(const at::Tensor& a, const at::Tensor& b) {
     if (cpu::packed_gemm_enabled()) {
-      at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+      at::Tensor c = result({a.size(0), b.size(1)}, a.options());
       tall_product(c, a, b, false);
       return c;
     }
@@ -732,7 +733,7 @@ struct CpuBackend {
   static at::Tensor row_major_mm(const at::Tensor& a, const at::Tensor& b) {
     const at::Tensor ac = a.contiguous(), bc = b.contiguous();
     const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-    at::Tensor c = at::empty({M, N}, a.options());
+    at::Tensor c = result({M, N}, a.options());
     blocked_brgemm(M, N, K, ac.data_ptr<float>(), K, bc.data_ptr<float>(), N, false, c.data_ptr<float>(), N);
     return c;
   }
@@ -811,7 +812,8 @@ struct CpuBackend {
 // ---------------------------------------------------------------- float16 / bfloat16 calls
 
 // An op called with float16 or bfloat16 tensors runs the float32 loops: its tensors of that dtype are
-// widened to float32 at entry (exactly), a bfloat16 call's products round their operands to bfloat16
+// widened to float32 at entry (exactly, into contiguous blocks of the workspace cache, where its float32
+// results go too: cpu::temporary_results), a bfloat16 call's products round their operands to bfloat16
 // (bf16_products), and the results are rounded to the call's dtype once at the end. The cell state,
 // gate pre-activations, pointwise math and weight-gradient sums stay float32 throughout, and so do the
 // activations saved for backward (outputs named gates / cells: rounding the saved forget gate would
@@ -853,7 +855,10 @@ struct ReducedPrecision<Name, Op, Result (*)(Args...)> {
       using A = std::decay_t<decltype(arg)>;
       const int i = index++;
       const auto one = [&](const at::Tensor& t) {
-        if (!t.is_floating_point() || t.scalar_type() == dtype) return t.is_floating_point() ? t.to(at::kFloat) : t;
+        if (!t.is_floating_point()) return t;
+        if (t.scalar_type() == dtype) {
+          return workspace(1, t.numel(), t.options().dtype(at::kFloat)).view(t.sizes()).copy_(t);
+        }
         const std::string& name = schema().arguments()[i].name();
         // (A mismatch is reported in the op's words; saved activations are float32 here.)
         TORCH_CHECK(kept_float(name) && t.scalar_type() == at::kFloat, op, ": expected ", name,
@@ -872,11 +877,12 @@ struct ReducedPrecision<Name, Op, Result (*)(Args...)> {
     // (Braced: the arguments are widened in order, so `index` counts them.)
     std::tuple<std::decay_t<Args>...> wide{widen(args)...};
 
-    struct Products {
-      bool saved = cpu::bf16_products;
-      ~Products() { cpu::bf16_products = saved; }
+    struct Restore {
+      bool products = cpu::bf16_products, temporary = cpu::temporary_results;
+      ~Restore() { cpu::bf16_products = products, cpu::temporary_results = temporary; }
     } restore;
     cpu::bf16_products = dtype == at::kBFloat16;
+    cpu::temporary_results = true;
     Result result = std::apply(Op, wide);
 
     const auto& returns = schema().returns();

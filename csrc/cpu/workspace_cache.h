@@ -1,5 +1,6 @@
-// The cache of large CPU buffers that lstmfast's ops reuse from call to call (scratch space and the
-// activations saved for backward), like oneDNN's scratchpad: fresh pages for every call's gates and
+// The cache of large CPU buffers that lstmfast's ops reuse from call to call (scratch space, the
+// activations saved for backward, and a float16 / bfloat16 call's float32 copies of its arguments and
+// results), like oneDNN's scratchpad: fresh pages for every call's gates and
 // gates gradients cost page faults by the hundred thousand per second of training.
 //
 // Each thread that runs ops has its own cache (no contention: its mutex is only ever contended by
@@ -18,6 +19,11 @@ namespace lstmfast::cpu {
 // A CPU byte tensor of at least `bytes` (exactly `bytes` when fresh); from the calling thread's cache
 // for sizes in [1 MiB, 256 MiB], else allocated as usual.
 at::Tensor cached_block(int64_t bytes);
+
+// Set on a thread while it runs a float16 / bfloat16 op call, whose float32 results are temporaries
+// (rounded to the call's dtype, then dropped): the op then takes them from the cache too
+// (lstmfast::result in layer_ops.h).
+extern thread_local bool temporary_results;
 
 // Bytes held by the caches of all threads together.
 int64_t cache_bytes();
