@@ -120,17 +120,58 @@ void pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, u
   }
 }
 
+// v[i] becomes the vector of word i of every v[j] (lane j): a 16 x 16 transpose of 32-bit words in
+// registers (interleaves of words, then of word pairs, within 128-bit lanes; then two exchanges of
+// 128-bit lanes).
+inline void transpose16(__m512i v[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  // u[4g + e], lane L: word 4L + e of v[4g .. 4g + 3].
+  __m512i u[16];
+  for (int g = 0; g < 16; g += 4) {
+    u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {
+    const __m512i even_a = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88), odd_a = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xDD);
+    const __m512i even_b = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x88);
+    const __m512i odd_b = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xDD);
+    v[e] = _mm512_shuffle_i32x4(even_a, even_b, 0x88);
+    v[8 + e] = _mm512_shuffle_i32x4(even_a, even_b, 0xDD);
+    v[4 + e] = _mm512_shuffle_i32x4(odd_a, odd_b, 0x88);
+    v[12 + e] = _mm512_shuffle_i32x4(odd_a, odd_b, 0xDD);
+  }
+}
+
 void round_columns(const float* a, int64_t ld, int64_t rows, int64_t k, uint16_t* out) {
   const int64_t kp = padded_depth(k);
-  // Lane i of a vector of pairs goes to row r + i: a 32-bit scatter with kp / 2 lanes between rows.
-  const __m512i rows_apart = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int>(kp / 2)));
-  for (int64_t r = 0; r < rows; r += 16) {
-    const __mmask16 lanes = first_lanes(rows - r);
-    for (int64_t kk = 0; kk < kp; kk += 2) {
-      const __m512 lo = _mm512_maskz_loadu_ps(lanes, a + kk * ld + r);
-      const __m512 hi = _mm512_maskz_loadu_ps(kk + 1 < k ? lanes : __mmask16(0), a + (kk + 1) * ld + r);
-      _mm512_mask_i32scatter_epi32(out + r * kp + kk, lanes, rows_apart, pairs_of(lo, hi), 4);
+  // 16 rows x 16 depth pairs at a time: vector j holds pair j of the 16 rows (lane i: row r + i), and
+  // after a transpose vector i holds row r + i's 16 pairs, one contiguous store. Depth outside, rows
+  // inside: the 32 rows of `a` a depth block reads are read front to back.
+  for (int64_t kk = 0; kk < kp; kk += 32) {
+    const int64_t pairs = std::min<int64_t>(16, (kp - kk) / 2);
+    for (int64_t r = 0; r < rows; r += 16) {
+      const __mmask16 lanes = first_lanes(rows - r);
+      const int64_t count = std::min<int64_t>(16, rows - r);
+      __m512i v[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        const int64_t d = kk + 2 * j;
+        if (j >= pairs) {
+          v[j] = _mm512_setzero_si512();
+          continue;
+        }
+        const __m512 lo = _mm512_maskz_loadu_ps(lanes, a + d * ld + r);
+        const __m512 hi = _mm512_maskz_loadu_ps(d + 1 < k ? lanes : __mmask16(0), a + (d + 1) * ld + r);
+        v[j] = pairs_of(lo, hi);
+      }
+      transpose16(v);
+      const __mmask16 stored = first_lanes(pairs);
+      for (int64_t i = 0; i < count; ++i) _mm512_mask_storeu_epi32(out + (r + i) * kp + kk, stored, v[i]);
     }
   }
 }
