@@ -229,10 +229,11 @@ inline at::ScalarType norm_dtype(const Tensor& input) {
 // backward. On the CPU, large ones come from the workspace cache (cpu/workspace_cache.h); elsewhere
 // at::empty (CUDA has torch's caching allocator).
 inline Tensor workspace(int64_t rows, int64_t width, const at::TensorOptions& options) {
-  if (!options.device().is_cpu()) return at::empty({rows, width}, options);
   const at::ScalarType dtype = c10::typeMetaToScalarType(options.dtype());
-  const int64_t count = rows * width;
-  return cpu::cached_block(count * static_cast<int64_t>(c10::elementSize(dtype)))
+  const int64_t count = rows * width, bytes = count * static_cast<int64_t>(c10::elementSize(dtype));
+  // (A small one directly: the views below cost more than its page faults.)
+  if (!options.device().is_cpu() || !cpu::cached_size(bytes)) return at::empty({rows, width}, options);
+  return cpu::cached_block(bytes)
       .view(dtype)
       .narrow(0, 0, count)
       .view({rows, width});
@@ -241,8 +242,12 @@ inline Tensor workspace(int64_t rows, int64_t width, const at::TensorOptions& op
 // An op's output of the given shape: at::empty, or a workspace on a thread running a float16 / bfloat16
 // CPU call (cpu::temporary_results), whose float32 results only live until they are rounded.
 inline Tensor result(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  if (!options.device().is_cpu() || !cpu::temporary_results) return at::empty(sizes, options);
-  return workspace(1, c10::multiply_integers(sizes), options).view(sizes);
+  const int64_t count = c10::multiply_integers(sizes);
+  if (!options.device().is_cpu() || !cpu::temporary_results ||
+      !cpu::cached_size(count * static_cast<int64_t>(options.dtype().itemsize()))) {
+    return at::empty(sizes, options);
+  }
+  return workspace(1, count, options).view(sizes);
 }
 
 // dW_hh = sum_t G_t^T h_{t-1} from the gradients G (N, X) of the pre-activations. With packed input the

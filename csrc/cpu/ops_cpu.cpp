@@ -864,6 +864,7 @@ struct ReducedPrecision<Name, Op, Result (*)(Args...)> {
       const auto one = [&](const at::Tensor& t) {
         if (!t.is_floating_point()) return t;
         if (t.scalar_type() == dtype) {
+          if (!cpu::cached_size(t.numel() * int64_t(sizeof(float)))) return t.to(at::kFloat);
           return workspace(1, t.numel(), t.options().dtype(at::kFloat)).view(t.sizes()).copy_(t);
         }
         const std::string& name = schema().arguments()[i].name();

@@ -13,7 +13,6 @@ namespace {
 // Per thread: a bfloat16 LSTM backward alone holds about 15 large buffers at once (saved activations,
 // float32 copies of its arguments, workspaces, float32 results, packed operands).
 constexpr size_t kBlocks = 32;
-constexpr int64_t kSmallest = int64_t(1) << 20, kLargest = int64_t(256) << 20;
 constexpr int64_t kDefaultLimit = int64_t(512) << 20;
 
 struct ThreadCache;
@@ -135,7 +134,7 @@ void trim(bool free_only, More more) {
 thread_local bool temporary_results = false;
 
 at::Tensor cached_block(int64_t bytes) {
-  if (bytes < kSmallest || bytes > kLargest) return at::empty({bytes}, at::kByte);
+  if (!cached_size(bytes)) return at::empty({bytes}, at::kByte);
   return this_thread_cache().take(bytes);
 }
 

@@ -16,8 +16,12 @@
 
 namespace lstmfast::cpu {
 
+// The sizes the cache serves: smaller blocks cost few page faults, larger ones are rare.
+constexpr int64_t kSmallestBlock = int64_t(1) << 20, kLargestBlock = int64_t(256) << 20;
+inline bool cached_size(int64_t bytes) { return bytes >= kSmallestBlock && bytes <= kLargestBlock; }
+
 // A CPU byte tensor of at least `bytes` (exactly `bytes` when fresh); from the calling thread's cache
-// for sizes in [1 MiB, 256 MiB], else allocated as usual.
+// when cached_size(bytes), else allocated as usual.
 at::Tensor cached_block(int64_t bytes);
 
 // Set on a thread while it runs a float16 / bfloat16 op call, whose float32 results are temporaries
