@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <exception>
 #include <thread>
@@ -42,22 +43,38 @@ namespace lstmfast {
 namespace cpu {
 
 namespace {
+struct Choice {
+  const char* name;
+  bool supported;
+  const char* feature;  // what "this CPU does not support ..." names
+};
+
+// The index of the choice that the environment variable `variable` forces, or -1 when it is unset or
+// empty. An unknown name, or a choice this CPU does not support, is an error.
+template <size_t N>
+int forced_choice(const char* variable, const std::array<Choice, N>& choices) {
+  const char* want = std::getenv(variable);
+  if (want == nullptr || *want == '\0') return -1;
+  std::string names;
+  for (size_t i = 0; i < N; ++i) {
+    if (std::strcmp(want, choices[i].name) == 0) {
+      TORCH_CHECK(choices[i].supported, "lstmfast: ", variable, "=", want, " but this CPU does not support ",
+                  choices[i].feature);
+      return static_cast<int>(i);
+    }
+    names += std::string(i == 0 ? "" : i + 1 == N ? " or " : ", ") + choices[i].name;
+  }
+  TORCH_CHECK(false, "lstmfast: ", variable, " must be ", names, ", but got '", want, "'");
+}
+
 // The instruction set picked once per process: LSTMFAST_CPU_ISA if set (and supported), else the widest.
 int chosen_isa() {
   static const int isa = [] {
-    const bool ok[3] = {avx512::supported(), avx2::supported(), true};
-    const char* names[3] = {"avx512", "avx2", "baseline"};
-    if (const char* want = std::getenv("LSTMFAST_CPU_ISA"); want != nullptr && *want != '\0') {
-      for (int i = 0; i < 3; ++i) {
-        if (std::strcmp(want, names[i]) == 0) {
-          TORCH_CHECK(ok[i], "lstmfast: LSTMFAST_CPU_ISA=", want, " but this CPU does not support it");
-          return i;
-        }
-      }
-      TORCH_CHECK(false, "lstmfast: LSTMFAST_CPU_ISA must be avx512, avx2 or baseline, but got '",
-                  want, "'");
-    }
-    return ok[0] ? 0 : (ok[1] ? 1 : 2);
+    const std::array<Choice, 3> isas{{{"avx512", avx512::supported(), "it"},
+                                      {"avx2", avx2::supported(), "it"},
+                                      {"baseline", true, "it"}}};
+    const int forced = forced_choice("LSTMFAST_CPU_ISA", isas);
+    return forced >= 0 ? forced : isas[0].supported ? 0 : isas[1].supported ? 1 : 2;
   }();
   return isa;
 }
@@ -90,16 +107,10 @@ enum class Bf16Engine { kAvx512Bf16, kFloat32 };
 
 Bf16Engine bf16_engine() {
   static const Bf16Engine engine = [] {
-    if (const char* want = std::getenv("LSTMFAST_CPU_BF16_ENGINE"); want != nullptr && *want != '\0') {
-      if (std::strcmp(want, "avx512_bf16") == 0) {
-        TORCH_CHECK(bf16::supported(), "lstmfast: LSTMFAST_CPU_BF16_ENGINE=avx512_bf16 but this CPU does not "
-                    "support AVX512-BF16");
-        return Bf16Engine::kAvx512Bf16;
-      }
-      if (std::strcmp(want, "float32") == 0) return Bf16Engine::kFloat32;
-      TORCH_CHECK(false, "lstmfast: LSTMFAST_CPU_BF16_ENGINE must be avx512_bf16 or float32, but got '", want,
-                  "'");
-    }
+    const int forced = forced_choice("LSTMFAST_CPU_BF16_ENGINE",
+                                     std::array<Choice, 2>{{{"avx512_bf16", bf16::supported(), "AVX512-BF16"},
+                                                            {"float32", true, "it"}}});
+    if (forced >= 0) return forced == 0 ? Bf16Engine::kAvx512Bf16 : Bf16Engine::kFloat32;
     return bf16::supported() ? Bf16Engine::kAvx512Bf16 : Bf16Engine::kFloat32;
   }();
   return engine;
@@ -519,19 +530,6 @@ struct CpuBackend {
 
   // ---- bfloat16 products (a bfloat16 call; float32 buffers everywhere else).
 
-  // Rows [0, rows) x panels [panel_begin, panel_end) of C = A B (+ C when accumulate) with B packed by
-  // packed(..., bf16 = true): A's rows rounded to bfloat16 here, 64 at a time, into this thread's scratch
-  // (as two terms, two products, when split: split_operand).
-  static void bf16_rows(int64_t rows, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* b,
-                        float* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end,
-                        bool split = false) {
-    for (int64_t r = 0; r < rows; r += kBf16Block) {
-      const int64_t count = std::min(kBf16Block, rows - r);
-      const RoundedBlock block = round_block(a + r * lda, lda, count, k, split);
-      block_product(block, count, n, k, b, c + r * ldc, ldc, accumulate, panel_begin, panel_end);
-    }
-  }
-
   // Up to kBf16Block rows of A rounded to bfloat16 rows of padded_depth(k) in this thread's scratch:
   // `low` holds the second terms when split (else nullptr).
   static constexpr int64_t kBf16Block = 64;
@@ -556,6 +554,19 @@ struct CpuBackend {
                             float* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end) {
     cpu::bf16::gemm(n, k, block.high, b, c, ldc, accumulate, rows, panel_begin, panel_end);
     if (block.low != nullptr) cpu::bf16::gemm(n, k, block.low, b, c, ldc, true, rows, panel_begin, panel_end);
+  }
+
+  // Rows [0, rows) x panels [panel_begin, panel_end) of C = A B (+ C when accumulate) with B packed by
+  // packed(..., bf16 = true): A's rows rounded to bfloat16 here, 64 at a time, into this thread's scratch
+  // (as two terms, two products, when split: split_operand).
+  static void bf16_rows(int64_t rows, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* b,
+                        float* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end,
+                        bool split = false) {
+    for (int64_t r = 0; r < rows; r += kBf16Block) {
+      const int64_t count = std::min(kBf16Block, rows - r);
+      const RoundedBlock block = round_block(a + r * lda, lda, count, k, split);
+      block_product(block, count, n, k, b, c + r * ldc, ldc, accumulate, panel_begin, panel_end);
+    }
   }
 
   // C(m, n) (+)= A(m, k) op(B) with operands rounded to bfloat16 (A to two terms when split). The weight
