@@ -228,26 +228,19 @@ inline at::ScalarType norm_dtype(const Tensor& input) {
 // Buffers for one op call that the caller never sees: scratch space, and the activations saved for
 // backward. On the CPU, large ones come from the workspace cache (cpu/workspace_cache.h); elsewhere
 // at::empty (CUDA has torch's caching allocator).
-inline Tensor workspace(int64_t rows, int64_t width, const at::TensorOptions& options) {
+inline Tensor workspace(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const at::ScalarType dtype = c10::typeMetaToScalarType(options.dtype());
-  const int64_t count = rows * width, bytes = count * static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t count = c10::multiply_integers(sizes);
+  const int64_t bytes = count * static_cast<int64_t>(c10::elementSize(dtype));
   // (A small one directly: the views below cost more than its page faults.)
-  if (!options.device().is_cpu() || !cpu::cached_size(bytes)) return at::empty({rows, width}, options);
-  return cpu::cached_block(bytes)
-      .view(dtype)
-      .narrow(0, 0, count)
-      .view({rows, width});
+  if (!options.device().is_cpu() || !cpu::cached_size(bytes)) return at::empty(sizes, options);
+  return cpu::cached_block(bytes).view(dtype).narrow(0, 0, count).view(sizes);
 }
 
 // An op's output of the given shape: at::empty, or a workspace on a thread running a float16 / bfloat16
 // CPU call (cpu::temporary_results), whose float32 results only live until they are rounded.
 inline Tensor result(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const int64_t count = c10::multiply_integers(sizes);
-  if (!options.device().is_cpu() || !cpu::temporary_results ||
-      !cpu::cached_size(count * static_cast<int64_t>(options.dtype().itemsize()))) {
-    return at::empty(sizes, options);
-  }
-  return workspace(1, count, options).view(sizes);
+  return cpu::temporary_results ? workspace(sizes, options) : at::empty(sizes, options);
 }
 
 // dW_hh = sum_t G_t^T h_{t-1} from the gradients G (N, X) of the pre-activations. With packed input the
@@ -310,8 +303,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   // Inference keeps no gates (a workspace): the backend may then project the input a few steps at a time.
   const int64_t gate_rows = training ? N : dev.inference_gate_rows(N, B, 4 * H);
   // gates and cells only reach the caller's autograd graph (saved for backward).
-  Tensor gates = workspace(gate_rows, 4 * H, input.options());
-  Tensor cells = training ? workspace(N, H, input.options()) : at::empty({0}, input.options());
+  Tensor gates = workspace({gate_rows, 4 * H}, input.options());
+  Tensor cells = training ? workspace({N, H}, input.options()) : at::empty({0}, input.options());
   Tensor hidden = wr.has_value() ? at::empty({B, H}, input.options()) : Tensor();
 
   dispatch_floating<Backend>(input, [&](auto tag) {
@@ -374,9 +367,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const Tensor h_init = state_or_zeros(h0, B, P, input), c_init = state_or_zeros(c0, B, H, input);
   Tensor grad_h0 = state_or_zeros(grad_h_n, B, P, input);
   Tensor grad_c0 = state_or_zeros(grad_c_n, B, H, input);
-  Tensor grad_gates = workspace(N, 4 * H, input.options());
-  Tensor hidden_prev = need_weights && !l.uniform() ? workspace(N, P, input.options()) : Tensor();
-  Tensor grad_hidden_total = wr.has_value() ? workspace(N, P, input.options()) : Tensor();
+  Tensor grad_gates = workspace({N, 4 * H}, input.options());
+  Tensor hidden_prev = need_weights && !l.uniform() ? workspace({N, P}, input.options()) : Tensor();
+  Tensor grad_hidden_total = wr.has_value() ? workspace({N, P}, input.options()) : Tensor();
   Tensor grad_hidden = wr.has_value() ? at::empty({B, H}, input.options()) : Tensor();
   const auto norm_options = input.options().dtype(norm_dtype(input));
   Tensor grad_h_norm = at::empty({return_norms ? N : 0}, norm_options);
@@ -497,8 +490,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   const Tensor wh = w_hh.contiguous();
   const Tensor h_init = state_or_zeros(h0, B, H, input);
   Tensor grad_h0 = state_or_zeros(grad_h_n, B, H, input);
-  Tensor grad_pre = workspace(N, H, input.options());
-  Tensor hidden_prev = need_weights && !l.uniform() ? workspace(N, H, input.options()) : Tensor();
+  Tensor grad_pre = workspace({N, H}, input.options());
+  Tensor hidden_prev = need_weights && !l.uniform() ? workspace({N, H}, input.options()) : Tensor();
   Tensor grad_h_norm = at::empty({return_norms ? N : 0}, input.options().dtype(norm_dtype(input)));
   dispatch_floating<Backend>(input, [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -554,7 +547,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const OptTen
   Tensor h_n = state_or_zeros(h0, B, H, input);
   // Columns [0, 3H) hold the input projection, then r, z, n; column block 3H the saved h_n.
   const int64_t gate_rows = training ? N : dev.inference_gate_rows(N, B, 4 * H);
-  Tensor gates = workspace(gate_rows, 4 * H, input.options());
+  Tensor gates = workspace({gate_rows, 4 * H}, input.options());
   Tensor hidden_gates = at::empty({B, 3 * H}, input.options());
 
   dispatch_floating<Backend>(input, [&](auto tag) {
@@ -608,9 +601,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   const Tensor gates_c = gates.contiguous();
   const Tensor h_init = state_or_zeros(h0, B, H, input);
   Tensor grad_h0 = state_or_zeros(grad_h_n, B, H, input);
-  Tensor grad_input_gates = workspace(N, 3 * H, input.options());
-  Tensor grad_hidden_gates = workspace(N, 3 * H, input.options());
-  Tensor hidden_prev = need_weights && !l.uniform() ? workspace(N, H, input.options()) : Tensor();
+  Tensor grad_input_gates = workspace({N, 3 * H}, input.options());
+  Tensor grad_hidden_gates = workspace({N, 3 * H}, input.options());
+  Tensor hidden_prev = need_weights && !l.uniform() ? workspace({N, H}, input.options()) : Tensor();
   Tensor grad_h_norm = at::empty({return_norms ? N : 0}, input.options().dtype(norm_dtype(input)));
   dispatch_floating<Backend>(input, [&](auto tag) {
     using scalar_t = decltype(tag);

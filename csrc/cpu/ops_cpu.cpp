@@ -421,8 +421,8 @@ struct CpuBackend {
       try {
         TORCH_CHECK(count < kPackedSlots, "lstmfast: internal error: too many packed weights");
         packed_[count] = {b, k, n, ld, transposed, bf16,
-                          bf16 ? workspace(1, cpu::bf16::packed_size(k, n), at::kBFloat16)
-                               : workspace(1, cpu::avx512::packed_size<T>(k, n), c10::CppTypeToScalarType<T>::value)};
+                          bf16 ? workspace({cpu::bf16::packed_size(k, n)}, at::kBFloat16)
+                               : workspace({cpu::avx512::packed_size<T>(k, n)}, c10::CppTypeToScalarType<T>::value)};
       } catch (...) {
         team_error_ = std::current_exception();
       }
@@ -689,8 +689,8 @@ struct CpuBackend {
     const at::Tensor ac = a.stride(1) == 1 || columns ? a : a.contiguous();
     const int64_t m = a.size(0), k = a.size(1), n = b.size(1), kp = cpu::bf16::padded_depth(k);
     const auto options = a.options().dtype(at::kBFloat16);
-    const at::Tensor packed = workspace(1, cpu::bf16::packed_size(k, n), options);
-    const at::Tensor rounded = workspace(1, m * kp, options);
+    const at::Tensor packed = workspace({cpu::bf16::packed_size(k, n)}, options);
+    const at::Tensor rounded = workspace({m * kp}, options);
     auto* b_out = reinterpret_cast<uint16_t*>(packed.data_ptr());
     auto* a_out = reinterpret_cast<uint16_t*>(rounded.data_ptr());
     at::parallel_for(0, cpu::bf16::panels_of(n), 4, [&](int64_t begin, int64_t end) {
@@ -830,8 +830,8 @@ struct CpuBackend {
 // ---------------------------------------------------------------- float16 / bfloat16 calls
 
 // An op called with float16 or bfloat16 tensors runs the float32 loops: its tensors of that dtype are
-// widened to float32 at entry (exactly, into contiguous blocks of the workspace cache, where its float32
-// results go too: cpu::temporary_results), a bfloat16 call's products round their operands to bfloat16
+// widened to float32 at entry (exactly, into contiguous workspaces, where its float32 results go too:
+// cpu::temporary_results), a bfloat16 call's products round their operands to bfloat16
 // (bf16_products), and the results are rounded to the call's dtype once at the end. The cell state,
 // gate pre-activations, pointwise math and weight-gradient sums stay float32 throughout, and so do the
 // activations saved for backward (outputs named gates / cells: rounding the saved forget gate would
@@ -874,10 +874,7 @@ struct ReducedPrecision<Name, Op, Result (*)(Args...)> {
       const int i = index++;
       const auto one = [&](const at::Tensor& t) {
         if (!t.is_floating_point()) return t;
-        if (t.scalar_type() == dtype) {
-          if (!cpu::cached_size(t.numel() * int64_t(sizeof(float)))) return t.to(at::kFloat);
-          return workspace(1, t.numel(), t.options().dtype(at::kFloat)).view(t.sizes()).copy_(t);
-        }
+        if (t.scalar_type() == dtype) return workspace(t.sizes(), t.options().dtype(at::kFloat)).copy_(t);
         const std::string& name = schema().arguments()[i].name();
         // (A mismatch is reported in the op's words; saved activations are float32 here.)
         TORCH_CHECK(kept_float(name) && t.scalar_type() == at::kFloat, op, ": expected ", name,
