@@ -113,14 +113,15 @@ def main(argv=None):
     parser.add_argument("--persistent", action="store_true",
                         help="also time the persistent kernels (forced on) and report which path ran")
     parser.add_argument("--grid", choices=["default", "persistent"], default="default",
-                        help="persistent: T=512, B in {1, 16, 64}, H in {256, 512, 1024} (issue 17's targets)")
+                        help="persistent: T=512, B in {1, 4, 16, 32, 64}, H in {256, 512, 1024} (issue 17's targets and "
+                             "the batches where auto's choice changes)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or not lstmfast.has_cuda_kernels():
         sys.exit("gpu_bench: needs a CUDA GPU and lstmfast built with CUDA")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     grid = dict(T=[64, 512], B=[1, 16, 128], H=[256, 1024], dtype=[torch.float32, torch.bfloat16])
     if args.grid == "persistent":
-        grid = dict(T=[512], B=[1, 16, 64], H=[256, 512, 1024], dtype=[torch.float32, torch.bfloat16])
+        grid = dict(T=[512], B=[1, 4, 16, 32, 64], H=[256, 512, 1024], dtype=[torch.float32, torch.bfloat16])
     if args.quick:
         grid = dict(T=[64], B=[16], H=[256], dtype=[torch.float32])
     rows = []

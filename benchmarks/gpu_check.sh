@@ -4,7 +4,7 @@
 #   (test_cuda.py's path tests force the persistent kernels (issue 17) on themselves); the GPU benchmark
 #   of both paths against cuDNN (LSTM, RNN) and of GRU against cuDNN's GRU; compute-sanitizer memcheck,
 #   racecheck and synccheck on a small persistent run; the CUDA tests again with the persistent kernels
-#   forced on; the shared CUDA grids of test_functional / test_modules / test_ops forced on; memcheck on
+#   forced on and with auto; the shared CUDA grids of test_functional / test_modules / test_ops forced on; memcheck on
 #   the default path.
 # Usage: benchmarks/gpu_check.sh DIR   (logs and JSON go to DIR, e.g. benchmarks/results/persistent_h200;
 #        needs torch with CUDA, no network)
@@ -135,8 +135,9 @@ else
   status=1
 fi
 
-phase "tests with the persistent kernels forced on"
+phase "tests with the persistent kernels forced on, and with auto"
 run_tests test_cuda_persistent 1 150 tests/test_cuda.py -k "not paths and not persistent"
+run_tests test_cuda_auto auto 150 tests/test_cuda.py
 for f in functional modules ops; do
   run_tests test_${f}_persistent 1 90 tests/test_$f.py -k cuda
 done

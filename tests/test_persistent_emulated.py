@@ -88,6 +88,18 @@ def test_emulated_kernels_in_chunks(monkeypatch, variant, reverse):
 
 
 @pytest.mark.parametrize("variant", CELLS[:2], ids=CELL_IDS[:2])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_emulated_kernels_more_elements_than_threads(monkeypatch, variant, reverse):
+    """40 sequences x 9 units per block = 360 elements for 256 threads: a thread's first element (whose
+    loads are issued ahead of the step's product) and its later ones; the batch shrinks from 40 to 30
+    rows on the way, so some threads' early element exists in one step and not in the next. The staged
+    rows (40 x 132 in the LSTM's backward) take more than one round of in-flight loads."""
+    sample = layer_sample(**variant, lengths=[5] * 30 + [3] * 10, reverse=reverse, hidden=33, input_size=5,
+                          dtype=torch.float32)
+    _check(monkeypatch, SMALL_GPU, sample)
+
+
+@pytest.mark.parametrize("variant", CELLS[:2], ids=CELL_IDS[:2])
 def test_emulated_kernels_one_unit_per_block(monkeypatch, variant):
     sample = layer_sample(**variant, lengths=[4, 4, 2], hidden=8, input_size=3, dtype=torch.float32)
     _check(monkeypatch, ONE_UNIT_GPU, sample)
