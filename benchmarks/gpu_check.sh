@@ -16,6 +16,8 @@ DIR=${1:?usage: benchmarks/gpu_check.sh DIR}
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 cd "$(dirname "$0")/.."
+# The in-place build is what the benchmark scripts import (they run from benchmarks/).
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 END=$(( $(date +%s) + ${BUDGET:-540} ))
