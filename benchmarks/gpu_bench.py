@@ -3,10 +3,10 @@
 Each row times both contenders in the same run with CUDA events after warm-up, on identical weights
 and inputs, and reports the ratio cuDNN time / lstmfast time (> 1: lstmfast is faster).
 
-With --persistent, each row also times lstmfast with its persistent kernels forced on
-(LSTMFAST_CUDA_PERSISTENT=1; experimental, off by default) and says which path really ran (the
-persistent launch counter) and what the "auto" mode would choose; the plain lstmfast columns are then
-the default path (LSTMFAST_CUDA_PERSISTENT=0).
+Without --persistent, lstmfast runs as configured (LSTMFAST_CUDA_PERSISTENT unset: auto, the persistent
+kernels where they measured faster). With --persistent, each row times lstmfast three ways: the per-step
+path (LSTMFAST_CUDA_PERSISTENT=0, the plain lstmfast columns), the persistent kernels forced on (1) and
+auto (what a user gets), and says which path really ran (the persistent launch counter).
 
     python benchmarks/gpu_bench.py [--json PATH] [--quick] [--persistent] [--grid default|persistent]
 """
@@ -58,9 +58,11 @@ def measure(kind, T, B, H, dtype, persistent=False):
     x = torch.randn(T, B, H, device="cuda", dtype=dtype)
     x_grad = x.clone().requires_grad_()
     row = dict(kind=kind, T=T, B=B, H=H, dtype=str(dtype).replace("torch.", ""))
-    contenders = [("lstmfast", ours, "0"), ("cudnn", theirs, None)]
+    # Plain lstmfast: the per-step path beside the persistent columns, else as configured (auto unless
+    # LSTMFAST_CUDA_PERSISTENT says otherwise).
+    contenders = [("lstmfast", ours, "0" if persistent else None), ("cudnn", theirs, None)]
     if persistent:
-        contenders.insert(1, ("persistent", ours, "1"))
+        contenders[1:1] = [("persistent", ours, "1"), ("auto", ours, "auto")]
         row["auto_plan_fwd"] = lstmfast.cuda_persistent_plan(kind.lower(), H, B, T, dtype, mode="auto")
         row["auto_plan_bwd"] = lstmfast.cuda_persistent_plan(kind.lower(), H, B, T, dtype, mode="auto",
                                                              backward=True)
@@ -82,7 +84,8 @@ def measure(kind, T, B, H, dtype, persistent=False):
                 before = lstmfast.cuda_persistent_launches()
                 row[f"{name}_{what}_ms"] = cuda_time(fn)
                 if persistent and mode is not None:
-                    # Which path ran: every call of a persistent row must have launched the kernels.
+                    # Which path ran: a forced-on row launches the kernels on every call (per_call
+                    # launches); auto may take them for one direction only.
                     ran = lstmfast.cuda_persistent_launches() - before
                     row[f"{name}_{what}_path"] = "persistent" if ran > 0 else "default"
                     row[f"{name}_{what}_partial"] = ran > 0 and ran % per_call != 0
@@ -97,6 +100,9 @@ def measure(kind, T, B, H, dtype, persistent=False):
         row["persistent_fwd_speedup"] = row["cudnn_fwd_ms"] / row["persistent_fwd_ms"]
         row["persistent_train_speedup"] = row["cudnn_train_ms"] / row["persistent_train_ms"]
         row["persistent_over_default_train"] = row["lstmfast_train_ms"] / row["persistent_train_ms"]
+        row["auto_train_speedup"] = row["cudnn_train_ms"] / row["auto_train_ms"]
+        row["auto_over_default_train"] = row["lstmfast_train_ms"] / row["auto_train_ms"]
+        row["auto_over_default_fwd"] = row["lstmfast_fwd_ms"] / row["auto_fwd_ms"]
     return row
 
 
@@ -129,7 +135,8 @@ def main(argv=None):
     configs = list(itertools.product(args.kinds.split(","), *grid.values()))
     header = f"{'kind':5} {'T':>4} {'B':>4} {'H':>5} {'dtype':9} {'fwd ms':>16} {'x':>6} {'train ms':>17} {'x':>6}"
     if args.persistent:
-        header += f" {'persistent fwd/train ms':>24} {'x fwd':>6} {'x train':>7} {'vs default':>10}  path (auto)"
+        header += (f" {'persistent fwd/train ms':>24} {'x fwd':>6} {'x train':>7} {'vs default':>10}"
+                   f" {'auto fwd/train ms':>18} {'x train':>7} {'vs default':>10}  auto's path fwd/bwd")
     print(header)
     for i, (kind, T, B, H, dtype) in enumerate(configs):
         r = measure(kind, T, B, H, dtype, persistent=args.persistent)
@@ -138,11 +145,13 @@ def main(argv=None):
                 f"{r['lstmfast_fwd_ms']:7.3f}/{r['cudnn_fwd_ms']:7.3f} {r['fwd_speedup']:6.2f} "
                 f"{r['lstmfast_train_ms']:8.3f}/{r['cudnn_train_ms']:8.3f} {r['train_speedup']:6.2f}")
         if args.persistent:
-            auto = "persistent" if r["auto_plan_fwd"].startswith("persistent") else "default"
+            auto = "/".join("persistent" if r[f"auto_plan_{d}"].startswith("persistent") else "default"
+                            for d in ("fwd", "bwd"))
             line += (f" {r['persistent_fwd_ms']:11.3f}/{r['persistent_train_ms']:11.3f}"
                      f" {r['persistent_fwd_speedup']:6.2f} {r['persistent_train_speedup']:7.2f}"
-                     f" {r['persistent_over_default_train']:10.2f}  {r['persistent_fwd_path']}/"
-                     f"{r['persistent_train_path']} ({auto})")
+                     f" {r['persistent_over_default_train']:10.2f}"
+                     f" {r['auto_fwd_ms']:8.3f}/{r['auto_train_ms']:9.3f} {r['auto_train_speedup']:7.2f}"
+                     f" {r['auto_over_default_train']:10.2f}  {auto}")
         print(line + f"   [{i + 1}/{len(configs)}, {time.time() - started:.0f}s]", flush=True)
     summary = {}
     for kind in args.kinds.split(","):
@@ -155,22 +164,25 @@ def main(argv=None):
         if args.persistent:
             ran = [r for r in sel if r["persistent_train_path"] == "persistent"]
             # issue 17's targets: LSTM B <= 16, H in {256, 512, 1024}, float32 and bfloat16: >= 2x cuDNN;
-            # RNN H <= 384: >= 1.0x; the rows "auto" would take: >= 0.9x of the default path.
-            target = [r for r in ran if r["B"] <= 16 and (kind == "LSTM" or r["H"] <= 384)]
-            auto = [r for r in ran if r["auto_plan_fwd"].startswith("persistent")]
+            # RNN H <= 384: >= 1.0x; every row, as auto runs it: >= 0.9x of the per-step path.
+            target = [r for r in sel if r["B"] <= 16 and (kind == "LSTM" or r["H"] <= 384)]
             summary[kind].update(
                 persistent_rows=len(ran),
                 persistent_train_geomean=geomean(r["persistent_train_speedup"] for r in ran) if ran else None,
                 persistent_target_train_geomean=(geomean(r["persistent_train_speedup"] for r in target)
                                                  if target else None),
-                persistent_auto_min_over_default=(min(r["persistent_over_default_train"] for r in auto)
-                                                  if auto else None))
+                auto_train_geomean=geomean(r["auto_train_speedup"] for r in sel),
+                auto_target_train_geomean=geomean(r["auto_train_speedup"] for r in target) if target else None,
+                auto_min_over_default_train=min(r["auto_over_default_train"] for r in sel),
+                auto_min_over_default_fwd=min(r["auto_over_default_fwd"] for r in sel))
             s = summary[kind]
             fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"
-            print(f"{kind} persistent ({s['persistent_rows']}/{len(sel)} rows ran persistent): training step "
-                  f"{fmt(s['persistent_train_geomean'])} of cuDNN; on the issue's target rows "
-                  f"{fmt(s['persistent_target_train_geomean'])}; worst auto row vs default "
-                  f"{fmt(s['persistent_auto_min_over_default'])}")
+            print(f"{kind} persistent forced on ({s['persistent_rows']}/{len(sel)} rows ran persistent): training "
+                  f"step {fmt(s['persistent_train_geomean'])} of cuDNN, on the issue's target rows "
+                  f"{fmt(s['persistent_target_train_geomean'])}")
+            print(f"{kind} auto (the default): training step {fmt(s['auto_train_geomean'])} of cuDNN, on the "
+                  f"issue's target rows {fmt(s['auto_target_train_geomean'])}; worst row vs the per-step path: "
+                  f"training {fmt(s['auto_min_over_default_train'])}, forward {fmt(s['auto_min_over_default_fwd'])}")
     if args.json:
         meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
                     python=platform.python_version(), date=time.strftime("%Y-%m-%d"),

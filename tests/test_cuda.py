@@ -212,8 +212,9 @@ def test_memcheck_subset():
 
 
 # ---------------------------------------------------------------- persistent kernels (issue 17)
-# csrc/cuda/persistent.cu: experimental, off by default (LSTMFAST_CUDA_PERSISTENT=0) until these tests
-# have passed on a GPU. Each test forces a path with the environment variable, which the ops read on
+# csrc/cuda/persistent.cu: taken by default where "auto" expects them to win (LSTMFAST_CUDA_PERSISTENT
+# unset), so the other tests here run them too for small layers. Each test below forces a path with the
+# environment variable ("default": the per-step path, "0"; "persistent": "1"), which the ops read on
 # every call, and checks through cuda_persistent_launches() that the path it asked for really ran.
 
 PATHS = ["default", "persistent"]

@@ -122,32 +122,6 @@ LSTMFAST_PD Smem<T> carve(unsigned char* base, const Geometry& g, bool cell_stat
   return s;
 }
 
-// Stages v(b, k0 + k) for the n = Bp * width elements of one chunk into s.stage. The values come from
-// L2 (another block wrote them in the previous step), so each thread first issues kStageInFlight
-// independent loads and only then stores them: one L2 round trip per kStageInFlight elements instead
-// of one per element (with a load/store pair per element, the first H200 run's steps grew with
-// B x H as that loop's round trips would: 3.6 us at B = 1, H = 256 to 30 us at B = 16, H = 1024).
-constexpr int kStageInFlight = 16;
-
-template <typename T, typename Load>
-LSTMFAST_PD void stage_chunk(const Geometry& g, const Smem<T>& s, int n, int width, int k0, const Load& load) {
-  for (int first = thread_index(); first < n; first += kStageInFlight * kPersistentThreads) {
-    float v[kStageInFlight];
-LSTMFAST_UNROLL
-    for (int u = 0; u < kStageInFlight; ++u) {
-      const int i = first + u * kPersistentThreads;
-      const int b = i / width, k = i - b * width;
-      v[u] = i < n ? load(b, k0 + k) : 0.f;
-    }
-LSTMFAST_UNROLL
-    for (int u = 0; u < kStageInFlight; ++u) {
-      const int i = first + u * kPersistentThreads;
-      const int b = i / width, k = i - b * width;
-      if (i < n) s.stage[b * g.ld_stage + k] = v[u];
-    }
-  }
-}
-
 // y[b, r] = sum_k M[r, k] * v(b, k) for rows b < limit of y (the others keep their values), with
 // v(b, k) = load(b, k) staged into shared memory a chunk of columns at a time (load returns 0 for the
 // padding rows). Each thread owns a 4 x 4 tile of (r, b) over one slice of k (k = slice, slice +
@@ -169,7 +143,10 @@ LSTMFAST_UNROLL
   for (int k0 = 0; k0 < g.depth; k0 += g.chunk) {
     const int width = g.chunk < g.depth - k0 ? g.chunk : g.depth - k0;
     block_barrier();  // the staging buffer's previous readers (last chunk, last step) are done
-    stage_chunk(g, s, Bp * width, width, k0, load);
+    for (int i = tid; i < Bp * width; i += kPersistentThreads) {
+      const int b = i / width, k = i - b * width;
+      s.stage[b * g.ld_stage + k] = load(b, k0 + k);
+    }
     block_barrier();
     if (active) {
       const T* m = s.m + r0 * g.ldm + k0;
@@ -251,11 +228,6 @@ LSTMFAST_PD void load_columns(const Geometry& g, T* m, const T* w_hh, int64_t H,
 
 // ---------------------------------------------------------------- kernels
 
-// A step's four gate values of one element (pre-activation parts or activated gates), float32.
-struct Gates4 {
-  float i = 0.f, f = 0.f, g = 0.f, o = 0.f;
-};
-
 template <typename T>
 struct LstmForwardParams {
   Geometry g;
@@ -280,37 +252,26 @@ LSTMFAST_PD void lstm_forward_body(const LstmForwardParams<T>& p, unsigned char*
   const int64_t u0 = int64_t(block_index()) * U;
   const int here = static_cast<int>(H - u0 < U ? H - u0 : U);
   load_rows(g, s.m, p.w_hh, 4, H, u0, here);
-  // x_t W_ih^T + b of element i (row b, unit u) of step row r0: what does not depend on h_{t-1}.
-  auto input_part = [&](int64_t r0, int i) {
-    const int b = i / here, u = i - b * here;
-    const int64_t j = u0 + u;
-    const T* a = p.gates + (r0 + b) * G;
-    Gates4 x{float(a[j]), float(a[H + j]), float(a[2 * H + j]), float(a[3 * H + j])};
-    if (p.bias != nullptr) {
-      x.i += float(p.bias[j]);
-      x.f += float(p.bias[H + j]);
-      x.g += float(p.bias[2 * H + j]);
-      x.o += float(p.bias[3 * H + j]);
-    }
-    return x;
-  };
-  const int first = thread_index();
   // (block_matvec starts with a barrier: M is complete before anyone multiplies.)
   for (int64_t k = 0; k < q.steps; ++k) {
     const int64_t t = q.forward_step(k), rows = q.rows(t), r0 = q.offset(t);
     const int64_t prev = q.prev_step(t), prev_rows = q.prev_rows(t);
-    // This thread's first element's loads are issued before the product and wait in flight.
-    const Gates4 early = first < rows * here ? input_part(r0, first) : Gates4{};
     block_matvec(g, s, rows,
                  HiddenRows<T>{prev < 0 ? nullptr : p.output + q.offset(prev) * H, p.hidden_state, prev_rows,
                                rows, H});
-    for (int i = first; i < rows * here; i += kPersistentThreads) {
+    for (int i = thread_index(); i < rows * here; i += kPersistentThreads) {
       const int b = i / here, u = i - b * here;
       const int64_t j = u0 + u;
       T* a = p.gates + (r0 + b) * G;
       const float* y = s.y + b * g.rows;
-      const Gates4 x = i == first ? early : input_part(r0, i);
-      const float a_i = y[u] + x.i, a_f = y[U + u] + x.f, a_g = y[2 * U + u] + x.g, a_o = y[3 * U + u] + x.o;
+      float a_i = y[u] + float(a[j]), a_f = y[U + u] + float(a[H + j]);
+      float a_g = y[2 * U + u] + float(a[2 * H + j]), a_o = y[3 * U + u] + float(a[3 * H + j]);
+      if (p.bias != nullptr) {
+        a_i += float(p.bias[j]);
+        a_f += float(p.bias[H + j]);
+        a_g += float(p.bias[2 * H + j]);
+        a_o += float(p.bias[3 * H + j]);
+      }
       const float cell_prev = b < prev_rows ? s.state[b * U + u] : float(p.cell_state[b * H + j]);
       const auto c = kernels::lstm_cell_forward<float>(a_i, a_f, a_g, a_o, cell_prev);
       if (p.cells != nullptr) {  // training: what the backward reads
@@ -372,41 +333,19 @@ LSTMFAST_PD void lstm_backward_body(const LstmBackwardParams<T>& p, unsigned cha
     s.state[b * U + u] = float(p.grad_cell_state[b * H + u0 + u]);
   }
   block_barrier();
-  // What element i (row b, unit u) of the k-th step backward reads from the forward's results: all
-  // of it fixed before the kernel, so the next step's loads can be issued early.
-  struct Inputs {
-    Gates4 a;
-    float cell = 0.f, cell_prev = 0.f, grad_output = 0.f;
-    T hidden_prev{};
-  };
-  auto inputs = [&](int64_t k, int i) {
-    const int64_t t = q.backward_step(k), r0 = q.offset(t);
-    const int64_t prev = q.prev_step(t), prev_rows = q.prev_rows(t);
-    const int64_t prev_r0 = prev < 0 ? 0 : q.offset(prev);
-    const int b = i / here, u = i - b * here;
-    const int64_t j = u0 + u, e = (r0 + b) * H + j;
-    const T* a = p.gates + (r0 + b) * G;
-    Inputs x;
-    x.a = Gates4{float(a[j]), float(a[H + j]), float(a[2 * H + j]), float(a[3 * H + j])};
-    x.cell = float(p.cells[e]);
-    x.cell_prev = b < prev_rows ? float(p.cells[(prev_r0 + b) * H + j]) : float(p.cell_initial[b * H + j]);
-    x.grad_output = float(p.grad_output[e]);
-    if (p.hidden_prev != nullptr) {
-      x.hidden_prev = b < prev_rows ? p.output[(prev_r0 + b) * H + j] : p.hidden_initial[b * H + j];
-    }
-    return x;
-  };
-  const int first = thread_index();
-  Inputs next = first < q.rows(q.backward_step(0)) * here ? inputs(0, first) : Inputs{};
   for (int64_t k = 0; k < q.steps; ++k) {
     const int64_t t = q.backward_step(k), rows = q.rows(t), r0 = q.offset(t);
-    const Inputs early = next;
-    for (int i = first; i < rows * here; i += kPersistentThreads) {
+    const int64_t prev = q.prev_step(t), prev_rows = q.prev_rows(t);
+    const int64_t prev_r0 = prev < 0 ? 0 : q.offset(prev);
+    for (int i = thread_index(); i < rows * here; i += kPersistentThreads) {
       const int b = i / here, u = i - b * here;
       const int64_t j = u0 + u, e = (r0 + b) * H + j;
-      const Inputs x = i == first ? early : inputs(k, i);
-      const float grad_hidden = s.y[b * g.rows + u] + x.grad_output;
-      const auto r = kernels::lstm_cell_backward<float>(x.a.i, x.a.f, x.a.g, x.a.o, x.cell, x.cell_prev,
+      const T* a = p.gates + (r0 + b) * G;
+      const float grad_hidden = s.y[b * g.rows + u] + float(p.grad_output[e]);
+      const float cell_prev = b < prev_rows ? float(p.cells[(prev_r0 + b) * H + j])
+                                            : float(p.cell_initial[b * H + j]);
+      const auto r = kernels::lstm_cell_backward<float>(float(a[j]), float(a[H + j]), float(a[2 * H + j]),
+                                                        float(a[3 * H + j]), float(p.cells[e]), cell_prev,
                                                         grad_hidden, s.state[b * U + u], p.grad_clip);
       T* d = p.grad_gates + (r0 + b) * G;
       d[j] = T(r.a_i);
@@ -414,11 +353,11 @@ LSTMFAST_PD void lstm_backward_body(const LstmBackwardParams<T>& p, unsigned cha
       d[2 * H + j] = T(r.a_g);
       d[3 * H + j] = T(r.a_o);
       s.state[b * U + u] = r.cell_prev;
-      if (p.hidden_prev != nullptr) p.hidden_prev[e] = x.hidden_prev;
+      if (p.hidden_prev != nullptr) {
+        p.hidden_prev[e] = b < prev_rows ? p.output[(prev_r0 + b) * H + j] : p.hidden_initial[b * H + j];
+      }
     }
     grid_barrier();
-    // The next step's first element is loaded while this step's product runs.
-    if (k + 1 < q.steps && first < q.rows(q.backward_step(k + 1)) * here) next = inputs(k + 1, first);
     // dL/dh_{t-1} = dL/da_t W_hh, my units' columns, for this step's rows.
     block_matvec(g, s, rows, StepRows<T>{p.grad_gates + r0 * G, rows, G});
   }
@@ -451,28 +390,19 @@ LSTMFAST_PD void rnn_forward_body(const RnnForwardParams<T>& p, unsigned char* s
   const int64_t u0 = int64_t(block_index()) * U;
   const int here = static_cast<int>(H - u0 < U ? H - u0 : U);
   load_rows(g, s.m, p.w_hh, 1, H, u0, here);
-  // x_t W_ih^T + b of element i of step row r0. Only this thread reads or writes that element during
-  // the step (other blocks stage this step's rows after its sync).
-  auto input_part = [&](int64_t r0, int i) {
-    const int b = i / here, u = i - b * here;
-    const int64_t j = u0 + u;
-    float x = float(p.output[(r0 + b) * H + j]);
-    if (p.bias != nullptr) x += float(p.bias[j]);
-    return x;
-  };
-  const int first = thread_index();
   for (int64_t k = 0; k < q.steps; ++k) {
     const int64_t t = q.forward_step(k), rows = q.rows(t), r0 = q.offset(t);
     const int64_t prev = q.prev_step(t), prev_rows = q.prev_rows(t);
-    // This thread's first element's loads are issued before the product and wait in flight.
-    const float early = first < rows * here ? input_part(r0, first) : 0.f;
     block_matvec(g, s, rows,
                  HiddenRows<T>{prev < 0 ? nullptr : p.output + q.offset(prev) * H, p.hidden_state, prev_rows,
                                rows, H});
-    for (int i = first; i < rows * here; i += kPersistentThreads) {
+    for (int i = thread_index(); i < rows * here; i += kPersistentThreads) {
       const int b = i / here, u = i - b * here;
       const int64_t j = u0 + u, e = (r0 + b) * H + j;
-      const float a = s.y[b * g.rows + u] + (i == first ? early : input_part(r0, i));
+      // Only this thread reads or writes element e during this step (other blocks stage this step's
+      // rows after the sync below).
+      float a = s.y[b * g.rows + u] + float(p.output[e]);
+      if (p.bias != nullptr) a += float(p.bias[j]);
       const T h = T(kernels::rnn_activation(a, p.nonlinearity));
       p.output[e] = h;
       s.final_h[b * U + u] = float(h);
@@ -516,43 +446,21 @@ LSTMFAST_PD void rnn_backward_body(const RnnBackwardParams<T>& p, unsigned char*
     s.y[b * g.rows + u] = float(p.grad_hidden_state[b * H + u0 + u]);
   }
   block_barrier();
-  // What element i of the k-th step backward reads from the forward's results (fixed before the
-  // kernel, so the next step's loads can be issued early).
-  struct Inputs {
-    float output = 0.f, grad_output = 0.f;
-    T hidden_prev{};
-  };
-  auto inputs = [&](int64_t k, int i) {
-    const int64_t t = q.backward_step(k), r0 = q.offset(t);
-    const int64_t prev = q.prev_step(t), prev_rows = q.prev_rows(t);
-    const int64_t prev_r0 = prev < 0 ? 0 : q.offset(prev);
-    const int b = i / here, u = i - b * here;
-    const int64_t j = u0 + u, e = (r0 + b) * H + j;
-    Inputs x;
-    x.output = float(p.output[e]);
-    x.grad_output = float(p.grad_output[e]);
-    if (p.hidden_prev != nullptr) {
-      x.hidden_prev = b < prev_rows ? p.output[(prev_r0 + b) * H + j] : p.hidden_initial[b * H + j];
-    }
-    return x;
-  };
-  const int first = thread_index();
-  Inputs next = first < q.rows(q.backward_step(0)) * here ? inputs(0, first) : Inputs{};
   for (int64_t k = 0; k < q.steps; ++k) {
     const int64_t t = q.backward_step(k), rows = q.rows(t), r0 = q.offset(t);
-    const Inputs early = next;
-    for (int i = first; i < rows * here; i += kPersistentThreads) {
+    const int64_t prev = q.prev_step(t), prev_rows = q.prev_rows(t);
+    const int64_t prev_r0 = prev < 0 ? 0 : q.offset(prev);
+    for (int i = thread_index(); i < rows * here; i += kPersistentThreads) {
       const int b = i / here, u = i - b * here;
-      const int64_t e = (r0 + b) * H + u0 + u;
-      const Inputs x = i == first ? early : inputs(k, i);
-      const float grad_hidden = s.y[b * g.rows + u] + x.grad_output;
-      const float d = grad_hidden * kernels::rnn_activation_grad(x.output, p.nonlinearity);
+      const int64_t j = u0 + u, e = (r0 + b) * H + j;
+      const float grad_hidden = s.y[b * g.rows + u] + float(p.grad_output[e]);
+      const float d = grad_hidden * kernels::rnn_activation_grad(float(p.output[e]), p.nonlinearity);
       p.grad_pre[e] = T(kernels::clip(d, p.grad_clip));
-      if (p.hidden_prev != nullptr) p.hidden_prev[e] = x.hidden_prev;
+      if (p.hidden_prev != nullptr) {
+        p.hidden_prev[e] = b < prev_rows ? p.output[(prev_r0 + b) * H + j] : p.hidden_initial[b * H + j];
+      }
     }
     grid_barrier();
-    // The next step's first element is loaded while this step's product runs.
-    if (k + 1 < q.steps && first < q.rows(q.backward_step(k + 1)) * here) next = inputs(k + 1, first);
     block_matvec(g, s, rows, StepRows<T>{p.grad_pre + r0 * H, rows, H});
   }
   for (int i = thread_index(); i < q.batch * here; i += kPersistentThreads) {

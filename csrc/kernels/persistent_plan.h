@@ -22,28 +22,36 @@ namespace lstmfast::kernels {
 
 constexpr int kPersistentThreads = 256;
 
-// LSTMFAST_CUDA_PERSISTENT: "0" (or unset) never, "1" whenever the kernels fit, "auto" when they fit
-// and the batch is small enough for them to win.
-// The DEFAULT IS OFF: the persistent kernels have not yet run on a GPU (written and compiled on
-// machines without one). Switch the default to Auto only after benchmarks/gpu_check.sh has passed on
-// a GPU (tests with the path forced on, compute-sanitizer memcheck and racecheck, benchmark).
+// LSTMFAST_CUDA_PERSISTENT: "0" never, "1" whenever the kernels fit, "auto" (the default) when they
+// fit and measured faster than the default path. Verified on an H200 (benchmarks/results/
+// persistent_h200_c2003e8: the CUDA tests on both paths, compute-sanitizer memcheck, racecheck and
+// synccheck clean, the benchmark of both paths against cuDNN).
 enum class PersistentMode { Off, On, Auto };
 
-// nullptr or "" -> Off; "0", "1", "auto"; anything else: ok = false.
+// nullptr or "" -> Auto; "0", "1", "auto"; anything else: ok = false.
 inline PersistentMode parse_persistent_mode(const char* value, bool* ok) {
   *ok = true;
-  if (value == nullptr) return PersistentMode::Off;
+  if (value == nullptr) return PersistentMode::Auto;
   const std::string v(value);
-  if (v.empty() || v == "0") return PersistentMode::Off;
+  if (v.empty() || v == "auto") return PersistentMode::Auto;
+  if (v == "0") return PersistentMode::Off;
   if (v == "1") return PersistentMode::On;
-  if (v == "auto") return PersistentMode::Auto;
   *ok = false;
   return PersistentMode::Off;
 }
 
-// "auto" picks the persistent kernels up to this batch: beyond it a step's product is a real GEMM,
-// which cuBLAS does better than the blocks' register tiles. A guess until measured on a GPU.
-constexpr int64_t kPersistentAutoMaxBatch = 32;
+// "auto" picks the persistent kernels while the rows every block stages from global memory each step
+// (batch x depth: h_{t-1}, B x H, forward; dL/da_t, B x G*H, backward) stay within these counts, and
+// the batch within the largest one measured. Measured on an H200 (T = 512, float32 and bfloat16,
+// benchmarks/results/persistent_h200_c2003e8), each direction against the default path:
+//   forward  B x H <= 8192 faster (LSTM B = 16, H = 512: 1.18x / 1.39x), 16384 not (B = 16, H = 1024:
+//            0.95x / 0.64x; B = 64, H = 256: 0.70x);
+//   backward B x G x H <= 32768 faster (RNN B = 64, H = 512: 1.24x; LSTM B = 16, H = 256: 1.8x / 2.2x),
+//            65536 not (LSTM B = 16, H = 1024: 0.64x; RNN B = 64, H = 1024: 0.61x).
+// The two directions choose separately (a persistent forward pairs with a default backward).
+constexpr int64_t kPersistentAutoMaxStagedForward = 8192;
+constexpr int64_t kPersistentAutoMaxStagedBackward = 32768;
+constexpr int64_t kPersistentAutoMaxBatch = 64;
 
 struct PersistentRequest {
   bool lstm;            // LSTM (4 gates) or Elman RNN (1)
@@ -142,7 +150,7 @@ inline PersistentPlan plan_persistent(const PersistentRequest& r, const DeviceLi
     no.reason = std::move(why);
     return no;
   };
-  if (mode == PersistentMode::Off) return refuse("LSTMFAST_CUDA_PERSISTENT is off (the default until verified on a GPU)");
+  if (mode == PersistentMode::Off) return refuse("LSTMFAST_CUDA_PERSISTENT is 0");
   if (r.element_size != 2 && r.element_size != 4) return refuse("only float32, float16 and bfloat16");
   if (r.projection) return refuse("proj_size is not supported by the persistent kernels");
   if (r.norms) return refuse("per-step gradient norms are not supported by the persistent kernels");
@@ -150,9 +158,15 @@ inline PersistentPlan plan_persistent(const PersistentRequest& r, const DeviceLi
   if (r.steps < 1 || r.batch < 1 || r.hidden_size < 1) return refuse("an empty sequence");
   if (!d.cooperative) return refuse("the device has no cooperative launch");
   if (d.sm_count < 1) return refuse("no multiprocessors reported");
-  if (mode == PersistentMode::Auto && r.batch > kPersistentAutoMaxBatch)
-    return refuse("batch " + std::to_string(r.batch) + " > " + std::to_string(kPersistentAutoMaxBatch) +
-                  " (auto)");
+  if (mode == PersistentMode::Auto) {
+    if (r.batch > kPersistentAutoMaxBatch)
+      return refuse("batch " + std::to_string(r.batch) + " > " + std::to_string(kPersistentAutoMaxBatch) + " (auto)");
+    const int64_t staged = r.batch * r.hidden_size * (r.backward && r.lstm ? 4 : 1);
+    const int64_t most = r.backward ? kPersistentAutoMaxStagedBackward : kPersistentAutoMaxStagedForward;
+    if (staged > most)
+      return refuse("each step stages " + std::to_string(staged) + " values per block, more than " +
+                    std::to_string(most) + " (auto: the default path is faster there)");
+  }
   // One block per multiprocessor: the fewest units per block that spreads H over them.
   const int units = static_cast<int>((r.hidden_size + d.sm_count - 1) / d.sm_count);
   PersistentPlan p = persistent_geometry(r, d, units);
