@@ -23,7 +23,7 @@ namespace lstmfast::kernels {
 constexpr int kPersistentThreads = 256;
 
 // LSTMFAST_CUDA_PERSISTENT: "0" never, "1" whenever the kernels fit, "auto" (the default) when they
-// fit and measured faster than the default path. Verified on an H200 (benchmarks/results/
+// fit and measured faster than the per-step path. Verified on an H200 (benchmarks/results/
 // persistent_h200_c2003e8: the CUDA tests on both paths, compute-sanitizer memcheck, racecheck and
 // synccheck clean, the benchmark of both paths against cuDNN).
 enum class PersistentMode { Off, On, Auto };
@@ -43,12 +43,12 @@ inline PersistentMode parse_persistent_mode(const char* value, bool* ok) {
 // "auto" picks the persistent kernels while the rows every block stages from global memory each step
 // (batch x depth: h_{t-1}, B x H, forward; dL/da_t, B x G*H, backward) stay within these counts, and
 // the batch within the largest one measured. Measured on an H200 (T = 512, float32 and bfloat16,
-// benchmarks/results/persistent_h200_c2003e8), each direction against the default path:
+// benchmarks/results/persistent_h200_c2003e8), each direction against the per-step path:
 //   forward  B x H <= 8192 faster (LSTM B = 16, H = 512: 1.18x / 1.39x), 16384 not (B = 16, H = 1024:
 //            0.95x / 0.64x; B = 64, H = 256: 0.70x);
 //   backward B x G x H <= 32768 faster (RNN B = 64, H = 512: 1.24x; LSTM B = 16, H = 256: 1.8x / 2.2x),
 //            65536 not (LSTM B = 16, H = 1024: 0.64x; RNN B = 64, H = 1024: 0.61x).
-// The two directions choose separately (a persistent forward pairs with a default backward).
+// The two directions choose separately (a persistent forward pairs with a per-step backward).
 constexpr int64_t kPersistentAutoMaxStagedForward = 8192;
 constexpr int64_t kPersistentAutoMaxStagedBackward = 32768;
 constexpr int64_t kPersistentAutoMaxBatch = 64;
@@ -165,7 +165,7 @@ inline PersistentPlan plan_persistent(const PersistentRequest& r, const DeviceLi
     const int64_t most = r.backward ? kPersistentAutoMaxStagedBackward : kPersistentAutoMaxStagedForward;
     if (staged > most)
       return refuse("each step stages " + std::to_string(staged) + " values per block, more than " +
-                    std::to_string(most) + " (auto: the default path is faster there)");
+                    std::to_string(most) + " (auto: the per-step path is faster there)");
   }
   // One block per multiprocessor: the fewest units per block that spreads H over them.
   const int units = static_cast<int>((r.hidden_size + d.sm_count - 1) / d.sm_count);
