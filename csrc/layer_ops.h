@@ -566,7 +566,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const OptTen
                                         gate_rows,
                                         hidden_gates.data_ptr<scalar_t>(),
                                         training};
-    dev.template run<scalar_t>(B, 3 * H, H, [&] { kernels::gru_forward(a, dev); });
+    if (!whole_layer(dev, a)) dev.template run<scalar_t>(B, 3 * H, H, [&] { kernels::gru_forward(a, dev); });
   });
   if (!training) gates = at::empty({0}, input.options());
   return {output, h_n, gates};
@@ -622,7 +622,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
         hidden_prev.defined() ? hidden_prev.data_ptr<scalar_t>() : nullptr,
         return_norms ? grad_h_norm.data_ptr<norm_t>() : nullptr,
         grad_clip.value_or(0.0)};
-    dev.template run<scalar_t>(B, 3 * H, H, [&] { kernels::gru_backward(a, dev); });
+    if (!whole_layer(dev, a)) dev.template run<scalar_t>(B, 3 * H, H, [&] { kernels::gru_backward(a, dev); });
   });
   if (return_norms) grad_h_norm.sqrt_();
   const auto empty = [&] { return at::empty({0}, input.options()); };

@@ -18,16 +18,19 @@ std::string persistent_plan(c10::string_view cell, bool backward, int64_t hidden
                             int64_t steps, int64_t element_size, bool projection, bool norms,
                             int64_t sm_count, int64_t smem_per_block, int64_t smem_per_sm,
                             c10::string_view mode) {
-  TORCH_CHECK(cell == "lstm" || cell == "rnn", "lstmfast.persistent_plan: expected cell 'lstm' or 'rnn', "
-              "but got '", std::string(cell), "'");
+  TORCH_CHECK(cell == "lstm" || cell == "gru" || cell == "rnn",
+              "lstmfast.persistent_plan: expected cell 'lstm', 'gru' or 'rnn', but got '", std::string(cell), "'");
   bool ok = true;
   const std::string m(mode);
   const auto parsed = kernels::parse_persistent_mode(m.empty() ? std::getenv("LSTMFAST_CUDA_PERSISTENT")
                                                                : m.c_str(), &ok);
   TORCH_CHECK(ok, "lstmfast: LSTMFAST_CUDA_PERSISTENT must be 0, 1 or auto, but got '",
               m.empty() ? std::string(std::getenv("LSTMFAST_CUDA_PERSISTENT")) : m, "'");
-  const kernels::PersistentRequest r{cell == "lstm", backward, hidden_size, batch, steps,
-                                     static_cast<int>(element_size), projection, norms, true};
+  const auto kind = cell == "lstm" ? kernels::PersistentCell::Lstm
+                   : cell == "gru"  ? kernels::PersistentCell::Gru
+                                    : kernels::PersistentCell::Rnn;
+  const kernels::PersistentRequest r{kind, backward, hidden_size, batch, steps, static_cast<int>(element_size),
+                                     projection, norms, true};
   const kernels::DeviceLimits d{static_cast<int>(sm_count), smem_per_block, smem_per_sm, true};
   const auto p = kernels::plan_persistent(r, d, parsed);
   return p.use ? p.reason : "default: " + p.reason;

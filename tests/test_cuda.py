@@ -252,13 +252,15 @@ def _assert_norm_close(got, want, bound, what=""):
         assert error <= bound, f"{what} tensor {i}: relative error {error:.3g} > {bound}"
 
 
-PERSISTENT_CELLS = [dict(cell="lstm"), dict(cell="rnn", nonlinearity="tanh"), dict(cell="rnn", nonlinearity="relu")]
+PERSISTENT_CELLS = [dict(cell="lstm"), dict(cell="gru"), dict(cell="rnn", nonlinearity="tanh"),
+                    dict(cell="rnn", nonlinearity="relu")]
+CELL_IDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 LAYOUTS = [dict(lengths=None, batch=4), dict(lengths=None, batch=1), dict(lengths=[7, 6, 6, 3, 1]),
            dict(lengths=[5, 5, 5])]
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("variant", PERSISTENT_CELLS, ids=["lstm", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("variant", PERSISTENT_CELLS, ids=CELL_IDS)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["B4", "B1", "packed", "packed_equal"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("options", [dict(state=True, bias=True), dict(state=False, bias=False),
@@ -278,7 +280,7 @@ def test_paths_match_float64_reference(monkeypatch, path, variant, layout, rever
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("variant", PERSISTENT_CELLS, ids=["lstm", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("variant", PERSISTENT_CELLS, ids=CELL_IDS)
 @pytest.mark.parametrize("lengths", [None, [20, 17, 9, 9, 2, 1]], ids=["padded", "packed"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("dtype", list(REDUCED), ids=["f16", "bf16"])
@@ -297,7 +299,7 @@ def test_paths_reduced_precision(monkeypatch, path, variant, lengths, reverse, d
     _assert_norm_close(grads, want_grads, RELU_GRAD[dtype] if relu else REDUCED[dtype], "gradient")
 
 
-@pytest.mark.parametrize("variant", PERSISTENT_CELLS[:2], ids=["lstm", "rnn_tanh"])
+@pytest.mark.parametrize("variant", PERSISTENT_CELLS[:3], ids=CELL_IDS[:3])
 @pytest.mark.parametrize("shape", [dict(hidden=1024, batch=16), dict(hidden=1024, batch=64), dict(hidden=256, batch=2)],
                          ids=["H1024_B16", "H1024_B64", "H256_B2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -324,7 +326,7 @@ def test_persistent_agrees_with_default(monkeypatch, variant, shape, dtype):
 
 
 @pytest.mark.parametrize("forward_path,backward_path", [("persistent", "default"), ("default", "persistent")])
-@pytest.mark.parametrize("variant", PERSISTENT_CELLS[:2], ids=["lstm", "rnn_tanh"])
+@pytest.mark.parametrize("variant", PERSISTENT_CELLS[:3], ids=CELL_IDS[:3])
 @pytest.mark.parametrize("lengths", [None, [9, 8, 4, 1]], ids=["padded", "packed"])
 def test_paths_pair_either_way(monkeypatch, forward_path, backward_path, variant, lengths):
     """Both forwards save the same activations in the same layout, so either backward can follow."""
@@ -345,7 +347,7 @@ def test_paths_pair_either_way(monkeypatch, forward_path, backward_path, variant
     _assert_norm_close(list(grads), want_grads, 1e-5, "gradient")
 
 
-@pytest.mark.parametrize("variant", PERSISTENT_CELLS[:2], ids=["lstm", "rnn_tanh"])
+@pytest.mark.parametrize("variant", PERSISTENT_CELLS[:3], ids=CELL_IDS[:3])
 def test_persistent_long_sequence(monkeypatch, variant):
     """T = 10000 steps (10000 grid syncs each way) against the float64 reference."""
     _use(monkeypatch, "persistent")

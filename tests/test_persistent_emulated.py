@@ -17,13 +17,14 @@ from conftest import layer_sample, outputs_and_grads
 # units, the last with 6: several units per block and a short last block.
 SMALL_GPU = "4,232448"
 # 4 multiprocessors with 66000 bytes per block: an LSTM with H=100 stages its backward rows in chunks
-# (96 of 400 columns).
-TIGHT_GPU = "4,66000"
+# (96 of 400 columns); with 56000 bytes a GRU's (128 of 300).
+TIGHT_GPU = {"lstm": "4,66000", "gru": "4,56000", "rnn": "4,66000"}
 # 8 multiprocessors: H=8 gives one unit per block.
 ONE_UNIT_GPU = "8,232448"
 
-CELLS = [dict(cell="lstm"), dict(cell="rnn", nonlinearity="tanh"), dict(cell="rnn", nonlinearity="relu")]
-CELL_IDS = ["lstm", "rnn_tanh", "rnn_relu"]
+CELLS = [dict(cell="lstm"), dict(cell="gru"), dict(cell="rnn", nonlinearity="tanh"),
+         dict(cell="rnn", nonlinearity="relu")]
+CELL_IDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 LAYOUTS = [dict(lengths=None, batch=4), dict(lengths=None, batch=1), dict(lengths=[7, 6, 6, 3, 1]),
            dict(lengths=[5, 5, 5])]
 
@@ -76,18 +77,22 @@ def test_emulated_kernels_options(monkeypatch, variant, options):
     _check(monkeypatch, SMALL_GPU, sample)
 
 
-@pytest.mark.parametrize("variant", CELLS[:2], ids=CELL_IDS[:2])
+@pytest.mark.parametrize("variant", CELLS[:3], ids=CELL_IDS[:3])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_emulated_kernels_in_chunks(monkeypatch, variant, reverse):
-    plan = lstmfast.ops.persistent_plan(variant["cell"], True, 100, 5, 7, 4, False, False, 4, 66000, 67024, "1")
-    if variant["cell"] == "lstm":
-        assert plan.endswith("chunk 96 of 400"), plan
+    device = TIGHT_GPU[variant["cell"]]
+    sms, smem = map(int, device.split(","))
+    plan = lstmfast.ops.persistent_plan(variant["cell"], True, 100, 5, 7, 4, False, False, sms, smem, smem + 1024,
+                                        "1")
+    chunked = {"lstm": "chunk 96 of 400", "gru": "chunk 128 of 300"}
+    if variant["cell"] in chunked:
+        assert plan.endswith(chunked[variant["cell"]]), plan
     sample = layer_sample(**variant, lengths=[7, 6, 6, 3, 1], reverse=reverse, hidden=100, input_size=5,
                           dtype=torch.float32)
-    _check(monkeypatch, TIGHT_GPU, sample)
+    _check(monkeypatch, device, sample)
 
 
-@pytest.mark.parametrize("variant", CELLS[:2], ids=CELL_IDS[:2])
+@pytest.mark.parametrize("variant", CELLS[:3], ids=CELL_IDS[:3])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_emulated_kernels_more_elements_than_threads(monkeypatch, variant, reverse):
     """40 sequences x 9 units per block = 360 elements for 256 threads: a thread's first element (whose
@@ -99,16 +104,17 @@ def test_emulated_kernels_more_elements_than_threads(monkeypatch, variant, rever
     _check(monkeypatch, SMALL_GPU, sample)
 
 
-@pytest.mark.parametrize("variant", CELLS[:2], ids=CELL_IDS[:2])
+@pytest.mark.parametrize("variant", CELLS[:3], ids=CELL_IDS[:3])
 def test_emulated_kernels_one_unit_per_block(monkeypatch, variant):
     sample = layer_sample(**variant, lengths=[4, 4, 2], hidden=8, input_size=3, dtype=torch.float32)
     _check(monkeypatch, ONE_UNIT_GPU, sample)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("emulated", ["forward", "backward"])
-def test_emulated_kernels_pair_with_time_loops(monkeypatch, emulated):
+def test_emulated_kernels_pair_with_time_loops(monkeypatch, emulated, cell):
     """The persistent kernels save what the time loops' backward reads, and read what their forward saves."""
-    sample = layer_sample("lstm", lengths=[6, 5, 2], reverse=True, hidden=33, input_size=5, dtype=torch.float32)
+    sample = layer_sample(cell, lengths=[6, 5, 2], reverse=True, hidden=33, input_size=5, dtype=torch.float32)
     want_out, want_grads = outputs_and_grads(_float64_copy(sample), reference)
     before = lstmfast.cuda_persistent_launches()
     if emulated == "forward":

@@ -72,12 +72,21 @@ def test_refusals_say_why(kw, why):
 
 
 def test_bad_cell_is_refused():
-    with pytest.raises(RuntimeError, match="expected cell 'lstm' or 'rnn', but got 'gru'"):
-        plan(cell="gru")
+    with pytest.raises(RuntimeError, match="expected cell 'lstm', 'gru' or 'rnn', but got 'lstm2'"):
+        plan(cell="lstm2")
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_gru_runs_only_when_forced(backward):
+    """The GRU kernels have not run on a GPU: auto leaves GRU to the per-step path, "1" runs them."""
+    assert plan("gru", backward, 256, 1, mode="auto") == (
+        "default: GRU has not been measured on a GPU yet (auto); LSTMFAST_CUDA_PERSISTENT=1 runs it")
+    g = geometry(plan("gru", backward, 256, 1, mode="1"))
+    assert g["depth"] == (3 * 256 if backward else 256)
 
 
 @pytest.mark.parametrize("device", [H200, A100], ids=["h200", "a100"])
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("element_size", [2, 4], ids=["16bit", "f32"])
 @pytest.mark.parametrize("hidden", [1, 33, 256, 301, 512, 1024])
@@ -88,11 +97,13 @@ def test_geometry_fits_the_device(device, cell, backward, element_size, hidden, 
     text = plan(cell, backward, hidden, batch, 50, element_size, device=device)
     if text.startswith("default: "):
         assert "shared memory" in text, text  # the only refusal this grid can meet
-        # Only the largest float32 LSTMs (the whole W_hh does not fit the chip's shared memory).
-        assert cell == "lstm" and hidden == 1024 and (element_size == 4 or device is A100), text
+        # Only the largest layers (the block's slice of W_hh and the staged rows do not fit the chip's
+        # shared memory): float32 LSTMs at H = 1024 (any LSTM on an A100), float32 GRUs on an A100.
+        assert hidden == 1024 and (element_size == 4 or device is A100), text
+        assert cell == "lstm" or (cell == "gru" and device is A100 and element_size == 4), text
         return
     g = geometry(text)
-    gates = 4 if cell == "lstm" else 1
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
     assert g["blocks"] * g["units"] >= hidden > (g["blocks"] - 1) * g["units"]
     assert g["blocks"] <= device["sm_count"]
     assert g["smem"] <= device["smem_per_block"] and g["smem"] + 1024 <= device["smem_per_sm"]

@@ -74,13 +74,16 @@ void run_grid(const kernels::PersistentPlan& plan, const Body& body) {
   count_persistent_launch();
 }
 
-// out (rows, width) = x (rows, depth) w^T, w (width, depth): the forwards' input projection.
-void project(const float* x, const float* w, float* out, int64_t rows, int64_t depth, int64_t width) {
+// out (rows, width; row stride ldo, default width) = x (rows, depth) w^T, w (width, depth): the
+// forwards' input projection.
+void project(const float* x, const float* w, float* out, int64_t rows, int64_t depth, int64_t width,
+             int64_t ldo = 0) {
+  if (ldo == 0) ldo = width;
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t g = 0; g < width; ++g) {
       float sum = 0.f;
       for (int64_t k = 0; k < depth; ++k) sum += x[r * depth + k] * w[g * depth + k];
-      out[r * width + g] = sum;
+      out[r * ldo + g] = sum;
     }
   }
 }
@@ -88,7 +91,7 @@ void project(const float* x, const float* w, float* out, int64_t rows, int64_t d
 }  // namespace
 
 bool emulate_persistent(const kernels::LstmForwardArgs<float>& a) {
-  const auto p = plan({true, false, a.hidden_size, a.seq.batch, a.seq.steps, 4, a.w_hr != nullptr, false,
+  const auto p = plan({kernels::PersistentCell::Lstm, false, a.hidden_size, a.seq.batch, a.seq.steps, 4, a.w_hr != nullptr, false,
                        a.gate_rows == a.seq.rows});
   if (!p.use) return false;
   project(a.input, a.w_ih, a.gates, a.seq.rows, a.input_size, 4 * a.hidden_size);
@@ -98,7 +101,7 @@ bool emulate_persistent(const kernels::LstmForwardArgs<float>& a) {
 }
 
 bool emulate_persistent(const kernels::LstmBackwardArgs<float, float>& a) {
-  const auto p = plan({true, true, a.hidden_size, a.seq.batch, a.seq.steps, 4, a.w_hr != nullptr,
+  const auto p = plan({kernels::PersistentCell::Lstm, true, a.hidden_size, a.seq.batch, a.seq.steps, 4, a.w_hr != nullptr,
                        a.grad_hidden_norm != nullptr || a.grad_cell_norm != nullptr, true});
   if (!p.use) return false;
   const auto params = persistent::lstm_backward_params(a, p, steps_of(a.seq));
@@ -107,7 +110,7 @@ bool emulate_persistent(const kernels::LstmBackwardArgs<float, float>& a) {
 }
 
 bool emulate_persistent(const kernels::RnnForwardArgs<float>& a) {
-  const auto p = plan({false, false, a.hidden_size, a.seq.batch, a.seq.steps, 4, false, false, true});
+  const auto p = plan({kernels::PersistentCell::Rnn, false, a.hidden_size, a.seq.batch, a.seq.steps, 4, false, false, true});
   if (!p.use) return false;
   project(a.input, a.w_ih, a.output, a.seq.rows, a.input_size, a.hidden_size);
   const auto params = persistent::rnn_forward_params(a, p, steps_of(a.seq));
@@ -116,11 +119,30 @@ bool emulate_persistent(const kernels::RnnForwardArgs<float>& a) {
 }
 
 bool emulate_persistent(const kernels::RnnBackwardArgs<float, float>& a) {
-  const auto p = plan({false, true, a.hidden_size, a.seq.batch, a.seq.steps, 4, false,
+  const auto p = plan({kernels::PersistentCell::Rnn, true, a.hidden_size, a.seq.batch, a.seq.steps, 4, false,
                        a.grad_hidden_norm != nullptr, true});
   if (!p.use) return false;
   const auto params = persistent::rnn_backward_params(a, p, steps_of(a.seq));
   run_grid(p, [&](unsigned char* smem) { persistent::rnn_backward_body(params, smem); });
+  return true;
+}
+
+bool emulate_persistent(const kernels::GruForwardArgs<float>& a) {
+  const auto p = plan({kernels::PersistentCell::Gru, false, a.hidden_size, a.seq.batch, a.seq.steps, 4, false,
+                       false, a.gate_rows == a.seq.rows});
+  if (!p.use) return false;
+  project(a.input, a.w_ih, a.gates, a.seq.rows, a.input_size, 3 * a.hidden_size, 4 * a.hidden_size);
+  const auto params = persistent::gru_forward_params(a, p, steps_of(a.seq));
+  run_grid(p, [&](unsigned char* smem) { persistent::gru_forward_body(params, smem); });
+  return true;
+}
+
+bool emulate_persistent(const kernels::GruBackwardArgs<float, float>& a) {
+  const auto p = plan({kernels::PersistentCell::Gru, true, a.hidden_size, a.seq.batch, a.seq.steps, 4, false,
+                       a.grad_hidden_norm != nullptr, true});
+  if (!p.use) return false;
+  const auto params = persistent::gru_backward_params(a, p, steps_of(a.seq));
+  run_grid(p, [&](unsigned char* smem) { persistent::gru_backward_body(params, smem); });
   return true;
 }
 

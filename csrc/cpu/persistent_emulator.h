@@ -14,6 +14,8 @@ bool emulate_persistent(const kernels::LstmForwardArgs<float>& a);
 bool emulate_persistent(const kernels::LstmBackwardArgs<float, float>& a);
 bool emulate_persistent(const kernels::RnnForwardArgs<float>& a);
 bool emulate_persistent(const kernels::RnnBackwardArgs<float, float>& a);
+bool emulate_persistent(const kernels::GruForwardArgs<float>& a);
+bool emulate_persistent(const kernels::GruBackwardArgs<float, float>& a);
 
 template <typename Args>
 bool emulate_persistent(const Args&) {

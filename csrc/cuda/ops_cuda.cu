@@ -169,6 +169,31 @@ struct CudaBackend {
     }
   }
 
+  template <typename T>
+  bool whole_layer(const GruForwardArgs<T>& a) {
+    if constexpr (!persistent::kSupported<T>) {
+      return false;
+    } else {
+      const auto plan = persistent::plan_gru_forward(a);
+      if (!plan.use) return false;
+      const int64_t H = a.hidden_size;
+      gemm(false, true, a.seq.rows, 3 * H, a.input_size, 1.0, a.input, a.input_size, a.w_ih, a.input_size, 0.0,
+           a.gates, 4 * H);
+      return persistent::launch_gru_forward(a, plan, stream);
+    }
+  }
+
+  template <typename T, typename norm_t>
+  bool whole_layer(const GruBackwardArgs<T, norm_t>& a) {
+    if constexpr (!persistent::kSupported<T> || !std::is_same_v<norm_t, float>) {
+      return false;
+    } else {
+      const auto plan = persistent::plan_gru_backward(a);
+      if (!plan.use) return false;
+      return persistent::launch_gru_backward(a, plan, stream);
+    }
+  }
+
   // Runs a time loop (the CPU backend may run it on a team of threads; here kernels queue on the stream).
   template <typename T, typename F>
   void run(int64_t, int64_t, int64_t, const F& f) {

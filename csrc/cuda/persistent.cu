@@ -1,15 +1,16 @@
-// Persistent LSTM / Elman-RNN kernels (declared and described in persistent.cuh; geometry and shared
-// memory layout in kernels/persistent_plan.h).
+// Persistent LSTM / GRU / Elman-RNN kernels (declared and described in persistent.cuh; geometry and
+// shared memory layout in kernels/persistent_plan.h).
 //
 // One step of a forward kernel, in every block:
 //   1. stage h_{t-1} (B x H, from the previous step's output rows or h0) into shared memory, in chunks;
 //      multiply by the block's rows of W_hh: y = h_{t-1} W_hh[rows of my units]^T  (float32 sums)
-//   2. pointwise, for my units only (all four gates of a unit are in this block): add x W_ih^T and the
+//   2. pointwise, for my units only (all gates of a unit are in this block): add x W_ih^T and the
 //      bias, the cell, write the step's output rows (and gates, cells when training)
 //   3. grid-wide sync: every block's h_t is in global memory before anyone stages it
-// A backward step: 1. pointwise for my units (dL/dh_t from shared memory, dL/dc_t kept in shared
-// memory) writing dL/da_t; 2. grid-wide sync; 3. stage dL/da_t (B x G*H) and multiply by the block's
-// columns of W_hh: dL/dh_{t-1} for my units, kept in shared memory for the next step.
+// A backward step: 1. pointwise for my units (dL/dh_t from shared memory, dL/dc_t or GRU's dL/dh_t * z
+// kept in shared memory) writing dL/da_t; 2. grid-wide sync; 3. stage dL/da_t (B x G*H; GRU: its
+// recurrent part da_h) and multiply by the block's columns of W_hh: dL/dh_{t-1} for my units (GRU: plus
+// dL/dh_t * z), kept in shared memory for the next step.
 //
 // Every step writes only its own rows of the (N, *) buffers and reads the rows other blocks wrote
 // before the last grid sync, so one sync per step orders all cross-block traffic. Rows other blocks
@@ -52,6 +53,18 @@ template <typename T>
 __global__ void __launch_bounds__(kPersistentThreads, 1) rnn_backward_kernel(RnnBackwardParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   rnn_backward_body(p, smem_raw);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kPersistentThreads, 1) gru_forward_kernel(GruForwardParams<T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  gru_forward_body(p, smem_raw);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kPersistentThreads, 1) gru_backward_kernel(GruBackwardParams<T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  gru_backward_body(p, smem_raw);
 }
 
 // ---------------------------------------------------------------- host side
@@ -135,33 +148,49 @@ c10::Device current_cuda_device() { return c10::Device(c10::kCUDA, c10::cuda::cu
 
 }  // namespace
 
+using kernels::PersistentCell;
+
 template <typename T>
 PersistentPlan plan_lstm_forward(const kernels::LstmForwardArgs<T>& a) {
-  const kernels::PersistentRequest r{true, false, a.hidden_size, a.seq.batch, a.seq.steps, int(sizeof(T)),
-                                     a.w_hr != nullptr, false, a.gate_rows == a.seq.rows};
+  const kernels::PersistentRequest r{PersistentCell::Lstm, false, a.hidden_size, a.seq.batch, a.seq.steps,
+                                     int(sizeof(T)), a.w_hr != nullptr, false, a.gate_rows == a.seq.rows};
   return plan_for(r, a.seq, reinterpret_cast<const void*>(&lstm_forward_kernel<T>));
 }
 
 template <typename T>
 PersistentPlan plan_lstm_backward(const kernels::LstmBackwardArgs<T, float>& a) {
-  const kernels::PersistentRequest r{true, true, a.hidden_size, a.seq.batch, a.seq.steps, int(sizeof(T)),
-                                     a.w_hr != nullptr, a.grad_hidden_norm != nullptr || a.grad_cell_norm != nullptr,
-                                     true};
+  const kernels::PersistentRequest r{PersistentCell::Lstm, true, a.hidden_size, a.seq.batch, a.seq.steps,
+                                     int(sizeof(T)), a.w_hr != nullptr,
+                                     a.grad_hidden_norm != nullptr || a.grad_cell_norm != nullptr, true};
   return plan_for(r, a.seq, reinterpret_cast<const void*>(&lstm_backward_kernel<T>));
 }
 
 template <typename T>
 PersistentPlan plan_rnn_forward(const kernels::RnnForwardArgs<T>& a) {
-  const kernels::PersistentRequest r{false, false, a.hidden_size, a.seq.batch, a.seq.steps, int(sizeof(T)),
-                                     false, false, true};
+  const kernels::PersistentRequest r{PersistentCell::Rnn, false, a.hidden_size, a.seq.batch, a.seq.steps,
+                                     int(sizeof(T)), false, false, true};
   return plan_for(r, a.seq, reinterpret_cast<const void*>(&rnn_forward_kernel<T>));
 }
 
 template <typename T>
 PersistentPlan plan_rnn_backward(const kernels::RnnBackwardArgs<T, float>& a) {
-  const kernels::PersistentRequest r{false, true, a.hidden_size, a.seq.batch, a.seq.steps, int(sizeof(T)),
-                                     false, a.grad_hidden_norm != nullptr, true};
+  const kernels::PersistentRequest r{PersistentCell::Rnn, true, a.hidden_size, a.seq.batch, a.seq.steps,
+                                     int(sizeof(T)), false, a.grad_hidden_norm != nullptr, true};
   return plan_for(r, a.seq, reinterpret_cast<const void*>(&rnn_backward_kernel<T>));
+}
+
+template <typename T>
+PersistentPlan plan_gru_forward(const kernels::GruForwardArgs<T>& a) {
+  const kernels::PersistentRequest r{PersistentCell::Gru, false, a.hidden_size, a.seq.batch, a.seq.steps,
+                                     int(sizeof(T)), false, false, a.gate_rows == a.seq.rows};
+  return plan_for(r, a.seq, reinterpret_cast<const void*>(&gru_forward_kernel<T>));
+}
+
+template <typename T>
+PersistentPlan plan_gru_backward(const kernels::GruBackwardArgs<T, float>& a) {
+  const kernels::PersistentRequest r{PersistentCell::Gru, true, a.hidden_size, a.seq.batch, a.seq.steps,
+                                     int(sizeof(T)), false, a.grad_hidden_norm != nullptr, true};
+  return plan_for(r, a.seq, reinterpret_cast<const void*>(&gru_backward_kernel<T>));
 }
 
 template <typename T>
@@ -190,6 +219,19 @@ bool launch_rnn_backward(const kernels::RnnBackwardArgs<T, float>& a, const Pers
   return launch(&rnn_backward_kernel<T>, rnn_backward_params(a, plan, steps_of(a.seq, layout)), plan, stream);
 }
 
+template <typename T>
+bool launch_gru_forward(const kernels::GruForwardArgs<T>& a, const PersistentPlan& plan, cudaStream_t stream) {
+  const at::Tensor layout = device_layout(a.seq, current_cuda_device());
+  return launch(&gru_forward_kernel<T>, gru_forward_params(a, plan, steps_of(a.seq, layout)), plan, stream);
+}
+
+template <typename T>
+bool launch_gru_backward(const kernels::GruBackwardArgs<T, float>& a, const PersistentPlan& plan,
+                         cudaStream_t stream) {
+  const at::Tensor layout = device_layout(a.seq, current_cuda_device());
+  return launch(&gru_backward_kernel<T>, gru_backward_params(a, plan, steps_of(a.seq, layout)), plan, stream);
+}
+
 #define LSTMFAST_PERSISTENT_INSTANTIATE(T)                                                                \
   template PersistentPlan plan_lstm_forward<T>(const kernels::LstmForwardArgs<T>&);                       \
   template PersistentPlan plan_lstm_backward<T>(const kernels::LstmBackwardArgs<T, float>&);              \
@@ -200,6 +242,11 @@ bool launch_rnn_backward(const kernels::RnnBackwardArgs<T, float>& a, const Pers
                                         cudaStream_t);                                                    \
   template bool launch_rnn_forward<T>(const kernels::RnnForwardArgs<T>&, const PersistentPlan&, cudaStream_t);  \
   template bool launch_rnn_backward<T>(const kernels::RnnBackwardArgs<T, float>&, const PersistentPlan&,       \
+                                       cudaStream_t);                                                    \
+  template PersistentPlan plan_gru_forward<T>(const kernels::GruForwardArgs<T>&);                         \
+  template PersistentPlan plan_gru_backward<T>(const kernels::GruBackwardArgs<T, float>&);                \
+  template bool launch_gru_forward<T>(const kernels::GruForwardArgs<T>&, const PersistentPlan&, cudaStream_t); \
+  template bool launch_gru_backward<T>(const kernels::GruBackwardArgs<T, float>&, const PersistentPlan&,       \
                                        cudaStream_t);
 
 LSTMFAST_PERSISTENT_INSTANTIATE(float)

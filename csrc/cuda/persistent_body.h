@@ -470,6 +470,147 @@ LSTMFAST_PD void rnn_backward_body(const RnnBackwardParams<T>& p, unsigned char*
 }
 
 
+template <typename T>
+struct GruForwardParams {
+  Geometry g;
+  Steps q;
+  int64_t H;
+  const T* w_hh;       // (3H, H)
+  const T* b_ih;       // (3H) or nullptr
+  const T* b_hh;       // (3H) or nullptr
+  T* gates;            // (N, 4H): x W_ih^T in columns [0, 3H) in; r, z, n, W_hn h_{t-1} + b_hn out when training
+  T* output;           // (N, H) h_t out
+  T* hidden_state;     // (B, H) h0 in, h_n out (after the last step)
+  bool training;
+};
+
+// As the LSTM forward, with three gates; a unit's h_{t-1} (for z * h_{t-1}) comes from final_h, which
+// holds each row's latest h_t of my units (rounded to the dtype, as the time loop's state is), or h0.
+template <typename T>
+LSTMFAST_PD void gru_forward_body(const GruForwardParams<T>& p, unsigned char* smem_raw) {
+  const Geometry g = p.g;
+  const Steps q = p.q;
+  const Smem<T> s = carve<T>(smem_raw, g, false, true);
+  const int64_t H = p.H, G = 4 * H;
+  const int U = g.units;
+  const int64_t u0 = int64_t(block_index()) * U;
+  const int here = static_cast<int>(H - u0 < U ? H - u0 : U);
+  load_rows(g, s.m, p.w_hh, 3, H, u0, here);
+  for (int64_t k = 0; k < q.steps; ++k) {
+    const int64_t t = q.forward_step(k), rows = q.rows(t), r0 = q.offset(t);
+    const int64_t prev = q.prev_step(t), prev_rows = q.prev_rows(t);
+    block_matvec(g, s, rows,
+                 HiddenRows<T>{prev < 0 ? nullptr : p.output + q.offset(prev) * H, p.hidden_state, prev_rows,
+                               rows, H});
+    for (int i = thread_index(); i < rows * here; i += kPersistentThreads) {
+      const int b = i / here, u = i - b * here;
+      const int64_t j = u0 + u;
+      T* a = p.gates + (r0 + b) * G;
+      const float* y = s.y + b * g.rows;
+      float x_r = float(a[j]), x_z = float(a[H + j]), x_n = float(a[2 * H + j]);
+      float h_r = y[u], h_z = y[U + u], h_n = y[2 * U + u];
+      if (p.b_ih != nullptr) {
+        x_r += float(p.b_ih[j]);
+        x_z += float(p.b_ih[H + j]);
+        x_n += float(p.b_ih[2 * H + j]);
+      }
+      if (p.b_hh != nullptr) {
+        h_r += float(p.b_hh[j]);
+        h_z += float(p.b_hh[H + j]);
+        h_n += float(p.b_hh[2 * H + j]);
+      }
+      const float hidden_prev = b < prev_rows ? s.final_h[b * U + u] : float(p.hidden_state[b * H + j]);
+      const auto o = kernels::gru_cell_forward<float>(x_r, x_z, x_n, h_r, h_z, h_n, hidden_prev);
+      if (p.training) {  // what the backward reads
+        a[j] = T(o.r);
+        a[H + j] = T(o.z);
+        a[2 * H + j] = T(o.n);
+        a[3 * H + j] = T(o.hidden_n);
+      }
+      const T h = T(o.hidden);
+      p.output[(r0 + b) * H + j] = h;
+      s.final_h[b * U + u] = float(h);
+    }
+    grid_barrier();
+  }
+  for (int i = thread_index(); i < q.batch * here; i += kPersistentThreads) {
+    const int b = i / here, u = i - b * here;
+    p.hidden_state[b * H + u0 + u] = T(s.final_h[b * U + u]);
+  }
+}
+
+template <typename T>
+struct GruBackwardParams {
+  Geometry g;
+  Steps q;
+  int64_t H;
+  const T* w_hh;            // (3H, H)
+  const T* output;          // (N, H) h_t
+  const T* gates;           // (N, 4H) r, z, n, W_hn h_{t-1} + b_hn
+  const T* hidden_initial;  // (B, H) h0
+  const T* grad_output;     // (N, H)
+  T* grad_hidden_state;     // (B, H) dL/dh_n in, dL/dh0 out
+  T* grad_input_gates;      // (N, 3H) da_x out
+  T* grad_hidden_gates;     // (N, 3H) da_h out
+  T* hidden_prev;           // (N, H) h_{t-1} of every row out, or nullptr
+  float grad_clip;          // <= 0: none
+};
+
+// s.y holds the running dL/dh of my units (row b at b * g.rows), s.state this step's dL/dh_t * z:
+// dL/dh_{t-1} = dL/dh_t * z + da_h W_hh, the product over my units' columns of W_hh (depth 3H).
+template <typename T>
+LSTMFAST_PD void gru_backward_body(const GruBackwardParams<T>& p, unsigned char* smem_raw) {
+  const Geometry g = p.g;
+  const Steps q = p.q;
+  const Smem<T> s = carve<T>(smem_raw, g, true, false);
+  const int64_t H = p.H, G = 4 * H;
+  const int U = g.units;
+  const int64_t u0 = int64_t(block_index()) * U;
+  const int here = static_cast<int>(H - u0 < U ? H - u0 : U);
+  load_columns(g, s.m, p.w_hh, H, u0, here);
+  for (int i = thread_index(); i < q.batch * here; i += kPersistentThreads) {
+    const int b = i / here, u = i - b * here;
+    s.y[b * g.rows + u] = float(p.grad_hidden_state[b * H + u0 + u]);
+  }
+  block_barrier();
+  for (int64_t k = 0; k < q.steps; ++k) {
+    const int64_t t = q.backward_step(k), rows = q.rows(t), r0 = q.offset(t);
+    const int64_t prev = q.prev_step(t), prev_rows = q.prev_rows(t);
+    const int64_t prev_r0 = prev < 0 ? 0 : q.offset(prev);
+    for (int i = thread_index(); i < rows * here; i += kPersistentThreads) {
+      const int b = i / here, u = i - b * here;
+      const int64_t j = u0 + u, e = (r0 + b) * H + j;
+      const T* a = p.gates + (r0 + b) * G;
+      const T hidden_prev = b < prev_rows ? p.output[(prev_r0 + b) * H + j] : p.hidden_initial[b * H + j];
+      const float grad_hidden = s.y[b * g.rows + u] + float(p.grad_output[e]);
+      const auto r = kernels::gru_cell_backward<float>(float(a[j]), float(a[H + j]), float(a[2 * H + j]),
+                                                       float(a[3 * H + j]), float(hidden_prev), grad_hidden,
+                                                       p.grad_clip);
+      T* dx = p.grad_input_gates + (r0 + b) * 3 * H;
+      T* dh = p.grad_hidden_gates + (r0 + b) * 3 * H;
+      dx[j] = T(r.a_r);
+      dx[H + j] = T(r.a_z);
+      dx[2 * H + j] = T(r.a_n);
+      dh[j] = T(r.a_r);
+      dh[H + j] = T(r.a_z);
+      dh[2 * H + j] = T(r.hidden_n);
+      s.state[b * U + u] = r.hidden_prev;
+      if (p.hidden_prev != nullptr) p.hidden_prev[e] = hidden_prev;
+    }
+    grid_barrier();
+    block_matvec(g, s, rows, StepRows<T>{p.grad_hidden_gates + r0 * 3 * H, rows, 3 * H});
+    // The same elements as the pointwise pass above, so each thread adds what it wrote there.
+    for (int i = thread_index(); i < rows * here; i += kPersistentThreads) {
+      const int b = i / here, u = i - b * here;
+      s.y[b * g.rows + u] += s.state[b * U + u];
+    }
+  }
+  for (int i = thread_index(); i < q.batch * here; i += kPersistentThreads) {
+    const int b = i / here, u = i - b * here;
+    p.grad_hidden_state[b * H + u0 + u] = T(s.y[b * g.rows + u]);
+  }
+}
+
 inline Geometry geometry_of(const PersistentPlan& p) {
   return {p.units, p.rows, p.depth, p.ldm, p.batch_padded, p.chunk, p.ld_stage, p.slices};
 }
@@ -499,6 +640,21 @@ RnnBackwardParams<T> rnn_backward_params(const kernels::RnnBackwardArgs<T, float
                                          Steps q) {
   return {geometry_of(plan), q, a.hidden_size, a.w_hh, a.output, a.hidden_initial, a.grad_output,
           a.grad_hidden_state, a.grad_pre, a.hidden_prev, a.nonlinearity, static_cast<float>(a.grad_clip)};
+}
+
+template <typename T>
+GruForwardParams<T> gru_forward_params(const kernels::GruForwardArgs<T>& a, const PersistentPlan& plan, Steps q) {
+  return {geometry_of(plan), q, a.hidden_size, a.w_hh, a.b_ih, a.b_hh, a.gates, a.output, a.hidden_state,
+          a.training};
+}
+
+template <typename T>
+GruBackwardParams<T> gru_backward_params(const kernels::GruBackwardArgs<T, float>& a, const PersistentPlan& plan,
+                                         Steps q) {
+  return {geometry_of(plan),     q,          a.hidden_size,      a.w_hh,
+          a.output,              a.gates,    a.hidden_initial,   a.grad_output,
+          a.grad_hidden_state,   a.grad_input_gates, a.grad_hidden_gates, a.hidden_prev,
+          static_cast<float>(a.grad_clip)};
 }
 
 }  // namespace lstmfast::persistent

@@ -11,7 +11,7 @@
 // exchange h_t (forward) or dL/d(pre-activations) (backward) through global memory, one grid-wide
 // synchronisation per step. Beside M: a staging buffer of the exchanged rows (float32, B x chunk,
 // K read in chunks of `chunk` columns), the per-thread partial sums, the step's products, and float32
-// running state (c_t, or dL/dc_t; the final h_t).
+// running state (LSTM c_t, or dL/dc_t; GRU's dL/dh_t * z in backward; the forward's latest h_t).
 #pragma once
 
 #include <algorithm>
@@ -53,8 +53,15 @@ constexpr int64_t kPersistentAutoMaxStagedForward = 8192;
 constexpr int64_t kPersistentAutoMaxStagedBackward = 32768;
 constexpr int64_t kPersistentAutoMaxBatch = 64;
 
+// The cell: its gate count is the number of H-wide blocks of W_hh's rows (4, 3, 1).
+enum class PersistentCell { Lstm, Gru, Rnn };
+
+inline int gates_of(PersistentCell cell) {
+  return cell == PersistentCell::Lstm ? 4 : cell == PersistentCell::Gru ? 3 : 1;
+}
+
 struct PersistentRequest {
-  bool lstm;            // LSTM (4 gates) or Elman RNN (1)
+  PersistentCell cell;
   bool backward;
   int64_t hidden_size;  // H
   int64_t batch;        // B (batch_sizes[0])
@@ -88,13 +95,13 @@ struct PersistentPlan {
 };
 
 // Shared memory layout of one block, in this order (every part 16-byte aligned):
-//   M (rows x ldm, dtype) | partial (slices x Bp x rows) | y (Bp x rows) | state (Bp x units)
-//   | final h (Bp x units, forward only) | stage (Bp x ld_stage)
+//   M (rows x ldm, dtype) | partial (slices x Bp x rows) | y (Bp x rows)
+//   | state (Bp x units: LSTM, GRU backward) | final h (Bp x units, forward only) | stage (Bp x ld_stage)
 inline int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
 inline PersistentPlan persistent_geometry(const PersistentRequest& r, const DeviceLimits& d, int units) {
   PersistentPlan p;
-  const int64_t G = r.lstm ? 4 : 1, H = r.hidden_size;
+  const int64_t G = gates_of(r.cell), H = r.hidden_size;
   p.units = units;
   p.blocks = static_cast<int>((H + units - 1) / units);
   const int64_t rows = r.backward ? units : G * units;
@@ -118,7 +125,8 @@ inline PersistentPlan persistent_geometry(const PersistentRequest& r, const Devi
   p.smem_weights = align16(int64_t(p.rows) * p.ldm * r.element_size);
   const int64_t Bp = p.batch_padded;
   int64_t floats = align16(4 * int64_t(p.slices) * Bp * p.rows) / 4 + align16(4 * Bp * p.rows) / 4;
-  const bool cell_state = r.lstm;            // c_t forward, dL/dc_t backward
+  // c_t forward and dL/dc_t backward (LSTM); dL/dh_t * z backward (GRU)
+  const bool cell_state = r.cell == PersistentCell::Lstm || (r.cell == PersistentCell::Gru && r.backward);
   const bool final_hidden = !r.backward;     // h_n, written after the last step
   floats += (cell_state ? align16(4 * Bp * units) / 4 : 0) + (final_hidden ? align16(4 * Bp * units) / 4 : 0);
   const int64_t fixed = p.smem_weights + 4 * floats;
@@ -161,7 +169,9 @@ inline PersistentPlan plan_persistent(const PersistentRequest& r, const DeviceLi
   if (mode == PersistentMode::Auto) {
     if (r.batch > kPersistentAutoMaxBatch)
       return refuse("batch " + std::to_string(r.batch) + " > " + std::to_string(kPersistentAutoMaxBatch) + " (auto)");
-    const int64_t staged = r.batch * r.hidden_size * (r.backward && r.lstm ? 4 : 1);
+    if (r.cell == PersistentCell::Gru)
+      return refuse("GRU has not been measured on a GPU yet (auto); LSTMFAST_CUDA_PERSISTENT=1 runs it");
+    const int64_t staged = r.batch * r.hidden_size * (r.backward ? gates_of(r.cell) : 1);
     const int64_t most = r.backward ? kPersistentAutoMaxStagedBackward : kPersistentAutoMaxStagedForward;
     if (staged > most)
       return refuse("each step stages " + std::to_string(staged) + " values per block, more than " +
