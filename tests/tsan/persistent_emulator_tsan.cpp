@@ -45,11 +45,11 @@ int main() {
       const kernels::Sequence q{bs.data(), off.data(), T, B, N, reverse};
       auto x = random_vector(N * I, g), h0 = random_vector(B * H, g), c0 = random_vector(B * H, g);
       auto grad_out = random_vector(N * H, g), grad_h = random_vector(B * H, g), grad_c = random_vector(B * H, g);
-      for (int gates : {4, 1}) {
+      for (int gates : {4, 3, 1}) {
         auto w_ih = random_vector(gates * H * I, g), w_hh = random_vector(gates * H * H, g);
         auto bias = random_vector(gates * H, g);
-        std::vector<float> out(N * H), h = h0, c = c0, pre(N * gates * H), cells(N * H), prev(N * H);
-        std::vector<float> gh = grad_h, gc = grad_c, grad_pre(N * gates * H);
+        std::vector<float> out(N * H), h = h0, c = c0, pre(N * 4 * H), cells(N * H), prev(N * H);
+        std::vector<float> gh = grad_h, gc = grad_c, grad_pre(N * gates * H), grad_hidden_pre(N * gates * H);
         bool ok;
         if (gates == 4) {
           kernels::LstmForwardArgs<float> f{q, I, H, H, x.data(), w_ih.data(), w_hh.data(), nullptr, bias.data(),
@@ -61,6 +61,14 @@ int main() {
                                                     gc.data(), grad_pre.data(), prev.data(), nullptr, nullptr,
                                                     nullptr, nullptr, 0.0};
           ok = ok && cpu::emulate_persistent(b);
+        } else if (gates == 3) {
+          kernels::GruForwardArgs<float> f{q, I, H, x.data(), w_ih.data(), w_hh.data(), bias.data(), bias.data(),
+                                           out.data(), h.data(), pre.data(), N, nullptr, true};
+          ok = cpu::emulate_persistent(f);
+          kernels::GruBackwardArgs<float, float> b{q, H, w_hh.data(), out.data(), pre.data(), h0.data(),
+                                                   grad_out.data(), gh.data(), grad_pre.data(),
+                                                   grad_hidden_pre.data(), prev.data(), nullptr, 0.0};
+          ok = ok && cpu::emulate_persistent(b);
         } else {
           kernels::RnnForwardArgs<float> f{q, I, H, x.data(), w_ih.data(), w_hh.data(), bias.data(), out.data(),
                                            h.data(), kernels::Nonlinearity::Tanh};
@@ -71,7 +79,8 @@ int main() {
           ok = ok && cpu::emulate_persistent(b);
         }
         if (!ok) {
-          std::printf("the plan refused %s packed=%d reverse=%d\n", gates == 4 ? "lstm" : "rnn", packed, reverse);
+          std::printf("the plan refused %s packed=%d reverse=%d\n", gates == 4 ? "lstm" : gates == 3 ? "gru" : "rnn",
+                      packed, reverse);
           return 1;
         }
         launched += 2;
