@@ -8,7 +8,8 @@ kernels where they measured faster). With --persistent, each row times lstmfast 
 path (LSTMFAST_CUDA_PERSISTENT=0, the plain lstmfast columns), the persistent kernels forced on (1) and
 auto (what a user gets), and says which path really ran (the persistent launch counter).
 
-    python benchmarks/gpu_bench.py [--json PATH] [--quick] [--persistent] [--grid default|persistent]
+    python benchmarks/gpu_bench.py [--json PATH] [--plot PNG] [--quick] [--persistent] [--grid default|persistent]
+    python benchmarks/gpu_bench.py --replot JSON --plot PNG      (a plot of an earlier run; no GPU needed)
 """
 
 import argparse
@@ -111,9 +112,50 @@ def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def plot(result, path):
+    """Training-step speedup over cuDNN against the batch size, one panel per layer kind: a line per
+    (T, H, dtype), dashed for the per-step path, solid for the persistent kernels when timed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    kinds = [k for k in ("LSTM", "GRU", "RNN") if any(r["kind"] == k for r in rows)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 6.5), sharey=True, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, kind in zip(axes[0], kinds):
+        sel = [r for r in rows if r["kind"] == kind]
+        series = sorted({(r["T"], r["H"], r["dtype"]) for r in sel})
+        for i, (T, H, dtype) in enumerate(series):
+            pts = sorted((r["B"], r) for r in sel if (r["T"], r["H"], r["dtype"]) == (T, H, dtype))
+            bs = [b for b, _ in pts]
+            color = colors[i % len(colors)]
+            label = f"T={T} H={H} {dtype}"
+            ax.plot(bs, [r["train_speedup"] for _, r in pts], "--", color=color, alpha=0.6,
+                    label=f"{label}, per-step" if "persistent_train_speedup" in pts[0][1] else label)
+            if "persistent_train_speedup" in pts[0][1]:
+                ax.plot(bs, [r["persistent_train_speedup"] for _, r in pts], "o-", color=color,
+                        label=f"{label}, persistent")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_title(kind)
+    axes[0][0].set_ylabel("training step: cuDNN time / lstmfast time")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    meta = result["meta"]
+    fig.suptitle(f"{meta['device']}, torch {meta['torch']}, CUDA {meta['cuda']}, {meta['date']}")
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write all rows and the summary to this file")
+    parser.add_argument("--plot", metavar="PNG", help="write a plot of the training-step speedups")
+    parser.add_argument("--replot", metavar="JSON", help="only plot (--plot) the rows of an earlier --json run")
     parser.add_argument("--quick", action="store_true", help="a small grid")
     parser.add_argument("--kinds", default="LSTM,RNN")
     parser.add_argument("--persistent", action="store_true",
@@ -122,6 +164,12 @@ def main(argv=None):
                         help="persistent: T=512, B in {1, 4, 16, 32, 64}, H in {256, 512, 1024} (issue 17's targets and "
                              "the batches where auto's choice changes)")
     args = parser.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            parser.error("--replot needs --plot")
+        with open(args.replot) as f:
+            plot(json.load(f), args.plot)
+        return
     if not torch.cuda.is_available() or not lstmfast.has_cuda_kernels():
         sys.exit("gpu_bench: needs a CUDA GPU and lstmfast built with CUDA")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -184,12 +232,14 @@ def main(argv=None):
             print(f"{kind} auto (the default): training step {fmt(s['auto_train_geomean'])} of cuDNN, on the "
                   f"issue's target rows {fmt(s['auto_target_train_geomean'])}; worst row vs the per-step path: "
                   f"training {fmt(s['auto_min_over_default_train'])}, forward {fmt(s['auto_min_over_default_fwd'])}")
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+                python=platform.python_version(), date=time.strftime("%Y-%m-%d"),
+                note="ratios are cuDNN time / lstmfast time measured in the same run")
     if args.json:
-        meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
-                    python=platform.python_version(), date=time.strftime("%Y-%m-%d"),
-                    note="ratios are cuDNN time / lstmfast time measured in the same run")
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, summary=summary, rows=rows), f, indent=1)
+    if args.plot:
+        plot(dict(meta=meta, summary=summary, rows=rows), args.plot)
 
 
 if __name__ == "__main__":
