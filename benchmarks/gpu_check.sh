@@ -57,7 +57,7 @@ sanitize() {
 bench() {
   local name=$1 cap=$2 t; shift 2
   t=$(fits "$cap" 30) || { status=1; return; }
-  timeout "$t" $PY benchmarks/gpu_bench.py --json "$DIR/$name.json" "$@" > "$DIR/$name.log" 2>&1
+  timeout "$t" $PY benchmarks/gpu_bench.py --json "$DIR/$name.json" --plot "$DIR/$name.png" "$@" > "$DIR/$name.log" 2>&1
   result $?
   grep -E "geometric-mean|persistent forced on|auto \(the default\)" "$DIR/$name.log" | tee -a "$DIR/summary.txt"
 }
