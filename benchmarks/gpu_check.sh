@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One-shot GPU verification, in priority order inside a time budget (GPU time is short):
-#   build in place with CUDA; a 60-second persistent smoke run; the CUDA tests on the default path
-#   (test_cuda.py's path tests force the persistent kernels (issue 17) on themselves); the GPU benchmark
-#   of both paths against cuDNN (LSTM, RNN) and of GRU against cuDNN's GRU; compute-sanitizer memcheck,
-#   racecheck and synccheck on a small persistent run; the CUDA tests again with the persistent kernels
-#   forced on and with auto; the shared CUDA grids of test_functional / test_modules / test_ops forced on; memcheck on
-#   the default path.
+# One-shot GPU verification, in priority order inside a time budget (GPU time is short): build in place
+# with CUDA; a 60-second smoke run of the persistent kernels per cell (LSTM, then GRU, whose tests are
+# left out if it fails); the CUDA tests on the per-step path (test_cuda.py's path tests force the
+# persistent kernels (issue 17) on themselves); the GPU benchmark of the per-step path, the persistent
+# kernels and auto against cuDNN, and of GRU's grid against cuDNN's GRU; compute-sanitizer memcheck,
+# racecheck and synccheck on a small persistent run; test_cuda again with the kernels forced on and with
+# auto, and the CUDA grids of test_functional / test_modules / test_ops / test_autograd_contract /
+# test_hardening forced on; memcheck on the per-step path.
 # Usage: benchmarks/gpu_check.sh DIR   (logs and JSON go to DIR, e.g. benchmarks/results/persistent_h200;
 #        needs torch with CUDA, no network)
 #        BUDGET=SECONDS (default 540): phases that would not fit in what is left are skipped and say so.
@@ -159,7 +160,7 @@ fi
 phase "tests with the persistent kernels forced on, and with auto"
 run_tests test_cuda_persistent 1 150 tests/test_cuda.py -k "not paths and not persistent${NOGRU}"
 run_tests test_cuda_auto auto 150 tests/test_cuda.py "${DEFAULT_SELECTION[@]}"
-for f in functional modules ops; do
+for f in functional modules ops autograd_contract hardening; do
   run_tests test_${f}_persistent 1 90 tests/test_$f.py -k "cuda${NOGRU}"
 done
 
