@@ -186,7 +186,7 @@ LSTMFAST_UNROLL
 // h0 (rows that start here), zero for rows not alive.
 template <typename T>
 struct HiddenRows {
-  const T* prev;     // (prev_rows, width) the previous step's output rows, or nullptr
+  const T* prev;     // (prev_rows, width) the previous step's output rows (not read when prev_rows is 0)
   const T* initial;  // (B, width) h0
   int64_t prev_rows, rows, width;
   LSTMFAST_PD float operator()(int b, int k) const {
@@ -226,6 +226,79 @@ LSTMFAST_PD void load_columns(const Geometry& g, T* m, const T* w_hh, int64_t H,
   }
 }
 
+// ---------------------------------------------------------------- the recurrences
+
+// The hidden units this block owns: [u0, u0 + count).
+struct Units {
+  int64_t u0;
+  int count;
+};
+
+LSTMFAST_PD Units my_units(const Geometry& g, int64_t H) {
+  const int64_t u0 = int64_t(block_index()) * g.units;
+  return {u0, static_cast<int>(H - u0 < g.units ? H - u0 : g.units)};
+}
+
+// f(b, u) for the elements (row b < rows, unit u < count) of this thread: element b * count + u belongs
+// to thread (b * count + u) mod kPersistentThreads, the same thread at every step, so what a step keeps
+// per element in shared memory (c_t, dL/dc_t, ...) is read back by the thread that wrote it.
+template <typename F>
+LSTMFAST_PD void for_my_elements(int64_t rows, int count, const F& f) {
+  for (int i = thread_index(); i < rows * count; i += kPersistentThreads) {
+    const int b = i / count;
+    f(b, i - b * count);
+  }
+}
+
+// A step's rows in the (N, *) layout: rows [r0, r0 + rows); its first prev_rows continue from the step
+// before it (rows [prev_r0, prev_r0 + prev_rows) there), the others start from the initial state.
+struct StepRowsAt {
+  int64_t rows, r0, prev_rows, prev_r0;
+};
+
+LSTMFAST_PD StepRowsAt step_rows(const Steps& q, int64_t t) {
+  const int64_t prev = q.prev_step(t);
+  return {q.rows(t), q.offset(t), q.prev_rows(t), prev < 0 ? 0 : q.offset(prev)};
+}
+
+// h_{t-1} of element (b, j): the previous step's output, or h0 for a row that starts at this step.
+template <typename T>
+LSTMFAST_PD T previous_hidden(const T* output, const T* initial, const StepRowsAt& at, int b, int64_t j,
+                              int64_t H) {
+  return b < at.prev_rows ? output[(at.prev_r0 + b) * H + j] : initial[b * H + j];
+}
+
+// The forward recurrence of every cell: per step, y = h_{t-1} M^T (h_{t-1} staged from the previous
+// step's rows of `output`, which other blocks wrote, or from h0 in `initial`), then point(at, b, u) for
+// this thread's elements (which writes the step's output rows), then the grid-wide sync.
+// (block_matvec starts with a barrier: M, loaded before, is complete before anyone multiplies.)
+template <typename T, typename Point>
+LSTMFAST_PD void forward_steps(const Geometry& g, const Steps& q, const Smem<T>& s, const T* output,
+                               const T* initial, int64_t H, int count, const Point& point) {
+  for (int64_t k = 0; k < q.steps; ++k) {
+    const StepRowsAt at = step_rows(q, q.forward_step(k));
+    // (Without a previous step prev_rows is 0: no row is read from output + prev_r0 * H.)
+    block_matvec(g, s, at.rows, HiddenRows<T>{output + at.prev_r0 * H, initial, at.prev_rows, at.rows, H});
+    for_my_elements(at.rows, count, [&](int b, int u) { point(at, b, u); });
+    grid_barrier();
+  }
+}
+
+// The backward recurrence of every cell: per step, point(at, b, u) for this thread's elements (which
+// writes the step's rows of `staged`, width values each: the gradient of the recurrent product's
+// result), the grid-wide sync, then y = those rows M (M: my units' columns of W_hh), dL/dh_{t-1} of my
+// units (through the product) for the step's rows.
+template <typename T, typename Point>
+LSTMFAST_PD void backward_steps(const Geometry& g, const Steps& q, const Smem<T>& s, const T* staged, int64_t width,
+                                int count, const Point& point) {
+  for (int64_t k = 0; k < q.steps; ++k) {
+    const StepRowsAt at = step_rows(q, q.backward_step(k));
+    for_my_elements(at.rows, count, [&](int b, int u) { point(at, b, u); });
+    grid_barrier();
+    block_matvec(g, s, at.rows, StepRows<T>{staged + at.r0 * width, at.rows, width});
+  }
+}
+
 // ---------------------------------------------------------------- kernels
 
 template <typename T>
@@ -242,59 +315,46 @@ struct LstmForwardParams {
   T* cell_state;     // (B, H) c0 in, c_n out
 };
 
+// s.state holds c_t of my units, s.final_h each row's latest h_t.
 template <typename T>
 LSTMFAST_PD void lstm_forward_body(const LstmForwardParams<T>& p, unsigned char* smem_raw) {
   const Geometry g = p.g;
-  const Steps q = p.q;
   const Smem<T> s = carve<T>(smem_raw, g, true, true);
   const int64_t H = p.H, G = 4 * H;
   const int U = g.units;
-  const int64_t u0 = int64_t(block_index()) * U;
-  const int here = static_cast<int>(H - u0 < U ? H - u0 : U);
-  load_rows(g, s.m, p.w_hh, 4, H, u0, here);
-  // (block_matvec starts with a barrier: M is complete before anyone multiplies.)
-  for (int64_t k = 0; k < q.steps; ++k) {
-    const int64_t t = q.forward_step(k), rows = q.rows(t), r0 = q.offset(t);
-    const int64_t prev = q.prev_step(t), prev_rows = q.prev_rows(t);
-    block_matvec(g, s, rows,
-                 HiddenRows<T>{prev < 0 ? nullptr : p.output + q.offset(prev) * H, p.hidden_state, prev_rows,
-                               rows, H});
-    for (int i = thread_index(); i < rows * here; i += kPersistentThreads) {
-      const int b = i / here, u = i - b * here;
-      const int64_t j = u0 + u;
-      T* a = p.gates + (r0 + b) * G;
-      const float* y = s.y + b * g.rows;
-      float a_i = y[u] + float(a[j]), a_f = y[U + u] + float(a[H + j]);
-      float a_g = y[2 * U + u] + float(a[2 * H + j]), a_o = y[3 * U + u] + float(a[3 * H + j]);
-      if (p.bias != nullptr) {
-        a_i += float(p.bias[j]);
-        a_f += float(p.bias[H + j]);
-        a_g += float(p.bias[2 * H + j]);
-        a_o += float(p.bias[3 * H + j]);
-      }
-      const float cell_prev = b < prev_rows ? s.state[b * U + u] : float(p.cell_state[b * H + j]);
-      const auto c = kernels::lstm_cell_forward<float>(a_i, a_f, a_g, a_o, cell_prev);
-      if (p.cells != nullptr) {  // training: what the backward reads
-        a[j] = T(c.i);
-        a[H + j] = T(c.f);
-        a[2 * H + j] = T(c.g);
-        a[3 * H + j] = T(c.o);
-        p.cells[(r0 + b) * H + j] = T(c.cell);
-      }
-      s.state[b * U + u] = c.cell;
-      const T h = T(c.hidden);
-      p.output[(r0 + b) * H + j] = h;
-      s.final_h[b * U + u] = float(h);
+  const Units mine = my_units(g, H);
+  load_rows(g, s.m, p.w_hh, 4, H, mine.u0, mine.count);
+  forward_steps(g, p.q, s, p.output, p.hidden_state, H, mine.count, [&](const StepRowsAt& at, int b, int u) {
+    const int64_t j = mine.u0 + u;
+    T* a = p.gates + (at.r0 + b) * G;
+    const float* y = s.y + b * g.rows;
+    float a_i = y[u] + float(a[j]), a_f = y[U + u] + float(a[H + j]);
+    float a_g = y[2 * U + u] + float(a[2 * H + j]), a_o = y[3 * U + u] + float(a[3 * H + j]);
+    if (p.bias != nullptr) {
+      a_i += float(p.bias[j]);
+      a_f += float(p.bias[H + j]);
+      a_g += float(p.bias[2 * H + j]);
+      a_o += float(p.bias[3 * H + j]);
     }
-    grid_barrier();
-  }
+    const float cell_prev = b < at.prev_rows ? s.state[b * U + u] : float(p.cell_state[b * H + j]);
+    const auto c = kernels::lstm_cell_forward<float>(a_i, a_f, a_g, a_o, cell_prev);
+    if (p.cells != nullptr) {  // training: what the backward reads
+      a[j] = T(c.i);
+      a[H + j] = T(c.f);
+      a[2 * H + j] = T(c.g);
+      a[3 * H + j] = T(c.o);
+      p.cells[(at.r0 + b) * H + j] = T(c.cell);
+    }
+    s.state[b * U + u] = c.cell;
+    const T h = T(c.hidden);
+    p.output[(at.r0 + b) * H + j] = h;
+    s.final_h[b * U + u] = float(h);
+  });
   // After the last sync nobody stages h0 any more: the final states may overwrite it.
-  for (int i = thread_index(); i < q.batch * here; i += kPersistentThreads) {
-    const int b = i / here, u = i - b * here;
-    const int64_t j = u0 + u;
-    p.hidden_state[b * H + j] = T(s.final_h[b * U + u]);
-    p.cell_state[b * H + j] = T(s.state[b * U + u]);
-  }
+  for_my_elements(p.q.batch, mine.count, [&](int b, int u) {
+    p.hidden_state[b * H + mine.u0 + u] = T(s.final_h[b * U + u]);
+    p.cell_state[b * H + mine.u0 + u] = T(s.state[b * U + u]);
+  });
 }
 
 template <typename T>
@@ -316,56 +376,41 @@ struct LstmBackwardParams {
   float grad_clip;          // <= 0: none
 };
 
+// s.y holds the running dL/dh (row b at b * g.rows), s.state the running dL/dc, of my units.
 template <typename T>
 LSTMFAST_PD void lstm_backward_body(const LstmBackwardParams<T>& p, unsigned char* smem_raw) {
   const Geometry g = p.g;
-  const Steps q = p.q;
   const Smem<T> s = carve<T>(smem_raw, g, true, false);
   const int64_t H = p.H, G = 4 * H;
   const int U = g.units;
-  const int64_t u0 = int64_t(block_index()) * U;
-  const int here = static_cast<int>(H - u0 < U ? H - u0 : U);
-  load_columns(g, s.m, p.w_hh, H, u0, here);
-  // s.y holds the running dL/dh (row b at b * g.rows), s.state the running dL/dc, of my units.
-  for (int i = thread_index(); i < q.batch * here; i += kPersistentThreads) {
-    const int b = i / here, u = i - b * here;
-    s.y[b * g.rows + u] = float(p.grad_hidden_state[b * H + u0 + u]);
-    s.state[b * U + u] = float(p.grad_cell_state[b * H + u0 + u]);
-  }
+  const Units mine = my_units(g, H);
+  load_columns(g, s.m, p.w_hh, H, mine.u0, mine.count);
+  for_my_elements(p.q.batch, mine.count, [&](int b, int u) {
+    s.y[b * g.rows + u] = float(p.grad_hidden_state[b * H + mine.u0 + u]);
+    s.state[b * U + u] = float(p.grad_cell_state[b * H + mine.u0 + u]);
+  });
   block_barrier();
-  for (int64_t k = 0; k < q.steps; ++k) {
-    const int64_t t = q.backward_step(k), rows = q.rows(t), r0 = q.offset(t);
-    const int64_t prev = q.prev_step(t), prev_rows = q.prev_rows(t);
-    const int64_t prev_r0 = prev < 0 ? 0 : q.offset(prev);
-    for (int i = thread_index(); i < rows * here; i += kPersistentThreads) {
-      const int b = i / here, u = i - b * here;
-      const int64_t j = u0 + u, e = (r0 + b) * H + j;
-      const T* a = p.gates + (r0 + b) * G;
-      const float grad_hidden = s.y[b * g.rows + u] + float(p.grad_output[e]);
-      const float cell_prev = b < prev_rows ? float(p.cells[(prev_r0 + b) * H + j])
-                                            : float(p.cell_initial[b * H + j]);
-      const auto r = kernels::lstm_cell_backward<float>(float(a[j]), float(a[H + j]), float(a[2 * H + j]),
-                                                        float(a[3 * H + j]), float(p.cells[e]), cell_prev,
-                                                        grad_hidden, s.state[b * U + u], p.grad_clip);
-      T* d = p.grad_gates + (r0 + b) * G;
-      d[j] = T(r.a_i);
-      d[H + j] = T(r.a_f);
-      d[2 * H + j] = T(r.a_g);
-      d[3 * H + j] = T(r.a_o);
-      s.state[b * U + u] = r.cell_prev;
-      if (p.hidden_prev != nullptr) {
-        p.hidden_prev[e] = b < prev_rows ? p.output[(prev_r0 + b) * H + j] : p.hidden_initial[b * H + j];
-      }
-    }
-    grid_barrier();
-    // dL/dh_{t-1} = dL/da_t W_hh, my units' columns, for this step's rows.
-    block_matvec(g, s, rows, StepRows<T>{p.grad_gates + r0 * G, rows, G});
-  }
-  for (int i = thread_index(); i < q.batch * here; i += kPersistentThreads) {
-    const int b = i / here, u = i - b * here;
-    p.grad_hidden_state[b * H + u0 + u] = T(s.y[b * g.rows + u]);
-    p.grad_cell_state[b * H + u0 + u] = T(s.state[b * U + u]);
-  }
+  backward_steps(g, p.q, s, p.grad_gates, G, mine.count, [&](const StepRowsAt& at, int b, int u) {
+    const int64_t j = mine.u0 + u, e = (at.r0 + b) * H + j;
+    const T* a = p.gates + (at.r0 + b) * G;
+    const float grad_hidden = s.y[b * g.rows + u] + float(p.grad_output[e]);
+    const float cell_prev = b < at.prev_rows ? float(p.cells[(at.prev_r0 + b) * H + j])
+                                             : float(p.cell_initial[b * H + j]);
+    const auto r = kernels::lstm_cell_backward<float>(float(a[j]), float(a[H + j]), float(a[2 * H + j]),
+                                                      float(a[3 * H + j]), float(p.cells[e]), cell_prev,
+                                                      grad_hidden, s.state[b * U + u], p.grad_clip);
+    T* d = p.grad_gates + (at.r0 + b) * G;
+    d[j] = T(r.a_i);
+    d[H + j] = T(r.a_f);
+    d[2 * H + j] = T(r.a_g);
+    d[3 * H + j] = T(r.a_o);
+    s.state[b * U + u] = r.cell_prev;
+    if (p.hidden_prev != nullptr) p.hidden_prev[e] = previous_hidden(p.output, p.hidden_initial, at, b, j, H);
+  });
+  for_my_elements(p.q.batch, mine.count, [&](int b, int u) {
+    p.grad_hidden_state[b * H + mine.u0 + u] = T(s.y[b * g.rows + u]);
+    p.grad_cell_state[b * H + mine.u0 + u] = T(s.state[b * U + u]);
+  });
 }
 
 template <typename T>
@@ -383,36 +428,24 @@ struct RnnForwardParams {
 template <typename T>
 LSTMFAST_PD void rnn_forward_body(const RnnForwardParams<T>& p, unsigned char* smem_raw) {
   const Geometry g = p.g;
-  const Steps q = p.q;
   const Smem<T> s = carve<T>(smem_raw, g, false, true);
   const int64_t H = p.H;
   const int U = g.units;
-  const int64_t u0 = int64_t(block_index()) * U;
-  const int here = static_cast<int>(H - u0 < U ? H - u0 : U);
-  load_rows(g, s.m, p.w_hh, 1, H, u0, here);
-  for (int64_t k = 0; k < q.steps; ++k) {
-    const int64_t t = q.forward_step(k), rows = q.rows(t), r0 = q.offset(t);
-    const int64_t prev = q.prev_step(t), prev_rows = q.prev_rows(t);
-    block_matvec(g, s, rows,
-                 HiddenRows<T>{prev < 0 ? nullptr : p.output + q.offset(prev) * H, p.hidden_state, prev_rows,
-                               rows, H});
-    for (int i = thread_index(); i < rows * here; i += kPersistentThreads) {
-      const int b = i / here, u = i - b * here;
-      const int64_t j = u0 + u, e = (r0 + b) * H + j;
-      // Only this thread reads or writes element e during this step (other blocks stage this step's
-      // rows after the sync below).
-      float a = s.y[b * g.rows + u] + float(p.output[e]);
-      if (p.bias != nullptr) a += float(p.bias[j]);
-      const T h = T(kernels::rnn_activation(a, p.nonlinearity));
-      p.output[e] = h;
-      s.final_h[b * U + u] = float(h);
-    }
-    grid_barrier();
-  }
-  for (int i = thread_index(); i < q.batch * here; i += kPersistentThreads) {
-    const int b = i / here, u = i - b * here;
-    p.hidden_state[b * H + u0 + u] = T(s.final_h[b * U + u]);
-  }
+  const Units mine = my_units(g, H);
+  load_rows(g, s.m, p.w_hh, 1, H, mine.u0, mine.count);
+  forward_steps(g, p.q, s, p.output, p.hidden_state, H, mine.count, [&](const StepRowsAt& at, int b, int u) {
+    const int64_t j = mine.u0 + u, e = (at.r0 + b) * H + j;
+    // Only this thread reads or writes element e during this step (other blocks stage this step's
+    // rows after the sync that follows).
+    float a = s.y[b * g.rows + u] + float(p.output[e]);
+    if (p.bias != nullptr) a += float(p.bias[j]);
+    const T h = T(kernels::rnn_activation(a, p.nonlinearity));
+    p.output[e] = h;
+    s.final_h[b * U + u] = float(h);
+  });
+  for_my_elements(p.q.batch, mine.count, [&](int b, int u) {
+    p.hidden_state[b * H + mine.u0 + u] = T(s.final_h[b * U + u]);
+  });
 }
 
 template <typename T>
@@ -434,41 +467,25 @@ struct RnnBackwardParams {
 template <typename T>
 LSTMFAST_PD void rnn_backward_body(const RnnBackwardParams<T>& p, unsigned char* smem_raw) {
   const Geometry g = p.g;
-  const Steps q = p.q;
   const Smem<T> s = carve<T>(smem_raw, g, false, false);
   const int64_t H = p.H;
-  const int U = g.units;
-  const int64_t u0 = int64_t(block_index()) * U;
-  const int here = static_cast<int>(H - u0 < U ? H - u0 : U);
-  load_columns(g, s.m, p.w_hh, H, u0, here);
-  for (int i = thread_index(); i < q.batch * here; i += kPersistentThreads) {
-    const int b = i / here, u = i - b * here;
-    s.y[b * g.rows + u] = float(p.grad_hidden_state[b * H + u0 + u]);
-  }
+  const Units mine = my_units(g, H);
+  load_columns(g, s.m, p.w_hh, H, mine.u0, mine.count);
+  for_my_elements(p.q.batch, mine.count, [&](int b, int u) {
+    s.y[b * g.rows + u] = float(p.grad_hidden_state[b * H + mine.u0 + u]);
+  });
   block_barrier();
-  for (int64_t k = 0; k < q.steps; ++k) {
-    const int64_t t = q.backward_step(k), rows = q.rows(t), r0 = q.offset(t);
-    const int64_t prev = q.prev_step(t), prev_rows = q.prev_rows(t);
-    const int64_t prev_r0 = prev < 0 ? 0 : q.offset(prev);
-    for (int i = thread_index(); i < rows * here; i += kPersistentThreads) {
-      const int b = i / here, u = i - b * here;
-      const int64_t j = u0 + u, e = (r0 + b) * H + j;
-      const float grad_hidden = s.y[b * g.rows + u] + float(p.grad_output[e]);
-      const float d = grad_hidden * kernels::rnn_activation_grad(float(p.output[e]), p.nonlinearity);
-      p.grad_pre[e] = T(kernels::clip(d, p.grad_clip));
-      if (p.hidden_prev != nullptr) {
-        p.hidden_prev[e] = b < prev_rows ? p.output[(prev_r0 + b) * H + j] : p.hidden_initial[b * H + j];
-      }
-    }
-    grid_barrier();
-    block_matvec(g, s, rows, StepRows<T>{p.grad_pre + r0 * H, rows, H});
-  }
-  for (int i = thread_index(); i < q.batch * here; i += kPersistentThreads) {
-    const int b = i / here, u = i - b * here;
-    p.grad_hidden_state[b * H + u0 + u] = T(s.y[b * g.rows + u]);
-  }
+  backward_steps(g, p.q, s, p.grad_pre, H, mine.count, [&](const StepRowsAt& at, int b, int u) {
+    const int64_t j = mine.u0 + u, e = (at.r0 + b) * H + j;
+    const float grad_hidden = s.y[b * g.rows + u] + float(p.grad_output[e]);
+    const float d = grad_hidden * kernels::rnn_activation_grad(float(p.output[e]), p.nonlinearity);
+    p.grad_pre[e] = T(kernels::clip(d, p.grad_clip));
+    if (p.hidden_prev != nullptr) p.hidden_prev[e] = previous_hidden(p.output, p.hidden_initial, at, b, j, H);
+  });
+  for_my_elements(p.q.batch, mine.count, [&](int b, int u) {
+    p.grad_hidden_state[b * H + mine.u0 + u] = T(s.y[b * g.rows + u]);
+  });
 }
-
 
 template <typename T>
 struct GruForwardParams {
@@ -484,59 +501,47 @@ struct GruForwardParams {
   bool training;
 };
 
-// As the LSTM forward, with three gates; a unit's h_{t-1} (for z * h_{t-1}) comes from final_h, which
-// holds each row's latest h_t of my units (rounded to the dtype, as the time loop's state is), or h0.
+// As the LSTM forward, with three gates; a unit's h_{t-1} (for z * h_{t-1}) comes from s.final_h, each
+// row's latest h_t of my units (rounded to the dtype, as the time loop's state is), or from h0.
 template <typename T>
 LSTMFAST_PD void gru_forward_body(const GruForwardParams<T>& p, unsigned char* smem_raw) {
   const Geometry g = p.g;
-  const Steps q = p.q;
   const Smem<T> s = carve<T>(smem_raw, g, false, true);
   const int64_t H = p.H, G = 4 * H;
   const int U = g.units;
-  const int64_t u0 = int64_t(block_index()) * U;
-  const int here = static_cast<int>(H - u0 < U ? H - u0 : U);
-  load_rows(g, s.m, p.w_hh, 3, H, u0, here);
-  for (int64_t k = 0; k < q.steps; ++k) {
-    const int64_t t = q.forward_step(k), rows = q.rows(t), r0 = q.offset(t);
-    const int64_t prev = q.prev_step(t), prev_rows = q.prev_rows(t);
-    block_matvec(g, s, rows,
-                 HiddenRows<T>{prev < 0 ? nullptr : p.output + q.offset(prev) * H, p.hidden_state, prev_rows,
-                               rows, H});
-    for (int i = thread_index(); i < rows * here; i += kPersistentThreads) {
-      const int b = i / here, u = i - b * here;
-      const int64_t j = u0 + u;
-      T* a = p.gates + (r0 + b) * G;
-      const float* y = s.y + b * g.rows;
-      float x_r = float(a[j]), x_z = float(a[H + j]), x_n = float(a[2 * H + j]);
-      float h_r = y[u], h_z = y[U + u], h_n = y[2 * U + u];
-      if (p.b_ih != nullptr) {
-        x_r += float(p.b_ih[j]);
-        x_z += float(p.b_ih[H + j]);
-        x_n += float(p.b_ih[2 * H + j]);
-      }
-      if (p.b_hh != nullptr) {
-        h_r += float(p.b_hh[j]);
-        h_z += float(p.b_hh[H + j]);
-        h_n += float(p.b_hh[2 * H + j]);
-      }
-      const float hidden_prev = b < prev_rows ? s.final_h[b * U + u] : float(p.hidden_state[b * H + j]);
-      const auto o = kernels::gru_cell_forward<float>(x_r, x_z, x_n, h_r, h_z, h_n, hidden_prev);
-      if (p.training) {  // what the backward reads
-        a[j] = T(o.r);
-        a[H + j] = T(o.z);
-        a[2 * H + j] = T(o.n);
-        a[3 * H + j] = T(o.hidden_n);
-      }
-      const T h = T(o.hidden);
-      p.output[(r0 + b) * H + j] = h;
-      s.final_h[b * U + u] = float(h);
+  const Units mine = my_units(g, H);
+  load_rows(g, s.m, p.w_hh, 3, H, mine.u0, mine.count);
+  forward_steps(g, p.q, s, p.output, p.hidden_state, H, mine.count, [&](const StepRowsAt& at, int b, int u) {
+    const int64_t j = mine.u0 + u;
+    T* a = p.gates + (at.r0 + b) * G;
+    const float* y = s.y + b * g.rows;
+    float x_r = float(a[j]), x_z = float(a[H + j]), x_n = float(a[2 * H + j]);
+    float h_r = y[u], h_z = y[U + u], h_n = y[2 * U + u];
+    if (p.b_ih != nullptr) {
+      x_r += float(p.b_ih[j]);
+      x_z += float(p.b_ih[H + j]);
+      x_n += float(p.b_ih[2 * H + j]);
     }
-    grid_barrier();
-  }
-  for (int i = thread_index(); i < q.batch * here; i += kPersistentThreads) {
-    const int b = i / here, u = i - b * here;
-    p.hidden_state[b * H + u0 + u] = T(s.final_h[b * U + u]);
-  }
+    if (p.b_hh != nullptr) {
+      h_r += float(p.b_hh[j]);
+      h_z += float(p.b_hh[H + j]);
+      h_n += float(p.b_hh[2 * H + j]);
+    }
+    const float hidden_prev = b < at.prev_rows ? s.final_h[b * U + u] : float(p.hidden_state[b * H + j]);
+    const auto o = kernels::gru_cell_forward<float>(x_r, x_z, x_n, h_r, h_z, h_n, hidden_prev);
+    if (p.training) {  // what the backward reads
+      a[j] = T(o.r);
+      a[H + j] = T(o.z);
+      a[2 * H + j] = T(o.n);
+      a[3 * H + j] = T(o.hidden_n);
+    }
+    const T h = T(o.hidden);
+    p.output[(at.r0 + b) * H + j] = h;
+    s.final_h[b * U + u] = float(h);
+  });
+  for_my_elements(p.q.batch, mine.count, [&](int b, int u) {
+    p.hidden_state[b * H + mine.u0 + u] = T(s.final_h[b * U + u]);
+  });
 }
 
 template <typename T>
@@ -556,59 +561,43 @@ struct GruBackwardParams {
   float grad_clip;          // <= 0: none
 };
 
-// s.y holds the running dL/dh of my units (row b at b * g.rows), s.state this step's dL/dh_t * z:
-// dL/dh_{t-1} = dL/dh_t * z + da_h W_hh, the product over my units' columns of W_hh (depth 3H).
+// dL/dh_{t-1} = dL/dh_t * z + da_h W_hh: s.y holds the product's part of my units (row b at b * g.rows),
+// s.state the other part (zero for rows no step has reached yet), their sum is the running dL/dh.
 template <typename T>
 LSTMFAST_PD void gru_backward_body(const GruBackwardParams<T>& p, unsigned char* smem_raw) {
   const Geometry g = p.g;
-  const Steps q = p.q;
   const Smem<T> s = carve<T>(smem_raw, g, true, false);
   const int64_t H = p.H, G = 4 * H;
   const int U = g.units;
-  const int64_t u0 = int64_t(block_index()) * U;
-  const int here = static_cast<int>(H - u0 < U ? H - u0 : U);
-  load_columns(g, s.m, p.w_hh, H, u0, here);
-  for (int i = thread_index(); i < q.batch * here; i += kPersistentThreads) {
-    const int b = i / here, u = i - b * here;
-    s.y[b * g.rows + u] = float(p.grad_hidden_state[b * H + u0 + u]);
-  }
+  const Units mine = my_units(g, H);
+  load_columns(g, s.m, p.w_hh, H, mine.u0, mine.count);
+  for_my_elements(p.q.batch, mine.count, [&](int b, int u) {
+    s.y[b * g.rows + u] = float(p.grad_hidden_state[b * H + mine.u0 + u]);
+    s.state[b * U + u] = 0.f;
+  });
   block_barrier();
-  for (int64_t k = 0; k < q.steps; ++k) {
-    const int64_t t = q.backward_step(k), rows = q.rows(t), r0 = q.offset(t);
-    const int64_t prev = q.prev_step(t), prev_rows = q.prev_rows(t);
-    const int64_t prev_r0 = prev < 0 ? 0 : q.offset(prev);
-    for (int i = thread_index(); i < rows * here; i += kPersistentThreads) {
-      const int b = i / here, u = i - b * here;
-      const int64_t j = u0 + u, e = (r0 + b) * H + j;
-      const T* a = p.gates + (r0 + b) * G;
-      const T hidden_prev = b < prev_rows ? p.output[(prev_r0 + b) * H + j] : p.hidden_initial[b * H + j];
-      const float grad_hidden = s.y[b * g.rows + u] + float(p.grad_output[e]);
-      const auto r = kernels::gru_cell_backward<float>(float(a[j]), float(a[H + j]), float(a[2 * H + j]),
-                                                       float(a[3 * H + j]), float(hidden_prev), grad_hidden,
-                                                       p.grad_clip);
-      T* dx = p.grad_input_gates + (r0 + b) * 3 * H;
-      T* dh = p.grad_hidden_gates + (r0 + b) * 3 * H;
-      dx[j] = T(r.a_r);
-      dx[H + j] = T(r.a_z);
-      dx[2 * H + j] = T(r.a_n);
-      dh[j] = T(r.a_r);
-      dh[H + j] = T(r.a_z);
-      dh[2 * H + j] = T(r.hidden_n);
-      s.state[b * U + u] = r.hidden_prev;
-      if (p.hidden_prev != nullptr) p.hidden_prev[e] = hidden_prev;
-    }
-    grid_barrier();
-    block_matvec(g, s, rows, StepRows<T>{p.grad_hidden_gates + r0 * 3 * H, rows, 3 * H});
-    // The same elements as the pointwise pass above, so each thread adds what it wrote there.
-    for (int i = thread_index(); i < rows * here; i += kPersistentThreads) {
-      const int b = i / here, u = i - b * here;
-      s.y[b * g.rows + u] += s.state[b * U + u];
-    }
-  }
-  for (int i = thread_index(); i < q.batch * here; i += kPersistentThreads) {
-    const int b = i / here, u = i - b * here;
-    p.grad_hidden_state[b * H + u0 + u] = T(s.y[b * g.rows + u]);
-  }
+  backward_steps(g, p.q, s, p.grad_hidden_gates, 3 * H, mine.count, [&](const StepRowsAt& at, int b, int u) {
+    const int64_t j = mine.u0 + u, e = (at.r0 + b) * H + j;
+    const T* a = p.gates + (at.r0 + b) * G;
+    const T hidden_prev = previous_hidden(p.output, p.hidden_initial, at, b, j, H);
+    const float grad_hidden = s.y[b * g.rows + u] + s.state[b * U + u] + float(p.grad_output[e]);
+    const auto r = kernels::gru_cell_backward<float>(float(a[j]), float(a[H + j]), float(a[2 * H + j]),
+                                                     float(a[3 * H + j]), float(hidden_prev), grad_hidden,
+                                                     p.grad_clip);
+    T* dx = p.grad_input_gates + (at.r0 + b) * 3 * H;
+    T* dh = p.grad_hidden_gates + (at.r0 + b) * 3 * H;
+    dx[j] = T(r.a_r);
+    dx[H + j] = T(r.a_z);
+    dx[2 * H + j] = T(r.a_n);
+    dh[j] = T(r.a_r);
+    dh[H + j] = T(r.a_z);
+    dh[2 * H + j] = T(r.hidden_n);
+    s.state[b * U + u] = r.hidden_prev;
+    if (p.hidden_prev != nullptr) p.hidden_prev[e] = hidden_prev;
+  });
+  for_my_elements(p.q.batch, mine.count, [&](int b, int u) {
+    p.grad_hidden_state[b * H + mine.u0 + u] = T(s.y[b * g.rows + u] + s.state[b * U + u]);
+  });
 }
 
 inline Geometry geometry_of(const PersistentPlan& p) {
