@@ -6,6 +6,8 @@ the strides of the inputs (transposed batch_first views, expanded inputs or weig
 allocate their outputs so (csrc/layer_ops.h), and inductor relies on the fakes' strides.
 """
 
+import os
+
 import torch
 
 try:
@@ -183,6 +185,12 @@ def build_summary(detail=False):
     if not detail:
         return line
     lines = [line, "  CPU GEMM engines: " + ", ".join(f"{d} {e}" for d, e in cpu_gemm_engines().items())]
+    if cuda:
+        mode = os.environ.get("LSTMFAST_CUDA_PERSISTENT") or "auto"
+        lines.append(f"  CUDA persistent kernels: LSTMFAST_CUDA_PERSISTENT={mode} ("
+                     + {"0": "never", "1": "wherever they fit",
+                        "auto": "LSTM and RNN where they measured faster; GRU only with 1"}.get(mode, "not valid")
+                     + "; lstmfast.cuda_persistent_plan tells a layer's path)")
     if BUILD:
         lines.append(f"  built against torch {BUILD['torch']}"
                      + (f" (CUDA {BUILD['torch_cuda']})" if BUILD["torch_cuda"] else "") + f": {BUILD['reason']}")

@@ -223,6 +223,8 @@ def test_info_reports_the_build():
     assert ("CUDA kernels for" in first) == lstmfast.has_cuda_kernels()
     assert f"CPU kernels {lstmfast.cpu_isa()}" in first
     assert "built against torch" in done.stdout
+    # A CUDA build says which persistent-kernel mode its ops will use (unset: auto).
+    assert ("CUDA persistent kernels: LSTMFAST_CUDA_PERSISTENT=" in done.stdout) == lstmfast.has_cuda_kernels()
 
 
 def test_probe_compiles_as_the_build_does(tmp_path):
