@@ -515,26 +515,10 @@ LSTMFAST_PD void gru_forward_body(const GruForwardParams<T>& p, unsigned char* s
     const int64_t j = mine.u0 + u;
     T* a = p.gates + (at.r0 + b) * G;
     const float* y = s.y + b * g.rows;
-    float x_r = float(a[j]), x_z = float(a[H + j]), x_n = float(a[2 * H + j]);
-    float h_r = y[u], h_z = y[U + u], h_n = y[2 * U + u];
-    if (p.b_ih != nullptr) {
-      x_r += float(p.b_ih[j]);
-      x_z += float(p.b_ih[H + j]);
-      x_n += float(p.b_ih[2 * H + j]);
-    }
-    if (p.b_hh != nullptr) {
-      h_r += float(p.b_hh[j]);
-      h_z += float(p.b_hh[H + j]);
-      h_n += float(p.b_hh[2 * H + j]);
-    }
     const float hidden_prev = b < at.prev_rows ? s.final_h[b * U + u] : float(p.hidden_state[b * H + j]);
-    const auto o = kernels::gru_cell_forward<float>(x_r, x_z, x_n, h_r, h_z, h_n, hidden_prev);
-    if (p.training) {  // what the backward reads
-      a[j] = T(o.r);
-      a[H + j] = T(o.z);
-      a[2 * H + j] = T(o.n);
-      a[3 * H + j] = T(o.hidden_n);
-    }
+    const auto o = kernels::gru_point_cell<float>(float(a[j]), float(a[H + j]), float(a[2 * H + j]), y[u],
+                                                  y[U + u], y[2 * U + u], p.b_ih, p.b_hh, H, j, hidden_prev);
+    if (p.training) kernels::store_gru_gates(a, H, j, o);  // what the backward reads
     const T h = T(o.hidden);
     p.output[(at.r0 + b) * H + j] = h;
     s.final_h[b * U + u] = float(h);
@@ -584,14 +568,8 @@ LSTMFAST_PD void gru_backward_body(const GruBackwardParams<T>& p, unsigned char*
     const auto r = kernels::gru_cell_backward<float>(float(a[j]), float(a[H + j]), float(a[2 * H + j]),
                                                      float(a[3 * H + j]), float(hidden_prev), grad_hidden,
                                                      p.grad_clip);
-    T* dx = p.grad_input_gates + (at.r0 + b) * 3 * H;
-    T* dh = p.grad_hidden_gates + (at.r0 + b) * 3 * H;
-    dx[j] = T(r.a_r);
-    dx[H + j] = T(r.a_z);
-    dx[2 * H + j] = T(r.a_n);
-    dh[j] = T(r.a_r);
-    dh[H + j] = T(r.a_z);
-    dh[2 * H + j] = T(r.hidden_n);
+    kernels::store_gru_grads(p.grad_input_gates + (at.r0 + b) * 3 * H, p.grad_hidden_gates + (at.r0 + b) * 3 * H,
+                             H, j, r);
     s.state[b * U + u] = r.hidden_prev;
     if (p.hidden_prev != nullptr) p.hidden_prev[e] = hidden_prev;
   });

@@ -164,31 +164,45 @@ struct GruForwardStep {
   bool save_gates;
 };
 
+// GRU element j's cell from the products' parts x_* = (x_t W_i*^T)_j and h_* = (h_{t-1} W_h*^T)_j
+// of the gates r, z, n, after adding b_i* and b_h* (each (3H), or nullptr): the time loop's step and
+// the persistent kernels (cuda/persistent_body.h) both compute it here.
+template <typename acc_t, typename bias_t>
+LSTMFAST_HD GruCellOut<acc_t> gru_point_cell(acc_t x_r, acc_t x_z, acc_t x_n, acc_t h_r, acc_t h_z, acc_t h_n,
+                                            const bias_t* bias_ih, const bias_t* bias_hh, int64_t H, int64_t j,
+                                            acc_t hidden_prev) {
+  if (bias_ih != nullptr) {
+    x_r += acc_t(bias_ih[j]);
+    x_z += acc_t(bias_ih[H + j]);
+    x_n += acc_t(bias_ih[2 * H + j]);
+  }
+  if (bias_hh != nullptr) {
+    h_r += acc_t(bias_hh[j]);
+    h_z += acc_t(bias_hh[H + j]);
+    h_n += acc_t(bias_hh[2 * H + j]);
+  }
+  return gru_cell_forward<acc_t>(x_r, x_z, x_n, h_r, h_z, h_n, hidden_prev);
+}
+
+// What the backward reads of GRU element j: r, z, n and h_n in the four H-wide blocks of its gates row.
+template <typename scalar_t, typename acc_t>
+LSTMFAST_HD void store_gru_gates(scalar_t* a, int64_t H, int64_t j, const GruCellOut<acc_t>& o) {
+  a[j] = scalar_t(o.r);
+  a[H + j] = scalar_t(o.z);
+  a[2 * H + j] = scalar_t(o.n);
+  a[3 * H + j] = scalar_t(o.hidden_n);
+}
+
 template <typename scalar_t, typename acc_t>
 LSTMFAST_HD void gru_forward_point(const GruForwardStep<scalar_t>& s, int64_t b, int64_t j) {
   const int64_t H = s.hidden_size;
   scalar_t* a = s.gates + b * 4 * H;
   const scalar_t* h = s.hidden_gates + b * 3 * H;
-  acc_t x_r = a[j], x_z = a[H + j], x_n = a[2 * H + j];
-  acc_t h_r = h[j], h_z = h[H + j], h_n = h[2 * H + j];
-  if (s.bias_ih != nullptr) {
-    x_r += acc_t(s.bias_ih[j]);
-    x_z += acc_t(s.bias_ih[H + j]);
-    x_n += acc_t(s.bias_ih[2 * H + j]);
-  }
-  if (s.bias_hh != nullptr) {
-    h_r += acc_t(s.bias_hh[j]);
-    h_z += acc_t(s.bias_hh[H + j]);
-    h_n += acc_t(s.bias_hh[2 * H + j]);
-  }
   const int64_t e = b * H + j;
-  const auto o = gru_cell_forward<acc_t>(x_r, x_z, x_n, h_r, h_z, h_n, acc_t(s.hidden_state[e]));
-  if (s.save_gates) {
-    a[j] = o.r;
-    a[H + j] = o.z;
-    a[2 * H + j] = o.n;
-    a[3 * H + j] = o.hidden_n;
-  }
+  const auto o = gru_point_cell<acc_t>(acc_t(a[j]), acc_t(a[H + j]), acc_t(a[2 * H + j]), acc_t(h[j]),
+                                       acc_t(h[H + j]), acc_t(h[2 * H + j]), s.bias_ih, s.bias_hh, H, j,
+                                       acc_t(s.hidden_state[e]));
+  if (s.save_gates) store_gru_gates(a, H, j, o);
   s.output[e] = o.hidden;
   s.hidden_state[e] = o.hidden;
 }
@@ -207,6 +221,18 @@ struct GruBackwardStep {
                                      // and collected to when out is not nullptr
 };
 
+// GRU element j's gradients: da_x into dx and da_h into dh (rows of 3H, blocks r, z, n; da_h's n block
+// is dL/dh_n = a_n * r). The time loop's step and the persistent kernels both write them here.
+template <typename scalar_t, typename acc_t>
+LSTMFAST_HD void store_gru_grads(scalar_t* dx, scalar_t* dh, int64_t H, int64_t j, const GruCellGrad<acc_t>& g) {
+  dx[j] = scalar_t(g.a_r);
+  dx[H + j] = scalar_t(g.a_z);
+  dx[2 * H + j] = scalar_t(g.a_n);
+  dh[j] = scalar_t(g.a_r);
+  dh[H + j] = scalar_t(g.a_z);
+  dh[2 * H + j] = scalar_t(g.hidden_n);
+}
+
 // Returns the square of dL/dh_t at this element.
 template <typename scalar_t, typename acc_t>
 LSTMFAST_HD acc_t gru_backward_point(const GruBackwardStep<scalar_t>& s, int64_t b, int64_t j) {
@@ -218,14 +244,7 @@ LSTMFAST_HD acc_t gru_backward_point(const GruBackwardStep<scalar_t>& s, int64_t
   const acc_t hidden_prev = b < p.split ? acc_t(p.from_prev[e]) : acc_t(p.initial[e]);
   const auto g = gru_cell_backward<acc_t>(a[j], a[H + j], a[2 * H + j], a[3 * H + j], hidden_prev,
                                           grad_hidden, acc_t(s.grad_clip));
-  scalar_t* dx = s.grad_input_gates + b * 3 * H;
-  scalar_t* dh = s.grad_hidden_gates + b * 3 * H;
-  dx[j] = g.a_r;
-  dx[H + j] = g.a_z;
-  dx[2 * H + j] = g.a_n;
-  dh[j] = g.a_r;
-  dh[H + j] = g.a_z;
-  dh[2 * H + j] = g.hidden_n;
+  store_gru_grads(s.grad_input_gates + b * 3 * H, s.grad_hidden_gates + b * 3 * H, H, j, g);
   s.grad_hidden[e] = g.hidden_prev;
   prev_hidden_point(p, b, j);
   return grad_hidden * grad_hidden;
