@@ -134,8 +134,8 @@ class _Reference(nn.Module):
         ours = self.ours
         original = type(ours)._run_layer
 
-        def run_layer(input, batch_sizes, states, layer, direction):
-            w_ih, w_hh, b_ih, b_hh, w_hr = ours._layer_weights(layer, direction)
+        def run_layer(input, batch_sizes, states, weights, layer, direction):
+            w_ih, w_hh, b_ih, b_hh, w_hr = ours._layer_weights(weights, layer, direction)
             if isinstance(ours, LSTM):
                 return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=states[0], c0=states[1],
                                       batch_sizes=batch_sizes, reverse=direction == 1)

@@ -5,9 +5,10 @@ They are subclasses of torch.nn.LSTM / torch.nn.GRU / torch.nn.RNN that replace 
 construction, argument checks, parameters, initialization, all_weights, _flat_weights,
 flatten_parameters, pickling and every utility that reads RNN internals (weight_norm, pruning,
 parametrizations) are torch.nn's own. Each layer and direction is one call of the fused op
-(lstmfast.functional); layers, directions, dropout, batch_first and PackedSequence are composed here. Weights are read at every call through the normal
-attribute path, so whatever replaced an attribute (a parametrization, weight_norm, pruning,
-torch.func.functional_call) is what runs.
+(lstmfast.functional); layers, directions, dropout, batch_first and PackedSequence are composed here. Weights are read at every call the way
+torch.nn's forward reads them (its _update_flat_weights, then _flat_weights), so whatever replaced an
+attribute (a parametrization, weight_norm, pruning, torch.func.functional_call) is what runs, evaluated
+as often as under torch.nn.
 
 convert() / unconvert() turn torch.nn layers into lstmfast ones and back in place, by changing the
 object's class: hooks, attributes, parametrizations, pruning and sharing all stay as they were.
@@ -25,6 +26,11 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _dynamo_compat, functional
+
+
+def _exporting():
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # (torch >= 2.5)
+    return is_exporting is not None and is_exporting()
 
 
 def _check_size_type(name, value):
@@ -91,11 +97,26 @@ class _RecurrentBase:
     def _out_size(self):
         return self.proj_size if self.proj_size > 0 else self.hidden_size
 
-    def _layer_weights(self, layer, direction):
-        """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction, read through getattr so that
-        parametrizations and weight hooks take effect; None where the layer has no such weight."""
+    def _current_weights(self):
+        """The weights this call runs with, by name, read the way torch.nn's forward reads them: its
+        own _update_flat_weights() (which re-reads every weight through getattr when one of them is
+        not the tensor it read last time: a parametrization, weight_norm, pruning,
+        torch.func.functional_call), then _flat_weights. A parametrization is therefore evaluated as
+        many times per call as under torch.nn, which matters for stateful ones (spectral_norm's power
+        iteration advances at each evaluation in training mode)."""
+        if _exporting():
+            # torch.export swaps in its own tensors for the parameters, so torch.nn's re-read would
+            # store them into _flat_weights and export would warn about a tensor attribute assigned
+            # during export; read each weight once instead.
+            return {name: getattr(self, name, None) for name in self._flat_weights_names}
+        self._update_flat_weights()
+        return dict(zip(self._flat_weights_names, self._flat_weights))
+
+    def _layer_weights(self, weights, layer, direction):
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction from _current_weights(); None
+        where the layer has no such weight."""
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-        get = lambda name: getattr(self, name + suffix, None)  # noqa: E731
+        get = lambda name: weights.get(name + suffix)  # noqa: E731
         w_hr = get("weight_hr") if self.proj_size > 0 else None
         if self.bias:
             return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), w_hr
@@ -157,7 +178,7 @@ class _RecurrentBase:
             raise RuntimeError(f"{self._kind}: {name} must be a {weight.dtype} tensor on {weight.device}, "
                                f"got {state.dtype} on {state.device}")
 
-    def _run_layer(self, input, batch_sizes, states, layer, direction):
+    def _run_layer(self, input, batch_sizes, states, weights, layer, direction):
         raise NotImplementedError
 
     def _state_sizes(self, batch):
@@ -166,7 +187,8 @@ class _RecurrentBase:
 
     def forward(self, input, hx=None):
         kind = self._kind
-        weight = self.weight_ih_l0
+        weights = self._current_weights()
+        weight = weights["weight_ih_l0"]
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -202,7 +224,8 @@ class _RecurrentBase:
             for direction in range(self._directions):
                 index = layer * self._directions + direction
                 layer_states = [None if s is None else s[index] for s in states]
-                output, *final = self._run_layer(layer_input, batch_sizes, layer_states, layer, direction)
+                output, *final = self._run_layer(layer_input, batch_sizes, layer_states, weights, layer,
+                                                  direction)
                 outputs.append(output)
                 for store, f in zip(finals, final):
                     store.append(f)
@@ -322,8 +345,8 @@ class LSTM(_RecurrentBase, nn.LSTM):
         n = self.num_layers * self._directions
         return [(n, batch, self._out_size), (n, batch, self.hidden_size)]
 
-    def _run_layer(self, input, batch_sizes, states, layer, direction):
-        w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, direction)
+    def _run_layer(self, input, batch_sizes, states, weights, layer, direction):
+        w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(weights, layer, direction)
         return functional.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=states[0], c0=states[1],
                                batch_sizes=batch_sizes, reverse=direction == 1,
                                grad_clip=self.grad_clip, norm_sink=self._norm_sink(layer, direction))
@@ -346,8 +369,8 @@ class RNN(_RecurrentBase, nn.RNN):
         super().__init__(*args, **kwargs)
         self._init_extras(grad_clip)
 
-    def _run_layer(self, input, batch_sizes, states, layer, direction):
-        w_ih, w_hh, b_ih, b_hh, _ = self._layer_weights(layer, direction)
+    def _run_layer(self, input, batch_sizes, states, weights, layer, direction):
+        w_ih, w_hh, b_ih, b_hh, _ = self._layer_weights(weights, layer, direction)
         return functional.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=self.nonlinearity,
                               h0=states[0], batch_sizes=batch_sizes, reverse=direction == 1,
                               grad_clip=self.grad_clip, norm_sink=self._norm_sink(layer, direction))
@@ -370,8 +393,8 @@ class GRU(_RecurrentBase, nn.GRU):
         super().__init__(*args, **kwargs)
         self._init_extras(grad_clip)
 
-    def _run_layer(self, input, batch_sizes, states, layer, direction):
-        w_ih, w_hh, b_ih, b_hh, _ = self._layer_weights(layer, direction)
+    def _run_layer(self, input, batch_sizes, states, weights, layer, direction):
+        w_ih, w_hh, b_ih, b_hh, _ = self._layer_weights(weights, layer, direction)
         return functional.gru(input, w_ih, w_hh, b_ih, b_hh, h0=states[0], batch_sizes=batch_sizes,
                               reverse=direction == 1, grad_clip=self.grad_clip,
                               norm_sink=self._norm_sink(layer, direction))

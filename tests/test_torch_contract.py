@@ -150,6 +150,50 @@ def test_parametrizations(kind):
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_stateful_parametrization_advances_as_under_torch_nn(kind):
+    """spectral_norm's power iteration advances each time the weight is read in training mode, and
+    torch.nn's forward reads a parametrized weight more than once: lstmfast reads its weights through
+    torch.nn's own path, so outputs, gradients and the power-iteration state stay torch.nn's step
+    after step."""
+    theirs, ours = pair(kind, 3, 5, num_layers=2, bidirectional=True)
+    theirs, ours = theirs.double(), ours.double()
+    for m in (theirs, ours):
+        parametrizations.spectral_norm(m, "weight_hh_l0")
+        parametrizations.spectral_norm(m, "weight_ih_l1_reverse")
+    ours.load_state_dict(theirs.state_dict())  # the same random power-iteration start
+    torch.manual_seed(1)
+    for _ in range(3):
+        assert_same_run(theirs, ours, torch.randn(6, 2, 3, dtype=F64))
+        for name, buffer in theirs.named_buffers():
+            torch.testing.assert_close(ours.get_buffer(name), buffer, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("name", ["weight_ih_l0", "weight_hh_l0", "bias_hh_l1", "weight_ih_l1_reverse"])
+def test_a_parametrization_runs_as_often_as_under_torch_nn(kind, name):
+    class Counted(nn.Module):
+        calls = 0
+
+        def forward(self, w):
+            self.calls += 1
+            return w * 1.0
+
+    counts = []
+    for m in pair(kind, 3, 5, num_layers=2, bidirectional=True):
+        counted = Counted()
+        parametrize.register_parametrization(m, name, counted)
+        runs = []
+        for mode in ("train", "no_grad", "eval"):
+            counted.calls = 0
+            m.train(mode == "train")
+            with torch.set_grad_enabled(mode == "train"):
+                m(torch.randn(4, 2, 3))
+            runs.append(counted.calls)
+        counts.append(runs)
+    assert counts[1] == counts[0] and min(counts[0]) >= 1
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_pruning(kind):
     theirs, ours = pair(kind, 3, 5, bidirectional=True)
     theirs, ours = theirs.double(), ours.double()
