@@ -17,7 +17,8 @@ and returns its differentiable gradients (torch.nn's numbers); the fused first-o
 unchanged when no graph is asked for. ``norm_sink`` then still receives the fused kernel's norms (one
 extra fused backward). With ``grad_clip`` set, second order is refused with a RuntimeError (the clamp
 has no derivative we commit to). Forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``) also
-goes through the reference; ``torch.func.grad`` and ``vmap`` work (vmap loops over the batch).
+goes through the reference; ``torch.func.grad``, ``vjp``, ``jacrev``, ``hessian`` and ``vmap`` work
+(vmap loops over the batch).
 
 The output may be modified in place (``out += x``, ``relu_``, in-place dropout) as torch.nn's: the
 backward then recomputes the forward output it needs.
@@ -52,11 +53,12 @@ def _needs_grad(*tensors):
     tensors need not report requires_grad; calling the bare op there would leave gradients None).
     Under torch.jit.trace (and the TorchScript-based ONNX exporter, which traces), never: a traced
     graph is for inference, and the bare op, unlike the Function, can be saved and checked."""
-    if not torch.is_grad_enabled() or torch._C._get_tracing_state() is not None:
+    if torch._C._get_tracing_state() is not None:
         return False
-    return (any(t is not None and t.requires_grad for t in tensors)
-            or torch._C._are_functorch_transforms_active()
-            or torch.autograd.forward_ad._current_level >= 0)
+    # (Forward mode does not depend on grad mode: tangents flow under no_grad too, as torch.nn's do.)
+    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _autocast(*tensors):
@@ -136,22 +138,26 @@ def _detached(grad, like=None):
     shaped like `like` where the op needs a tensor."""
     if grad is None:
         return torch.zeros_like(like) if like is not None else None
-    return grad.detach()
+    # (Only when needed: detach is a view, which torch.autograd.grad(is_grads_batched=True)'s vmap
+    # cannot batch; torch.autograd.functional.jacobian(vectorize=True) goes through it.)
+    return grad.detach() if grad.requires_grad else grad
 
 
-def _builds_graph(*tensors):
+def _builds_graph(exited, *tensors):
     """Whether a backward must return differentiable gradients: grad mode is on inside it
     (create_graph=True) and something they depend on requires grad. torch.func.grad and vjp run every
     backward with create_graph=True, their tensors all requiring grad at their own level: there a graph
     is needed only when another differentiating transform (grad, jvp) is active too, or when plain
-    autograd outside them tracks the underlying tensors; else the fused first-order kernels serve."""
+    autograd outside them tracks the underlying tensors; else the fused first-order kernels serve.
+    When the backward's own transform has `exited` (see _backward_inputs), every differentiating
+    transform still active is an enclosing one (hessian's jvp around jacrev's vjp)."""
     if not torch.is_grad_enabled():
         return False
     if torch._C._are_functorch_transforms_active():
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
         kinds = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
-        if sum(i.key() in kinds for i in retrieve_all_functorch_interpreters()) > 1:
+        if sum(i.key() in kinds for i in retrieve_all_functorch_interpreters()) > (0 if exited else 1):
             return True
         tensors = [_unwrapped(t) for t in tensors]
     return any(t is not None and t.requires_grad for t in tensors)
@@ -198,23 +204,55 @@ def _gru_reference(batch_sizes, reverse):
     return layer
 
 
-def _differentiable_grads(reference_fn, tensors, grads):
+def _differentiable_grads(reference_fn, tensors, grads, needed):
     """The gradients of a layer as a differentiable function of its inputs and of `grads` (the
-    backward of a backward that builds a graph): the layer is recomputed with lstmfast.reference
-    under autograd and differentiated with create_graph=True. `tensors` are the Function's inputs
-    (None where absent); returns one gradient (or None) per tensor."""
+    backward of a backward that builds a graph): the layer is recomputed with lstmfast.reference and
+    differentiated by torch.func.vjp, whose results are differentiable with respect to whatever
+    requires grad outside it (a module's Parameters, the cotangents, an input under gradgradcheck), as
+    torch.nn's are. `tensors` are the Function's inputs (None where absent) and `needed` says which of
+    them autograd asks a gradient for (torch.func.vjp's primal, seen after its transform has exited,
+    no longer requires grad itself, but its gradient is still what is asked for); returns one gradient
+    (or None) per tensor."""
+    result = [None] * len(tensors)
+    wanted = [i for i, (t, need) in enumerate(zip(tensors, needed)) if t is not None and need]
+    if not wanted:
+        return result
+
+    def layer(*moving):
+        args = list(tensors)
+        for i, a in zip(wanted, moving):
+            args[i] = a
+        return tuple(reference_fn(*args))
+
     with torch.enable_grad():
-        wanted = [i for i, t in enumerate(tensors) if t is not None and t.requires_grad]
-        outputs = reference_fn(*tensors)
-        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
-        result = [None] * len(tensors)
-        if not wanted or not pairs:
-            return result
-        found = torch.autograd.grad([o for o, _ in pairs], [tensors[i] for i in wanted],
-                                    [g for _, g in pairs], create_graph=True, allow_unused=True)
+        outputs, vjp = torch.func.vjp(layer, *[tensors[i] for i in wanted])
+        found = vjp(tuple(g if g is not None else torch.zeros_like(o) for o, g in zip(outputs, grads)),
+                    create_graph=True)
     for i, g in zip(wanted, found):
-        result[i] = g if g is not None else torch.zeros_like(tensors[i])
+        result[i] = g
     return result
+
+
+def _backward_inputs(ctx, grads):
+    """A backward's saved tensors and incoming gradients with torch.func's dead wrappers removed, and
+    whether there were any. A backward that runs after its transform has exited (the function
+    torch.func.vjp returns, and so jacrev and hessian) receives its saved tensors wrapped for a level
+    that no longer exists. torch's own derivative formulas compute on what is under such a wrapper
+    (functorch unwraps dead wrappers in every op); so does lstmfast, and whether the gradients must be
+    differentiable is then decided on what is still live (see _builds_graph)."""
+    saved = _saved(ctx, ctx.saved_layout)
+    if torch.compiler.is_compiling():  # (no torch.func transform reaches a compiled backward)
+        return saved, list(grads), False
+    exited = False
+
+    def alive(t):
+        nonlocal exited
+        while t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) \
+                and torch._C._functorch.maybe_get_level(t) == -2:
+            t, exited = torch._C._functorch.get_unwrapped(t), True
+        return t
+
+    return [alive(t) for t in saved], [alive(g) for g in grads], exited
 
 
 def _jvp(reference_fn, primals, tangents):
@@ -224,8 +262,12 @@ def _jvp(reference_fn, primals, tangents):
     if torch._C._are_functorch_transforms_active():
         return _func_jvp(reference_fn, primals, tangents)
     moving = [i for i, t in enumerate(tangents) if t is not None and primals[i] is not None]
+    # With grad mode on, the tangents are differentiable (torch.nn's are): primals that require grad
+    # (a module's Parameters) enter as they are, so the result keeps their graph; the others are
+    # detached, moving ones as leaves of their own.
+    graph = torch.is_grad_enabled()
     with torch.enable_grad():
-        leaves = [p.detach().requires_grad_(i in moving) if p is not None else None
+        leaves = [None if p is None else p if graph and p.requires_grad else p.detach().requires_grad_(i in moving)
                   for i, p in enumerate(primals)]
         outputs = reference_fn(*leaves)
         if not moving:
@@ -235,7 +277,7 @@ def _jvp(reference_fn, primals, tangents):
                                     allow_unused=True)
         pairs = [(g, tangents[i]) for g, i in zip(grads, moving) if g is not None]
         result = torch.autograd.grad([g for g, _ in pairs], cotangents, [t for _, t in pairs],
-                                     allow_unused=True)
+                                     allow_unused=True, create_graph=graph)
     return tuple(r if r is not None else torch.zeros_like(o) for r, o in zip(result, outputs))
 
 
@@ -283,11 +325,12 @@ class _LSTMCore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-        input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output, gates, cells = _saved(
-            ctx, ctx.saved_layout)
+        saved, grads, exited = _backward_inputs(ctx, (grad_output, grad_h_n, grad_c_n))
+        input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output, gates, cells = saved
+        grad_output, grad_h_n, grad_c_n = grads
         need = ctx.needs_input_grad
-        grad_graph = _builds_graph(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                   w_hr)
+        grad_graph = _builds_graph(exited, grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, b_ih,
+                                   b_hh, w_hr)
         if grad_graph:
             _refuse_clipped_second_order(ctx.grad_clip)
         if ctx.norm_sink is not None or not grad_graph:
@@ -307,7 +350,8 @@ class _LSTMCore(torch.autograd.Function):
         if grad_graph:
             layer = _lstm_reference(batch_sizes, ctx.reverse)
             g_input, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr = _differentiable_grads(
-                layer, [input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr], [grad_output, grad_h_n, grad_c_n])
+                layer, [input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr], [grad_output, grad_h_n, grad_c_n],
+                [need[i] for i in (0, 2, 3, 4, 5, 6, 7, 8)])
             return (g_input, None, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr, None, None, None)
         return (
             grad_input if need[0] else None,
@@ -362,9 +406,10 @@ class _RNNCore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n):
-        input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output = _saved(ctx, ctx.saved_layout)
+        saved, (grad_output, grad_h_n), exited = _backward_inputs(ctx, (grad_output, grad_h_n))
+        input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output = saved
         need = ctx.needs_input_grad
-        grad_graph = _builds_graph(grad_output, grad_h_n, input, h0, w_ih, w_hh, b_ih, b_hh)
+        grad_graph = _builds_graph(exited, grad_output, grad_h_n, input, h0, w_ih, w_hh, b_ih, b_hh)
         if grad_graph:
             _refuse_clipped_second_order(ctx.grad_clip)
         if ctx.norm_sink is not None or not grad_graph:
@@ -382,7 +427,8 @@ class _RNNCore(torch.autograd.Function):
         if grad_graph:
             layer = _rnn_reference(batch_sizes, ctx.nonlinearity, ctx.reverse)
             g_input, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh = _differentiable_grads(
-                layer, [input, h0, w_ih, w_hh, b_ih, b_hh], [grad_output, grad_h_n])
+                layer, [input, h0, w_ih, w_hh, b_ih, b_hh], [grad_output, grad_h_n],
+                [need[i] for i in (0, 2, 3, 4, 5, 6)])
             return (g_input, None, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, None, None, None, None)
         return (
             grad_input if need[0] else None,
@@ -439,9 +485,10 @@ class _GRUCore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, _grad_gates):
-        input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output, gates = _saved(ctx, ctx.saved_layout)
+        saved, (grad_output, grad_h_n), exited = _backward_inputs(ctx, (grad_output, grad_h_n))
+        input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output, gates = saved
         need = ctx.needs_input_grad
-        grad_graph = _builds_graph(grad_output, grad_h_n, input, h0, w_ih, w_hh, b_ih, b_hh)
+        grad_graph = _builds_graph(exited, grad_output, grad_h_n, input, h0, w_ih, w_hh, b_ih, b_hh)
         if grad_graph:
             _refuse_clipped_second_order(ctx.grad_clip)
         if ctx.norm_sink is not None or not grad_graph:
@@ -458,7 +505,8 @@ class _GRUCore(torch.autograd.Function):
         if grad_graph:
             layer = _gru_reference(batch_sizes, ctx.reverse)
             g_input, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh = _differentiable_grads(
-                layer, [input, h0, w_ih, w_hh, b_ih, b_hh], [grad_output, grad_h_n])
+                layer, [input, h0, w_ih, w_hh, b_ih, b_hh], [grad_output, grad_h_n],
+                [need[i] for i in (0, 2, 3, 4, 5, 6)])
             return (g_input, None, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, None, None, None)
         return (
             grad_input if need[0] else None,

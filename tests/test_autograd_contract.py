@@ -417,6 +417,80 @@ def test_first_run_under_no_grad_then_trained(cell):
     assert_all_close(actual, list(expected), **F64)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_func_vjp_jacrev_hessian_equal_torch_nn(cell, frozen):
+    """The function torch.func.vjp returns runs its backward after the transform has exited (so do
+    jacrev, which vmaps it, and hessian): lstmfast's saved tensors then arrive wrapped for a level
+    that no longer exists. Every result equals torch.nn's, and vjp's gradient stays differentiable
+    with respect to the module's Parameters, as torch.nn's is (it came back all zeros before)."""
+    theirs, ours = _pair(cell)
+    for p in theirs.parameters():
+        p.requires_grad_(not frozen)
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+
+    def results(module):
+        def layer(z):
+            return module(z)[0]
+
+        def energy(z):
+            return module(z)[0].pow(2).sum()
+
+        out, vjp = torch.func.vjp(layer, x)
+        (grad_x,) = vjp(torch.ones_like(out))
+        found = [grad_x.detach(), torch.func.jacrev(layer)(x), torch.func.hessian(energy)(x[:2]),
+                 torch.func.jacrev(torch.func.jacrev(energy))(x[:2])]
+        params = dict(module.named_parameters())
+        found += list(torch.func.jacrev(lambda p: torch.func.functional_call(module, p, (x,))[0])(params).values())
+        if not frozen:
+            found += torch.autograd.grad(grad_x.pow(2).sum(), list(params.values()))
+        return found
+
+    expected, actual = results(theirs), results(ours)
+    assert len(actual) == len(expected) and all(e.abs().sum() > 0 for e in expected)
+    assert_all_close(actual, expected, **F64)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_forward_ad_tangents_are_differentiable_like_torch_nn(cell, grad_mode):
+    """torch.autograd.forward_ad: with grad mode on, an output's tangent depends differentiably on the
+    Parameters (reverse over forward), as torch.nn's does; under no_grad it requires no grad."""
+    import torch.autograd.forward_ad as fwAD
+
+    theirs, ours = _pair(cell, hidden=4)
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    direction = torch.randn_like(x)
+
+    def results(module):
+        with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+            out, _ = module(fwAD.make_dual(x, direction))
+            tangent = fwAD.unpack_dual(out).tangent
+        found = [tangent.detach()]
+        assert tangent.requires_grad == grad_mode
+        if grad_mode:
+            found += torch.autograd.grad(tangent.pow(2).sum(), list(module.parameters()))
+        return found
+
+    assert_all_close(results(ours), results(theirs), **F64)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_autograd_functional_vectorized_equals_torch_nn(cell):
+    """torch.autograd.functional.jacobian / hessian with vectorize=True (backward under autograd's own
+    vmap, is_grads_batched) give torch.nn's numbers (they raised: detach has no batching rule)."""
+    theirs, ours = _pair(cell)
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+
+    def results(module):
+        jacobian = torch.autograd.functional.jacobian(lambda z: module(z)[0], x, vectorize=True)
+        hessian = torch.autograd.functional.hessian(lambda z: module(z)[0].pow(2).sum(), x[:2],
+                                                    vectorize=True)
+        return [jacobian, hessian]
+
+    assert_all_close(results(ours), results(theirs), **F64)
+
+
 # ------------------------------------------------------------------------------ in-place outputs
 
 INPLACE_GRID = [
