@@ -26,7 +26,8 @@ backward then recomputes the forward output it needs.
 On the CPU, float16 and bfloat16 keep the cell state, gate pre-activations and arithmetic in float32;
 bfloat16 products take bfloat16 operands with float32 sums (``lstmfast.cpu_gemm_engines()``). Results
 are rounded once, gradients in the parameters' dtype; under ``torch.autocast("cpu")`` the layer runs in
-the autocast dtype, like torch.nn's.
+the autocast dtype (the modules return torch.nn's result dtypes, which under CPU autocast depend on
+torch.nn's path; see ``lstmfast.LSTM``'s forward).
 
 On CUDA, float16 and bfloat16 run with float32 arithmetic inside the kernels; under
 ``torch.autocast("cuda")`` the layer runs in the autocast dtype, like torch.nn's cuDNN layers.

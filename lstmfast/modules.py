@@ -33,6 +33,44 @@ def _exporting():
     return is_exporting is not None and is_exporting()
 
 
+# The dtypes torch.nn's layers return under CPU autocast, by kind of call (see _cpu_autocast_dtypes).
+_AUTOCAST_DTYPES = {}
+
+
+def _torch_nn_autocast_dtypes(kind, options, packed, input_dtype, state_dtypes, param_dtype):
+    """Runs a one-unit torch.nn layer of the same configuration on a small input of the same dtypes
+    (in the caller's autocast and grad mode) and returns the dtypes of its output and final states,
+    or None when torch.nn refuses the call. `packed`: None (padded), "uniform" (every sequence of the
+    same length: torch.nn's LSTM then runs oneDNN as for padded input) or "ragged". The layer is built
+    on the meta device and materialized as zeros, so that the global random state is not touched."""
+    options = dict(options)
+    if options.get("proj_size"):
+        options["proj_size"] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = getattr(nn, kind)(1, 2, **options, device="meta", dtype=param_dtype).to_empty(device="cpu")
+    directions = 2 if options.get("bidirectional") else 1
+    lengths = [2, 1] if packed == "ragged" else [2, 2]
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        for p in layer.parameters():
+            p.zero_()
+        x = torch.zeros(2, len(lengths), 1, dtype=input_dtype)
+        if packed:
+            x = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths))
+        hx = None
+        if state_dtypes is not None:
+            widths = [options.get("proj_size") or 2, 2] if kind == "LSTM" else [2]
+            states = [torch.zeros(options["num_layers"] * directions, len(lengths), w, dtype=d)
+                      for w, d in zip(widths, state_dtypes)]
+            hx = tuple(states) if kind == "LSTM" else states[0]
+    try:
+        out, finals = layer(x, hx)
+    except Exception:
+        return None
+    out = out.data if packed else out
+    return (out.dtype, *(f.dtype for f in (finals if isinstance(finals, tuple) else (finals,))))
+
+
 def _check_size_type(name, value):
     # torch.nn accepts bools here (True is an int) and fails on floats with an unclear message from
     # range() or torch.empty(); lstmfast names the argument.
@@ -139,6 +177,34 @@ class _RecurrentBase:
             f"torch.export (and AOTInductor), torch.compile, and torch.onnx.export (inference). To "
             f"script the model with torch.nn's own layers instead, call lstmfast.unconvert(model) first.")
 
+    def _cpu_autocast_dtypes(self, data, packed, batch_sizes, hx, weight):
+        """The dtypes of (output, *final states) torch.nn's layer returns for this call under CPU
+        autocast; None outside it, for a float64 layer (autocast leaves it alone) and where torch.nn
+        refuses the call (lstmfast then returns the autocast dtype). lstmfast computes in the autocast
+        dtype (bfloat16 / float16 products, float32 state); torch.nn's result dtypes depend on which of
+        its paths runs (oneDNN's fused LSTM returns the autocast dtype, the native path promotes its
+        autocast-dtype products with the states' dtype) and so vary with the layer, the input's and
+        states' dtypes, packing and projection: they are asked of torch.nn itself, once per kind of
+        call (not while compiling or tracing, where a kind of call seen before is answered)."""
+        if data.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or weight.dtype == torch.float64:
+            return None
+        states = None if hx is None else [s.dtype for s in (hx if isinstance(hx, (tuple, list)) else (hx,))]
+        options = {name: getattr(self, name) for name in ("num_layers", "bias", "bidirectional")}
+        if self._kind == "LSTM":
+            options["proj_size"] = self.proj_size
+        elif self._kind == "RNN":
+            options["nonlinearity"] = self.nonlinearity
+        if packed:
+            packed = "uniform" if int(batch_sizes[0]) == int(batch_sizes[-1]) else "ragged"
+        key = (self._kind, tuple(options.items()), packed, data.dtype, None if states is None else tuple(states),
+               weight.dtype, torch.get_autocast_dtype("cpu"), torch.is_grad_enabled(),
+               torch.backends.mkldnn.enabled)
+        if key not in _AUTOCAST_DTYPES and not torch.compiler.is_compiling() \
+                and torch._C._get_tracing_state() is None:
+            _AUTOCAST_DTYPES[key] = _torch_nn_autocast_dtypes(self._kind, options, packed or None, data.dtype,
+                                                              states, weight.dtype)
+        return _AUTOCAST_DTYPES.get(key)
+
     def _norm_sink(self, layer, direction):
         if self._gradient_recorder is None:
             return None
@@ -216,6 +282,7 @@ class _RecurrentBase:
                 states = [s.index_select(1, sorted_indices) for s in states]
         if not packed and torch._C._get_tracing_state() is None and data.shape[0] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        dtypes = self._cpu_autocast_dtypes(data, packed, batch_sizes, hx, weight)
 
         layer_input = data
         finals = [[] for _ in sizes]
@@ -233,6 +300,9 @@ class _RecurrentBase:
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         finals = [torch.stack(f) for f in finals]
+        if dtypes is not None:
+            layer_input = layer_input.to(dtypes[0])
+            finals = [f.to(d) for f, d in zip(finals, dtypes[1:])]
         if unsorted_indices is not None:
             finals = [f.index_select(1, unsorted_indices) for f in finals]
 

@@ -609,6 +609,46 @@ def test_cpu_autocast(cell, dtype):
         torch.testing.assert_close(a, e, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("packing", ["padded", "uniform", "ragged"])
+def test_cpu_autocast_result_dtypes_are_torch_nn_s(cell, dtype, packing):
+    """torch.nn's result dtypes under CPU autocast depend on which of its paths runs: oneDNN's fused
+    LSTM (padded or equal-length packed input, no projection) returns the autocast dtype, the native
+    path promotes its autocast-dtype products with the states' dtype (so a GRU on float32 input, a
+    ragged packed LSTM and a projected LSTM's c_n come back float32). Over inputs and states of
+    every floating dtype, projection and hx or not, lstmfast returns torch.nn's dtypes and values
+    within the autocast dtype's tolerance; where torch.nn refuses the call (its oneDNN LSTM under
+    float16 autocast), lstmfast runs in the autocast dtype."""
+    lengths = {"padded": None, "uniform": [4, 4], "ragged": [4, 2]}[packing]
+    checked = 0
+    for proj in ([0, 2] if cell == "lstm" else [0]):
+        options = dict(proj_size=proj) if proj else {}
+        theirs, ours = _pair(cell, input_size=3, hidden=4, dtype=torch.float32, **options)
+        for x_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for with_hx in (False, True):
+                x = torch.randn(4, 2, 3).to(x_dtype)
+                data = x if lengths is None else pack_padded_sequence(x, torch.tensor(lengths))
+                hx = None
+                if with_hx:
+                    states = [torch.randn(1, 2, proj or 4), torch.randn(1, 2, 4)][:2 if cell == "lstm" else 1]
+                    hx = tuple(states) if cell == "lstm" else states[0]
+                with torch.autocast("cpu", dtype=dtype):
+                    actual = _flat(ours(data, hx))
+                    try:
+                        expected = _flat(theirs(data, hx))
+                    except RuntimeError:
+                        expected = None
+                if expected is None:
+                    assert [a.dtype for a in actual] == [dtype] * len(actual)
+                    continue
+                assert [a.dtype for a in actual] == [e.dtype for e in expected], (proj, x_dtype, with_hx)
+                for a, e in zip(actual, expected):
+                    torch.testing.assert_close(a.float(), e.float(), rtol=REDUCED[dtype], atol=REDUCED[dtype])
+                checked += 1
+    assert checked >= 6
+
+
 def test_cpu_autocast_float16_lstm_training():
     """fp16 autocast LSTM training on float32 input (torch.nn 2.13's oneDNN path refuses it): runs,
     and matches the float32 computation on float16-rounded operands."""
