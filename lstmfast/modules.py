@@ -64,7 +64,7 @@ def _torch_nn_autocast_dtypes(kind, options, packed, input_dtype, state_dtypes, 
                       for w, d in zip(widths, state_dtypes)]
             hx = tuple(states) if kind == "LSTM" else states[0]
     try:
-        out, finals = layer(x, hx)
+        out, finals = layer.forward(x, hx)  # (forward itself: no global module hooks run)
     except Exception:
         return None
     out = out.data if packed else out
