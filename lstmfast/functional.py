@@ -234,6 +234,9 @@ def _differentiable_grads(reference_fn, tensors, grads, needed):
     return result
 
 
+_DEAD_LEVEL = -2  # torch._C._functorch.maybe_get_level of a wrapper whose transform has exited
+
+
 def _backward_inputs(ctx, grads):
     """A backward's saved tensors and incoming gradients with torch.func's dead wrappers removed, and
     whether there were any. A backward that runs after its transform has exited (the function
@@ -249,7 +252,7 @@ def _backward_inputs(ctx, grads):
     def alive(t):
         nonlocal exited
         while t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) \
-                and torch._C._functorch.maybe_get_level(t) == -2:
+                and torch._C._functorch.maybe_get_level(t) == _DEAD_LEVEL:
             t, exited = torch._C._functorch.get_unwrapped(t), True
         return t
 
