@@ -621,6 +621,7 @@ def test_cpu_autocast_result_dtypes_are_torch_nn_s(cell, dtype, packing):
     within the autocast dtype's tolerance; where torch.nn refuses the call (its oneDNN LSTM under
     float16 autocast), lstmfast runs in the autocast dtype."""
     lengths = {"padded": None, "uniform": [4, 4], "ragged": [4, 2]}[packing]
+    lstmfast.modules._AUTOCAST_DTYPES.clear()  # torch.nn is asked afresh: it must not touch the RNG
     checked = 0
     for proj in ([0, 2] if cell == "lstm" else [0]):
         options = dict(proj_size=proj) if proj else {}
@@ -634,7 +635,9 @@ def test_cpu_autocast_result_dtypes_are_torch_nn_s(cell, dtype, packing):
                     states = [torch.randn(1, 2, proj or 4), torch.randn(1, 2, 4)][:2 if cell == "lstm" else 1]
                     hx = tuple(states) if cell == "lstm" else states[0]
                 with torch.autocast("cpu", dtype=dtype):
+                    rng = torch.get_rng_state()
                     actual = _flat(ours(data, hx))
+                    assert torch.equal(torch.get_rng_state(), rng)
                     try:
                         expected = _flat(theirs(data, hx))
                     except RuntimeError:
