@@ -37,3 +37,9 @@ def _patch(builder, fast_class):
 def install(fast_class):
     """Makes Dynamo wrap instances of `fast_class` with allow_rnn set."""
     after_import(_BUILDER, lambda builder: _patch(builder, fast_class))
+
+
+def constant(fn):
+    """Tells Dynamo (once it is imported) that fn's result is a constant of its arguments: a compiled
+    caller gets it by calling fn while tracing, instead of tracing into it."""
+    after_import("torch._dynamo", lambda dynamo: dynamo.assume_constant_result(fn))

@@ -33,16 +33,24 @@ def _exporting():
     return is_exporting is not None and is_exporting()
 
 
-# The dtypes torch.nn's layers return under CPU autocast, by kind of call (see _cpu_autocast_dtypes).
+# The dtypes torch.nn's layers return under CPU autocast, by kind of call (see _torch_nn_autocast_dtypes).
 _AUTOCAST_DTYPES = {}
 
 
-def _torch_nn_autocast_dtypes(kind, options, packed, input_dtype, state_dtypes, param_dtype):
-    """Runs a one-unit torch.nn layer of the same configuration on a small input of the same dtypes
-    (in the caller's autocast and grad mode) and returns the dtypes of its output and final states,
-    or None when torch.nn refuses the call. `packed`: None (padded), "uniform" (every sequence of the
-    same length: torch.nn's LSTM then runs oneDNN as for padded input) or "ragged". The layer is built
-    on the meta device and materialized as zeros, so that the global random state is not touched."""
+def _torch_nn_autocast_dtypes(kind, options, packed, input_dtype, state_dtypes, param_dtype, autocast_dtype,
+                              grad_enabled, mkldnn_enabled):
+    """The dtypes of (output, *final states) a torch.nn layer returns under CPU autocast for a kind of
+    call, or None when torch.nn refuses it: a one-unit torch.nn layer of the same configuration
+    (`options`, a tuple of items) runs once on a small input of the same dtypes, under that autocast
+    dtype and grad mode, and the answer is kept. `packed`: None (padded), "uniform" (every sequence of
+    the same length: torch.nn's LSTM then runs oneDNN as for padded input) or "ragged". The layer is
+    built on the meta device and materialized as zeros, so that the global random state is not
+    touched. Every argument is a constant and so is the answer: Dynamo is told so
+    (_dynamo_compat.constant), so a compiled forward asks it while tracing, as an eager one does."""
+    key = (kind, options, packed, input_dtype, state_dtypes, param_dtype, autocast_dtype, grad_enabled,
+           mkldnn_enabled)
+    if key in _AUTOCAST_DTYPES:
+        return _AUTOCAST_DTYPES[key]
     options = dict(options)
     if options.get("proj_size"):
         options["proj_size"] = 1
@@ -63,12 +71,21 @@ def _torch_nn_autocast_dtypes(kind, options, packed, input_dtype, state_dtypes, 
             states = [torch.zeros(options["num_layers"] * directions, len(lengths), w, dtype=d)
                       for w, d in zip(widths, state_dtypes)]
             hx = tuple(states) if kind == "LSTM" else states[0]
-    try:
-        out, finals = layer.forward(x, hx)  # (forward itself: no global module hooks run)
-    except Exception:
-        return None
-    out = out.data if packed else out
-    return (out.dtype, *(f.dtype for f in (finals if isinstance(finals, tuple) else (finals,))))
+    found = None
+    with torch.autocast("cpu", dtype=autocast_dtype), torch.set_grad_enabled(grad_enabled), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.nn's own notes, e.g. on projections and oneDNN)
+        try:
+            out, finals = layer.forward(x, hx)  # (forward itself: no global module hooks run)
+            out = out.data if packed else out
+            found = (out.dtype, *(f.dtype for f in (finals if isinstance(finals, tuple) else (finals,))))
+        except Exception:
+            pass
+    _AUTOCAST_DTYPES[key] = found
+    return found
+
+
+_dynamo_compat.constant(_torch_nn_autocast_dtypes)
 
 
 def _check_size_type(name, value):
@@ -185,7 +202,7 @@ class _RecurrentBase:
         its paths runs (oneDNN's fused LSTM returns the autocast dtype, the native path promotes its
         autocast-dtype products with the states' dtype) and so vary with the layer, the input's and
         states' dtypes, packing and projection: they are asked of torch.nn itself, once per kind of
-        call (not while compiling or tracing, where a kind of call seen before is answered)."""
+        call, compiled or not (under torch.jit.trace only a kind of call seen before is answered)."""
         if data.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or weight.dtype == torch.float64:
             return None
         states = None if hx is None else [s.dtype for s in (hx if isinstance(hx, (tuple, list)) else (hx,))]
@@ -196,14 +213,12 @@ class _RecurrentBase:
             options["nonlinearity"] = self.nonlinearity
         if packed:
             packed = "uniform" if int(batch_sizes[0]) == int(batch_sizes[-1]) else "ragged"
-        key = (self._kind, tuple(options.items()), packed, data.dtype, None if states is None else tuple(states),
-               weight.dtype, torch.get_autocast_dtype("cpu"), torch.is_grad_enabled(),
-               torch.backends.mkldnn.enabled)
-        if key not in _AUTOCAST_DTYPES and not torch.compiler.is_compiling() \
-                and torch._C._get_tracing_state() is None:
-            _AUTOCAST_DTYPES[key] = _torch_nn_autocast_dtypes(self._kind, options, packed or None, data.dtype,
-                                                              states, weight.dtype)
-        return _AUTOCAST_DTYPES.get(key)
+        args = (self._kind, tuple(options.items()), packed or None, data.dtype,
+                None if states is None else tuple(states), weight.dtype, torch.get_autocast_dtype("cpu"),
+                torch.is_grad_enabled(), torch.backends.mkldnn.enabled)
+        if torch._C._get_tracing_state() is not None:  # (torch.jit.trace would record torch.nn's ops)
+            return _AUTOCAST_DTYPES.get(args)
+        return _torch_nn_autocast_dtypes(*args)
 
     def _norm_sink(self, layer, direction):
         if self._gradient_recorder is None:

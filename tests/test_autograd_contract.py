@@ -652,6 +652,27 @@ def test_cpu_autocast_result_dtypes_are_torch_nn_s(cell, dtype, packing):
     assert checked >= 6
 
 
+@pytest.mark.parametrize("cell,options", [("gru", {}), ("lstm", dict(proj_size=2))], ids=str)
+def test_cpu_autocast_result_dtypes_when_compiled_first(cell, options):
+    """A compiled forward asks torch.nn for its autocast dtypes while tracing (they are constants of
+    the call), so the first call of a kind being a compiled one changes nothing."""
+    lstmfast.modules._AUTOCAST_DTYPES.clear()
+    torch._dynamo.reset()
+    theirs, ours = _pair(cell, input_size=3, hidden=4, dtype=torch.float32, **options)
+    x = torch.randn(5, 2, 3)
+
+    def run(module, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _flat(module(x))
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")(ours, x)
+    expected = run(theirs, x)
+    assert [t.dtype for t in compiled] == [t.dtype for t in expected]
+    assert torch.float32 in [t.dtype for t in expected]
+    for a, e in zip(compiled, expected):
+        torch.testing.assert_close(a.float(), e.float(), rtol=REDUCED[torch.bfloat16], atol=REDUCED[torch.bfloat16])
+
+
 def test_cpu_autocast_float16_lstm_training():
     """fp16 autocast LSTM training on float32 input (torch.nn 2.13's oneDNN path refuses it): runs,
     and matches the float32 computation on float16-rounded operands."""
