@@ -144,7 +144,7 @@ def _detached(grad, like=None):
     return grad.detach() if grad.requires_grad else grad
 
 
-def _builds_graph(exited, *tensors):
+def _builds_graph(*tensors, exited):
     """Whether a backward must return differentiable gradients: grad mode is on inside it
     (create_graph=True) and something they depend on requires grad. torch.func.grad and vjp run every
     backward with create_graph=True, their tensors all requiring grad at their own level: there a graph
@@ -164,9 +164,14 @@ def _builds_graph(exited, *tensors):
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-def _unwrapped(tensor):
-    """The plain tensor under torch.func's wrappers (None stays None)."""
-    while tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+_DEAD_LEVEL = -2  # torch._C._functorch.maybe_get_level of a wrapper whose transform has exited
+
+
+def _unwrapped(tensor, dead_only=False):
+    """The plain tensor under torch.func's wrappers (None stays None); with dead_only, only the
+    wrappers of transforms that have exited are removed."""
+    while tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor) and (
+            not dead_only or torch._C._functorch.maybe_get_level(tensor) == _DEAD_LEVEL):
         tensor = torch._C._functorch.get_unwrapped(tensor)
     return tensor
 
@@ -234,9 +239,6 @@ def _differentiable_grads(reference_fn, tensors, grads, needed):
     return result
 
 
-_DEAD_LEVEL = -2  # torch._C._functorch.maybe_get_level of a wrapper whose transform has exited
-
-
 def _backward_inputs(ctx, grads):
     """A backward's saved tensors and incoming gradients with torch.func's dead wrappers removed, and
     whether there were any. A backward that runs after its transform has exited (the function
@@ -247,16 +249,10 @@ def _backward_inputs(ctx, grads):
     saved = _saved(ctx, ctx.saved_layout)
     if torch.compiler.is_compiling():  # (no torch.func transform reaches a compiled backward)
         return saved, list(grads), False
-    exited = False
-
-    def alive(t):
-        nonlocal exited
-        while t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) \
-                and torch._C._functorch.maybe_get_level(t) == _DEAD_LEVEL:
-            t, exited = torch._C._functorch.get_unwrapped(t), True
-        return t
-
-    return [alive(t) for t in saved], [alive(g) for g in grads], exited
+    alive_saved = [_unwrapped(t, dead_only=True) for t in saved]
+    alive_grads = [_unwrapped(g, dead_only=True) for g in grads]
+    exited = any(a is not t for a, t in zip(alive_saved + alive_grads, saved + list(grads)))
+    return alive_saved, alive_grads, exited
 
 
 def _jvp(reference_fn, primals, tangents):
@@ -333,8 +329,8 @@ class _LSTMCore(torch.autograd.Function):
         input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output, gates, cells = saved
         grad_output, grad_h_n, grad_c_n = grads
         need = ctx.needs_input_grad
-        grad_graph = _builds_graph(exited, grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, b_ih,
-                                   b_hh, w_hr)
+        grad_graph = _builds_graph(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                   w_hr, exited=exited)
         if grad_graph:
             _refuse_clipped_second_order(ctx.grad_clip)
         if ctx.norm_sink is not None or not grad_graph:
@@ -413,7 +409,7 @@ class _RNNCore(torch.autograd.Function):
         saved, (grad_output, grad_h_n), exited = _backward_inputs(ctx, (grad_output, grad_h_n))
         input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output = saved
         need = ctx.needs_input_grad
-        grad_graph = _builds_graph(exited, grad_output, grad_h_n, input, h0, w_ih, w_hh, b_ih, b_hh)
+        grad_graph = _builds_graph(grad_output, grad_h_n, input, h0, w_ih, w_hh, b_ih, b_hh, exited=exited)
         if grad_graph:
             _refuse_clipped_second_order(ctx.grad_clip)
         if ctx.norm_sink is not None or not grad_graph:
@@ -492,7 +488,7 @@ class _GRUCore(torch.autograd.Function):
         saved, (grad_output, grad_h_n), exited = _backward_inputs(ctx, (grad_output, grad_h_n))
         input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output, gates = saved
         need = ctx.needs_input_grad
-        grad_graph = _builds_graph(exited, grad_output, grad_h_n, input, h0, w_ih, w_hh, b_ih, b_hh)
+        grad_graph = _builds_graph(grad_output, grad_h_n, input, h0, w_ih, w_hh, b_ih, b_hh, exited=exited)
         if grad_graph:
             _refuse_clipped_second_order(ctx.grad_clip)
         if ctx.norm_sink is not None or not grad_graph:

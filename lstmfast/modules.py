@@ -5,18 +5,20 @@ They are subclasses of torch.nn.LSTM / torch.nn.GRU / torch.nn.RNN that replace 
 construction, argument checks, parameters, initialization, all_weights, _flat_weights,
 flatten_parameters, pickling and every utility that reads RNN internals (weight_norm, pruning,
 parametrizations) are torch.nn's own. Each layer and direction is one call of the fused op
-(lstmfast.functional); layers, directions, dropout, batch_first and PackedSequence are composed here. Weights are read at every call the way
-torch.nn's forward reads them (its _update_flat_weights, then _flat_weights), so whatever replaced an
-attribute (a parametrization, weight_norm, pruning, torch.func.functional_call) is what runs, evaluated
-as often as under torch.nn.
+(lstmfast.functional); layers, directions, dropout, batch_first and PackedSequence are composed here.
+Weights are read at every call the way torch.nn's forward reads them (all re-read when one has
+changed, then _flat_weights), so whatever replaced an attribute (a parametrization, weight_norm,
+pruning, torch.func.functional_call) is what runs, evaluated as often as under torch.nn.
 
 convert() / unconvert() turn torch.nn layers into lstmfast ones and back in place, by changing the
 object's class: hooks, attributes, parametrizations, pruning and sharing all stay as they were.
 """
 
+import contextlib
 import functools
 import numbers
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -49,9 +51,29 @@ def _torch_nn_autocast_dtypes(kind, options, packed, input_dtype, state_dtypes, 
     (_dynamo_compat.constant), so a compiled forward asks it while tracing, as an eager one does."""
     key = (kind, options, packed, input_dtype, state_dtypes, param_dtype, autocast_dtype, grad_enabled,
            mkldnn_enabled)
-    if key in _AUTOCAST_DTYPES:
-        return _AUTOCAST_DTYPES[key]
-    options = dict(options)
+    if key not in _AUTOCAST_DTYPES:
+        with _outside_tracing():
+            _AUTOCAST_DTYPES[key] = _ask_torch_nn(kind, dict(options), packed, input_dtype, state_dtypes,
+                                                  param_dtype, autocast_dtype, grad_enabled)
+    return _AUTOCAST_DTYPES[key]
+
+
+@contextlib.contextmanager
+def _outside_tracing():
+    """Runs its body as plain eager code even inside a trace: no TorchDispatch / TorchFunction mode
+    (torch.export's fake tensors, FlopCounterMode) and no torch.jit.trace recording sees it."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    tracing = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        with _disable_current_modes(), torch._C.DisableTorchFunction():
+            yield
+    finally:
+        torch._C._set_tracing_state(tracing)
+
+
+def _ask_torch_nn(kind, options, packed, input_dtype, state_dtypes, param_dtype, autocast_dtype, grad_enabled):
     if options.get("proj_size"):
         options["proj_size"] = 1
     with warnings.catch_warnings():
@@ -79,9 +101,8 @@ def _torch_nn_autocast_dtypes(kind, options, packed, input_dtype, state_dtypes, 
             out, finals = layer.forward(x, hx)  # (forward itself: no global module hooks run)
             out = out.data if packed else out
             found = (out.dtype, *(f.dtype for f in (finals if isinstance(finals, tuple) else (finals,))))
-        except Exception:
+        except Exception:  # (torch.nn refuses the call: its oneDNN LSTM under float16 autocast)
             pass
-    _AUTOCAST_DTYPES[key] = found
     return found
 
 
@@ -153,19 +174,25 @@ class _RecurrentBase:
         return self.proj_size if self.proj_size > 0 else self.hidden_size
 
     def _current_weights(self):
-        """The weights this call runs with, by name, read the way torch.nn's forward reads them: its
-        own _update_flat_weights() (which re-reads every weight through getattr when one of them is
-        not the tensor it read last time: a parametrization, weight_norm, pruning,
-        torch.func.functional_call), then _flat_weights. A parametrization is therefore evaluated as
-        many times per call as under torch.nn, which matters for stateful ones (spectral_norm's power
-        iteration advances at each evaluation in training mode)."""
+        """The weights this call runs with, by name, read the way torch.nn's forward reads them: when
+        torch.nn's _weights_have_changed() finds a weight that is not the tensor read last time (a
+        parametrization, weight_norm, pruning, torch.func.functional_call), every weight is read
+        again, as its _init_flat_weights() does, into _flat_weights. A parametrization is therefore
+        evaluated as many times per call as under torch.nn (four, for the first parametrized one),
+        which matters for stateful ones (spectral_norm's power iteration advances at each evaluation
+        in training mode). Unlike torch.nn's re-read, this one does not call flatten_parameters():
+        lstmfast never uses cuDNN's flat weight buffer, and on CUDA that call fails on torch.func's
+        wrapped weights (functional_call under vmap or grad)."""
+        names = self._flat_weights_names
         if _exporting():
-            # torch.export swaps in its own tensors for the parameters, so torch.nn's re-read would
-            # store them into _flat_weights and export would warn about a tensor attribute assigned
+            # torch.export swaps in its own tensors for the parameters, so a re-read would store
+            # them into _flat_weights and export would warn about a tensor attribute assigned
             # during export; read each weight once instead.
-            return {name: getattr(self, name, None) for name in self._flat_weights_names}
-        self._update_flat_weights()
-        return dict(zip(self._flat_weights_names, self._flat_weights))
+            return {name: getattr(self, name, None) for name in names}
+        if not torch.jit.is_scripting() and self._weights_have_changed():
+            self._flat_weights = [getattr(self, name) if hasattr(self, name) else None for name in names]
+            self._flat_weight_refs = [None if w is None else weakref.ref(w) for w in self._flat_weights]
+        return dict(zip(names, self._flat_weights))
 
     def _layer_weights(self, weights, layer, direction):
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction from _current_weights(); None
@@ -202,7 +229,7 @@ class _RecurrentBase:
         its paths runs (oneDNN's fused LSTM returns the autocast dtype, the native path promotes its
         autocast-dtype products with the states' dtype) and so vary with the layer, the input's and
         states' dtypes, packing and projection: they are asked of torch.nn itself, once per kind of
-        call, compiled or not (under torch.jit.trace only a kind of call seen before is answered)."""
+        call, compiled, traced or exported alike."""
         if data.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or weight.dtype == torch.float64:
             return None
         states = None if hx is None else [s.dtype for s in (hx if isinstance(hx, (tuple, list)) else (hx,))]
@@ -211,13 +238,12 @@ class _RecurrentBase:
             options["proj_size"] = self.proj_size
         elif self._kind == "RNN":
             options["nonlinearity"] = self.nonlinearity
+        packing = None
         if packed:
-            packed = "uniform" if int(batch_sizes[0]) == int(batch_sizes[-1]) else "ragged"
-        args = (self._kind, tuple(options.items()), packed or None, data.dtype,
+            packing = "uniform" if int(batch_sizes[0]) == int(batch_sizes[-1]) else "ragged"
+        args = (self._kind, tuple(options.items()), packing, data.dtype,
                 None if states is None else tuple(states), weight.dtype, torch.get_autocast_dtype("cpu"),
                 torch.is_grad_enabled(), torch.backends.mkldnn.enabled)
-        if torch._C._get_tracing_state() is not None:  # (torch.jit.trace would record torch.nn's ops)
-            return _AUTOCAST_DTYPES.get(args)
         return _torch_nn_autocast_dtypes(*args)
 
     def _norm_sink(self, layer, direction):

@@ -125,6 +125,25 @@ def test_autocast_runs_in_autocast_dtype(kind):
     assert (out.float() - expected).abs().max() < 5e-2
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_functional_call_under_vmap_and_grad(kind):
+    """torch.func over a CUDA module's weights (ensembling, per-parameter grads): the forward reads
+    torch.func's wrapped weights without torch.nn's flatten_parameters (cuDNN's flat buffer asks every
+    weight for a data pointer, which wrapped tensors do not have)."""
+    torch.manual_seed(0)
+    module = getattr(lstmfast, kind)(3, 4, bidirectional=True).cuda().double()
+    x = torch.randn(5, 2, 3, device="cuda", dtype=torch.float64)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    stacked = {k: torch.stack([v, 0.5 * v]) for k, v in params.items()}
+    out = torch.func.vmap(lambda p: torch.func.functional_call(module, p, (x,))[0])(stacked)
+    for i in range(2):
+        expected = torch.func.functional_call(module, {k: v[i] for k, v in stacked.items()}, (x,))[0]
+        torch.testing.assert_close(out[i], expected, **TOLERANCES[torch.float64])
+    grads = torch.func.grad(lambda p: torch.func.functional_call(module, p, (x,))[0].pow(2).sum())(params)
+    expected = torch.autograd.grad(module(x)[0].pow(2).sum(), list(module.parameters()))
+    assert_all_close(list(grads.values()), list(expected), **TOLERANCES[torch.float64])
+
+
 def test_non_default_stream():
     sample = layer_sample("lstm", hidden=64, steps=30, batch=16, device="cuda", dtype=torch.float32)
     expected_out, expected_grads = outputs_and_grads(sample, functional)

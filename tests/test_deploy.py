@@ -311,6 +311,41 @@ def test_torch_export_dynamic_time_and_batch(grad):
     assert_matches_stack(model, program.module())
 
 
+class AutocastGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = lstmfast.GRU(INPUT, HIDDEN)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.gru(x)
+
+
+@pytest.mark.parametrize("route", ["jit.trace", "export", "export-strict"])
+def test_autocast_result_dtypes_survive_tracing_and_export(route):
+    """Under CPU autocast a module asks torch.nn for its result dtypes (float32 for a GRU on float32
+    input) with a one-unit torch.nn layer: traced or exported first, the question runs outside the
+    trace (no torch.nn op, no fake tensor) and the graph returns what eager does."""
+    lstmfast.modules._AUTOCAST_DTYPES.clear()
+    torch.manual_seed(0)
+    model = AutocastGRU().eval()
+    x = torch.randn(*EXPORT_SHAPE, INPUT)
+    if route == "jit.trace":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`torch.jit")
+            run = torch.jit.trace(model, (x,))
+        ops = str(run.inlined_graph)
+    else:
+        program = torch.export.export(model, (x,), strict=route == "export-strict")
+        run, ops = program.module(), program.graph_module.print_readable(print_output=False)
+    assert "aten::gru" not in ops and "aten.gru" not in ops and "lstmfast" in ops
+    with torch.no_grad():
+        got, expected = run(x), model(x)
+    assert [t.dtype for t in got] == [t.dtype for t in expected] == [torch.float32] * 2
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_aot_inductor_package_loads_and_matches_eager(tmp_path):
     model = Stack().eval()

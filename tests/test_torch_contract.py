@@ -169,6 +169,28 @@ def test_stateful_parametrization_advances_as_under_torch_nn(kind):
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_forward_never_flattens_the_parameters(kind, monkeypatch):
+    """When weights change (functional_call under vmap / grad, a parametrization), lstmfast re-reads
+    them as torch.nn does but without flatten_parameters(): on CUDA that builds cuDNN's flat buffer,
+    which lstmfast does not use, and asks every weight for a data pointer, which torch.func's wrapped
+    tensors do not have."""
+    _, ours = pair(kind, 3, 5, bidirectional=True)
+
+    def refuse(self):
+        raise AssertionError("flatten_parameters called from forward")
+
+    monkeypatch.setattr(type(ours), "flatten_parameters", refuse)
+    x = torch.randn(6, 2, 3)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    stacked = {k: torch.stack([v, 2 * v]) for k, v in params.items()}
+    out = torch.func.vmap(lambda p: torch.func.functional_call(ours, p, (x,))[0])(stacked)
+    assert out.shape == (2, 6, 2, 10)
+    torch.func.grad(lambda p: torch.func.functional_call(ours, p, (x,))[0].sum())(params)
+    parametrizations.weight_norm(ours, "weight_hh_l0")
+    ours(x)[0].sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("name", ["weight_ih_l0", "weight_hh_l0", "bias_hh_l1", "weight_ih_l1_reverse"])
 def test_a_parametrization_runs_as_often_as_under_torch_nn(kind, name):
     class Counted(nn.Module):
