@@ -380,12 +380,15 @@ class _RecurrentBase:
             raise RuntimeError(f"For {what} input, hx should also be {want}-D but got {dims[0]}-D tensor")
         if unbatched:
             states = [s.unsqueeze(1) for s in states]
-        if lstm and weight.dtype == torch.float64 and not states[1].is_complex() \
-                and states[1].dtype != torch.float64 and states[1].device == weight.device:
-            # torch.nn's float64 LSTM promotes a c_0 of a lower-precision or integer dtype (its first
-            # use, f * c_0, promotes); widening it first is exact and gives the same numbers (such an
-            # h_0 it refuses, as lstmfast does).
-            states[1] = states[1].to(torch.float64)
+        c0 = states[1] if lstm else None
+        if c0 is not None and c0.dtype != weight.dtype and not c0.is_complex() and c0.device == weight.device \
+                and torch.promote_types(c0.dtype, weight.dtype) == weight.dtype \
+                and not torch.is_autocast_enabled(weight.device.type):
+            # torch.nn's LSTM promotes a c_0 of a lower-precision or integer dtype where its native path
+            # runs (always for float64; for float32 with oneDNN off: its first use, f * c_0, promotes);
+            # widening it first is exact and gives the same numbers. Such an h_0 it refuses, as
+            # lstmfast does.
+            states[1] = c0.to(weight.dtype)
         for index, (s, size) in enumerate(zip(states, sizes)):
             self._check_state(s, index, size, weight)
         return states
