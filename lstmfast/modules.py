@@ -247,11 +247,7 @@ class _RecurrentBase:
         if data.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or weight.dtype == torch.float64:
             return None
         states = None if hx is None else [s.dtype for s in (hx if isinstance(hx, (tuple, list)) else (hx,))]
-        options = {name: getattr(self, name) for name in ("num_layers", "bias", "bidirectional")}
-        if self._kind == "LSTM":
-            options["proj_size"] = self.proj_size
-        elif self._kind == "RNN":
-            options["nonlinearity"] = self.nonlinearity
+        options = _constructor_options(self, ("num_layers", "bias", "bidirectional"))
         packing = None
         if packed:
             packing = "uniform" if int(batch_sizes[0]) == int(batch_sizes[-1]) else "ragged"
@@ -427,12 +423,19 @@ class _RecurrentBase:
 _OPTIONS = ("num_layers", "bias", "batch_first", "dropout", "bidirectional")
 
 
-def _copy_layer(module, cls):
-    options = {name: getattr(module, name) for name in _OPTIONS}
-    if issubclass(cls, nn.LSTM):
+def _constructor_options(module, names=_OPTIONS):
+    """A torch.nn.LSTM / GRU / RNN's constructor options among `names`, with its kind's own
+    (proj_size for an LSTM, nonlinearity for an RNN)."""
+    options = {name: getattr(module, name) for name in names}
+    if isinstance(module, nn.LSTM):
         options["proj_size"] = module.proj_size
-    elif issubclass(cls, nn.RNN):
+    elif isinstance(module, nn.RNN):
         options["nonlinearity"] = module.nonlinearity
+    return options
+
+
+def _copy_layer(module, cls):
+    options = _constructor_options(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.nn's dropout-with-one-layer warning, already given
         new = cls(module.input_size, module.hidden_size, **options, device="meta")
