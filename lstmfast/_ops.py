@@ -43,6 +43,12 @@ def _saved_dtype(input):
     return torch.float32 if input.device.type == "cpu" and input.dtype in _REDUCED else input.dtype
 
 
+def _cell_dtype(input, c0):
+    """The dtype of c_n and grad_c0: input's, or float32 where a float16 / bfloat16 call on the CPU was
+    given a float32 c0 (its kernels keep the cell state float32 and then return it unrounded)."""
+    return c0.dtype if c0 is not None and c0.dtype == _saved_dtype(input) else input.dtype
+
+
 @torch.library.register_fake("lstmfast::lstm_forward")
 def _lstm_forward_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, training):
     hidden, proj = w_hh.shape[0] // 4, w_hh.shape[1]
@@ -50,7 +56,8 @@ def _lstm_forward_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
     output = input.new_empty((*lead, proj))
     gates = input.new_empty((rows, 4 * hidden), dtype=_saved_dtype(input)) if training else _empty(input)
     cells = input.new_empty((rows, hidden), dtype=_saved_dtype(input)) if training else _empty(input)
-    return output, input.new_empty((batch, proj)), input.new_empty((batch, hidden)), gates, cells
+    return (output, input.new_empty((batch, proj)), input.new_empty((batch, hidden), dtype=_cell_dtype(input, c0)),
+            gates, cells)
 
 
 @torch.library.register_fake("lstmfast::lstm_backward")
@@ -63,7 +70,7 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
     return (
         input.new_empty(input.shape) if need_input else _empty(input),
         input.new_empty((batch, proj)),
-        input.new_empty((batch, hidden)),
+        input.new_empty((batch, hidden), dtype=_cell_dtype(input, c0)),
         input.new_empty(w_ih.shape) if need_weights else _empty(input),
         input.new_empty(w_hh.shape) if need_weights else _empty(input),
         input.new_empty((4 * hidden,)) if need_bias else _empty(input),

@@ -290,9 +290,12 @@ class _RecurrentBase:
             name = "hidden size" if self._kind != "LSTM" else f"hidden[{index}] size"
             raise RuntimeError(f"Expected {name} {tuple(expected)}, got {list(state.shape)}")
         name = "hx" if self._kind != "LSTM" else f"hx[{index}]"
-        wrong_dtype = state.dtype != weight.dtype and not torch.is_autocast_enabled(state.device.type)
+        wrong_dtype = state.dtype != weight.dtype and not torch.is_autocast_enabled(state.device.type) \
+            and not (index == 1 and _float_cell_state(state, weight))
         if wrong_dtype or state.device != weight.device:
-            raise RuntimeError(f"{self._kind}: {name} must be a {weight.dtype} tensor on {weight.device}, "
+            dtype = f"{weight.dtype} (or torch.float32)" if index == 1 and _float_cell_state(
+                state.float(), weight) else weight.dtype
+            raise RuntimeError(f"{self._kind}: {name} must be a {dtype} tensor on {weight.device}, "
                                f"got {state.dtype} on {state.device}")
 
     def _run_layer(self, input, batch_sizes, states, weights, layer, direction):
@@ -418,6 +421,14 @@ class _RecurrentBase:
     def to_torch(self) -> nn.Module:
         """A new torch.nn layer equivalent to this one, sharing its Parameter objects."""
         return _copy_layer(self, self._torch_class)
+
+
+def _float_cell_state(c0, weight):
+    """Whether an LSTM takes this c_0 as it is: a float32 one for a bfloat16 or float16 layer on the CPU
+    (torch.nn's oneDNN path takes it for bfloat16 and returns c_n float32; lstmfast's CPU kernels keep
+    the cell state float32 inside and return it unrounded, for float16 too)."""
+    return c0.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16) \
+        and weight.device.type == "cpu"
 
 
 _OPTIONS = ("num_layers", "bias", "batch_first", "dropout", "bidirectional")

@@ -66,7 +66,8 @@ def lstm(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = Non
         a = _clip_hook(_linear(x, w_ih, b_ih) + _linear(h_prev, w_hh, b_hh), grad_clip)
         i, f, g, o = a.chunk(4, dim=1)
         c_t = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
-        h_t = torch.sigmoid(o) * torch.tanh(c_t)
+        # (.to: a float32 c_0 given to a lower-precision layer keeps c float32; h stays the layer's dtype.)
+        h_t = (torch.sigmoid(o) * torch.tanh(c_t)).to(a.dtype)
         if w_hr is not None:
             h_t = h_t @ w_hr.t()
         return h_t, (h_t, c_t)

@@ -276,6 +276,69 @@ def test_long_memory_keeps_the_cell_state_in_float32(steps):
     assert ours_out <= their_out / 4 and ours_dw <= their_dw / 4, errors
 
 
+@pytest.mark.parametrize("options,torch_nn_takes_it", [
+    ({}, True), (dict(num_layers=2, bidirectional=True), True), (dict(bias=False, batch_first=True), True),
+    ("unbatched", True), ("packed", False), (dict(proj_size=3), False), ("float16", False)])
+def test_lstm_takes_a_float32_c0(options, torch_nn_takes_it):
+    """A bfloat16 LSTM given a float32 c_0 (torch.nn's oneDNN path takes one and returns c_n float32):
+    torch.nn's dtypes for every result and gradient, values within the dtype's tolerance of torch.nn's
+    and of a float64 run; c_n comes back unrounded (lstmfast keeps the cell state float32 inside).
+    Where torch.nn's native path refuses the mix (packed input, projection, a float16 layer), lstmfast
+    still takes it, with the same dtypes and accuracy."""
+    dtype = torch.float16 if options == "float16" else torch.bfloat16
+    unbatched, packed = options == "unbatched", options == "packed"
+    options = options if isinstance(options, dict) else {}
+    torch.manual_seed(0)
+    ours = lstmfast.LSTM(5, 8, **options).to(dtype)
+    exact = lstmfast.LSTM(5, 8, **options).double()
+    exact.load_state_dict(ours.state_dict())
+    layers = options.get("num_layers", 1) * (2 if options.get("bidirectional") else 1)
+    batch = () if unbatched else (3,)
+    x = torch.randn(20, *batch, 5).to(dtype)
+    if options.get("batch_first"):
+        x = x.transpose(0, 1).contiguous()
+    h0 = torch.randn(layers, *batch, options.get("proj_size", 0) or 8).to(dtype)
+    c0 = 2 * torch.randn(layers, *batch, 8)
+
+    def run(module, dtype):
+        leaves = [t.to(dtype if t is not c0 else torch.float64 if dtype == torch.float64 else torch.float32)
+                  .requires_grad_() for t in (x, h0, c0)]
+        inp = nn.utils.rnn.pack_padded_sequence(leaves[0], [20, 14, 9]) if packed else leaves[0]
+        out, (h, c) = module(inp, tuple(leaves[1:]))
+        outs = [out.data if packed else out, h, c]
+        loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view(o.shape)).sum()
+                   for o in outs)
+        return outs, list(torch.autograd.grad(loss, leaves + list(module.parameters())))
+
+    outs, grads = run(ours, dtype)
+    assert [t.dtype for t in outs] == [dtype, dtype, torch.float32]
+    assert [t.dtype for t in grads] == [dtype, dtype, torch.float32] + [dtype] * (len(grads) - 3)
+    assert not torch.equal(outs[2], outs[2].to(dtype).float())  # c_n not rounded to the dtype
+    exact_outs, exact_grads = run(exact, torch.float64)
+    for a, e in zip(outs + grads, exact_outs + exact_grads):
+        assert _rel(a, e) <= TOL[dtype]
+    assert _rel(outs[2], exact_outs[2]) <= U[dtype] / 4  # (the float32 state: no final rounding)
+    theirs = nn.LSTM(5, 8, **options).to(dtype)
+    theirs.load_state_dict(ours.state_dict())
+    if not torch_nn_takes_it:
+        with pytest.raises(RuntimeError):
+            run(theirs, dtype)
+        return
+    their_outs, their_grads = run(theirs, dtype)
+    assert [t.dtype for t in outs + grads] == [t.dtype for t in their_outs + their_grads]
+    for a, e in zip(outs + grads, their_outs + their_grads):
+        assert _rel(a, e) <= 4 * TOL[dtype]
+
+
+def test_lstm_refuses_other_c0_dtypes_in_reduced_precision():
+    ours = lstmfast.LSTM(5, 8).bfloat16()
+    x, h0 = torch.randn(4, 2, 5).bfloat16(), torch.zeros(1, 2, 8).bfloat16()
+    with pytest.raises(RuntimeError, match=r"hx\[1\] must be a torch.bfloat16 \(or torch.float32\) tensor"):
+        ours(x, (h0, torch.zeros(1, 2, 8, dtype=torch.float64)))
+    with pytest.raises(RuntimeError, match=r"hx\[0\] must be a torch.bfloat16 tensor"):
+        ours(x, (h0.float(), torch.zeros(1, 2, 8)))
+
+
 # ------------------------------------------------------------------------------ op contract
 
 def test_saved_activations_are_float32_and_mismatches_are_named():

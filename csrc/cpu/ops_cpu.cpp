@@ -851,6 +851,10 @@ struct ReducedPrecision<Name, Op, Result (*)(Args...)> {
   static bool kept_float(const std::string& name) {
     return name == "gates" || name == "cells" || (name.size() > 5 && name.compare(name.size() - 5, 5, "_norm") == 0);
   }
+  // The LSTM's cell state may come in float32 (a bfloat16 LSTM given a float32 c_0, which torch.nn's
+  // oneDNN path takes): it is float32 inside anyway, and c_n and grad_c0 then stay float32, unrounded.
+  static bool float_state(const std::string& name) { return name == "c0" || name == "grad_c_n"; }
+  static bool state_result(const std::string& name) { return name == "c_n" || name == "grad_c0"; }
 
   static Result call(Args... args) {
     at::ScalarType dtype = at::kFloat;
@@ -869,6 +873,7 @@ struct ReducedPrecision<Name, Op, Result (*)(Args...)> {
       return n.replace(n.find("::"), 2, ".");
     }();
     int index = 0;
+    bool float_c0 = false;
     const auto widen = [&](const auto& arg) {
       using A = std::decay_t<decltype(arg)>;
       const int i = index++;
@@ -876,10 +881,12 @@ struct ReducedPrecision<Name, Op, Result (*)(Args...)> {
         if (!t.is_floating_point()) return t;
         if (t.scalar_type() == dtype) return workspace(t.sizes(), t.options().dtype(at::kFloat)).copy_(t);
         const std::string& name = schema().arguments()[i].name();
+        const bool may_be_float = kept_float(name) || float_state(name);
         // (A mismatch is reported in the op's words; saved activations are float32 here.)
-        TORCH_CHECK(kept_float(name) && t.scalar_type() == at::kFloat, op, ": expected ", name,
-                    " to have dtype ", str(dtype), " (the dtype of input)", kept_float(name) ? " or Float" : "",
+        TORCH_CHECK(may_be_float && t.scalar_type() == at::kFloat, op, ": expected ", name,
+                    " to have dtype ", str(dtype), " (the dtype of input)", may_be_float ? " or Float" : "",
                     ", but got ", str(t.scalar_type()));
+        float_c0 = float_c0 || name == "c0";
         return t;
       };
       if constexpr (std::is_same_v<A, at::Tensor>) {
@@ -903,8 +910,8 @@ struct ReducedPrecision<Name, Op, Result (*)(Args...)> {
 
     const auto& returns = schema().returns();
     [&]<size_t... I>(std::index_sequence<I...>) {
-      ((std::get<I>(result) = kept_float(returns[I].name()) ? std::get<I>(result) : std::get<I>(result).to(dtype)),
-       ...);
+      const auto keep = [&](const std::string& name) { return kept_float(name) || (float_c0 && state_result(name)); };
+      ((std::get<I>(result) = keep(returns[I].name()) ? std::get<I>(result) : std::get<I>(result).to(dtype)), ...);
     }(std::make_index_sequence<std::tuple_size_v<Result>>{});
     return result;
   }
