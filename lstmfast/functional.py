@@ -108,18 +108,29 @@ def _saved(ctx, layout):
     return [next(saved) if here else None for here in layout]
 
 
+_UNPACKED = "unpacked"  # ctx.output_watch under saved-tensor hooks: watch the tensor they hand back
+
+
 def _save_output(ctx, output):
     """Saves the forward output for backward so that callers may still modify it in place (as torch.nn
     allows): autograd checks saved tensors' versions, so the output is saved through an alias of its
     memory with a version counter of its own, and the output's own counter is watched instead; a
     backward that finds the output modified recomputes it (see _saved_output). Under torch.compile
     (functionalized: no in-place modification reaches a saved tensor) and torch.func transforms
-    (wrapped tensors), the output is saved as it is; so it is under saved-tensor hooks
-    (torch.utils.checkpoint, save_on_cpu), which must own the only reference to what is saved."""
+    (wrapped tensors), the output is saved as it is.
+
+    Under saved-tensor hooks (torch.utils.checkpoint, save_on_cpu), which must own the only reference
+    to what is saved (to move it off the GPU, or drop it), the output is saved as it is too, and
+    autograd checks no versions there: its version now is kept instead, and a backward whose unpacked
+    output has another one recomputes it. Hooks that return the output itself (save_on_cpu on the
+    CPU, identity hooks) show the caller's modification so; hooks that copy copied it before any;
+    non-reentrant checkpoint's recomputation replays the caller's in-place op on its own output."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
-            or torch._C._functorch.is_functorch_wrapped_tensor(output) \
-            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            or torch._C._functorch.is_functorch_wrapped_tensor(output):
         ctx.output_watch = None
+        return output
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        ctx.output_watch, ctx.output_version = _UNPACKED, output._version
         return output
     alias = output.new_empty((0,)).set_(output)  # same memory, shape and strides; a new counter
     ctx.output_watch, ctx.output_version = output.detach(), output._version
@@ -127,9 +138,10 @@ def _save_output(ctx, output):
 
 
 def _saved_output(ctx, output, recompute):
-    """The forward output as it was computed: `output` unless the caller modified it in place since,
-    in which case `recompute()` runs the forward again."""
-    if ctx.output_watch is not None and ctx.output_watch._version != ctx.output_version:
+    """The forward output as it was computed: `output` (as unpacked from the saved tensors) unless the
+    caller modified it in place since, in which case `recompute()` runs the forward again."""
+    watch = ctx.output_watch
+    if watch is not None and (output if watch is _UNPACKED else watch)._version != ctx.output_version:
         return recompute()
     return output
 
@@ -174,6 +186,13 @@ def _unwrapped(tensor, dead_only=False):
             not dead_only or torch._C._functorch.maybe_get_level(tensor) == _DEAD_LEVEL):
         tensor = torch._C._functorch.get_unwrapped(tensor)
     return tensor
+
+
+def _second_bias_grad(grad_bias, first_returned):
+    """b_hh's gradient, which equals b_ih's (the op computes it once): a copy of its own where b_ih's is
+    returned too, as torch.nn's are two tensors (a gradient hook, torch.autograd.grad or torch.func.grad
+    may modify one in place, and clip_grad_norm_ scales each)."""
+    return grad_bias.clone() if first_returned else grad_bias
 
 
 def _refuse_clipped_second_order(grad_clip):
@@ -361,7 +380,7 @@ class _LSTMCore(torch.autograd.Function):
             grad_w_ih if need[4] else None,
             grad_w_hh if need[5] else None,
             grad_bias if need[6] else None,
-            grad_bias if need[7] else None,
+            _second_bias_grad(grad_bias, need[6]) if need[7] else None,
             grad_w_hr if need[8] else None,
             None,
             None,
@@ -437,7 +456,7 @@ class _RNNCore(torch.autograd.Function):
             grad_w_ih if need[3] else None,
             grad_w_hh if need[4] else None,
             grad_bias if need[5] else None,
-            grad_bias if need[6] else None,
+            _second_bias_grad(grad_bias, need[5]) if need[6] else None,
             None,
             None,
             None,
