@@ -6,9 +6,13 @@ the strides of the inputs (transposed batch_first views, expanded inputs or weig
 allocate their outputs so (csrc/layer_ops.h), and inductor relies on the fakes' strides.
 """
 
+import functools
+import inspect
 import os
 
 import torch
+
+from ._import_hooks import after_import
 
 try:
     from . import _C  # noqa: F401  (importing it registers torch.ops.lstmfast.*)
@@ -37,6 +41,30 @@ def _empty(like):
     return like.new_empty((0,))
 
 
+def _fake(name):
+    """Registers the decorated function as lstmfast::`name`'s fake implementation. That also runs for
+    real tensors when one of a call's tensors is on the meta device (the dispatcher then picks the Meta
+    kernel, whatever the others' devices): like the real kernels, it refuses a tensor on another
+    device than input's (batch_sizes, on the CPU, excepted) instead of returning uninitialized memory."""
+
+    def register(fn):
+        names = list(inspect.signature(fn).parameters)
+
+        @functools.wraps(fn)
+        def fake(*args):
+            device = args[names.index("input")].device
+            for arg_name, arg in zip(names, args):
+                if isinstance(arg, torch.Tensor) and arg_name != "batch_sizes" and arg.device != device:
+                    raise RuntimeError(f"lstmfast.{name}: expected {arg_name} on device {device} (the device "
+                                       f"of input), but got {arg.device}")
+            return fn(*args)
+
+        torch.library.register_fake(f"lstmfast::{name}")(fake)
+        return fn
+
+    return register
+
+
 def _saved_dtype(input):
     """The dtype of the activations a training forward saves for backward: float32 for a float16 or
     bfloat16 call on the CPU (its kernels keep them float32, csrc/cpu/ops_cpu.cpp), else input's."""
@@ -49,7 +77,7 @@ def _cell_dtype(input, c0):
     return c0.dtype if c0 is not None and c0.dtype == _saved_dtype(input) else input.dtype
 
 
-@torch.library.register_fake("lstmfast::lstm_forward")
+@_fake("lstm_forward")
 def _lstm_forward_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, training):
     hidden, proj = w_hh.shape[0] // 4, w_hh.shape[1]
     rows, batch, lead = _layout(input, batch_sizes, h0)
@@ -60,7 +88,7 @@ def _lstm_forward_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
             gates, cells)
 
 
-@torch.library.register_fake("lstmfast::lstm_backward")
+@_fake("lstm_backward")
 def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr,
                         output, gates, cells, reverse, output_mask, grad_clip, return_norms):
     hidden, proj = w_hh.shape[0] // 4, w_hh.shape[1]
@@ -80,14 +108,14 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
     )
 
 
-@torch.library.register_fake("lstmfast::rnn_forward")
+@_fake("rnn_forward")
 def _rnn_forward_fake(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse):
     hidden = w_hh.shape[0]
     _, batch, lead = _layout(input, batch_sizes, h0)
     return input.new_empty((*lead, hidden)), input.new_empty((batch, hidden))
 
 
-@torch.library.register_fake("lstmfast::rnn_backward")
+@_fake("rnn_backward")
 def _rnn_backward_fake(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, output, nonlinearity,
                        reverse, output_mask, grad_clip, return_norms):
     hidden = w_hh.shape[0]
@@ -103,7 +131,7 @@ def _rnn_backward_fake(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh
     )
 
 
-@torch.library.register_fake("lstmfast::gru_forward")
+@_fake("gru_forward")
 def _gru_forward_fake(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, training):
     hidden = w_hh.shape[0] // 3
     rows, batch, lead = _layout(input, batch_sizes, h0)
@@ -111,7 +139,7 @@ def _gru_forward_fake(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, t
     return input.new_empty((*lead, hidden)), input.new_empty((batch, hidden)), gates
 
 
-@torch.library.register_fake("lstmfast::gru_backward")
+@_fake("gru_backward")
 def _gru_backward_fake(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, output, gates, reverse,
                        output_mask, grad_clip, return_norms):
     hidden = w_hh.shape[0] // 3
@@ -173,6 +201,60 @@ def _loop_over_batch(op):
 
 for _name in ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward", "rnn_forward", "rnn_backward"):
     torch.library.register_vmap(f"lstmfast::{_name}", _loop_over_batch(getattr(ops, _name).default))
+
+
+def _register_flop_formulas(flop_counter):
+    """torch.utils.flop_counter.FlopCounterMode counts lstmfast's ops as it counts torch.nn's layers
+    (whose matrix products it sees one by one): 2 FLOPs per multiply-add of the layer's products over
+    its N rows (T * B, or a PackedSequence's rows). Forward: the input and recurrent products (and the
+    projection); backward: dL/dh through W_hh (and W_hr) at every step, and dL/dx and the weight
+    gradients where output_mask asks for them. (A bfloat16 CPU call's second h_{t-1} term is not
+    counted: these are the layer's FLOPs, not the kernels'.)"""
+
+    def rows(input, batch_sizes):
+        return input[0] * input[1] if batch_sizes is None else input[0]
+
+    def forward(input, batch_sizes, w_ih, w_hh, w_hr):
+        flops = 2 * rows(input, batch_sizes) * w_ih[0] * (w_ih[1] + w_hh[1])
+        return flops + (2 * rows(input, batch_sizes) * w_hr[0] * w_hr[1] if w_hr is not None else 0)
+
+    def backward(input, batch_sizes, w_ih, w_hh, w_hr, output_mask):
+        n, (gates, width), recurrent = rows(input, batch_sizes), w_ih, w_hh[1]
+        projection = 2 * n * w_hr[0] * w_hr[1] if w_hr is not None else 0
+        flops = 2 * n * gates * recurrent + projection
+        if output_mask[0]:
+            flops += 2 * n * gates * width
+        if output_mask[2]:
+            flops += 2 * n * gates * (width + recurrent) + projection
+        return flops
+
+    register = flop_counter.register_flop_formula
+
+    @register(ops.lstm_forward)
+    def _(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *args, **kwargs):
+        return forward(input, batch_sizes, w_ih, w_hh, w_hr)
+
+    @register([ops.rnn_forward, ops.gru_forward])
+    def _(input, batch_sizes, h0, w_ih, w_hh, *args, **kwargs):
+        return forward(input, batch_sizes, w_ih, w_hh, None)
+
+    @register(ops.lstm_backward)
+    def _(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output, gates,
+          cells, reverse, output_mask, *args, **kwargs):
+        return backward(input, batch_sizes, w_ih, w_hh, w_hr, output_mask)
+
+    @register(ops.rnn_backward)
+    def _(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, output, nonlinearity, reverse,
+          output_mask, *args, **kwargs):
+        return backward(input, batch_sizes, w_ih, w_hh, None, output_mask)
+
+    @register(ops.gru_backward)
+    def _(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, output, gates, reverse, output_mask,
+          *args, **kwargs):
+        return backward(input, batch_sizes, w_ih, w_hh, None, output_mask)
+
+
+after_import("torch.utils.flop_counter", _register_flop_formulas)
 
 
 def build_summary(detail=False):

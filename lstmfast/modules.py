@@ -17,6 +17,8 @@ object's class: hooks, attributes, parametrizations, pruning and sharing all sta
 import contextlib
 import functools
 import numbers
+import operator
+import sys
 import warnings
 import weakref
 from typing import Optional
@@ -44,8 +46,9 @@ def _torch_nn_autocast_dtypes(kind, options, packed, input_dtype, state_dtypes, 
     """The dtypes of (output, *final states) a torch.nn layer returns under CPU autocast for a kind of
     call, or None when torch.nn refuses it: a one-unit torch.nn layer of the same configuration
     (`options`, a tuple of items) runs once on a small input of the same dtypes, under that autocast
-    dtype and grad mode, and the answer is kept. `packed`: None (padded), "uniform" (every sequence of
-    the same length: torch.nn's LSTM then runs oneDNN as for padded input) or "ragged". The layer is
+    dtype and grad mode, and the answer is kept. `packed`: None (padded), "empty" (padded, batch 0:
+    torch.nn's LSTM then takes its native path, not oneDNN's), "uniform" (every sequence of the same
+    length: torch.nn's LSTM then runs oneDNN as for padded input) or "ragged". The layer is
     built on the meta device and materialized as zeros, so that the global random state is not
     touched. Every argument is a constant and so is the answer: Dynamo is told so
     (_dynamo_compat.constant), so a compiled forward asks it while tracing, as an eager one does."""
@@ -80,12 +83,12 @@ def _ask_torch_nn(kind, options, packed, input_dtype, state_dtypes, param_dtype,
         warnings.simplefilter("ignore")
         layer = getattr(nn, kind)(1, 2, **options, device="meta", dtype=param_dtype).to_empty(device="cpu")
     directions = 2 if options.get("bidirectional") else 1
-    lengths = [2, 1] if packed == "ragged" else [2, 2]
+    lengths = {"ragged": [2, 1], "empty": []}.get(packed, [2, 2])
     with torch.autocast("cpu", enabled=False), torch.no_grad():
         for p in layer.parameters():
             p.zero_()
         x = torch.zeros(2, len(lengths), 1, dtype=input_dtype)
-        if packed:
+        if packed in ("uniform", "ragged"):
             x = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths))
         hx = None
         if state_dtypes is not None:
@@ -99,7 +102,7 @@ def _ask_torch_nn(kind, options, packed, input_dtype, state_dtypes, param_dtype,
         warnings.simplefilter("ignore")  # (torch.nn's own notes, e.g. on projections and oneDNN)
         try:
             out, finals = layer.forward(x, hx)  # (forward itself: no global module hooks run)
-            out = out.data if packed else out
+            out = out.data if packed in ("uniform", "ragged") else out
             found = (out.dtype, *(f.dtype for f in (finals if isinstance(finals, tuple) else (finals,))))
         except Exception:  # (torch.nn refuses the call: its oneDNN LSTM under float16 autocast)
             pass
@@ -111,8 +114,18 @@ _dynamo_compat.constant(_torch_nn_autocast_dtypes)
 
 def _check_size_type(name, value):
     # torch.nn accepts bools here (True is an int) and fails on floats with an unclear message from
-    # range() or torch.empty(); lstmfast names the argument.
-    if isinstance(value, bool) or not isinstance(value, int):
+    # range() or torch.empty(); lstmfast names the argument. Like torch.nn, num_layers and proj_size may
+    # be any integer that is not a bool or an int (a numpy integer: torch.nn only uses them as numbers).
+    if isinstance(value, bool):
+        ok = False
+    elif name in ("num_layers", "proj_size"):
+        try:
+            ok = operator.index(value) is not None
+        except TypeError:
+            ok = False
+    else:
+        ok = isinstance(value, int)
+    if not ok:
         raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
 
 
@@ -211,12 +224,42 @@ class _RecurrentBase:
     def _layer_weights(self, weights, layer, direction):
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction from _current_weights(); None
         where the layer has no such weight."""
-        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-        get = lambda name: weights.get(name + suffix)  # noqa: E731
-        w_hr = get("weight_hr") if self.proj_size > 0 else None
-        if self.bias:
-            return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), w_hr
-        return get("weight_ih"), get("weight_hh"), None, None, w_hr
+        proj = self.proj_size > 0
+        key = (layer, direction, bool(self.bias), bool(proj))
+        names = None if torch.compiler.is_compiling() else _LAYER_WEIGHT_NAMES.get(key)
+        if names is None:
+            suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+            names = (
+                "weight_ih" + suffix, "weight_hh" + suffix, "bias_ih" + suffix if self.bias else None,
+                "bias_hh" + suffix if self.bias else None, "weight_hr" + suffix if proj else None)
+            if not torch.compiler.is_compiling():
+                _LAYER_WEIGHT_NAMES[key] = names
+        get = weights.get
+        w_ih, w_hh = get(names[0]), get(names[1])
+        b_ih, b_hh = (get(names[2]), get(names[3])) if self.bias else (None, None)
+        w_hr = get(names[4]) if proj else None
+        if w_ih is None or w_hh is None or (self.bias and (b_ih is None or b_hh is None)) \
+                or (proj and w_hr is None) or (
+                    layer == 0 and direction == 0  # (hidden_size or proj_size changed after construction)
+                    and torch._C._get_tracing_state() is None  # (under torch.jit.trace, sizes are traced)
+                    and w_hh.shape != (self._gates * self.hidden_size, self._out_size)):
+            self._refuse_layer_weights(names, (w_ih, w_hh, b_ih, b_hh, w_hr))
+        return w_ih, w_hh, b_ih, b_hh, w_hr
+
+    def _refuse_layer_weights(self, names, found):
+        """A weight is None or missing, or the options changed after construction: torch.nn fails then
+        (a TypeError for a None weight, a RuntimeError from its kernels otherwise); lstmfast says why."""
+        for name, weight in zip(names, found):
+            if name is not None and weight is None:
+                if name not in self._flat_weights_names:
+                    raise RuntimeError(f"{self._kind}: no {name} for num_layers={self.num_layers}, "
+                                       f"bidirectional={self.bidirectional} (the layer was built with "
+                                       f"other options)")
+                raise TypeError(f"{self._kind}: {name} is None, expected a Tensor")
+        raise RuntimeError(f"{self._kind}: {names[1]} has shape {tuple(found[1].shape)}, but "
+                           f"hidden_size={self.hidden_size}" + (f" and proj_size={self.proj_size}" if self._gates == 4
+                                                                else "") +
+                           f" (as set now) need {(self._gates * self.hidden_size, self._out_size)}")
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -248,7 +291,8 @@ class _RecurrentBase:
             return None
         states = None if hx is None else [s.dtype for s in (hx if isinstance(hx, (tuple, list)) else (hx,))]
         options = _constructor_options(self, ("num_layers", "bias", "bidirectional"))
-        packing = None
+        empty = not packed and torch._C._get_tracing_state() is None and data.shape[1] == 0  # (traced sizes)
+        packing = "empty" if empty else None
         if packed:
             packing = "uniform" if int(batch_sizes[0]) == int(batch_sizes[-1]) else "ragged"
         args = (self._kind, tuple(options.items()), packing, data.dtype,
@@ -270,7 +314,9 @@ class _RecurrentBase:
                 raise ValueError(f"{kind}: Expected input to be 2D or 3D, got {input.dim()}D instead")
             raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
         if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
-            raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+            # (torch.nn's GRU and RNN check it so; its LSTM checks padded input so, and packed input
+            # fails inside its kernels with a RuntimeError)
+            raise (RuntimeError if packed and kind == "LSTM" else ValueError)(f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
                              f"Convert input: input.to({weight.dtype}), or convert model: "
                              f"model.to({input.dtype})")
         if packed and input.dim() != 2:
@@ -281,20 +327,23 @@ class _RecurrentBase:
         if not tracing and input.shape[-1] != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                                f"got {input.shape[-1]}")
-        if input.device != weight.device:
-            raise RuntimeError(f"{kind}: input is on {input.device} but the parameters are on "
-                               f"{weight.device}")
+        if input.device != weight.device:  # (torch.nn's words)
+            raise RuntimeError(f"Input and parameter tensors are not at the same device, found input tensor at "
+                               f"{input.device} and parameter tensor at {weight.device}")
 
     def _check_state(self, state: Tensor, index: int, expected, weight: Tensor):
         if tuple(state.shape) != tuple(expected):
             name = "hidden size" if self._kind != "LSTM" else f"hidden[{index}] size"
             raise RuntimeError(f"Expected {name} {tuple(expected)}, got {list(state.shape)}")
+        if state.device != weight.device:  # (torch.nn's words; the input is on the weights' device)
+            raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
+                               f"{weight.device} and hidden tensor at {state.device}")
         name = "hx" if self._kind != "LSTM" else f"hx[{index}]"
         wrong_dtype = state.dtype != weight.dtype and not torch.is_autocast_enabled(state.device.type) \
-            and not (index == 1 and _float_cell_state(state, weight))
-        if wrong_dtype or state.device != weight.device:
+            and not (index == 1 and _float_cell_state(state.dtype, weight))
+        if wrong_dtype:
             dtype = f"{weight.dtype} (or torch.float32)" if index == 1 and _float_cell_state(
-                state.float(), weight) else weight.dtype
+                torch.float32, weight) else weight.dtype
             raise RuntimeError(f"{self._kind}: {name} must be a {dtype} tensor on {weight.device}, "
                                f"got {state.dtype} on {state.device}")
 
@@ -309,6 +358,8 @@ class _RecurrentBase:
         kind = self._kind
         weights = self._current_weights()
         weight = weights["weight_ih_l0"]
+        if weight is None:  # (torch.nn fails reading its dtype: an AttributeError)
+            raise AttributeError(f"{kind}: weight_ih_l0 is None, expected a Tensor")
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -317,6 +368,9 @@ class _RecurrentBase:
             data, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
             unbatched = data.dim() == 2
         else:
+            leaf = _fx_leaf_call(self, input, hx)
+            if leaf is not None:
+                return leaf
             raise TypeError(f"{kind}: expected input to be a Tensor or a PackedSequence, got "
                             f"{type(input).__name__}")
         self._check_input(data, packed, weight)
@@ -365,8 +419,14 @@ class _RecurrentBase:
         elif unbatched:
             output = layer_input.squeeze(1)
             finals = [f.squeeze(1) for f in finals]
+        elif self.batch_first:
+            output = layer_input.transpose(0, 1)
+            if kind != "LSTM" and not torch.is_grad_enabled() and not _forward_ad_or_functorch():
+                # torch.nn's GRU and RNN return a tensor of their own, not a view (a no-grad view
+                # cannot later be modified in place by an op that needs grad); the same strides.
+                output = output.detach()
         else:
-            output = layer_input.transpose(0, 1) if self.batch_first else layer_input
+            output = layer_input
         return output, (finals[0] if len(finals) == 1 else tuple(finals))
 
     def _states_of(self, hx, sizes, unbatched, weight):
@@ -394,13 +454,15 @@ class _RecurrentBase:
         if unbatched:
             states = [s.unsqueeze(1) for s in states]
         c0 = states[1] if lstm else None
+        device = weight.device.type
         if c0 is not None and c0.dtype != weight.dtype and not c0.is_complex() and c0.device == weight.device \
                 and torch.promote_types(c0.dtype, weight.dtype) == weight.dtype \
-                and not torch.is_autocast_enabled(weight.device.type):
+                and (weight.dtype == torch.float64 or not torch.is_autocast_enabled(device)):
             # torch.nn's LSTM promotes a c_0 of a lower-precision or integer dtype where its native path
             # runs (always for float64; for float32 with oneDNN off: its first use, f * c_0, promotes);
             # widening it first is exact and gives the same numbers. Such an h_0 it refuses, as
-            # lstmfast does.
+            # lstmfast does. Under autocast, a float64 layer is left alone and so is its c_0: torch.nn
+            # promotes it as it is (not rounded to the autocast dtype first).
             states[1] = c0.to(weight.dtype)
         for index, (s, size) in enumerate(zip(states, sizes)):
             self._check_state(s, index, size, weight)
@@ -423,14 +485,37 @@ class _RecurrentBase:
         return _copy_layer(self, self._torch_class)
 
 
-def _float_cell_state(c0, weight):
-    """Whether an LSTM takes this c_0 as it is: a float32 one for a bfloat16 or float16 layer on the CPU
-    (torch.nn's oneDNN path takes it for bfloat16 and returns c_n float32; lstmfast's CPU kernels keep
-    the cell state float32 inside and return it unrounded, for float16 too)."""
-    return c0.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16) \
+def _forward_ad_or_functorch():
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
+def _fx_leaf_call(module, input, hx):
+    """Under torch.fx.symbolic_trace, a call_module node for the layer (None for any other input):
+    torch.fx keeps torch.nn's own layers as leaves (their forward is not traced), and a traced model
+    holding lstmfast's layers gets the same graph. The layer cannot be the traced root itself."""
+    fx = sys.modules.get("torch.fx")
+    if fx is None or not isinstance(input, fx.Proxy):
+        return None
+    tracer = input.tracer
+    path = tracer.path_of_module(module)
+    if not path:
+        raise TypeError(f"lstmfast.{module._kind} cannot be the root of torch.fx.symbolic_trace (its forward "
+                        f"is not traceable); trace a module that holds it, where it stays a leaf as torch.nn's "
+                        f"layers do")
+    return tracer.create_proxy("call_module", path, (input,) if hx is None else (input, hx), {})
+
+
+def _float_cell_state(c0_dtype, weight):
+    """Whether an LSTM takes a c_0 of this dtype as it is: float32 for a bfloat16 or float16 layer on the
+    CPU (torch.nn's oneDNN path takes it for bfloat16 and returns c_n float32; lstmfast's CPU kernels
+    keep the cell state float32 inside and return it unrounded, for float16 too)."""
+    return c0_dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16) \
         and weight.device.type == "cpu"
 
 
+_RNN_MODES = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}
+# (layer, direction, bias, projection) -> the names of (w_ih, w_hh, b_ih, b_hh, w_hr), None where absent
+_LAYER_WEIGHT_NAMES = {}
 _OPTIONS = ("num_layers", "bias", "batch_first", "dropout", "bidirectional")
 
 
@@ -441,7 +526,7 @@ def _constructor_options(module, names=_OPTIONS):
     if isinstance(module, nn.LSTM):
         options["proj_size"] = module.proj_size
     elif isinstance(module, nn.RNN):
-        options["nonlinearity"] = module.nonlinearity
+        options["nonlinearity"] = _RNN_MODES.get(module.mode, module.nonlinearity)
     return options
 
 
@@ -468,6 +553,7 @@ class LSTM(_RecurrentBase, nn.LSTM):
 
     _kind = "LSTM"
     _torch_class = nn.LSTM
+    _gates = 4
 
     def __init__(self, *args, grad_clip: Optional[float] = None, forget_bias: float = 0.0, **kwargs):
         self._check_constructor_args(args, kwargs, (("input_size", 0), ("hidden_size", 1),
@@ -510,6 +596,7 @@ class RNN(_RecurrentBase, nn.RNN):
 
     _kind = "RNN"
     _torch_class = nn.RNN
+    _gates = 1
     _device_position = 8  # of `device` in nn.RNN's documented signature
 
     def __init__(self, *args, grad_clip: Optional[float] = None, **kwargs):
@@ -517,9 +604,16 @@ class RNN(_RecurrentBase, nn.RNN):
         super().__init__(*args, **kwargs)
         self._init_extras(grad_clip)
 
+    def _nonlinearity(self):
+        """The nonlinearity torch.nn's forward runs: the one its `mode` names (changing `nonlinearity`
+        after construction changes nothing there)."""
+        if self.mode not in _RNN_MODES:
+            raise AssertionError(f"mode must be RNN_TANH or RNN_RELU, got {self.mode}")
+        return _RNN_MODES[self.mode]
+
     def _run_layer(self, input, batch_sizes, states, weights, layer, direction):
         w_ih, w_hh, b_ih, b_hh, _ = self._layer_weights(weights, layer, direction)
-        return functional.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=self.nonlinearity,
+        return functional.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=self._nonlinearity(),
                               h0=states[0], batch_sizes=batch_sizes, reverse=direction == 1,
                               grad_clip=self.grad_clip, norm_sink=self._norm_sink(layer, direction))
 
@@ -534,6 +628,7 @@ class GRU(_RecurrentBase, nn.GRU):
 
     _kind = "GRU"
     _torch_class = nn.GRU
+    _gates = 3
     _device_position = 7  # of `device` in nn.GRU's documented signature
 
     def __init__(self, *args, grad_clip: Optional[float] = None, **kwargs):

@@ -668,7 +668,7 @@ def test_cpu_autocast(cell, dtype):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("packing", ["padded", "uniform", "ragged"])
+@pytest.mark.parametrize("packing", ["padded", "empty", "uniform", "ragged"])
 def test_cpu_autocast_result_dtypes_are_torch_nn_s(cell, dtype, packing):
     """torch.nn's result dtypes under CPU autocast depend on which of its paths runs: oneDNN's fused
     LSTM (padded or equal-length packed input, no projection) returns the autocast dtype, the native
@@ -676,8 +676,10 @@ def test_cpu_autocast_result_dtypes_are_torch_nn_s(cell, dtype, packing):
     ragged packed LSTM and a projected LSTM's c_n come back float32). Over inputs and states of
     every floating dtype, projection and hx or not, lstmfast returns torch.nn's dtypes and values
     within the autocast dtype's tolerance; where torch.nn refuses the call (its oneDNN LSTM under
-    float16 autocast), lstmfast runs in the autocast dtype."""
-    lengths = {"padded": None, "uniform": [4, 4], "ragged": [4, 2]}[packing]
+    float16 autocast), lstmfast runs in the autocast dtype. An empty batch takes torch.nn's native
+    path (oneDNN's only runs non-empty input)."""
+    lengths = {"padded": None, "empty": None, "uniform": [4, 4], "ragged": [4, 2]}[packing]
+    batch = 0 if packing == "empty" else 2
     lstmfast.modules._AUTOCAST_DTYPES.clear()  # torch.nn is asked afresh: it must not touch the RNG
     checked = 0
     for proj in ([0, 2] if cell == "lstm" else [0]):
@@ -685,11 +687,11 @@ def test_cpu_autocast_result_dtypes_are_torch_nn_s(cell, dtype, packing):
         theirs, ours = _pair(cell, input_size=3, hidden=4, dtype=torch.float32, **options)
         for x_dtype in (torch.float32, torch.bfloat16, torch.float16):
             for with_hx in (False, True):
-                x = torch.randn(4, 2, 3).to(x_dtype)
+                x = torch.randn(4, batch, 3).to(x_dtype)
                 data = x if lengths is None else pack_padded_sequence(x, torch.tensor(lengths))
                 hx = None
                 if with_hx:
-                    states = [torch.randn(1, 2, proj or 4), torch.randn(1, 2, 4)][:2 if cell == "lstm" else 1]
+                    states = [torch.randn(1, batch, proj or 4), torch.randn(1, batch, 4)][:2 if cell == "lstm" else 1]
                     hx = tuple(states) if cell == "lstm" else states[0]
                 with torch.autocast("cpu", dtype=dtype):
                     rng = torch.get_rng_state()

@@ -2,6 +2,7 @@
 torch.nn classes (isinstance, all_weights, _flat_weights), and the utilities that rewrite a module's
 weights (weight_norm, parametrizations, pruning, functional_call); convert() keeps everything."""
 
+import contextlib
 import copy
 import pickle
 import warnings
@@ -229,13 +230,27 @@ def test_lstm_promotes_a_lower_precision_or_integer_c0_as_torch_nn_does(dtype, c
         _check_c0_promotion(theirs, ours, x, h0, c0_dtype, dtype)
 
 
-def _check_c0_promotion(theirs, ours, x, h0, c0_dtype, dtype):
+@pytest.mark.parametrize("c0_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_float64_lstm_under_cpu_autocast_promotes_c0_as_torch_nn_does(autocast_dtype, c0_dtype):
+    """Autocast leaves a float64 layer in float64, and torch.nn promotes its c_0 as it is (not rounded
+    to the autocast dtype first)."""
+    theirs, ours = pair("LSTM", 3, 5, num_layers=2)
+    theirs, ours = theirs.to(F64), ours.to(F64)
+    x = torch.randn(6, 2, 3, dtype=F64)
+    h0 = torch.randn(2, 2, 5, dtype=F64)
+    _check_c0_promotion(theirs, ours, x, h0, c0_dtype, F64,
+                        forward_context=lambda: torch.autocast("cpu", dtype=autocast_dtype))
+
+
+def _check_c0_promotion(theirs, ours, x, h0, c0_dtype, dtype, forward_context=contextlib.nullcontext):
     integer = not c0_dtype.is_floating_point
     c0s = [(3 * torch.randn(2, 2, 5)).to(c0_dtype) for _ in range(2)]
     c0s[1].copy_(c0s[0])
     if not integer:
         c0s = [c0.requires_grad_() for c0 in c0s]
-    results = [m(x, (h0, c0)) for m, c0 in zip((theirs, ours), c0s)]
+    with forward_context():
+        results = [m(x, (h0, c0)) for m, c0 in zip((theirs, ours), c0s)]
     (y0, (h_0, c_0)), (y1, (h_1, c_1)) = results
     assert [t.dtype for t in (y1, h_1, c_1)] == [t.dtype for t in (y0, h_0, c_0)] == [dtype] * 3
     for a, e in ((y1, y0), (h_1, h_0), (c_1, c_0)):
@@ -247,9 +262,9 @@ def _check_c0_promotion(theirs, ours, x, h0, c0_dtype, dtype):
         # (each side's float gradient rounded to c0's dtype: at most one unit in its last place apart)
         tol = TOLERANCES.get(c0_dtype, dict(rtol=2 ** -7, atol=2 ** -7))
         torch.testing.assert_close(c0s[1].grad.float(), c0s[0].grad.float(), **tol)
-    with pytest.raises(RuntimeError):  # a lower-precision h0 torch.nn refuses, and so does lstmfast
+    with pytest.raises(RuntimeError), forward_context():  # a lower-precision h0 torch.nn refuses, as lstmfast
         theirs(x, (h0.to(c0_dtype), c0s[0]))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError), forward_context():
         ours(x, (h0.to(c0_dtype), c0s[1]))
 
 
@@ -277,6 +292,154 @@ def test_functional_call_uses_the_given_weights(kind):
     got = torch.func.functional_call(ours, swapped, (x,))
     torch.testing.assert_close(got[0], expected[0], **TOLERANCES[torch.float32])
     torch.testing.assert_close(ours(x)[0], theirs(x)[0], **TOLERANCES[torch.float32])  # restored
+
+
+# ---------------------------------------------------------------------- what users do to a layer
+
+
+def _outcome(module, *args):
+    """(exception type, None) if the call raises, else (None, the call's results)."""
+    try:
+        return None, module(*args)
+    except Exception as error:  # noqa: BLE001 - the type is what is compared
+        return type(error), None
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("name", ["weight_hh_l0", "bias_ih_l1", "weight_ih_l1_reverse"])
+def test_a_weight_on_another_device_is_refused(kind, name):
+    """A weight moved to another device (here meta) than the input: torch.nn refuses the call; so does
+    lstmfast (the op's Meta kernel, which a meta tensor among CPU ones selects, returned uninitialized
+    memory); and an hx on another device, in torch.nn's words."""
+    for module in pair(kind, 3, 4, num_layers=2, bidirectional=True):
+        setattr(module, name, nn.Parameter(torch.empty_like(getattr(module, name), device="meta")))
+        with pytest.raises(RuntimeError, match=r"device"):
+            module(torch.randn(5, 2, 3))
+    theirs, ours = pair(kind, 3, 4)
+    x = torch.randn(5, 2, 3)
+    hx = torch.zeros(1, 2, 4, device="meta")
+    hx = (torch.zeros(1, 2, 4), hx) if kind == "LSTM" else hx
+    for module in (theirs, ours):
+        with pytest.raises(RuntimeError, match=r"Input and hidden tensors are not at the same device, found "
+                                               r"input tensor at cpu and hidden tensor at meta"):
+            module(x, hx)
+    with pytest.raises(RuntimeError, match=r"lstmfast.\w+_forward: expected w_hh on device cpu \(the device of "
+                                           r"input\), but got meta"):
+        getattr(lstmfast.functional, kind.lower())(x, ours.weight_ih_l0, ours.weight_hh_l0.to("meta"))
+
+
+def test_rnn_runs_the_nonlinearity_its_mode_names():
+    """torch.nn's RNN runs what `mode` says; setting `nonlinearity` after construction changes nothing
+    there (nor in lstmfast), and an unknown mode is refused with torch.nn's AssertionError."""
+    theirs, ours = pair("RNN", 3, 4, nonlinearity="tanh")
+    for module in (theirs, ours):
+        module.nonlinearity = "relu"
+    assert_same_run(theirs.double(), ours.double(), torch.randn(5, 2, 3, dtype=F64))
+    for module in (theirs, ours):
+        module.mode = "RNN_RELU"
+    assert_same_run(theirs, ours, torch.randn(5, 2, 3, dtype=F64))
+    assert type(lstmfast.unconvert(copy.deepcopy(ours))).__name__ == "RNN"
+    assert ours.to_torch().mode == "RNN_RELU"
+    for module in (theirs, ours):
+        module.mode = "RNN_SIGMOID"
+        with pytest.raises(AssertionError, match="mode must be RNN_TANH or RNN_RELU, got RNN_SIGMOID"):
+            module(torch.randn(5, 2, 3, dtype=F64))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_numpy_integer_sizes_as_torch_nn_takes_them(kind):
+    """torch.nn takes num_layers (and an LSTM's proj_size) as any integer, a numpy one included (it only
+    computes with them); input_size and hidden_size must be ints in both."""
+    np = pytest.importorskip("numpy")
+    options = dict(num_layers=np.int64(2), **({"proj_size": np.int32(2)} if kind == "LSTM" else {}))
+    theirs, ours = pair(kind, 3, 4, **options)
+    assert_same_run(theirs.double(), ours.double(), torch.randn(5, 2, 3, dtype=F64))
+    for cls in (getattr(nn, kind), getattr(lstmfast, kind)):
+        with pytest.raises(TypeError, match="hidden_size should be of type int, got: int64"):
+            cls(3, np.int64(4))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("change,error", [
+    (("bias_hh_l0", None), TypeError), (("weight_hh_l0", None), TypeError), (("weight_ih_l0", None), AttributeError),
+    (("num_layers", 2), RuntimeError), (("bidirectional", True), RuntimeError), (("hidden_size", 5), RuntimeError),
+])
+def test_a_weight_set_to_none_or_options_changed_without_weights_are_refused(kind, change, error):
+    """torch.nn fails on these (a TypeError for a None weight, a RuntimeError from its kernels; its
+    oneDNN LSTM returns an output of the new hidden size read from weights of the old one); lstmfast
+    says what is wrong. It ran them with a zero bias or the old options."""
+    theirs, ours = pair(kind, 3, 4)
+    for module in (theirs, ours):
+        setattr(module, *change)
+    if not (kind == "LSTM" and change[0] == "hidden_size"):
+        assert _outcome(theirs, torch.randn(5, 2, 3))[0] is error
+    assert _outcome(ours, torch.randn(5, 2, 3))[0] is error
+
+
+def test_fx_symbolic_trace_keeps_the_layers_as_leaves():
+    """torch.fx keeps torch.nn's RNN layers as leaves (call_module nodes, their forward untraced): the
+    same graph for a model holding lstmfast's layers, which run when the traced module is called."""
+
+    class Head(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.rnn, self.fc = layer, nn.Linear(4, 2)
+
+        def forward(self, x, hx):
+            out, state = self.rnn(x, hx)
+            return self.fc(out), state
+
+    for kind in ("LSTM", "GRU", "RNN"):
+        theirs, ours = (Head(m) for m in pair(kind, 3, 4, num_layers=2))
+        ours.fc.load_state_dict(theirs.fc.state_dict())
+        graphs = [torch.fx.symbolic_trace(m) for m in (theirs, ours)]
+        assert [(n.op, n.target) for n in graphs[1].graph.nodes] == [(n.op, n.target) for n in graphs[0].graph.nodes]
+        assert ("call_module", "rnn") in [(n.op, n.target) for n in graphs[1].graph.nodes]
+        x = torch.randn(5, 2, 3)
+        hx = torch.randn(2, 2, 4)
+        hx = (hx, torch.randn(2, 2, 4)) if kind == "LSTM" else hx
+        torch.testing.assert_close(graphs[1](x, hx), theirs(x, hx), **TOLERANCES[torch.float32])
+    with pytest.raises(TypeError, match="cannot be the root of torch.fx.symbolic_trace"):
+        torch.fx.symbolic_trace(lstmfast.LSTM(3, 4))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_batch_first_output_under_no_grad_is_a_view_where_torch_nn_s_is(kind):
+    """torch.nn's GRU and RNN return a batch_first output of their own under no_grad (its LSTM a view):
+    an op that needs grad may then modify it in place (a no-grad view it may not). Same strides."""
+    results = []
+    for module in pair(kind, 3, 4, batch_first=True):
+        with torch.no_grad():
+            out = module(torch.randn(2, 5, 3))[0]
+        results.append((out._is_view(), out.stride(), _outcome(out.mul_, torch.ones(4, requires_grad=True))[0]))
+    assert results[1] == results[0]
+
+
+@pytest.mark.parametrize("kind,options", [("LSTM", {}), ("LSTM", dict(proj_size=2, num_layers=2, bidirectional=True)),
+                                          ("GRU", dict(bidirectional=True)), ("RNN", dict(num_layers=2))], ids=str)
+def test_flop_counter_counts_the_layers_as_torch_nn_s(kind, options):
+    """torch.utils.flop_counter.FlopCounterMode counts the products of torch.nn's native path one by
+    one; lstmfast's ops have formulas for the same products: the forward's count equals torch.nn's, a
+    training step's is within the few products torch.nn skips (dL/dh_0 without h_0)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for module in pair(kind, 3, 4, **options):
+        module.double()
+        x = torch.randn(5, 2, 3, dtype=F64, requires_grad=True)
+        with FlopCounterMode(display=False) as forward:
+            with torch.no_grad():
+                module(x)
+        with FlopCounterMode(display=False) as step:
+            module(x)[0].sum().backward()
+        counts.append((forward.get_total_flops(), step.get_total_flops()))
+    (their_forward, their_step), (forward, step) = counts
+    assert forward == their_forward > 0
+    assert their_step <= step <= 1.1 * their_step
+    if kind == "LSTM" and not options:  # 2 FLOPs per multiply-add, N = T * B rows, 4H gates
+        n, gates, inputs, hidden = 10, 16, 3, 4
+        assert forward == 2 * n * gates * (inputs + hidden)
+        assert step == forward + 2 * n * gates * hidden + 2 * n * gates * inputs + 2 * n * gates * (inputs + hidden)
 
 
 # ---------------------------------------------------------------------- convert / unconvert
