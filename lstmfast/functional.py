@@ -86,6 +86,20 @@ def _apply(function, core, *args):
     return super(torch.autograd.Function, function).apply(*args)
 
 
+def _complex_checks(cell, grad_clip, norm_sink, input, **tensors):
+    """A complex layer (torch.nn runs one on its native path) runs lstmfast.reference, the same
+    equations as plain PyTorch ops (no fused kernels: correct, not fast), its tensors all of input's
+    dtype; grad_clip and the gradient-norm diagnostics, lstmfast's own, are not defined there."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype != input.dtype:
+            raise RuntimeError(f"lstmfast.{cell}: expected {name} to have dtype {input.dtype} (the dtype of "
+                               f"input), but got {t.dtype}")
+    if grad_clip is not None or norm_sink is not None:
+        raise RuntimeError("lstmfast: grad_clip and gradient-norm diagnostics are not defined for complex "
+                           "layers (they run lstmfast.reference's plain PyTorch ops, as torch.nn's native path "
+                           "does); use grad_clip=None outside lstmfast.diagnostics")
+
+
 def _check_grad_clip(grad_clip):
     if grad_clip is None:
         return
@@ -580,6 +594,11 @@ def lstm(
     ``h0 (B, P)``, ``c0 (B, H)``. Output ``(T, B, P)`` or ``(N, P)``; ``h_n (B, P)``, ``c_n (B, H)``.
     """
     _check_grad_clip(grad_clip)
+    if input.is_complex():
+        _complex_checks("lstm", grad_clip, norm_sink, input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih,
+                        b_hh=b_hh, w_hr=w_hr)
+        return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=h0, c0=c0, batch_sizes=batch_sizes,
+                              reverse=reverse)
     input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         outputs = _apply(LSTMFunction, _LSTMCore, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
@@ -609,6 +628,10 @@ def rnn(
     _check_grad_clip(grad_clip)
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    if input.is_complex():
+        _complex_checks("rnn", grad_clip, norm_sink, input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
+        return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, h0=h0,
+                             batch_sizes=batch_sizes, reverse=reverse)
     input, h0, w_ih, w_hh, b_ih, b_hh = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
         outputs = _apply(RNNFunction, _RNNCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh,
@@ -640,6 +663,9 @@ def gru(
     Returns ``(output, h_n)``. Shapes as :func:`rnn` with 3H in place of H for the weights and biases.
     ``grad_clip`` clamps the gradients of the pre-activations of r, z and n."""
     _check_grad_clip(grad_clip)
+    if input.is_complex():
+        _complex_checks("gru", grad_clip, norm_sink, input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
+        return reference.gru(input, w_ih, w_hh, b_ih, b_hh, h0=h0, batch_sizes=batch_sizes, reverse=reverse)
     input, h0, w_ih, w_hh, b_ih, b_hh = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
         outputs = _apply(GRUFunction, _GRUCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse,

@@ -442,6 +442,43 @@ def test_flop_counter_counts_the_layers_as_torch_nn_s(kind, options):
         assert step == forward + 2 * n * gates * hidden + 2 * n * gates * inputs + 2 * n * gates * (inputs + hidden)
 
 
+@pytest.mark.parametrize("kind,options", [("LSTM", dict(num_layers=2, bidirectional=True)), ("LSTM", dict(proj_size=2)),
+                                          ("GRU", dict(num_layers=2, batch_first=True)),
+                                          ("RNN", dict(bidirectional=True))], ids=str)
+def test_complex_layers_run_as_torch_nn_s(kind, options):
+    """torch.nn runs complex layers on its native path; lstmfast runs them through lstmfast.reference
+    (the same equations in plain PyTorch ops): torch.nn's outputs and gradients, with or without hx
+    and unbatched (a relu RNN fails in both: torch has no complex relu). grad_clip, lstmfast's own, is
+    refused there."""
+    torch.manual_seed(0)
+    theirs = getattr(nn, kind)(3, 4, dtype=torch.complex128, **options)
+    ours = getattr(lstmfast, kind)(3, 4, dtype=torch.complex128, **options)
+    ours.load_state_dict(theirs.state_dict())
+    layers = options.get("num_layers", 1) * (2 if options.get("bidirectional") else 1)
+    for batch in [(2,), ()]:
+        x = torch.randn(*batch, 5, 3, dtype=torch.complex128)
+        x = x if options.get("batch_first") or not batch else x.transpose(0, 1)
+        h0 = torch.randn(layers, *batch, options.get("proj_size") or 4, dtype=torch.complex128)
+        hx = (h0, torch.randn(layers, *batch, 4, dtype=torch.complex128)) if kind == "LSTM" else h0
+        for state in (None, hx):
+            results = []
+            for module in (theirs, ours):
+                leaf = x.clone().requires_grad_()
+                out, final = module(leaf, state)
+                finals = list(final) if isinstance(final, tuple) else [final]
+                loss = sum((t.abs() ** 2).sum() for t in [out] + finals)
+                results.append([out] + finals + list(torch.autograd.grad(loss, [leaf] + list(module.parameters()))))
+            for a, e in zip(*reversed(results)):
+                torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    if kind == "RNN":
+        for cls in (nn.RNN, lstmfast.RNN):
+            with pytest.raises(NotImplementedError):
+                cls(3, 4, nonlinearity="relu", dtype=torch.complex128)(torch.randn(5, 2, 3, dtype=torch.complex128))
+    clipped = getattr(lstmfast, kind)(3, 4, dtype=torch.complex128, grad_clip=1.0)
+    with pytest.raises(RuntimeError, match="grad_clip and gradient-norm diagnostics are not defined for complex"):
+        clipped(torch.randn(5, 2, 3, dtype=torch.complex128))
+
+
 # ---------------------------------------------------------------------- convert / unconvert
 
 
