@@ -24,17 +24,22 @@ def _steps(input, batch_sizes):
 
 
 def _run(input, batch_sizes, states, reverse, cell, out_width, on_step=None):
-    """Runs cell(x_t, states of the live rows) -> (h_t, new states) over the sequence.
-    on_step(t, new states) sees each step's states (tests retain their gradients)."""
+    """Runs cell(x_t, states of the live rows) -> (h_t, new states) over the sequence (`input`: the
+    layer's input product W_ih x + b_ih, one matrix product for the whole sequence, as torch.nn's).
+    on_step(t, new states) sees each step's states (tests retain their gradients).
+    (The steps' inputs are split off in one op, and states are sliced only where the batch shrinks:
+    slicing each step out of the whole sequence costs its backward a sequence-sized buffer per step.)"""
     rows, steps, _ = _steps(input, batch_sizes)
+    step_inputs = rows.split([size for _, size in steps]) if steps else []
     outputs = [None] * len(steps)
     order = range(len(steps) - 1, -1, -1) if reverse else range(len(steps))
     for t in order:
-        offset, size = steps[t]
-        h_t, new = cell(rows[offset:offset + size], [s[:size] for s in states])
+        size = steps[t][1]
+        full = all(s.shape[0] == size for s in states)
+        h_t, new = cell(step_inputs[t], states if full else [s[:size] for s in states])
         if on_step is not None:
             on_step(t, new)
-        states = [torch.cat([n, s[size:]]) for n, s in zip(new, states)]
+        states = list(new) if full else [torch.cat([n, s[size:]]) for n, s in zip(new, states)]
         outputs[t] = h_t
     output = torch.cat(outputs) if outputs else rows.new_zeros((0, out_width))
     if batch_sizes is None:
@@ -61,9 +66,9 @@ def lstm(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = Non
     h = h0 if h0 is not None else input.new_zeros((batch, proj))
     c = c0 if c0 is not None else input.new_zeros((batch, hidden))
 
-    def cell(x, state):
+    def cell(x, state):  # x: the step's input product W_ih x_t + b_ih
         h_prev, c_prev = state
-        a = _clip_hook(_linear(x, w_ih, b_ih) + _linear(h_prev, w_hh, b_hh), grad_clip)
+        a = _clip_hook(x + _linear(h_prev, w_hh, b_hh), grad_clip)
         i, f, g, o = a.chunk(4, dim=1)
         c_t = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
         # (.to: a float32 c_0 given to a lower-precision layer keeps c float32; h stays the layer's dtype.)
@@ -72,7 +77,7 @@ def lstm(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = Non
             h_t = h_t @ w_hr.t()
         return h_t, (h_t, c_t)
 
-    output, (h_n, c_n) = _run(input, batch_sizes, [h, c], reverse, cell, proj, on_step)
+    output, (h_n, c_n) = _run(_linear(input, w_ih, b_ih), batch_sizes, [h, c], reverse, cell, proj, on_step)
     return output, h_n, c_n
 
 
@@ -85,12 +90,12 @@ def rnn(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None
     h = h0 if h0 is not None else input.new_zeros((batch, hidden))
     activation = {"tanh": torch.tanh, "relu": torch.relu}[nonlinearity]
 
-    def cell(x, state):
-        a = _clip_hook(_linear(x, w_ih, b_ih) + _linear(state[0], w_hh, b_hh), grad_clip)
+    def cell(x, state):  # x: the step's input product W_ih x_t + b_ih
+        a = _clip_hook(x + _linear(state[0], w_hh, b_hh), grad_clip)
         h_t = activation(a)
         return h_t, (h_t,)
 
-    output, (h_n,) = _run(input, batch_sizes, [h], reverse, cell, hidden, on_step)
+    output, (h_n,) = _run(_linear(input, w_ih, b_ih), batch_sizes, [h], reverse, cell, hidden, on_step)
     return output, h_n
 
 
@@ -104,15 +109,15 @@ def gru(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None
     _, _, batch = _steps(input, batch_sizes)
     h = h0 if h0 is not None else input.new_zeros((batch, hidden))
 
-    def cell(x, state):
+    def cell(x, state):  # x: the step's input product W_ih x_t + b_ih
         h_prev = state[0]
-        x_r, x_z, x_n = _linear(x, w_ih, b_ih).chunk(3, dim=1)
+        x_r, x_z, x_n = x.chunk(3, dim=1)
         h_r, h_z, h_n = _linear(h_prev, w_hh, b_hh).chunk(3, dim=1)
         r = torch.sigmoid(_clip_hook(x_r + h_r, grad_clip))
         z = torch.sigmoid(_clip_hook(x_z + h_z, grad_clip))
         n = torch.tanh(_clip_hook(x_n + r * h_n, grad_clip))
-        h_t = (1 - z) * n + z * h_prev
+        h_t = n + z * (h_prev - n)  # = (1 - z) * n + z * h_prev, in torch.nn's GRU cell's order
         return h_t, (h_t,)
 
-    output, (h_n,) = _run(input, batch_sizes, [h], reverse, cell, hidden, on_step)
+    output, (h_n,) = _run(_linear(input, w_ih, b_ih), batch_sizes, [h], reverse, cell, hidden, on_step)
     return output, h_n
