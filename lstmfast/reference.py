@@ -25,7 +25,7 @@ def _steps(input, batch_sizes):
 
 def _run(input, batch_sizes, states, reverse, cell, out_width, on_step=None):
     """Runs cell(x_t, states of the live rows) -> (h_t, new states) over the sequence (`input`: the
-    layer's input product W_ih x + b_ih, one matrix product for the whole sequence, as torch.nn's).
+    layer's input product, see _input_product).
     on_step(t, new states) sees each step's states (tests retain their gradients).
     (The steps' inputs are split off in one op, and states are sliced only where the batch shrinks:
     slicing each step out of the whole sequence costs its backward a sequence-sized buffer per step.)"""
@@ -57,6 +57,13 @@ def _linear(x, w, b):
     return x @ w.t() + b if b is not None else x @ w.t()
 
 
+def _input_product(input, w_ih, b_ih, b_hh):
+    """W_ih x + b_ih (+ b_hh), for the whole sequence at once; each step then adds W_hh h_{t-1} with one
+    torch.addmm (this is also lstmfast's second-order and forward-mode engine: few ops per step)."""
+    product = _linear(input, w_ih, b_ih)
+    return product + b_hh if b_hh is not None else product
+
+
 def lstm(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
          b_hh: Optional[Tensor] = None, *, w_hr: Optional[Tensor] = None, h0: Optional[Tensor] = None,
          c0: Optional[Tensor] = None, batch_sizes: Optional[Tensor] = None, reverse: bool = False,
@@ -66,9 +73,11 @@ def lstm(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = Non
     h = h0 if h0 is not None else input.new_zeros((batch, proj))
     c = c0 if c0 is not None else input.new_zeros((batch, hidden))
 
-    def cell(x, state):  # x: the step's input product W_ih x_t + b_ih
+    w_hh_t = w_hh.t()
+
+    def cell(x, state):  # x: the step's W_ih x_t + b_ih + b_hh
         h_prev, c_prev = state
-        a = _clip_hook(x + _linear(h_prev, w_hh, b_hh), grad_clip)
+        a = _clip_hook(torch.addmm(x, h_prev, w_hh_t), grad_clip)
         i, f, g, o = a.chunk(4, dim=1)
         c_t = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
         # (.to: a float32 c_0 given to a lower-precision layer keeps c float32; h stays the layer's dtype.)
@@ -77,7 +86,8 @@ def lstm(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = Non
             h_t = h_t @ w_hr.t()
         return h_t, (h_t, c_t)
 
-    output, (h_n, c_n) = _run(_linear(input, w_ih, b_ih), batch_sizes, [h, c], reverse, cell, proj, on_step)
+    output, (h_n, c_n) = _run(_input_product(input, w_ih, b_ih, b_hh), batch_sizes, [h, c], reverse, cell, proj,
+                              on_step)
     return output, h_n, c_n
 
 
@@ -90,12 +100,15 @@ def rnn(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None
     h = h0 if h0 is not None else input.new_zeros((batch, hidden))
     activation = {"tanh": torch.tanh, "relu": torch.relu}[nonlinearity]
 
-    def cell(x, state):  # x: the step's input product W_ih x_t + b_ih
-        a = _clip_hook(x + _linear(state[0], w_hh, b_hh), grad_clip)
+    w_hh_t = w_hh.t()
+
+    def cell(x, state):  # x: the step's W_ih x_t + b_ih + b_hh
+        a = _clip_hook(torch.addmm(x, state[0], w_hh_t), grad_clip)
         h_t = activation(a)
         return h_t, (h_t,)
 
-    output, (h_n,) = _run(_linear(input, w_ih, b_ih), batch_sizes, [h], reverse, cell, hidden, on_step)
+    output, (h_n,) = _run(_input_product(input, w_ih, b_ih, b_hh), batch_sizes, [h], reverse, cell, hidden,
+                          on_step)
     return output, h_n
 
 
@@ -109,10 +122,13 @@ def gru(input: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None
     _, _, batch = _steps(input, batch_sizes)
     h = h0 if h0 is not None else input.new_zeros((batch, hidden))
 
-    def cell(x, state):  # x: the step's input product W_ih x_t + b_ih
+    w_hh_t = w_hh.t()
+
+    def cell(x, state):  # x: the step's W_ih x_t + b_ih
         h_prev = state[0]
         x_r, x_z, x_n = x.chunk(3, dim=1)
-        h_r, h_z, h_n = _linear(h_prev, w_hh, b_hh).chunk(3, dim=1)
+        hidden_product = torch.addmm(b_hh, h_prev, w_hh_t) if b_hh is not None else h_prev @ w_hh_t
+        h_r, h_z, h_n = hidden_product.chunk(3, dim=1)
         r = torch.sigmoid(_clip_hook(x_r + h_r, grad_clip))
         z = torch.sigmoid(_clip_hook(x_z + h_z, grad_clip))
         n = torch.tanh(_clip_hook(x_n + r * h_n, grad_clip))
