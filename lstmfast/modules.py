@@ -421,9 +421,11 @@ class _RecurrentBase:
             finals = [f.squeeze(1) for f in finals]
         elif self.batch_first:
             output = layer_input.transpose(0, 1)
-            if kind != "LSTM" and not torch.is_grad_enabled() and not _forward_ad_or_functorch():
+            if kind != "LSTM" and not torch.is_grad_enabled() and not _forward_ad_or_functorch() \
+                    and torch._C._get_tracing_state() is None:
                 # torch.nn's GRU and RNN return a tensor of their own, not a view (a no-grad view
                 # cannot later be modified in place by an op that needs grad); the same strides.
+                # (Not while torch.jit.trace records: its check reruns the trace without grad.)
                 output = output.detach()
         else:
             output = layer_input

@@ -261,6 +261,19 @@ def test_jit_trace_checks_saves_loads_and_matches_eager(tmp_path):
     assert "lstmfast::gru_forward" in str(loaded.inlined_graph)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_jit_trace_of_batch_first_layers_checks_and_matches_eager(kind):
+    """torch.jit.trace re-runs the trace without grad to check it: the recorded graph must not depend
+    on grad mode (a batch_first GRU's or RNN's no-grad output is made a tensor of its own in eager)."""
+    torch.manual_seed(0)
+    layer = getattr(lstmfast, kind)(INPUT, HIDDEN, 2, batch_first=True, bidirectional=True).eval()
+    traced = torch.jit.trace(layer, (torch.randn(2, 5, INPUT),))
+    x = torch.randn(3, 7, INPUT)
+    with torch.no_grad():
+        for a, e in zip(traced(x), layer(x)):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
 def test_jit_script_names_the_supported_routes():
     with pytest.raises(RuntimeError, match="torch.jit.script") as info:
         torch.jit.script(Stack())
