@@ -163,6 +163,102 @@ def _norm_dtype(dtype):
     return torch.float32 if dtype in _REDUCED else dtype
 
 
+# ---------------------------------------------------------------- the forward ops' own autograd
+
+# lstmfast's autograd.Functions (lstmfast.functional) call the ops below autograd; a graph that records
+# the forward ops themselves (torch.export, torch.jit.trace) gets their first-order backward from here,
+# so that training through program.module() or a traced module gives every gradient, as torch.nn's
+# graphs do. Second order through such a graph is refused (use the eager or compiled module).
+
+
+def below_autograd(op, *args):
+    """op(*args) without the autograd registered below: what lstmfast's own autograd.Functions and
+    no-grad paths call (that registration is a Python kernel, about 7 us a call). Under torch.compile
+    Dynamo traces the call as it is."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _refuse_second_order(name, grads):
+    if torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads):
+        raise RuntimeError(
+            f"lstmfast.{name}: second-order gradients through a graph that recorded lstmfast's op "
+            "(torch.export, torch.jit.trace) are not supported; the eager or torch.compile'd module has them")
+
+
+def _mask(needs, input_index, state_indices, weight_indices, bias_indices):
+    return [needs[input_index], any(needs[i] for i in state_indices), any(needs[i] for i in weight_indices),
+            any(needs[i] for i in bias_indices)]
+
+
+def _asked(need, grads):
+    """The gradients autograd asks for (None for the others, and for absent inputs)."""
+    return tuple(g if asked else None for g, asked in zip(grads, need))
+
+
+def _lstm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:9], output[0], output[3], output[4])
+    ctx.mark_non_differentiable(output[3], output[4])
+    ctx.reverse, ctx.training = inputs[9], inputs[10]
+
+
+def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _gates, _cells):
+    _refuse_second_order("lstm_forward", (grad_output, grad_h_n, grad_c_n))
+    input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output, gates, cells = ctx.saved_tensors
+    if not ctx.training:  # (recorded in its inference form: the activations are computed again)
+        output, _, _, gates, cells = below_autograd(ops.lstm_forward, input, batch_sizes, h0, c0, w_ih, w_hh,
+                                                    b_ih, b_hh, w_hr, ctx.reverse, True)
+    need = ctx.needs_input_grad
+    grads = ops.lstm_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr,
+                              output, gates, cells, ctx.reverse, _mask(need, 0, (2, 3), (4, 5, 8), (6, 7)),
+                              None, False)
+    g_input, g_h0, g_c0, g_w_ih, g_w_hh, g_bias, g_w_hr = grads[:7]
+    return _asked(need, (g_input, None, g_h0, g_c0, g_w_ih, g_w_hh, g_bias,
+                         g_bias.clone() if need[6] else g_bias, g_w_hr, None, None))
+
+
+def _rnn_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7], output[0])
+    ctx.nonlinearity, ctx.reverse = inputs[7], inputs[8]
+
+
+def _rnn_backward(ctx, grad_output, grad_h_n):
+    _refuse_second_order("rnn_forward", (grad_output, grad_h_n))
+    input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = ops.rnn_backward(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, output, ctx.nonlinearity,
+                             ctx.reverse, _mask(need, 0, (2,), (3, 4), (5, 6)), None, False)
+    g_input, g_h0, g_w_ih, g_w_hh, g_bias = grads[:5]
+    return _asked(need, (g_input, None, g_h0, g_w_ih, g_w_hh, g_bias, g_bias.clone() if need[5] else g_bias,
+                         None, None))
+
+
+def _gru_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7], output[0], output[2])
+    ctx.mark_non_differentiable(output[2])
+    ctx.reverse, ctx.training = inputs[7], inputs[8]
+
+
+def _gru_backward(ctx, grad_output, grad_h_n, _gates):
+    _refuse_second_order("gru_forward", (grad_output, grad_h_n))
+    input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output, gates = ctx.saved_tensors
+    if not ctx.training:
+        output, _, gates = below_autograd(ops.gru_forward, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh,
+                                          ctx.reverse, True)
+    need = ctx.needs_input_grad
+    grads = ops.gru_backward(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, output, gates,
+                             ctx.reverse, _mask(need, 0, (2,), (3, 4), (5, 6)), None, False)
+    return _asked(need, (grads[0], None, *grads[1:6], None, None))
+
+
+for _name, _backward, _setup in (("lstm_forward", _lstm_backward, _lstm_setup),
+                                 ("rnn_forward", _rnn_backward, _rnn_setup),
+                                 ("gru_forward", _gru_backward, _gru_setup)):
+    torch.library.register_autograd(f"lstmfast::{_name}", _backward, setup_context=_setup)
+
+
 def has_cuda_kernels():
     """True when this build of lstmfast includes the CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("lstmfast::lstm_forward", "CUDA")

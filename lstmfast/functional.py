@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._ops import ops
+from ._ops import below_autograd, ops
 
 
 # Receives, during backward, the per-row norms ||dL/dh_t|| and ||dL/dc_t|| (None for a GRU or an RNN),
@@ -342,7 +342,8 @@ class _LSTMCore(torch.autograd.Function):
 
     @staticmethod
     def forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, grad_clip, norm_sink):
-        return ops.lstm_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, True)
+        return below_autograd(ops.lstm_forward, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+                              True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -367,7 +368,7 @@ class _LSTMCore(torch.autograd.Function):
         if grad_graph:
             _refuse_clipped_second_order(ctx.grad_clip)
         if ctx.norm_sink is not None or not grad_graph:
-            output = _saved_output(ctx, output, lambda: ops.lstm_forward(
+            output = _saved_output(ctx, output, lambda: below_autograd(ops.lstm_forward,
                 input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ctx.reverse, False)[0])
             mask = [need[0], need[2] or need[3], need[4] or need[5] or need[8], need[6] or need[7]]
             if grad_graph:  # only the norms are wanted from the fused op
@@ -427,7 +428,8 @@ class _RNNCore(torch.autograd.Function):
     @staticmethod
     def forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse, grad_clip,
                 norm_sink):
-        return ops.rnn_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
+        return below_autograd(ops.rnn_forward, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity,
+                              reverse)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -446,7 +448,7 @@ class _RNNCore(torch.autograd.Function):
         if grad_graph:
             _refuse_clipped_second_order(ctx.grad_clip)
         if ctx.norm_sink is not None or not grad_graph:
-            output = _saved_output(ctx, output, lambda: ops.rnn_forward(
+            output = _saved_output(ctx, output, lambda: below_autograd(ops.rnn_forward,
                 input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, ctx.nonlinearity, ctx.reverse)[0])
             mask = [need[0], need[2], need[3] or need[4], need[5] or need[6]]
             if grad_graph:
@@ -505,7 +507,7 @@ class _GRUCore(torch.autograd.Function):
 
     @staticmethod
     def forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, grad_clip, norm_sink):
-        return ops.gru_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
+        return below_autograd(ops.gru_forward, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -525,7 +527,7 @@ class _GRUCore(torch.autograd.Function):
         if grad_graph:
             _refuse_clipped_second_order(ctx.grad_clip)
         if ctx.norm_sink is not None or not grad_graph:
-            output = _saved_output(ctx, output, lambda: ops.gru_forward(
+            output = _saved_output(ctx, output, lambda: below_autograd(ops.gru_forward,
                 input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, ctx.reverse, False)[0])
             mask = [need[0], need[2], need[3] or need[4], need[5] or need[6]]
             if grad_graph:  # only the norms are wanted from the fused op
@@ -604,8 +606,8 @@ def lstm(
         outputs = _apply(LSTMFunction, _LSTMCore, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                          w_hr, reverse, grad_clip, norm_sink)[:3]
     else:
-        outputs = ops.lstm_forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                                   False)[:3]
+        outputs = below_autograd(ops.lstm_forward, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+                                 False)[:3]
     return tuple(outputs)
 
 
@@ -637,7 +639,8 @@ def rnn(
         outputs = _apply(RNNFunction, _RNNCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh,
                          nonlinearity, reverse, grad_clip, norm_sink)
     else:
-        outputs = ops.rnn_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
+        outputs = below_autograd(ops.rnn_forward, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity,
+                                 reverse)
     return tuple(outputs)
 
 
@@ -671,5 +674,6 @@ def gru(
         outputs = _apply(GRUFunction, _GRUCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse,
                          grad_clip, norm_sink)[:2]
     else:
-        outputs = ops.gru_forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, False)[:2]
+        outputs = below_autograd(ops.gru_forward, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse,
+                                 False)[:2]
     return tuple(outputs)

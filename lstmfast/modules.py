@@ -316,9 +316,9 @@ class _RecurrentBase:
         if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
             # (torch.nn's GRU and RNN check it so; its LSTM checks padded input so, and packed input
             # fails inside its kernels with a RuntimeError)
-            raise (RuntimeError if packed and kind == "LSTM" else ValueError)(f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
-                             f"Convert input: input.to({weight.dtype}), or convert model: "
-                             f"model.to({input.dtype})")
+            error = RuntimeError if packed and kind == "LSTM" else ValueError
+            raise error(f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+                        f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
         if packed and input.dim() != 2:
             raise RuntimeError(f"input must have 2 dimensions, got {input.dim()}")
         # (Under torch.jit.trace, sizes are traced tensors: these checks would only warn that the trace

@@ -5,6 +5,7 @@ and compared with eager lstmfast at the float32 tolerances of design.md section 
 """
 
 import contextlib
+import copy
 import warnings
 
 import pytest
@@ -261,6 +262,7 @@ def test_jit_trace_checks_saves_loads_and_matches_eager(tmp_path):
     assert "lstmfast::gru_forward" in str(loaded.inlined_graph)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit")  # (torch's own deprecation)
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_jit_trace_of_batch_first_layers_checks_and_matches_eager(kind):
     """torch.jit.trace re-runs the trace without grad to check it: the recorded graph must not depend
@@ -272,6 +274,44 @@ def test_jit_trace_of_batch_first_layers_checks_and_matches_eager(kind):
     with torch.no_grad():
         for a, e in zip(traced(x), layer(x)):
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+class _Head(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.inp, self.rnn, self.out = nn.Linear(3, 4), layer, nn.Linear(10, 2)
+
+    def forward(self, x):
+        return self.out(self.rnn(self.inp(x))[0])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit", "ignore::torch.jit.TracerWarning",  # (torch.nn's, torch's)
+                            "ignore:The tensor attributes self.rnn._flat_weights")
+@pytest.mark.parametrize("route", ["torch.export", "torch.jit.trace"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_training_through_an_exported_or_traced_graph_gives_torch_nn_s_gradients(kind, route):
+    """A graph that records lstmfast's ops (program.module(), a traced module) trains: the ops have a
+    first-order backward of their own (a traced graph records the inference form: its backward runs
+    the forward again for the activations). Every parameter's gradient equals torch.nn's through the
+    same route; second order through such a graph is refused."""
+    torch.manual_seed(0)
+    layer = getattr(nn, kind)(4, 5, batch_first=True, num_layers=2, bidirectional=True)
+    theirs = _Head(layer).double()
+    ours = _Head(getattr(lstmfast, kind).from_torch(copy.deepcopy(layer))).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    grads = []
+    for model in (theirs, ours):
+        graph = (torch.export.export(model, (x,)).module() if route == "torch.export"
+                 else torch.jit.trace(model, (x,)))
+        params = dict(graph.named_parameters())
+        grads.append(dict(zip(params, torch.autograd.grad(graph(x).square().sum(), list(params.values())))))
+    assert grads[1].keys() == grads[0].keys() and len(grads[0]) == 2 * 2 + 2 * 2 * (4 if kind != "RNN" else 4)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-10, atol=1e-10)
+    leaf = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="second-order gradients through a graph that recorded lstmfast's op"):
+        torch.autograd.grad(graph(leaf).square().sum(), leaf, create_graph=True)
 
 
 def test_jit_script_names_the_supported_routes():
