@@ -181,8 +181,10 @@ def below_autograd(op, *args):
         return op(*args)
 
 
-def _refuse_second_order(name, grads):
-    if torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads):
+def _refuse_second_order(name, ctx, grads):
+    """A backward asked to build a graph (create_graph=True) over anything that requires grad: this
+    backward's gradients are not differentiable, so it refuses rather than return them as if they were."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*grads, *ctx.saved_tensors)):
         raise RuntimeError(
             f"lstmfast.{name}: second-order gradients through a graph that recorded lstmfast's op "
             "(torch.export, torch.jit.trace) are not supported; the eager or torch.compile'd module has them")
@@ -205,7 +207,7 @@ def _lstm_setup(ctx, inputs, output):
 
 
 def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _gates, _cells):
-    _refuse_second_order("lstm_forward", (grad_output, grad_h_n, grad_c_n))
+    _refuse_second_order("lstm_forward", ctx, (grad_output, grad_h_n, grad_c_n))
     input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output, gates, cells = ctx.saved_tensors
     if not ctx.training:  # (recorded in its inference form: the activations are computed again)
         output, _, _, gates, cells = below_autograd(ops.lstm_forward, input, batch_sizes, h0, c0, w_ih, w_hh,
@@ -225,7 +227,7 @@ def _rnn_setup(ctx, inputs, output):
 
 
 def _rnn_backward(ctx, grad_output, grad_h_n):
-    _refuse_second_order("rnn_forward", (grad_output, grad_h_n))
+    _refuse_second_order("rnn_forward", ctx, (grad_output, grad_h_n))
     input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = ops.rnn_backward(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, output, ctx.nonlinearity,
@@ -242,7 +244,7 @@ def _gru_setup(ctx, inputs, output):
 
 
 def _gru_backward(ctx, grad_output, grad_h_n, _gates):
-    _refuse_second_order("gru_forward", (grad_output, grad_h_n))
+    _refuse_second_order("gru_forward", ctx, (grad_output, grad_h_n))
     input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output, gates = ctx.saved_tensors
     if not ctx.training:
         output, _, gates = below_autograd(ops.gru_forward, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh,
