@@ -52,8 +52,9 @@ def _needs_grad(*tensors):
     """Whether the call must go through the autograd.Function: gradients may be asked for, by
     autograd (an input requires grad), forward-mode AD or a torch.func transform (whose wrapped
     tensors need not report requires_grad; calling the bare op there would leave gradients None).
-    Under torch.jit.trace (and the TorchScript-based ONNX exporter, which traces), never: a traced
-    graph is for inference, and the bare op, unlike the Function, can be saved and checked."""
+    Under torch.jit.trace (and the TorchScript-based ONNX exporter, which traces), never: the bare op,
+    unlike the Function, can be saved and checked (a traced graph still trains: the op has a
+    first-order autograd of its own, lstmfast._ops)."""
     if torch._C._get_tracing_state() is not None:
         return False
     # (Forward mode does not depend on grad mode: tangents flow under no_grad too, as torch.nn's do.)
