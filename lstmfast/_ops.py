@@ -49,10 +49,11 @@ def _fake(name):
 
     def register(fn):
         names = list(inspect.signature(fn).parameters)
+        input_index = names.index("input")
 
         @functools.wraps(fn)
         def fake(*args):
-            device = args[names.index("input")].device
+            device = args[input_index].device
             for arg_name, arg in zip(names, args):
                 if isinstance(arg, torch.Tensor) and arg_name != "batch_sizes" and arg.device != device:
                     raise RuntimeError(f"lstmfast.{name}: expected {arg_name} on device {device} (the device "
@@ -190,9 +191,18 @@ def _refuse_second_order(name, ctx, grads):
             "(torch.export, torch.jit.trace) are not supported; the eager or torch.compile'd module has them")
 
 
-def _mask(needs, input_index, state_indices, weight_indices, bias_indices):
+def backward_mask(needs, input_index, state_indices, weight_indices, bias_indices):
+    """A backward op's output_mask [input, states, weights, biases] from autograd's needs_input_grad and
+    the indices of those inputs among the forward's (lstmfast.functional's Functions take the same)."""
     return [needs[input_index], any(needs[i] for i in state_indices), any(needs[i] for i in weight_indices),
             any(needs[i] for i in bias_indices)]
+
+
+def second_bias_grad(grad_bias, first_returned):
+    """b_hh's gradient, which equals b_ih's (the op computes it once): a copy of its own where b_ih's is
+    returned too, as torch.nn's are two tensors (a gradient hook, torch.autograd.grad or torch.func.grad
+    may modify one in place, and clip_grad_norm_ scales each)."""
+    return grad_bias.clone() if first_returned else grad_bias
 
 
 def _asked(need, grads):
@@ -214,11 +224,11 @@ def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _gates, _cells):
                                                     b_ih, b_hh, w_hr, ctx.reverse, True)
     need = ctx.needs_input_grad
     grads = ops.lstm_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr,
-                              output, gates, cells, ctx.reverse, _mask(need, 0, (2, 3), (4, 5, 8), (6, 7)),
-                              None, False)
+                              output, gates, cells, ctx.reverse,
+                              backward_mask(need, 0, (2, 3), (4, 5, 8), (6, 7)), None, False)
     g_input, g_h0, g_c0, g_w_ih, g_w_hh, g_bias, g_w_hr = grads[:7]
-    return _asked(need, (g_input, None, g_h0, g_c0, g_w_ih, g_w_hh, g_bias,
-                         g_bias.clone() if need[6] else g_bias, g_w_hr, None, None))
+    return _asked(need, (g_input, None, g_h0, g_c0, g_w_ih, g_w_hh, g_bias, second_bias_grad(g_bias, need[6]),
+                         g_w_hr, None, None))
 
 
 def _rnn_setup(ctx, inputs, output):
@@ -231,10 +241,10 @@ def _rnn_backward(ctx, grad_output, grad_h_n):
     input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = ops.rnn_backward(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, output, ctx.nonlinearity,
-                             ctx.reverse, _mask(need, 0, (2,), (3, 4), (5, 6)), None, False)
+                             ctx.reverse, backward_mask(need, 0, (2,), (3, 4), (5, 6)), None, False)
     g_input, g_h0, g_w_ih, g_w_hh, g_bias = grads[:5]
-    return _asked(need, (g_input, None, g_h0, g_w_ih, g_w_hh, g_bias, g_bias.clone() if need[5] else g_bias,
-                         None, None))
+    return _asked(need, (g_input, None, g_h0, g_w_ih, g_w_hh, g_bias, second_bias_grad(g_bias, need[5]), None,
+                         None))
 
 
 def _gru_setup(ctx, inputs, output):
@@ -251,7 +261,7 @@ def _gru_backward(ctx, grad_output, grad_h_n, _gates):
                                           ctx.reverse, True)
     need = ctx.needs_input_grad
     grads = ops.gru_backward(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh, output, gates,
-                             ctx.reverse, _mask(need, 0, (2,), (3, 4), (5, 6)), None, False)
+                             ctx.reverse, backward_mask(need, 0, (2,), (3, 4), (5, 6)), None, False)
     return _asked(need, (grads[0], None, *grads[1:6], None, None))
 
 

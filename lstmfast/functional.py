@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._ops import below_autograd, ops
+from ._ops import backward_mask, below_autograd, ops, second_bias_grad
 
 
 # Receives, during backward, the per-row norms ||dL/dh_t|| and ||dL/dc_t|| (None for a GRU or an RNN),
@@ -201,13 +201,6 @@ def _unwrapped(tensor, dead_only=False):
             not dead_only or torch._C._functorch.maybe_get_level(tensor) == _DEAD_LEVEL):
         tensor = torch._C._functorch.get_unwrapped(tensor)
     return tensor
-
-
-def _second_bias_grad(grad_bias, first_returned):
-    """b_hh's gradient, which equals b_ih's (the op computes it once): a copy of its own where b_ih's is
-    returned too, as torch.nn's are two tensors (a gradient hook, torch.autograd.grad or torch.func.grad
-    may modify one in place, and clip_grad_norm_ scales each)."""
-    return grad_bias.clone() if first_returned else grad_bias
 
 
 def _refuse_clipped_second_order(grad_clip):
@@ -371,7 +364,7 @@ class _LSTMCore(torch.autograd.Function):
         if ctx.norm_sink is not None or not grad_graph:
             output = _saved_output(ctx, output, lambda: below_autograd(ops.lstm_forward,
                 input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ctx.reverse, False)[0])
-            mask = [need[0], need[2] or need[3], need[4] or need[5] or need[8], need[6] or need[7]]
+            mask = backward_mask(need, 0, (2, 3), (4, 5, 8), (6, 7))
             if grad_graph:  # only the norms are wanted from the fused op
                 mask = [False] * 4
             (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, h_norm, c_norm) = (
@@ -396,7 +389,7 @@ class _LSTMCore(torch.autograd.Function):
             grad_w_ih if need[4] else None,
             grad_w_hh if need[5] else None,
             grad_bias if need[6] else None,
-            _second_bias_grad(grad_bias, need[6]) if need[7] else None,
+            second_bias_grad(grad_bias, need[6]) if need[7] else None,
             grad_w_hr if need[8] else None,
             None,
             None,
@@ -451,7 +444,7 @@ class _RNNCore(torch.autograd.Function):
         if ctx.norm_sink is not None or not grad_graph:
             output = _saved_output(ctx, output, lambda: below_autograd(ops.rnn_forward,
                 input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, ctx.nonlinearity, ctx.reverse)[0])
-            mask = [need[0], need[2], need[3] or need[4], need[5] or need[6]]
+            mask = backward_mask(need, 0, (2,), (3, 4), (5, 6))
             if grad_graph:
                 mask = [False] * 4
             grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias, h_norm = ops.rnn_backward(
@@ -473,7 +466,7 @@ class _RNNCore(torch.autograd.Function):
             grad_w_ih if need[3] else None,
             grad_w_hh if need[4] else None,
             grad_bias if need[5] else None,
-            _second_bias_grad(grad_bias, need[5]) if need[6] else None,
+            second_bias_grad(grad_bias, need[5]) if need[6] else None,
             None,
             None,
             None,
@@ -530,7 +523,7 @@ class _GRUCore(torch.autograd.Function):
         if ctx.norm_sink is not None or not grad_graph:
             output = _saved_output(ctx, output, lambda: below_autograd(ops.gru_forward,
                 input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, ctx.reverse, False)[0])
-            mask = [need[0], need[2], need[3] or need[4], need[5] or need[6]]
+            mask = backward_mask(need, 0, (2,), (3, 4), (5, 6))
             if grad_graph:  # only the norms are wanted from the fused op
                 mask = [False] * 4
             grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, h_norm = ops.gru_backward(

@@ -226,13 +226,14 @@ class _RecurrentBase:
         where the layer has no such weight."""
         proj = self.proj_size > 0
         key = (layer, direction, bool(self.bias), bool(proj))
-        names = None if torch.compiler.is_compiling() else _LAYER_WEIGHT_NAMES.get(key)
+        compiling = torch.compiler.is_compiling()  # (Dynamo reads the cache's keys: numpy-integer options)
+        names = None if compiling else _LAYER_WEIGHT_NAMES.get(key)
         if names is None:
             suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
             names = (
                 "weight_ih" + suffix, "weight_hh" + suffix, "bias_ih" + suffix if self.bias else None,
                 "bias_hh" + suffix if self.bias else None, "weight_hr" + suffix if proj else None)
-            if not torch.compiler.is_compiling():
+            if not compiling:
                 _LAYER_WEIGHT_NAMES[key] = names
         get = weights.get
         w_ih, w_hh = get(names[0]), get(names[1])
