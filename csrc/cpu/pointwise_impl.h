@@ -148,7 +148,7 @@ inline vfloat tanh(vfloat x) {
   p = p * z - 3.33332819422e-1f;
   const vfloat small = p * z * x + x;
   const vfloat big = 1.0f - 2.0f / (exp(ax + ax) + 1.0f);
-  return select(ax < 0.625f, small, select(x < 0.0f, -big, big));
+  return select(x == 0.0f, x, select(ax < 0.625f, small, select(x < 0.0f, -big, big)));  // tanh(-0) = -0
 }
 
 inline vdouble tanh(vdouble x) {
@@ -160,7 +160,7 @@ inline vdouble tanh(vdouble x) {
                     4.84406305325125486048e3;
   const vdouble small = x + x * z * (p / q);
   const vdouble big = 1.0 - 2.0 / (exp(ax + ax) + 1.0);
-  return select(ax < 0.625, small, select(x < 0.0, -big, big));
+  return select(x == 0.0, x, select(ax < 0.625, small, select(x < 0.0, -big, big)));  // tanh(-0) = -0
 }
 
 template <typename V>
@@ -275,10 +275,10 @@ void rnn_backward(const RnnBackwardStep<T>& s, int64_t begin, int64_t end, T* hi
       const int64_t n = std::min<int64_t>(kLanes<T>, H - j), e = b * H + j;
       const Vec<T> grad_hidden = load(s.grad_hidden + e, n) + load(s.grad_hidden_extra + e, n);
       const Vec<T> h = load(s.hidden + e, n);
-      const Vec<T> slope = s.nonlinearity == Nonlinearity::Tanh
-                               ? 1 - h * h
-                               : select(h <= 0, Vec<T>{}, splat<Vec<T>>(T(1)));
-      store(s.grad_pre + e, clip(grad_hidden * slope, grad_clip), n);
+      // relu selects, as torch's threshold_backward: a NaN or infinite gradient at h <= 0 gives 0.
+      const Vec<T> grad_pre = s.nonlinearity == Nonlinearity::Tanh ? grad_hidden * (1 - h * h)
+                                                                   : select(h <= 0, Vec<T>{}, grad_hidden);
+      store(s.grad_pre + e, clip(grad_pre, grad_clip), n);
       hidden_sq += grad_hidden * grad_hidden;
     }
     copy_prev_hidden(s.prev_hidden, b);

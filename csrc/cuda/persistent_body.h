@@ -478,7 +478,7 @@ LSTMFAST_PD void rnn_backward_body(const RnnBackwardParams<T>& p, unsigned char*
   backward_steps(g, p.q, s, p.grad_pre, H, mine.count, [&](const StepRowsAt& at, int b, int u) {
     const int64_t j = mine.u0 + u, e = (at.r0 + b) * H + j;
     const float grad_hidden = s.y[b * g.rows + u] + float(p.grad_output[e]);
-    const float d = grad_hidden * kernels::rnn_activation_grad(float(p.output[e]), p.nonlinearity);
+    const float d = kernels::rnn_pre_activation_grad(grad_hidden, float(p.output[e]), p.nonlinearity);
     p.grad_pre[e] = T(kernels::clip(d, p.grad_clip));
     if (p.hidden_prev != nullptr) p.hidden_prev[e] = previous_hidden(p.output, p.hidden_initial, at, b, j, H);
   });

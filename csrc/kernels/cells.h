@@ -131,12 +131,13 @@ LSTMFAST_HD acc_t rnn_activation(acc_t a, Nonlinearity nl) {
   return a < acc_t(0) ? acc_t(0) : a;
 }
 
-// phi'(a) expressed through the saved output h = phi(a). For relu, as torch's threshold_backward:
-// zero where h <= 0, one elsewhere (NaN included, so a NaN output passes its gradient on).
+// dL/da from dL/dh, phi'(a) expressed through the saved output h = phi(a). For relu, as torch's
+// threshold_backward selects rather than multiplies: zero where h <= 0 even for a NaN or infinite
+// gradient, which passes unchanged elsewhere (a NaN output included).
 template <typename acc_t>
-LSTMFAST_HD acc_t rnn_activation_grad(acc_t h, Nonlinearity nl) {
-  if (nl == Nonlinearity::Tanh) return acc_t(1) - h * h;
-  return h <= acc_t(0) ? acc_t(0) : acc_t(1);
+LSTMFAST_HD acc_t rnn_pre_activation_grad(acc_t grad_hidden, acc_t h, Nonlinearity nl) {
+  if (nl == Nonlinearity::Tanh) return grad_hidden * (acc_t(1) - h * h);
+  return h <= acc_t(0) ? acc_t(0) : grad_hidden;
 }
 
 }  // namespace lstmfast::kernels

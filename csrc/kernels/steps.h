@@ -145,7 +145,7 @@ template <typename scalar_t, typename acc_t>
 LSTMFAST_HD acc_t rnn_backward_point(const RnnBackwardStep<scalar_t>& s, int64_t b, int64_t j) {
   const int64_t e = b * s.hidden_size + j;
   const acc_t grad_hidden = acc_t(s.grad_hidden[e]) + acc_t(s.grad_hidden_extra[e]);
-  const acc_t d = grad_hidden * rnn_activation_grad(acc_t(s.hidden[e]), s.nonlinearity);
+  const acc_t d = rnn_pre_activation_grad(grad_hidden, acc_t(s.hidden[e]), s.nonlinearity);
   s.grad_pre[e] = clip(d, acc_t(s.grad_clip));
   prev_hidden_point(s.prev_hidden, b, j);
   return grad_hidden * grad_hidden;
