@@ -101,6 +101,14 @@ def _complex_checks(cell, grad_clip, norm_sink, input, **tensors):
                            "does); use grad_clip=None outside lstmfast.diagnostics")
 
 
+def _input_to_save(input):
+    """The layer's input as the Function saves it: a view with other strides (batch_first input,
+    transposed or sliced) becomes a contiguous copy of its own, which the op makes anyway, as torch.nn
+    saves one: the caller may then modify their tensor in place after the forward, and under
+    saved-tensor hooks (which check no versions) such a change cannot reach the gradients."""
+    return input.contiguous()
+
+
 def _check_grad_clip(grad_clip):
     if grad_clip is None:
         return
@@ -123,9 +131,6 @@ def _saved(ctx, layout):
     return [next(saved) if here else None for here in layout]
 
 
-_UNPACKED = "unpacked"  # ctx.output_watch under saved-tensor hooks: watch the tensor they hand back
-
-
 def _save_output(ctx, output):
     """Saves the forward output for backward so that callers may still modify it in place (as torch.nn
     allows): autograd checks saved tensors' versions, so the output is saved through an alias of its
@@ -135,18 +140,17 @@ def _save_output(ctx, output):
     (wrapped tensors), the output is saved as it is.
 
     Under saved-tensor hooks (torch.utils.checkpoint, save_on_cpu), which must own the only reference
-    to what is saved (to move it off the GPU, or drop it), the output is saved as it is too, and
-    autograd checks no versions there: its version now is kept instead, and a backward whose unpacked
-    output has another one recomputes it. Hooks that return the output itself (save_on_cpu on the
-    CPU, identity hooks) show the caller's modification so; hooks that copy copied it before any;
-    non-reentrant checkpoint's recomputation replays the caller's in-place op on its own output."""
+    to what is saved (to move it off the GPU, or drop it), autograd checks no versions and a hook may
+    hand back anything (the output itself, a copy made when packing, a copy made when unpacking, or a
+    recomputation): a private copy of the output is saved there instead, which no in-place change by
+    the caller can reach, as torch.nn saves nothing the caller holds."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
             or torch._C._functorch.is_functorch_wrapped_tensor(output):
         ctx.output_watch = None
         return output
     if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
-        ctx.output_watch, ctx.output_version = _UNPACKED, output._version
-        return output
+        ctx.output_watch = None
+        return output.clone()
     alias = output.new_empty((0,)).set_(output)  # same memory, shape and strides; a new counter
     ctx.output_watch, ctx.output_version = output.detach(), output._version
     return alias
@@ -156,7 +160,7 @@ def _saved_output(ctx, output, recompute):
     """The forward output as it was computed: `output` (as unpacked from the saved tensors) unless the
     caller modified it in place since, in which case `recompute()` runs the forward again."""
     watch = ctx.output_watch
-    if watch is not None and (output if watch is _UNPACKED else watch)._version != ctx.output_version:
+    if watch is not None and watch._version != ctx.output_version:
         return recompute()
     return output
 
@@ -597,6 +601,7 @@ def lstm(
                               reverse=reverse)
     input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        input = _input_to_save(input)
         outputs = _apply(LSTMFunction, _LSTMCore, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                          w_hr, reverse, grad_clip, norm_sink)[:3]
     else:
@@ -630,6 +635,7 @@ def rnn(
                              batch_sizes=batch_sizes, reverse=reverse)
     input, h0, w_ih, w_hh, b_ih, b_hh = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
+        input = _input_to_save(input)
         outputs = _apply(RNNFunction, _RNNCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh,
                          nonlinearity, reverse, grad_clip, norm_sink)
     else:
@@ -665,6 +671,7 @@ def gru(
         return reference.gru(input, w_ih, w_hh, b_ih, b_hh, h0=h0, batch_sizes=batch_sizes, reverse=reverse)
     input, h0, w_ih, w_hh, b_ih, b_hh = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
+        input = _input_to_save(input)
         outputs = _apply(GRUFunction, _GRUCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse,
                          grad_clip, norm_sink)[:2]
     else:

@@ -2,6 +2,7 @@
 order, torch.compile of training steps, torch.func transforms, in-place use of outputs, CPU float16 /
 bfloat16 and CPU autocast."""
 
+import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
@@ -544,6 +545,7 @@ SAVINGS = {
     "save_on_cpu": torch.autograd.graph.save_on_cpu,
     "identity hooks": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
     "copying hooks": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t),
+    "hooks copying when unpacking": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.clone()),
 }
 
 
@@ -553,8 +555,9 @@ SAVINGS = {
 def test_inplace_on_output_under_saved_tensor_hooks(cell, operation, saving):
     """The output modified in place inside saved-tensor hooks (save_on_cpu, which on the CPU saves the
     output itself; hooks that copy; non-reentrant checkpoint, whose recomputation replays the in-place
-    op, as in a checkpointed block ending in ReLU(inplace=True)): torch.nn's gradients. Autograd checks
-    no versions under hooks: lstmfast watches the one it saved."""
+    op, as in a checkpointed block ending in ReLU(inplace=True); hooks that keep what they are given and
+    copy it when unpacking, after the change): torch.nn's gradients. Autograd checks no versions under
+    hooks: lstmfast saves a copy of its own there."""
     theirs, ours = _pair(cell, input_size=3, hidden=4, num_layers=2)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
 
@@ -571,6 +574,26 @@ def test_inplace_on_output_under_saved_tensor_hooks(cell, operation, saving):
             with SAVINGS[saving]():
                 out = block(module, leaf)
         results.append(torch.autograd.grad(out.pow(2).sum(), [leaf] + list(module.parameters())))
+    assert_all_close(results[1], results[0], **F64)
+
+
+@pytest.mark.parametrize("saving", [None, *SAVINGS])
+@pytest.mark.parametrize("layout", ["batch_first", "strided"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_input_view_modified_in_place_after_forward(cell, layout, saving):
+    """A caller's input that is a view with other strides (batch_first, a step-sliced tensor), modified
+    in place after the forward: torch.nn saves a copy of its own, so its gradients are those of the
+    input as it was, with or without saved-tensor hooks (under which autograd checks no versions)."""
+    options = dict(batch_first=True) if layout == "batch_first" else {}
+    theirs, ours = _pair(cell, input_size=3, hidden=4, **options)
+    results = []
+    for module in (theirs, ours):
+        base = torch.randn(2, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        x = base[..., ::2] if layout == "batch_first" else base.transpose(0, 1)[..., 1::2]
+        with SAVINGS[saving]() if saving else contextlib.nullcontext():
+            out = module(x)[0]
+        base.mul_(2)
+        results.append(torch.autograd.grad(out.pow(2).sum(), list(module.parameters())))
     assert_all_close(results[1], results[0], **F64)
 
 
