@@ -16,9 +16,11 @@ Second order: a backward that builds a graph (``create_graph=True``, ``torch.aut
 and returns its differentiable gradients (torch.nn's numbers); the fused first-order path is
 unchanged when no graph is asked for. ``norm_sink`` then still receives the fused kernel's norms (one
 extra fused backward). With ``grad_clip`` set, second order is refused with a RuntimeError (the clamp
-has no derivative we commit to). Forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``) also
-goes through the reference; ``torch.func.grad``, ``vjp``, ``jacrev``, ``hessian`` and ``vmap`` work
-(vmap loops over the batch).
+has no derivative we commit to). Under forward mode (``torch.func.jvp``, ``jacfwd``, ``hessian``,
+``torch.autograd.forward_ad`` with a tangent on the layer's inputs) the layer runs the reference's
+plain PyTorch ops, as torch.nn's native path does, so that every derivative of it is torch's own;
+grad_clip and ``norm_sink`` are refused there. ``torch.func.grad``, ``vjp``, ``jacrev`` and ``vmap``
+use the fused kernels (vmap loops over the batch).
 
 The output may be modified in place (``out += x``, ``relu_``, in-place dropout) as torch.nn's: the
 backward then recomputes the forward output it needs.
@@ -57,10 +59,35 @@ def _needs_grad(*tensors):
     first-order autograd of its own, lstmfast._ops)."""
     if torch._C._get_tracing_state() is not None:
         return False
-    # (Forward mode does not depend on grad mode: tangents flow under no_grad too, as torch.nn's do.)
-    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+    if torch._C._are_functorch_transforms_active():
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _forward_mode(*tensors):
+    """Whether forward-mode AD reaches this call: a torch.func transform that pushes tangents forward
+    (jvp, jacfwd, hessian, linearize) is active, or torch.autograd.forward_ad has a level open and one
+    of the tensors carries a tangent at it. The layer then runs lstmfast.reference's plain PyTorch ops,
+    as torch.nn's native path does, whose derivatives of every order, forward over forward and forward
+    over reverse included, are torch's own."""
+    if torch._C._are_functorch_transforms_active():
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        jvp = torch._C._functorch.TransformType.Jvp
+        if any(i.key() == jvp for i in retrieve_all_functorch_interpreters()):
+            return True
+    if torch.autograd.forward_ad._current_level >= 0:
+        return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return False
+
+
+def _reference_checks(grad_clip, norm_sink, why):
+    """grad_clip and the gradient-norm diagnostics are lstmfast's fused backward's own: a layer that
+    runs lstmfast.reference (`why`) has neither."""
+    if grad_clip is not None or norm_sink is not None:
+        raise RuntimeError(f"lstmfast: grad_clip and gradient-norm diagnostics are not defined for {why} "
+                           "(the layer runs lstmfast.reference's plain PyTorch ops there, as torch.nn's native "
+                           "path does); use grad_clip=None outside lstmfast.diagnostics")
 
 
 def _autocast(*tensors):
@@ -95,10 +122,7 @@ def _complex_checks(cell, grad_clip, norm_sink, input, **tensors):
         if t is not None and t.dtype != input.dtype:
             raise RuntimeError(f"lstmfast.{cell}: expected {name} to have dtype {input.dtype} (the dtype of "
                                f"input), but got {t.dtype}")
-    if grad_clip is not None or norm_sink is not None:
-        raise RuntimeError("lstmfast: grad_clip and gradient-norm diagnostics are not defined for complex "
-                           "layers (they run lstmfast.reference's plain PyTorch ops, as torch.nn's native path "
-                           "does); use grad_clip=None outside lstmfast.diagnostics")
+    _reference_checks(grad_clip, norm_sink, "complex layers")
 
 
 def _input_to_save(input):
@@ -117,13 +141,10 @@ def _check_grad_clip(grad_clip):
 
 
 def _save(ctx, tensors):
-    """Saves the given tensors (None entries too) for backward and for jvp: the same list for both, as
-    torch.func's generated vmap rules keep one record of the saved tensors' batch dims, and only the
-    tensors themselves (those rules need no None among them)."""
+    """Saves the given tensors (None entries too) for backward: only the tensors themselves (torch.func's
+    generated vmap rules need no None among them), their places in ctx.saved_layout."""
     ctx.saved_layout = [t is not None for t in tensors]
-    present = [t for t in tensors if t is not None]
-    ctx.save_for_backward(*present)
-    ctx.save_for_forward(*present)
+    ctx.save_for_backward(*[t for t in tensors if t is not None])
 
 
 def _saved(ctx, layout):
@@ -182,7 +203,11 @@ def _builds_graph(*tensors, exited):
     is needed only when another differentiating transform (grad, jvp) is active too, or when plain
     autograd outside them tracks the underlying tensors; else the fused first-order kernels serve.
     When the backward's own transform has `exited` (see _backward_inputs), every differentiating
-    transform still active is an enclosing one (hessian's jvp around jacrev's vjp)."""
+    transform still active is an enclosing one (hessian's jvp around jacrev's vjp). Under forward-mode
+    AD with a tangent on what the backward receives (forward over reverse), always: the gradients'
+    tangents come from differentiating them, as torch.nn's do."""
+    if torch.autograd.forward_ad._current_level >= 0 and _forward_mode(*tensors):
+        return True
     if not torch.is_grad_enabled():
         return False
     if torch._C._are_functorch_transforms_active():
@@ -286,54 +311,13 @@ def _backward_inputs(ctx, grads):
     return alive_saved, alive_grads, exited
 
 
-def _jvp(reference_fn, primals, tangents):
-    """Forward-mode derivative of a layer through lstmfast.reference: with torch.func.jvp under a
-    torch.func transform; under torch.autograd.forward_ad (whose levels do not nest) by reverse mode
-    twice, the jvp being the gradient of the vjp with respect to the cotangents."""
-    if torch._C._are_functorch_transforms_active():
-        return _func_jvp(reference_fn, primals, tangents)
-    moving = [i for i, t in enumerate(tangents) if t is not None and primals[i] is not None]
-    # With grad mode on, the tangents are differentiable (torch.nn's are): primals that require grad
-    # (a module's Parameters) enter as they are, so the result keeps their graph; the others are
-    # detached, moving ones as leaves of their own.
-    graph = torch.is_grad_enabled()
-    with torch.enable_grad():
-        leaves = [None if p is None else p if graph and p.requires_grad else p.detach().requires_grad_(i in moving)
-                  for i, p in enumerate(primals)]
-        outputs = reference_fn(*leaves)
-        if not moving:
-            return tuple(torch.zeros_like(o) for o in outputs)
-        cotangents = [torch.zeros_like(o, requires_grad=True) for o in outputs]
-        grads = torch.autograd.grad(outputs, [leaves[i] for i in moving], cotangents, create_graph=True,
-                                    allow_unused=True)
-        pairs = [(g, tangents[i]) for g, i in zip(grads, moving) if g is not None]
-        result = torch.autograd.grad([g for g, _ in pairs], cotangents, [t for _, t in pairs],
-                                     allow_unused=True, create_graph=graph)
-    return tuple(r if r is not None else torch.zeros_like(o) for r, o in zip(result, outputs))
-
-
-def _func_jvp(reference_fn, primals, tangents):
-    present = [i for i, p in enumerate(primals) if p is not None]
-
-    def layer(*args):
-        full = list(primals)
-        for i, a in zip(present, args):
-            full[i] = a
-        return tuple(reference_fn(*full))
-
-    args = tuple(primals[i] for i in present)
-    tans = tuple(tangents[i] if tangents[i] is not None else torch.zeros_like(primals[i])
-                 for i in present)
-    return torch.func.jvp(layer, args, tans)[1]
-
-
 class _LSTMCore(torch.autograd.Function):
     """Autograd for one LSTM layer: forward and backward are each one call of a fused op.
 
     A backward asked to build a graph (create_graph=True, torch.autograd.functional.hvp/hessian,
     gradgradcheck) recomputes the layer with lstmfast.reference under autograd instead, so that its
-    gradients are differentiable; forward-mode AD (jvp) goes through the reference the same way.
-    Forward also returns the saved activations (gates, cells), non-differentiable, which
+    gradients are differentiable. Forward-mode AD never reaches it: the layer runs lstmfast.reference
+    then (see _forward_mode). Forward also returns the saved activations (gates, cells), non-differentiable, which
     :func:`lstm` drops."""
 
     generate_vmap_rule = True
@@ -410,16 +394,9 @@ class LSTMFunction(_LSTMCore):
         from .onnx_export import legacy_lstm
         return legacy_lstm(g, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
 
-    @staticmethod
-    def jvp(ctx, t_input, _t_batch_sizes, t_h0, t_c0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_w_hr, *_):
-        input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _saved(ctx, ctx.saved_layout)[:9]
-        tangents = _jvp(_lstm_reference(batch_sizes, ctx.reverse), [input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr],
-                        [t_input, t_h0, t_c0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, t_w_hr])
-        return (*tangents, None, None)
-
 
 class _RNNCore(torch.autograd.Function):
-    """Autograd for one Elman RNN layer (tanh or relu); second order and jvp as :class:`LSTMFunction`."""
+    """Autograd for one Elman RNN layer (tanh or relu); second order as :class:`LSTMFunction`."""
 
     generate_vmap_rule = True
 
@@ -488,15 +465,9 @@ class RNNFunction(_RNNCore):
         from .onnx_export import legacy_rnn
         return legacy_rnn(g, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
 
-    @staticmethod
-    def jvp(ctx, t_input, _t_batch_sizes, t_h0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, *_):
-        input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh = _saved(ctx, ctx.saved_layout)[:7]
-        return _jvp(_rnn_reference(batch_sizes, ctx.nonlinearity, ctx.reverse), [input, h0, w_ih, w_hh, b_ih, b_hh],
-                    [t_input, t_h0, t_w_ih, t_w_hh, t_b_ih, t_b_hh])
-
 
 class _GRUCore(torch.autograd.Function):
-    """Autograd for one GRU layer; second order and jvp as :class:`LSTMFunction`. Forward also returns
+    """Autograd for one GRU layer; second order as :class:`LSTMFunction`. Forward also returns
     the saved activations (gates: r, z, n and W_hn h + b_hn), non-differentiable, which :func:`gru`
     drops. Unlike the LSTM's and RNN's, the two bias gradients differ (the reset gate multiplies the
     recurrent part of n only), so the backward op returns both."""
@@ -564,13 +535,6 @@ class GRUFunction(_GRUCore):
         from .onnx_export import legacy_gru
         return legacy_gru(g, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse)
 
-    @staticmethod
-    def jvp(ctx, t_input, _t_batch_sizes, t_h0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, *_):
-        input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh = _saved(ctx, ctx.saved_layout)[:7]
-        tangents = _jvp(_gru_reference(batch_sizes, ctx.reverse), [input, h0, w_ih, w_hh, b_ih, b_hh],
-                        [t_input, t_h0, t_w_ih, t_w_hh, t_b_ih, t_b_hh])
-        return (*tangents, None)
-
 
 def lstm(
     input: Tensor,
@@ -600,6 +564,10 @@ def lstm(
         return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=h0, c0=c0, batch_sizes=batch_sizes,
                               reverse=reverse)
     input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    if _forward_mode(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        _reference_checks(grad_clip, norm_sink, "forward-mode AD")
+        return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=h0, c0=c0, batch_sizes=batch_sizes,
+                              reverse=reverse)
     if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         input = _input_to_save(input)
         outputs = _apply(LSTMFunction, _LSTMCore, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
@@ -634,6 +602,10 @@ def rnn(
         return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, h0=h0,
                              batch_sizes=batch_sizes, reverse=reverse)
     input, h0, w_ih, w_hh, b_ih, b_hh = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
+    if _forward_mode(input, h0, w_ih, w_hh, b_ih, b_hh):
+        _reference_checks(grad_clip, norm_sink, "forward-mode AD")
+        return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, h0=h0,
+                             batch_sizes=batch_sizes, reverse=reverse)
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
         input = _input_to_save(input)
         outputs = _apply(RNNFunction, _RNNCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh,
@@ -670,6 +642,9 @@ def gru(
         _complex_checks("gru", grad_clip, norm_sink, input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
         return reference.gru(input, w_ih, w_hh, b_ih, b_hh, h0=h0, batch_sizes=batch_sizes, reverse=reverse)
     input, h0, w_ih, w_hh, b_ih, b_hh = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
+    if _forward_mode(input, h0, w_ih, w_hh, b_ih, b_hh):
+        _reference_checks(grad_clip, norm_sink, "forward-mode AD")
+        return reference.gru(input, w_ih, w_hh, b_ih, b_hh, h0=h0, batch_sizes=batch_sizes, reverse=reverse)
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
         input = _input_to_save(input)
         outputs = _apply(GRUFunction, _GRUCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse,

@@ -476,6 +476,83 @@ def test_forward_ad_tangents_are_differentiable_like_torch_nn(cell, grad_mode):
     assert_all_close(results(ours), results(theirs), **F64)
 
 
+FORWARD_MODE_CASES = ["jvp of jvp", "jacfwd of jacfwd", "hessian", "forward over reverse", "dual cotangent",
+                      "state carried with dual weights", "frozen layer", "inference mode", "jvp under no_grad"]
+
+
+@pytest.mark.parametrize("case", FORWARD_MODE_CASES)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_forward_mode_compositions_equal_torch_nn(cell, case):
+    """Forward mode composed with itself, with reverse mode and with grad modes: torch.nn's tangents,
+    gradients and requires_grad flags (the layer runs lstmfast.reference under forward mode)."""
+    import torch.autograd.forward_ad as fwAD
+
+    theirs, ours = _pair(cell, input_size=2, hidden=3, num_layers=2)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 2, dtype=torch.float64, generator=g)
+    v = torch.randn(x.shape, dtype=torch.float64, generator=g)
+
+    def results(module):
+        out = lambda z: module(z)[0]
+        if case == "jvp of jvp":
+            return [torch.func.jvp(lambda y: torch.func.jvp(out, (y,), (v,))[1], (x,), (v,))[1]]
+        if case in ("jacfwd of jacfwd", "hessian"):
+            loss = lambda z: out(z).pow(3).sum()
+            twice = torch.func.hessian(loss) if case == "hessian" else torch.func.jacfwd(torch.func.jacfwd(loss))
+            return [twice(x[:, :1])]
+        if case == "forward over reverse":
+            with fwAD.dual_level():
+                leaf = fwAD.make_dual(x.clone().requires_grad_(), v)
+                grads = torch.autograd.grad(out(leaf).pow(2).sum(), [leaf, *module.parameters()])
+                return [fwAD.unpack_dual(gr).tangent for gr in grads]
+        if case == "dual cotangent":
+            leaf = x.clone().requires_grad_()
+            y = out(leaf)
+            with fwAD.dual_level():
+                cotangent = fwAD.make_dual(torch.ones_like(y), torch.linspace(-1, 1, y.numel()).view_as(y))
+                grads = torch.autograd.grad(y, [leaf, *module.parameters()], cotangent)
+                return [fwAD.unpack_dual(gr).tangent for gr in grads]
+        if case == "state carried with dual weights":
+            with fwAD.dual_level():
+                params = dict(module.named_parameters())
+                params["weight_hh_l0"] = fwAD.make_dual(params["weight_hh_l0"], torch.ones_like(params["weight_hh_l0"]))
+                _, state = torch.func.functional_call(module, params, (x[:2],))
+                y, _ = torch.func.functional_call(module, params, (x[2:], state))
+                return [fwAD.unpack_dual(y).tangent]
+        if case == "frozen layer":
+            module.requires_grad_(False)
+            with fwAD.dual_level():
+                tangent = fwAD.unpack_dual(out(fwAD.make_dual(x, v))).tangent
+            assert not tangent.requires_grad and tangent.grad_fn is None
+            return [tangent]
+        if case == "inference mode":
+            with torch.inference_mode(), fwAD.dual_level():
+                return [out(x)]
+        with torch.no_grad():
+            primal, tangent = torch.func.jvp(out, (x,), (v,))
+        assert not primal.requires_grad
+        return [primal, tangent]
+
+    expected, actual = results(theirs), results(ours)
+    assert all(e is not None and e.abs().sum() > 0 for e in expected)
+    assert all(a is not None for a in actual)
+    assert_all_close(actual, expected, **F64)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_forward_mode_with_grad_clip_is_refused(cell):
+    """Forward mode runs lstmfast.reference, which has no grad_clip: refused, not silently unclipped."""
+    import torch.autograd.forward_ad as fwAD
+
+    _, ours = _pair(cell)
+    ours.grad_clip = 1.0
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="grad_clip and gradient-norm diagnostics are not defined for forward-mode AD"):
+        torch.func.jvp(lambda z: ours(z)[0], (x,), (x,))
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="not defined for forward-mode AD"):
+        ours(fwAD.make_dual(x, x))
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_autograd_functional_vectorized_equals_torch_nn(cell):
     """torch.autograd.functional.jacobian / hessian with vectorize=True (backward under autograd's own
