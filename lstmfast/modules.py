@@ -142,6 +142,16 @@ class _RecurrentBase:
         # recorder(layer, direction, hidden_norms, cell_norms) from inside backward.
         self._gradient_recorder = None
 
+    def __setstate__(self, state):
+        # A pickle of torch.nn's layer unpickled as lstmfast's (or of an lstmfast layer from before an
+        # extra existed) has none of the extras: their defaults, as torch.nn's own __setstate__ fills in
+        # what older pickles of its layers lack.
+        super().__setstate__(state)
+        self.__dict__.setdefault("grad_clip", None)
+        self.__dict__.setdefault("_gradient_recorder", None)
+        if self._kind == "LSTM":
+            self.__dict__.setdefault("forget_bias", 0.0)
+
     @staticmethod
     def _check_constructor_args(args, kwargs, positions):
         for name, position in positions:
@@ -358,6 +368,13 @@ class _RecurrentBase:
     def forward(self, input, hx=None):
         kind = self._kind
         weights = self._current_weights()
+        needed = self.num_layers * self._directions * ((4 if self.bias else 2) + (self.proj_size > 0))
+        if len(weights) != needed:
+            # (torch.nn: "Expected more weights in stacked_rnn", also for fewer layers or directions)
+            raise RuntimeError(
+                f"{kind}: the layer holds {len(weights)} weights, but num_layers={self.num_layers}, "
+                f"bidirectional={self.bidirectional}, bias={self.bias}, proj_size={self.proj_size} (as set now) "
+                f"need {needed}: an option was changed after construction")
         weight = weights["weight_ih_l0"]
         if weight is None:  # (torch.nn fails reading its dtype: an AttributeError)
             raise AttributeError(f"{kind}: weight_ih_l0 is None, expected a Tensor")
@@ -534,6 +551,15 @@ def _constructor_options(module, names=_OPTIONS):
 
 
 def _copy_layer(module, cls):
+    for name in module._flat_weights_names:
+        if not isinstance(module._parameters.get(name), nn.Parameter):
+            # (old-style weight_norm / spectral_norm and pruning compute the weight in a hook)
+            ours = isinstance(module, _RecurrentBase)
+            call, fix = (f"lstmfast.{module._kind}.to_torch", "unconvert") if ours else \
+                (f"lstmfast.{cls.__name__}.from_torch", "convert")
+            raise TypeError(f"{call}: the layer's {name} is not a Parameter of its own (weight_norm, "
+                            f"spectral_norm or pruning computes it), so it cannot be shared; "
+                            f"lstmfast.{fix}(layer) changes the layer's class in place and keeps them")
     options = _constructor_options(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.nn's dropout-with-one-layer warning, already given

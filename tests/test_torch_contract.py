@@ -360,20 +360,25 @@ def test_numpy_integer_sizes_as_torch_nn_takes_them(kind):
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-@pytest.mark.parametrize("change,error", [
-    (("bias_hh_l0", None), TypeError), (("weight_hh_l0", None), TypeError), (("weight_ih_l0", None), AttributeError),
-    (("num_layers", 2), RuntimeError), (("bidirectional", True), RuntimeError), (("hidden_size", 5), RuntimeError),
-])
-def test_a_weight_set_to_none_or_options_changed_without_weights_are_refused(kind, change, error):
-    """torch.nn fails on these (a TypeError for a None weight, a RuntimeError from its kernels; its
-    oneDNN LSTM returns an output of the new hidden size read from weights of the old one); lstmfast
-    says what is wrong. It ran them with a zero bias or the old options."""
-    theirs, ours = pair(kind, 3, 4)
+@pytest.mark.parametrize("built,change,error", [
+    ({}, ("bias_hh_l0", None), TypeError), ({}, ("weight_hh_l0", None), TypeError),
+    ({}, ("weight_ih_l0", None), AttributeError), ({}, ("num_layers", 2), RuntimeError),
+    ({}, ("bidirectional", True), RuntimeError), ({}, ("hidden_size", 5), RuntimeError),
+    (dict(num_layers=2), ("num_layers", 1), RuntimeError),
+    (dict(bidirectional=True), ("bidirectional", False), RuntimeError), ({}, ("bias", False), RuntimeError),
+], ids=str)
+def test_a_weight_set_to_none_or_options_changed_without_weights_are_refused(kind, built, change, error):
+    """torch.nn's native path (float64 here) fails on these (a TypeError for a None weight, a
+    RuntimeError from its kernels; its float32 oneDNN LSTM runs them, with the weights that are left
+    or an output of the new hidden size read from weights of the old one); lstmfast says what is
+    wrong, in every dtype. It ran them with a zero bias or the old options, or, with fewer layers or
+    directions or no bias set afterwards, with the weights that were left."""
+    theirs, ours = pair(kind, 3, 4, **built)
     for module in (theirs, ours):
         setattr(module, *change)
-    if not (kind == "LSTM" and change[0] == "hidden_size"):
-        assert _outcome(theirs, torch.randn(5, 2, 3))[0] is error
+    assert _outcome(theirs.double(), torch.randn(5, 2, 3, dtype=F64))[0] is error
     assert _outcome(ours, torch.randn(5, 2, 3))[0] is error
+    assert _outcome(ours.double(), torch.randn(5, 2, 3, dtype=F64))[0] is error
 
 
 def test_fx_symbolic_trace_keeps_the_layers_as_leaves():
@@ -581,6 +586,47 @@ def test_convert_old_style_weight_norm_and_pruned_layers(kind):
     torch.testing.assert_close(layer(x)[0], expected, **TOLERANCES[F64])
     layer(x)[0].sum().backward()
     assert layer.weight_hh_l0_g.grad is not None and layer.weight_ih_l1_orig.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_from_torch_and_to_torch_refuse_hook_computed_weights(kind):
+    """from_torch / to_torch share the Parameters; a weight that old-style weight_norm or pruning
+    computes in a hook is none: a TypeError that names convert / unconvert, which keep them."""
+    layer = getattr(nn, kind)(3, 4)
+    torch.nn.utils.weight_norm(layer, "weight_hh_l0")
+    with pytest.raises(TypeError, match=r"from_torch: the layer's weight_hh_l0 is not a Parameter.*lstmfast\.convert"):
+        getattr(lstmfast, kind).from_torch(layer)
+    ours = getattr(lstmfast, kind)(3, 4)
+    prune.l1_unstructured(ours, "weight_ih_l0", amount=0.5)
+    with pytest.raises(TypeError, match=r"to_torch: the layer's weight_ih_l0 is not a Parameter.*lstmfast\.unconvert"):
+        ours.to_torch()
+
+
+class _AsLstmfast(pickle.Unpickler):
+    """Unpickles torch.nn's recurrent layers as lstmfast's (as a pickled model's classes are remapped)."""
+
+    def find_class(self, module, name):
+        if module == "torch.nn.modules.rnn" and name in ("LSTM", "GRU", "RNN"):
+            return getattr(lstmfast, name)
+        return super().find_class(module, name)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_a_torch_nn_pickle_unpickled_as_lstmfast_runs_like_torch_nn(kind):
+    """A pickle of torch.nn's layer has none of lstmfast's extras: unpickled into lstmfast's class it
+    gets their defaults (no grad_clip, forget_bias 0) and runs as the torch.nn layer does."""
+    import io
+
+    torch.manual_seed(0)
+    theirs = getattr(nn, kind)(3, 4, num_layers=2).double()
+    ours = _AsLstmfast(io.BytesIO(pickle.dumps(theirs))).load()
+    assert type(ours) is getattr(lstmfast, kind) and ours.grad_clip is None
+    assert repr(ours) == repr(theirs)
+    x = torch.randn(5, 2, 3, dtype=F64, requires_grad=True)
+    expected = torch.autograd.grad(theirs(x)[0].pow(2).sum(), [x, *theirs.parameters()])
+    actual = torch.autograd.grad(ours(x)[0].pow(2).sum(), [x, *ours.parameters()])
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, **TOLERANCES[F64])
 
 
 def test_convert_leaves_torchscript_modules_with_a_warning():
