@@ -318,12 +318,16 @@ class _RecurrentBase:
 
     # ------------------------------------------------------------------ forward
 
-    def _check_input(self, input: Tensor, packed: bool, weight: Tensor):
+    def _check_input_dim(self, input: Tensor, packed: bool):
         kind = self._kind
         if not packed and input.dim() not in (2, 3):
             if kind != "RNN":  # torch.nn.LSTM's and torch.nn.GRU's wording
                 raise ValueError(f"{kind}: Expected input to be 2D or 3D, got {input.dim()}D instead")
             raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+
+    def _check_input(self, input: Tensor, packed: bool, weight: Tensor):
+        """After _check_input_dim and hx's dimensions (_hx_states), as torch.nn checks them."""
+        kind = self._kind
         if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
             # (torch.nn's GRU and RNN check it so; its LSTM checks padded input so, and packed input
             # fails inside its kernels with a RuntimeError)
@@ -391,6 +395,8 @@ class _RecurrentBase:
                 return leaf
             raise TypeError(f"{kind}: expected input to be a Tensor or a PackedSequence, got "
                             f"{type(input).__name__}")
+        self._check_input_dim(data, packed)
+        given = None if hx is None else self._hx_states(hx, unbatched)
         self._check_input(data, packed, weight)
         if not packed:
             if unbatched:
@@ -403,7 +409,7 @@ class _RecurrentBase:
             # Packed input needs explicit zeros: the op reads the batch size off h0.
             states = [data.new_zeros(s) for s in sizes] if packed else [None] * len(sizes)
         else:
-            states = self._states_of(hx, sizes, unbatched, weight)
+            states = self._states_of(given, sizes, weight)
             if sorted_indices is not None:
                 states = [s.index_select(1, sorted_indices) for s in states]
         if not packed and torch._C._get_tracing_state() is None and data.shape[0] == 0:
@@ -449,13 +455,14 @@ class _RecurrentBase:
             output = layer_input
         return output, (finals[0] if len(finals) == 1 else tuple(finals))
 
-    def _states_of(self, hx, sizes, unbatched, weight):
-        """The initial states given as hx, checked (in torch.nn's order, with its exception types and
-        messages) and made 3-D."""
+    def _hx_states(self, hx, unbatched):
+        """The initial states given as hx, as a list, their number, types and dimensions checked (in
+        torch.nn's order, before the input's dtype and size, with its exception types and messages)
+        and made 3-D; _states_of checks the rest once the batch is known."""
         kind = self._kind
-        lstm = len(sizes) == 2
+        lstm = kind == "LSTM"
         states = list(hx) if lstm and isinstance(hx, (tuple, list)) else [hx]
-        if len(states) != len(sizes) or not all(isinstance(s, Tensor) for s in states):
+        if len(states) != (2 if lstm else 1) or not all(isinstance(s, Tensor) for s in states):
             # torch.nn fails here with an IndexError or an error from deep inside; lstmfast says what
             # it expected.
             got = type(hx).__name__
@@ -471,18 +478,24 @@ class _RecurrentBase:
                 raise RuntimeError(f"For {what} input, hx and cx should also be {want}-D but got "
                                    f"({dims[0]}-D, {dims[1]}-D) tensors")
             raise RuntimeError(f"For {what} input, hx should also be {want}-D but got {dims[0]}-D tensor")
-        if unbatched:
-            states = [s.unsqueeze(1) for s in states]
-        c0 = states[1] if lstm else None
+        return [s.unsqueeze(1) for s in states] if unbatched else states
+
+    def _states_of(self, states, sizes, weight):
+        """The initial states from _hx_states, an LSTM's c_0 promoted as torch.nn does, their shapes
+        and devices checked."""
+        states = list(states)
+        c0 = states[1] if len(states) == 2 else None
         device = weight.device.type
         if c0 is not None and c0.dtype != weight.dtype and not c0.is_complex() and c0.device == weight.device \
                 and torch.promote_types(c0.dtype, weight.dtype) == weight.dtype \
-                and (weight.dtype == torch.float64 or not torch.is_autocast_enabled(device)):
+                and (weight.dtype == torch.float64 or not torch.is_autocast_enabled(device)
+                     or not c0.is_floating_point()):
             # torch.nn's LSTM promotes a c_0 of a lower-precision or integer dtype where its native path
             # runs (always for float64; for float32 with oneDNN off: its first use, f * c_0, promotes);
             # widening it first is exact and gives the same numbers. Such an h_0 it refuses, as
             # lstmfast does. Under autocast, a float64 layer is left alone and so is its c_0: torch.nn
-            # promotes it as it is (not rounded to the autocast dtype first).
+            # promotes it as it is (not rounded to the autocast dtype first); an integer c_0 (which
+            # autocast does not cast) is widened under autocast too, as torch.nn's LSTM takes it there.
             states[1] = c0.to(weight.dtype)
         for index, (s, size) in enumerate(zip(states, sizes)):
             self._check_state(s, index, size, weight)

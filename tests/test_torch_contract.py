@@ -268,6 +268,45 @@ def _check_c0_promotion(theirs, ours, x, h0, c0_dtype, dtype, forward_context=co
         ours(x, (h0.to(c0_dtype), c0s[1]))
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_an_integer_c0_under_cpu_autocast_is_taken_as_torch_nn_takes_it(autocast_dtype, packed):
+    """Autocast casts no integer tensor: torch.nn's LSTM widens such a c_0 there (on the paths that run;
+    its oneDNN path refuses a padded one); lstmfast widens it too and runs in the autocast dtype."""
+    theirs, ours = pair("LSTM", 3, 4)
+    x = torch.randn(5, 2, 3)
+    hx = (torch.randn(1, 2, 4), torch.randint(-2, 3, (1, 2, 4)))
+    if packed:
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 3])
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        expected, actual = _outcome(theirs, x, hx), _outcome(ours, x, hx)
+    assert actual[0] is None
+    out = actual[1][0].data if packed else actual[1][0]
+    assert out.dtype == autocast_dtype
+    if expected[0] is None:
+        reference = expected[1][0].data if packed else expected[1][0]
+        assert reference.dtype == out.dtype
+        torch.testing.assert_close(out.float(), reference.float(), rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=autocast_dtype):  # the same c_0 as a float: the same results
+        again = ours(x, (hx[0], hx[1].float()))[0]
+    assert torch.equal(again.data if packed else again, out)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("case", ["float64 input", "wrong input size", "integer input"])
+def test_hx_dimensions_are_checked_before_the_input_as_torch_nn_does(kind, case):
+    """With both a 2-D hx for a batched input and a wrong input dtype or size, torch.nn reports hx's
+    dimensions first (a RuntimeError, where the input's dtype alone is a ValueError)."""
+    theirs, ours = pair(kind, 3, 4)
+    x = {"float64 input": torch.randn(5, 2, 3, dtype=F64), "wrong input size": torch.randn(5, 2, 4),
+         "integer input": torch.randint(0, 3, (5, 2, 3))}[case]
+    hx = (torch.randn(1, 4), torch.randn(1, 4)) if kind == "LSTM" else torch.randn(1, 4)
+    expected = _outcome(theirs, x, hx)[0]
+    assert expected is RuntimeError
+    with pytest.raises(expected, match="should also be 3-D"):
+        ours(x, hx)
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_pruning(kind):
     theirs, ours = pair(kind, 3, 5, bidirectional=True)
