@@ -19,6 +19,7 @@ import functools
 import numbers
 import operator
 import sys
+import threading
 import warnings
 import weakref
 from typing import Optional
@@ -76,12 +77,17 @@ def _outside_tracing():
         torch._C._set_tracing_state(tracing)
 
 
+# Held around lstmfast's own warnings.catch_warnings() blocks: catch_warnings saves and restores the
+# process's filters without a lock before Python 3.14, so two threads' blocks interleaving left an
+# "ignore everything" filter installed for good.
+_WARNINGS_LOCK = threading.Lock()
+
+
 def _ask_torch_nn(kind, options, packed, input_dtype, state_dtypes, param_dtype, autocast_dtype, grad_enabled):
     if options.get("proj_size"):
         options["proj_size"] = 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        layer = getattr(nn, kind)(1, 2, **options, device="meta", dtype=param_dtype).to_empty(device="cpu")
+    options.pop("dropout", None)  # (no bearing on dtypes; without it, no dropout-with-one-layer warning)
+    layer = getattr(nn, kind)(1, 2, **options, device="meta", dtype=param_dtype).to_empty(device="cpu")
     directions = 2 if options.get("bidirectional") else 1
     lengths = {"ragged": [2, 1], "empty": []}.get(packed, [2, 2])
     with torch.autocast("cpu", enabled=False), torch.no_grad():
@@ -97,7 +103,7 @@ def _ask_torch_nn(kind, options, packed, input_dtype, state_dtypes, param_dtype,
                       for w, d in zip(widths, state_dtypes)]
             hx = tuple(states) if kind == "LSTM" else states[0]
     found = None
-    with torch.autocast("cpu", dtype=autocast_dtype), torch.set_grad_enabled(grad_enabled), \
+    with torch.autocast("cpu", dtype=autocast_dtype), torch.set_grad_enabled(grad_enabled), _WARNINGS_LOCK, \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (torch.nn's own notes, e.g. on projections and oneDNN)
         try:
@@ -574,9 +580,11 @@ def _copy_layer(module, cls):
                             f"spectral_norm or pruning computes it), so it cannot be shared; "
                             f"lstmfast.{fix}(layer) changes the layer's class in place and keeps them")
     options = _constructor_options(module)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.nn's dropout-with-one-layer warning, already given
-        new = cls(module.input_size, module.hidden_size, **options, device="meta")
+    # Built without dropout, which is set afterwards: torch.nn's dropout-with-one-layer warning, given
+    # when the layer was built, is not given again (and no warnings filter is touched: catch_warnings
+    # is not thread-safe before Python 3.14).
+    new = cls(module.input_size, module.hidden_size, **{**options, "dropout": 0.0}, device="meta")
+    new.dropout = options["dropout"]
     for name in module._flat_weights_names:
         setattr(new, name, getattr(module, name))
     new._init_flat_weights()

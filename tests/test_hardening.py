@@ -547,6 +547,29 @@ def test_concurrent_python_threads_match_sequential():
     assert len(results) == 5 * len(samples)
 
 
+def test_threads_leave_the_warnings_filters_as_they_were():
+    """Layers converted (from_torch) and first called under CPU autocast (which asks torch.nn for its
+    result dtypes once per kind of call) in several threads at once: the process's warnings filters
+    stay as they were (interleaved warnings.catch_warnings blocks, not thread-safe before Python 3.14,
+    left an "ignore everything" filter installed) and warnings still reach the user."""
+    def work(k):
+        for i in range(12):
+            lstmfast.LSTM.from_torch(nn.LSTM(4, 6, num_layers=2))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                lstmfast.GRU(4, 6, num_layers=1 + (i + k) % 6, bidirectional=bool(k % 2))(torch.randn(3, 2, 4))
+
+    work(0)  # (imports that add filters of their own, once)
+    before = list(warnings.filters)
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert warnings.filters == before
+    with pytest.warns(UserWarning, match="still shown"):
+        warnings.warn("still shown")
+
+
 # ------------------------------------------------------------------------------------------------
 # Long sequences: memory saved for backward is linear in T, with a stated number of bytes per step
 
