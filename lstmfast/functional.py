@@ -280,6 +280,19 @@ def _differentiable_grads(reference_fn, tensors, grads, needed):
     if not wanted:
         return result
 
+    if not torch._C._are_functorch_transforms_active() and all(tensors[i].requires_grad for i in wanted):
+        # Plain autograd where everything asked for is tracked by it: no transform's wrappers around
+        # every op of the Python time loop.
+        with torch.enable_grad():
+            pairs = [(o, g) for o, g in zip(reference_fn(*tensors), grads) if g is not None]
+            if not pairs:
+                return result
+            found = torch.autograd.grad([o for o, _ in pairs], [tensors[i] for i in wanted],
+                                        [g for _, g in pairs], create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, found):
+            result[i] = g
+        return result
+
     def layer(*moving):
         args = list(tensors)
         for i, a in zip(wanted, moving):
