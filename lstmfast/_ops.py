@@ -205,6 +205,18 @@ def second_bias_grad(grad_bias, first_returned):
     return grad_bias.clone() if first_returned else grad_bias
 
 
+def lstm_need(need, grad_output, grad_h_n, input, batch_sizes):
+    """An LSTM Function's needs_input_grad (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+    ...), less w_hr's where nothing the loss uses depends on it: only c_n is used and every sequence is
+    one step long, so c_n comes from h_0, never from a projected h. torch.nn's autograd finds no path
+    to w_hr there and leaves its gradient None (optimizers then skip it: weight decay, momentum), not
+    zeros."""
+    steps = input.shape[0] if batch_sizes is None else batch_sizes.shape[0]
+    if need[8] and grad_output is None and grad_h_n is None and steps == 1:
+        return (*need[:8], False, *need[9:])
+    return need
+
+
 def _asked(need, grads):
     """The gradients autograd asks for (None for the others, and for absent inputs)."""
     return tuple(g if asked else None for g, asked in zip(grads, need))
@@ -213,6 +225,7 @@ def _asked(need, grads):
 def _lstm_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:9], output[0], output[3], output[4])
     ctx.mark_non_differentiable(output[3], output[4])
+    ctx.set_materialize_grads(False)  # (an unused output's gradient stays None: see lstm_need)
     ctx.reverse, ctx.training = inputs[9], inputs[10]
 
 
@@ -222,7 +235,8 @@ def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _gates, _cells):
     if not ctx.training:  # (recorded in its inference form: the activations are computed again)
         output, _, _, gates, cells = below_autograd(ops.lstm_forward, input, batch_sizes, h0, c0, w_ih, w_hh,
                                                     b_ih, b_hh, w_hr, ctx.reverse, True)
-    need = ctx.needs_input_grad
+    need = lstm_need(ctx.needs_input_grad, grad_output, grad_h_n, input, batch_sizes)
+    grad_output = torch.zeros_like(output) if grad_output is None else grad_output
     grads = ops.lstm_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr,
                               output, gates, cells, ctx.reverse,
                               backward_mask(need, 0, (2, 3), (4, 5, 8), (6, 7)), None, False)

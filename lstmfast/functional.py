@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._ops import backward_mask, below_autograd, ops, second_bias_grad
+from ._ops import backward_mask, below_autograd, lstm_need, ops, second_bias_grad
 
 
 # Receives, during backward, the per-row norms ||dL/dh_t|| and ||dL/dc_t|| (None for a GRU or an RNN),
@@ -357,7 +357,7 @@ class _LSTMCore(torch.autograd.Function):
         saved, grads, exited = _backward_inputs(ctx, (grad_output, grad_h_n, grad_c_n))
         input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output, gates, cells = saved
         grad_output, grad_h_n, grad_c_n = grads
-        need = ctx.needs_input_grad
+        need = lstm_need(ctx.needs_input_grad, grad_output, grad_h_n, input, batch_sizes)
         grad_graph = _builds_graph(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                    w_hr, exited=exited)
         if grad_graph:

@@ -674,6 +674,34 @@ def test_input_view_modified_in_place_after_forward(cell, layout, saving):
     assert_all_close(results[1], results[0], **F64)
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("form", ["padded", "packed", "op"])
+def test_an_unreached_projection_gets_no_gradient_as_under_torch_nn(form, steps):
+    """A loss on c_n alone with sequences one step long never reaches the last layer's weight_hr (c_n
+    then comes from h_0): torch.nn leaves its gradient None, which optimizers skip (weight decay,
+    momentum), not zeros. Two steps long, it is reached. The op's own autograd (torch.export /
+    torch.jit.trace graphs) does the same."""
+    theirs, ours = _pair("lstm", input_size=2, hidden=3, proj_size=2, num_layers=2, bidirectional=True)
+    x = torch.randn(steps, 3, 2, dtype=torch.float64)
+    if form == "op":
+        weights = [p.detach().clone().requires_grad_() for p in ours.parameters()][:5]  # layer 0, forward
+        states = [torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)]
+        c_n = torch.ops.lstmfast.lstm_forward(x, None, *states, *weights, False, True)[2]
+        c_n.sum().backward()
+        assert (weights[4].grad is None) == (steps == 1)
+        return
+    if form == "packed":
+        x = pack_padded_sequence(x, [steps] * 3)
+    for module in (theirs, ours):
+        module(x)[1][1].pow(2).sum().backward()
+    names = [name for name, _ in theirs.named_parameters()]
+    found = {name: p.grad for name, p in zip(names, ours.parameters())}
+    expected = {name: p.grad for name, p in theirs.named_parameters()}
+    assert {n for n, g in found.items() if g is None} == {n for n, g in expected.items() if g is None}
+    assert ({n for n, g in expected.items() if g is None} == {"weight_hr_l1", "weight_hr_l1_reverse"}) == (steps == 1)
+    assert_all_close([g for g in found.values() if g is not None], [g for g in expected.values() if g is not None], **F64)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "rnn", "gru"])
 def test_bias_gradients_are_tensors_of_their_own(cell):
     """b_ih's and b_hh's gradients are equal (the fused op computes them once) but, as torch.nn's, two
