@@ -6,6 +6,7 @@ the backward kernels computed in their reverse loop — where those gradients ex
 pass — plus the norms of dL/dx_t. It shows the vanishing (or exploding) gradient directly.
 """
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -47,7 +48,20 @@ def gradient_flow(module: _RecurrentBase, inputs, loss_fn: Optional[Callable] = 
 
     `inputs`: a tensor as the module takes it (batched), or a PackedSequence (then `loss_fn` is
     required). `loss_fn(output) -> scalar`; by default the sum of the outputs at the last step.
+
+    Runs with gradients on (also when called under torch.no_grad or inference_mode). Other threads may
+    use the module meanwhile, training it or measuring their own gradient flow: the norms recorded are
+    those of this thread's pass only.
     """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _gradient_flow(module, inputs, loss_fn, hx)
+
+
+# Guards the setup and removal of modules' per-thread recorders.
+_RECORDERS_LOCK = threading.Lock()
+
+
+def _gradient_flow(module, inputs, loss_fn, hx):
     if not isinstance(module, _RecurrentBase):
         raise TypeError(f"gradient_flow expects an lstmfast.LSTM, lstmfast.GRU or lstmfast.RNN, got "
                         f"{type(module).__name__}")
@@ -55,13 +69,13 @@ def gradient_flow(module: _RecurrentBase, inputs, loss_fn: Optional[Callable] = 
     if packed:
         if loss_fn is None:
             raise ValueError("gradient_flow: pass loss_fn for PackedSequence input")
-        leaf = inputs.data.detach().requires_grad_()
+        leaf = inputs.data.detach().clone().requires_grad_()  # (a copy: an inference tensor cannot require grad)
         x = PackedSequence(leaf, inputs.batch_sizes, inputs.sorted_indices, inputs.unsorted_indices)
         batch_sizes, batch = inputs.batch_sizes, int(inputs.batch_sizes[0])
     else:
         if inputs.dim() != 3:
             raise ValueError(f"gradient_flow expects batched 3-D input, got {inputs.dim()}-D")
-        leaf = x = inputs.detach().requires_grad_()
+        leaf = x = inputs.detach().clone().requires_grad_()
         steps, batch = (inputs.shape[1], inputs.shape[0]) if module.batch_first else inputs.shape[:2]
         batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
     if loss_fn is None:
@@ -72,13 +86,18 @@ def gradient_flow(module: _RecurrentBase, inputs, loss_fn: Optional[Callable] = 
     def record(layer, direction, hidden, cell):
         recorded[(layer, direction)] = (hidden.detach(), None if cell is None else cell.detach())
 
-    module._gradient_recorder = record
+    # The module's forward hands this thread's recorder to the layers' backward (see _norm_sink).
+    thread = threading.get_ident()
+    with _RECORDERS_LOCK:
+        module._gradient_recorder = {**(module._gradient_recorder or {}), thread: record}
     try:
         output, _ = module(x, hx)
         loss = loss_fn(output)
         (grad_input,) = torch.autograd.grad(loss, leaf)
     finally:
-        module._gradient_recorder = None
+        with _RECORDERS_LOCK:
+            others = {t: r for t, r in module._gradient_recorder.items() if t != thread}
+            module._gradient_recorder = others or None
 
     keys = [(layer, d) for layer in range(module.num_layers) for d in range(module._directions)]
     missing = [k for k in keys if k not in recorded]

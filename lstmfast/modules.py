@@ -144,8 +144,9 @@ class _RecurrentBase:
 
     def _init_extras(self, grad_clip: Optional[float] = None) -> None:
         self.grad_clip = grad_clip
-        # Set by lstmfast.diagnostics while it measures gradient flow: called as
-        # recorder(layer, direction, hidden_norms, cell_norms) from inside backward.
+        # Set by lstmfast.diagnostics while it measures gradient flow, a recorder per measuring thread
+        # ({thread ident: recorder}), called as recorder(layer, direction, hidden_norms, cell_norms)
+        # from inside backward.
         self._gradient_recorder = None
 
     def __setstate__(self, state):
@@ -318,9 +319,12 @@ class _RecurrentBase:
         return _torch_nn_autocast_dtypes(*args)
 
     def _norm_sink(self, layer, direction):
+        """lstmfast.diagnostics' recorder for this layer and direction, when the calling thread is
+        measuring gradient flow through this module (_gradient_recorder: thread ident -> recorder)."""
         if self._gradient_recorder is None:
             return None
-        return functools.partial(self._gradient_recorder, layer, direction)
+        recorder = self._gradient_recorder.get(threading.get_ident())
+        return None if recorder is None else functools.partial(recorder, layer, direction)
 
     # ------------------------------------------------------------------ forward
 

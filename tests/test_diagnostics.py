@@ -83,6 +83,59 @@ def test_gradient_flow_every_layer_and_direction(kind):
     assert torch.isfinite(flow.hidden).all() and (flow.hidden > 0).any()
 
 
+def _flow_values(flow):
+    return [t for t in (flow.hidden, flow.cell, flow.input) if t is not None] + [torch.tensor(flow.loss)]
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_gradient_flow_runs_with_gradients_on_whatever_the_grad_mode(mode):
+    torch.manual_seed(0)
+    module = lstmfast.LSTM(3, 4, num_layers=2).double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    expected = diagnostics.gradient_flow(module, x)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        found = diagnostics.gradient_flow(module, x.clone())
+    assert_all_close(_flow_values(found), _flow_values(expected), rtol=0, atol=0)
+    assert all(p.grad is None for p in module.parameters())
+
+
+def test_gradient_flow_in_threads_sharing_the_module():
+    """Threads measuring gradient flow through one module, and another training it meanwhile: each
+    measurement is that thread's own pass, as measured alone."""
+    import threading
+
+    torch.manual_seed(0)
+    module = lstmfast.GRU(4, 5, num_layers=2).double()
+    inputs = [torch.randn(7, 3, 4, dtype=torch.float64) for _ in range(3)]
+    expected = [_flow_values(diagnostics.gradient_flow(module, x)) for x in inputs]
+    found, errors, stop = {}, [], threading.Event()
+
+    def measure(i):
+        try:
+            for repeat in range(15):
+                found[(i, repeat)] = _flow_values(diagnostics.gradient_flow(module, inputs[i]))
+        except Exception as error:  # reported below, in the main thread
+            errors.append(error)
+
+    def train():
+        while not stop.is_set():
+            module(torch.randn(7, 3, 4, dtype=torch.float64))[0].sum().backward()
+
+    trainer = threading.Thread(target=train)
+    threads = [threading.Thread(target=measure, args=(i,)) for i in range(3)]
+    trainer.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    stop.set()
+    trainer.join(timeout=120)
+    assert not errors, errors
+    assert len(found) == 45 and module._gradient_recorder is None
+    for (i, _), values in found.items():
+        assert_all_close(values, expected[i], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("variant", [dict(cell="lstm"), dict(cell="lstm", proj=3), dict(cell="gru"),
                                      dict(cell="rnn", nonlinearity="tanh"), dict(cell="rnn", nonlinearity="relu")])
 @pytest.mark.parametrize("lengths", [None, [5, 4, 2]])
