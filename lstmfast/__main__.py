@@ -14,7 +14,16 @@ def main(argv=None):
     sub.add_parser("bench", help="speed of lstmfast vs torch.nn and the plain-PyTorch reference",
                    add_help=False)
     sub.add_parser("info", help="version, build (CPU/CUDA) and torch it runs on")
+    parser.add_argument("--version", action="store_true", help="print lstmfast's and torch's versions")
     args, rest = parser.parse_known_args(argv)
+    if args.command not in ("demo", "bench") and rest:  # (demo and bench parse their own options)
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.version:
+        import torch
+
+        from . import __version__
+        print(f"lstmfast {__version__} (torch {torch.__version__})")
+        return 0
     if args.command == "demo":
         from . import demo
         demo.main(rest)

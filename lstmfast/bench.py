@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from . import reference
+from . import _cli, reference
 from .cpu_cache import empty_cpu_cache
 from ._ops import cpu_gemm_engines
 from .modules import GRU, LSTM, RNN
@@ -538,10 +538,11 @@ def parse_row(text: str, dtype: str, parser: argparse.ArgumentParser) -> Case:
 def main(argv: Optional[List[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="lstmfast bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a small grid (well under a minute)")
-    parser.add_argument("--json", metavar="PATH", help="write rows, summary and cost ratios as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="write a PNG of the speedups")
+    parser.add_argument("--json", metavar="PATH", type=_cli.output_path,
+                        help="write rows, summary and cost ratios as JSON")
+    parser.add_argument("--plot", metavar="PATH", type=_cli.output_path, help="write a PNG of the speedups")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow plain-PyTorch contender")
-    parser.add_argument("--min-run-time", type=float, default=None,
+    parser.add_argument("--min-run-time", type=_cli.positive_seconds, default=None,
                         help="seconds per contender and mode of a row, over its interleaved rounds "
                              "(default 0.3, 0.05 with --quick)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from . import diagnostics
+from . import _cli, diagnostics
 from .bench import cpu_description
 from .modules import GRU, LSTM, RNN, unconvert
 
@@ -306,23 +306,30 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a small run (about 30 s) for smoke tests")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lengths", default=None, help="adding-problem lengths, e.g. 50,100,200")
-    parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--steps", default=None,
+    parser.add_argument("--lengths", type=_cli.int_list(2), default=None,
+                        help="adding-problem lengths, e.g. 50,100,200 (each at least 2)")
+    parser.add_argument("--hidden-size", type=_cli.positive_int, default=64)
+    parser.add_argument("--steps", type=_cli.int_list(1), default=None,
                         help="training steps per length (one number, or one per length)")
-    parser.add_argument("--flow-steps", type=int, default=200, help="sequence length T of part 1")
+    parser.add_argument("--flow-steps", type=_cli.positive_int, default=200, help="sequence length T of part 1")
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device takes cpu or cuda, got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device takes cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
 
     from tqdm import tqdm
 
     from . import build_summary
     print(build_summary(), flush=True)
-    lengths = [int(v) for v in (args.lengths or ("50" if args.quick else "50,100,200")).split(",")]
+    lengths = args.lengths or ([50] if args.quick else [50, 100, 200])
     default_steps = {50: 1500, 100: 2500, 200: 3500}
     if args.steps:
-        given = [int(v) for v in args.steps.split(",")]
+        given = args.steps
         steps = given * len(lengths) if len(given) == 1 else given
         if len(steps) != len(lengths):
             parser.error("--steps needs one number or one per length")

@@ -60,3 +60,32 @@ def test_cli_lists_subcommands():
     assert result.returncode == 0
     for command in ("demo", "bench", "info"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["demo", "--hidden-size", "0"], "argument --hidden-size: expected a positive integer, got '0'"),
+    (["demo", "--lengths", "abc"], "argument --lengths: expected comma-separated integers of at least 2"),
+    (["demo", "--lengths", "1"], "argument --lengths: expected comma-separated integers of at least 2"),
+    (["demo", "--steps", "-5"], "argument --steps: expected comma-separated integers of at least 1"),
+    (["demo", "--flow-steps", "0"], "argument --flow-steps: expected a positive integer"),
+    (["demo", "--device", "foo"], "--device takes cpu or cuda, got 'foo'"),
+    (["bench", "--min-run-time", "nan"], "argument --min-run-time: expected a positive number of seconds"),
+    (["bench", "--min-run-time", "-1"], "argument --min-run-time: expected a positive number of seconds"),
+    (["bench", "--json", "/nonexistent-folder/x.json"], "argument --json: folder '/nonexistent-folder' does not exist"),
+    (["info", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_cli_refuses_bad_arguments_before_running(args, message):
+    """A bad value is argparse's usage error (exit status 2, naming the option) before any work, not a
+    traceback from inside a run (or, for --json, after a whole benchmark)."""
+    result = subprocess.run([sys.executable, "-m", "lstmfast", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_version():
+    import torch
+
+    import lstmfast
+    result = subprocess.run([sys.executable, "-m", "lstmfast", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"lstmfast {lstmfast.__version__} (torch {torch.__version__})"
