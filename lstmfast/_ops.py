@@ -424,6 +424,9 @@ def cuda_persistent_plan(cell, hidden_size, batch, steps, dtype, *, backward=Fal
     variable LSTMFAST_CUDA_PERSISTENT, as the ops do (unset: "auto", the persistent kernels where they
     measured faster than the per-step path on an H200). The ops also ask the occupancy calculator,
     which this cannot; cuda_persistent_launches() counts what really ran."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("lstmfast.cuda_persistent_plan needs a CUDA device (it asks for the device's limits); "
+                           "none is available to this torch")
     element_size = torch.empty((), dtype=dtype).element_size()
     props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
     per_block = getattr(props, "shared_memory_per_block_optin", None) or props.shared_memory_per_block

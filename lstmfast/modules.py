@@ -16,6 +16,7 @@ object's class: hooks, attributes, parametrizations, pruning and sharing all sta
 
 import contextlib
 import functools
+import math
 import numbers
 import operator
 import sys
@@ -524,7 +525,11 @@ class _RecurrentBase:
         return _copy_layer(module, cls)
 
     def to_torch(self) -> nn.Module:
-        """A new torch.nn layer equivalent to this one, sharing its Parameter objects."""
+        """A new torch.nn layer equivalent to this one, sharing its Parameter objects. grad_clip, which
+        torch.nn's layers do not have, is dropped (with a warning when set), as by unconvert."""
+        if self.grad_clip is not None:
+            warnings.warn(f"lstmfast.{self._kind}.to_torch: grad_clip={self.grad_clip}, which torch.nn."
+                          f"{self._torch_class.__name__} does not have, is dropped", stacklevel=2)
         return _copy_layer(self, self._torch_class)
 
 
@@ -615,8 +620,13 @@ class LSTM(_RecurrentBase, nn.LSTM):
         if isinstance(forget_bias, bool) or not isinstance(forget_bias, numbers.Real):
             raise TypeError(f"forget_bias should be a number, got: {type(forget_bias).__name__}")
         functional._check_grad_clip(grad_clip)
+        if not math.isfinite(forget_bias):
+            raise ValueError(f"forget_bias should be a finite number, got {forget_bias}")
         self.forget_bias = float(forget_bias)  # read by reset_parameters, which torch.nn's init calls
         super().__init__(*args, **kwargs)
+        if self.forget_bias and not self.bias:
+            raise ValueError(f"forget_bias={self.forget_bias} initializes bias_ih's forget-gate slice, but the "
+                             f"layer has bias=False")
         self._init_extras(grad_clip)
 
     def reset_parameters(self) -> None:
@@ -712,7 +722,8 @@ def convert(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     weight_norm, pruning and shared references all stay as they were. Returns `model`.
 
     Left as they are, with a warning naming them: subclasses of torch.nn.LSTM / GRU / RNN (their own
-    code may rely on torch.nn's forward) and TorchScript modules (convert before scripting).
+    code may rely on torch.nn's forward) and TorchScript modules (lstmfast's layers cannot be scripted:
+    deploy a converted model with torch.jit.trace, torch.export or torch.compile).
     `verbose=True` prints what was converted and what was left.
     """
     return _change_classes(model, {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}, "convert", verbose)
@@ -766,8 +777,11 @@ def _change_classes(model, table, verb, verbose):
             names = {getattr(m, "original_name", "") for m in module.modules()}
             found = sorted(names & {cls.__name__ for cls in table})
             if found:
+                advice = ("unconvert the model before torch.jit.script" if verb == "unconvert" else
+                          "lstmfast's layers cannot be scripted: convert the model unscripted and deploy it "
+                          "with torch.jit.trace, torch.export or torch.compile")
                 left.append(f"{shown} (TorchScript module holding {', '.join(found)}: scripted modules "
-                            f"cannot be changed; {verb} the model before torch.jit.script)")
+                            f"cannot be changed; {advice})")
             continue
         plain = _plain_class(module)
         if plain in table:

@@ -670,10 +670,35 @@ def test_a_torch_nn_pickle_unpickled_as_lstmfast_runs_like_torch_nn(kind):
 
 def test_convert_leaves_torchscript_modules_with_a_warning():
     model = nn.Sequential(torch.jit.script(nn.LSTM(3, 4)), nn.Linear(4, 4))
-    with pytest.warns(UserWarning, match=r"0 \(TorchScript module holding LSTM.*convert the model before "
-                                         r"torch.jit.script\)"):
+    with pytest.warns(UserWarning, match=r"0 \(TorchScript module holding LSTM.*cannot be scripted: convert the "
+                                         r"model unscripted and deploy it with torch.jit.trace"):
         lstmfast.convert(model)
     assert isinstance(model[0], torch.jit.ScriptModule)
+    with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script"):  # (why that advice)
+        torch.jit.script(lstmfast.convert(nn.Sequential(nn.LSTM(3, 4))))
+    scripted = nn.Sequential(torch.jit.script(nn.LSTM(3, 4)))
+    with pytest.warns(UserWarning, match=r"unconvert the model before torch.jit.script"):
+        lstmfast.unconvert(scripted)
+
+
+def test_to_torch_warns_when_grad_clip_is_dropped():
+    layer = lstmfast.GRU(3, 4, grad_clip=0.5)
+    with pytest.warns(UserWarning, match=r"to_torch: grad_clip=0.5, which torch.nn.GRU does not have, is dropped"):
+        assert type(layer.to_torch()) is nn.GRU
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lstmfast.GRU(3, 4).to_torch()
+
+
+@pytest.mark.parametrize("value,bias,message", [
+    (float("nan"), True, "forget_bias should be a finite number, got nan"),
+    (float("inf"), True, "forget_bias should be a finite number, got inf"),
+    (1.0, False, r"forget_bias=1.0 initializes bias_ih's forget-gate slice, but the layer has bias=False"),
+])
+def test_forget_bias_that_would_spoil_the_layer_is_refused(value, bias, message):
+    with pytest.raises(ValueError, match=message):
+        lstmfast.LSTM(2, 3, bias=bias, forget_bias=value)
+    assert lstmfast.LSTM(2, 3, bias=False, forget_bias=0.0).forget_bias == 0.0
 
 
 @pytest.mark.parametrize("kind", ["GRU", "RNN"])
