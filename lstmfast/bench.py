@@ -553,7 +553,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         help=f"comma-separated layers to time (default {','.join(KINDS)}; the extra rows are LSTMs)")
     parser.add_argument("--rows", nargs="+", metavar="KIND:T:B:H",
                         help="time only these rows (one layer, I = H), e.g. GRU:16:64:1024 LSTM:128:32:512, "
-                             "instead of the grid")
+                             "instead of the grid and the packed / bidirectional cost ratios")
     args = parser.parse_args(argv)
     kinds = args.kinds.split(",")
     if not kinds or any(k not in KINDS for k in kinds):
@@ -566,7 +566,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 0.3)
     cases = rows or [c for c in default_cases(args.quick, args.dtype) if c.kind in kinds]
     result = run(cases, contenders, progress=not args.no_progress,
-                 min_run_time=min_run_time, quick=args.quick, ratios=args.dtype == "float32")
+                 min_run_time=min_run_time, quick=args.quick,
+                 ratios=args.dtype == "float32" and not rows)  # (--rows: only the rows asked for)
     result["meta"]["cpu_gemm_engines"] = cpu_gemm_engines()
     print(format_table(result))
     if args.json:

@@ -81,6 +81,7 @@ def test_rows_option_times_the_named_rows(capfd):
     assert "GRU T=3 B=2 H=5" in out and "profiler_start" not in out + err
     assert [(r["kind"], r["T"], r["B"], r["H"], r["I"], r["layers"]) for r in result["rows"]] == [
         ("GRU", 3, 2, 5, 5, 1), ("RNN", 4, 1, 3, 3, 1)]
+    assert result["cost_ratios"] == {}  # (only the rows asked for)
     for r in result["rows"]:
         for mode in bench.MODES:
             assert r[f"lstmfast_{mode}_ms"] > 0 and math.isfinite(r[f"speedup_{mode}_vs_torch.nn"])
