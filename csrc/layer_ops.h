@@ -55,11 +55,16 @@ inline void check_shape(const char* op, const Tensor& t, const char* name, at::I
 }
 
 // A backward op's (T, B, width) or (N, width) per-row tensor: like input, `rows` rows of `width`.
+// Its whole shape is checked: a (B, T, width) tensor for a (T, B, ...) input has the same rows and
+// width, and read as (T, B, width) it would give wrong gradients, not an error.
 inline void check_rows(const char* op, const Tensor& t, const char* name, const Tensor& input, int64_t rows,
                        int64_t width) {
   check_like(op, t, name, input);
-  TORCH_CHECK(t.numel() == rows * width && t.size(-1) == width, op, ": expected ", name, " with ", str(rows),
-              " rows of size ", str(width), ", but got shape ", str(t.sizes()));
+  if (input.dim() == 3) {
+    check_shape(op, t, name, {input.size(0), input.size(1), width});
+  } else {
+    check_shape(op, t, name, {rows, width});
+  }
 }
 
 inline void check_optional(const char* op, const OptTensor& t, const char* name, const Tensor& input,

@@ -45,7 +45,8 @@ def _fake(name):
     """Registers the decorated function as lstmfast::`name`'s fake implementation. That also runs for
     real tensors when one of a call's tensors is on the meta device (the dispatcher then picks the Meta
     kernel, whatever the others' devices): like the real kernels, it refuses a tensor on another
-    device than input's (batch_sizes, on the CPU, excepted) instead of returning uninitialized memory."""
+    device than input's (batch_sizes, on the CPU, excepted; a meta batch_sizes only goes with a meta
+    input) instead of returning uninitialized memory."""
 
     def register(fn):
         names = list(inspect.signature(fn).parameters)
@@ -55,7 +56,13 @@ def _fake(name):
         def fake(*args):
             device = args[input_index].device
             for arg_name, arg in zip(names, args):
-                if isinstance(arg, torch.Tensor) and arg_name != "batch_sizes" and arg.device != device:
+                if not isinstance(arg, torch.Tensor):
+                    continue
+                if arg_name == "batch_sizes":  # (on the CPU whatever input's device; meta only with input)
+                    if arg.device.type == "meta" and device.type != "meta":
+                        raise RuntimeError(f"lstmfast.{name}: expected batch_sizes to be a 1-D int64 tensor on "
+                                           f"the CPU, but got one on {arg.device}")
+                elif arg.device != device:
                     raise RuntimeError(f"lstmfast.{name}: expected {arg_name} on device {device} (the device "
                                        f"of input), but got {arg.device}")
             return fn(*args)
@@ -83,8 +90,8 @@ def _lstm_forward_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
     hidden, proj = w_hh.shape[0] // 4, w_hh.shape[1]
     rows, batch, lead = _layout(input, batch_sizes, h0)
     output = input.new_empty((*lead, proj))
-    gates = input.new_empty((rows, 4 * hidden), dtype=_saved_dtype(input)) if training else _empty(input)
-    cells = input.new_empty((rows, hidden), dtype=_saved_dtype(input)) if training else _empty(input)
+    gates = input.new_empty((rows, 4 * hidden) if training else (0,), dtype=_saved_dtype(input))
+    cells = input.new_empty((rows, hidden) if training else (0,), dtype=_saved_dtype(input))
     return (output, input.new_empty((batch, proj)), input.new_empty((batch, hidden), dtype=_cell_dtype(input, c0)),
             gates, cells)
 
@@ -136,7 +143,7 @@ def _rnn_backward_fake(grad_output, grad_h_n, input, batch_sizes, h0, w_ih, w_hh
 def _gru_forward_fake(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, training):
     hidden = w_hh.shape[0] // 3
     rows, batch, lead = _layout(input, batch_sizes, h0)
-    gates = input.new_empty((rows, 4 * hidden), dtype=_saved_dtype(input)) if training else _empty(input)
+    gates = input.new_empty((rows, 4 * hidden) if training else (0,), dtype=_saved_dtype(input))
     return input.new_empty((*lead, hidden)), input.new_empty((batch, hidden)), gates
 
 

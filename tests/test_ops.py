@@ -140,9 +140,17 @@ def test_backward_bad_saved_tensors():
     with pytest.raises(RuntimeError, match="expected gates of shape \\[15, 24\\], but got \\[14, 24\\]"):
         ops.lstm_backward(output, None, None, x, None, None, None, w_ih, w_hh, None, output, gates[:14],
                           cells, False, [True] * 4, None, False)
-    with pytest.raises(RuntimeError, match="expected grad_output with 15 rows of size 6"):
+    with pytest.raises(RuntimeError, match="expected grad_output of shape \\[5, 3, 6\\], but got \\[4, 3, 6\\]"):
         ops.lstm_backward(output[:4], None, None, x, None, None, None, w_ih, w_hh, None, output, gates,
                           cells, False, [True] * 4, None, False)
+    # (B, T, H) for a (T, B, ...) input: as many rows of the same size, read as (T, B, H) they would
+    # give wrong gradients
+    with pytest.raises(RuntimeError, match="expected grad_output of shape \\[5, 3, 6\\], but got \\[3, 5, 6\\]"):
+        ops.lstm_backward(output.transpose(0, 1).contiguous(), None, None, x, None, None, None, w_ih, w_hh, None,
+                          output, gates, cells, False, [True] * 4, None, False)
+    with pytest.raises(RuntimeError, match="expected output of shape \\[5, 3, 6\\], but got \\[15, 6\\]"):
+        ops.lstm_backward(output, None, None, x, None, None, None, w_ih, w_hh, None, output.reshape(15, 6),
+                          gates, cells, False, [True] * 4, None, False)
     with pytest.raises(RuntimeError, match="expected grad_clip > 0, but got -1"):
         ops.lstm_backward(output, None, None, x, None, None, None, w_ih, w_hh, None, output, gates,
                           cells, False, [True] * 4, -1.0, False)
@@ -331,9 +339,12 @@ def test_gru_backward_bad_saved_tensors():
         inference_gates = ops.gru_forward(x, None, None, w_ih, w_hh, b_ih, b_hh, False, False)[2]
         ops.gru_backward(output, None, x, None, None, w_ih, w_hh, output, inference_gates, False, [True] * 4,
                          None, False)
-    with pytest.raises(RuntimeError, match="expected grad_output with 15 rows of size 6"):
+    with pytest.raises(RuntimeError, match="expected grad_output of shape \\[5, 3, 6\\], but got \\[4, 3, 6\\]"):
         ops.gru_backward(output[:4], None, x, None, None, w_ih, w_hh, output, gates, False, [True] * 4,
                          None, False)
+    with pytest.raises(RuntimeError, match="expected grad_output of shape \\[5, 3, 6\\], but got \\[3, 5, 6\\]"):
+        ops.gru_backward(output.transpose(0, 1).contiguous(), None, x, None, None, w_ih, w_hh, output, gates, False,
+                         [True] * 4, None, False)
     with pytest.raises(RuntimeError, match="expected grad_h_n of shape \\[3, 6\\], but got \\[6\\]"):
         ops.gru_backward(output, h_n[0], x, None, None, w_ih, w_hh, output, gates, False, [True] * 4,
                          None, False)
@@ -352,3 +363,39 @@ def test_functional_bad_arguments(bad, match):
     kwargs = dict(s.kwargs) | bad
     with pytest.raises(ValueError, match=match):
         functional.rnn(*s.args, **kwargs)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_a_meta_batch_sizes_among_cpu_tensors_is_refused(cell):
+    """A meta tensor among a call's selects the Meta kernel (the fake implementation) for CPU tensors
+    too: a meta batch_sizes must not make it return uninitialized memory as the result."""
+    s = layer_sample(cell, lengths=[3, 2, 1], requires_grad=False)
+    x, w_ih, w_hh, b_ih, b_hh = s.args
+    h0 = torch.zeros(3, w_hh.shape[1], dtype=x.dtype)
+    meta = s.kwargs["batch_sizes"].to("meta")
+    with pytest.raises(RuntimeError, match=f"{cell}_forward: expected batch_sizes to be a 1-D int64 tensor on "
+                                           f"the CPU, but got one on meta"):
+        if cell == "lstm":
+            ops.lstm_forward(x, meta, h0, torch.zeros(3, w_hh.shape[1], dtype=x.dtype), w_ih, w_hh, b_ih, b_hh,
+                             None, False, True)
+        elif cell == "gru":
+            ops.gru_forward(x, meta, h0, w_ih, w_hh, b_ih, b_hh, False, True)
+        else:
+            ops.rnn_forward(x, meta, h0, w_ih, w_hh, b_ih, b_hh, "tanh", False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_opcheck_reduced_precision_inference(cell, dtype):
+    """An inference call's empty activations have the dtype the CPU kernels give them (float32), in the
+    fake implementation too."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 2, generator=g).to(dtype)
+    gates = 4 if cell == "lstm" else 3
+    w_ih, w_hh = torch.randn(gates * 3, 2, generator=g).to(dtype), torch.randn(gates * 3, 3, generator=g).to(dtype)
+    if cell == "lstm":
+        op, args = ops.lstm_forward, (x, None, None, None, w_ih, w_hh, None, None, None, False, False)
+    else:
+        op, args = ops.gru_forward, (x, None, None, w_ih, w_hh, None, None, False, False)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    assert all(t.dtype == torch.float32 for t in op(*args)[3 if cell == "lstm" else 2:])
