@@ -114,15 +114,39 @@ def _apply(function, core, *args):
     return super(torch.autograd.Function, function).apply(*args)
 
 
-def _complex_checks(cell, grad_clip, norm_sink, input, **tensors):
+def _complex_checks(cell, grad_clip, norm_sink, input, batch_sizes, **tensors):
     """A complex layer (torch.nn runs one on its native path) runs lstmfast.reference, the same
     equations as plain PyTorch ops (no fused kernels: correct, not fast), its tensors all of input's
-    dtype; grad_clip and the gradient-norm diagnostics, lstmfast's own, are not defined there."""
+    dtype and of the shapes the ops check (the reference's broadcasting would take some wrong ones);
+    grad_clip and the gradient-norm diagnostics, lstmfast's own, are not defined there."""
+    def refuse(what):
+        raise RuntimeError(f"lstmfast.{cell}: {what}")
+
     for name, t in tensors.items():
         if t is not None and t.dtype != input.dtype:
-            raise RuntimeError(f"lstmfast.{cell}: expected {name} to have dtype {input.dtype} (the dtype of "
-                               f"input), but got {t.dtype}")
+            refuse(f"expected {name} to have dtype {input.dtype} (the dtype of input), but got {t.dtype}")
     _reference_checks(grad_clip, norm_sink, "complex layers")
+    if input.dim() != (3 if batch_sizes is None else 2):
+        refuse(f"expected input of shape (T, B, I), or (N, I) with batch_sizes, but got {list(input.shape)}")
+    if batch_sizes is None:
+        batch = input.shape[1]
+    else:
+        sizes = batch_sizes.tolist() if batch_sizes.dim() == 1 and batch_sizes.dtype == torch.int64 \
+            and batch_sizes.device.type == "cpu" else None
+        if sizes is None or not sizes or min(sizes) < 1 or sizes != sorted(sizes, reverse=True) \
+                or sum(sizes) != input.shape[0]:
+            refuse(f"expected batch_sizes to be a non-empty, non-increasing 1-D int64 tensor on the CPU of "
+                   f"positive sizes summing to input's {input.shape[0]} rows, but got {batch_sizes}")
+        batch = sizes[0]
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    w_hh, w_hr = tensors["w_hh"], tensors.get("w_hr")
+    hidden = w_hh.shape[0] // gates if w_hh.dim() == 2 else -1
+    out = w_hr.shape[0] if w_hr is not None and w_hr.dim() == 2 else hidden
+    expected = dict(w_ih=(gates * hidden, input.shape[-1]), w_hh=(gates * hidden, out), b_ih=(gates * hidden,),
+                    b_hh=(gates * hidden,), w_hr=(out, hidden), h0=(batch, out), c0=(batch, hidden))
+    for name, t in tensors.items():
+        if t is not None and (hidden < 1 or tuple(t.shape) != expected[name]):
+            refuse(f"expected {name} of shape {list(expected[name])}, but got {list(t.shape)}")
 
 
 def _input_to_save(input):
@@ -329,8 +353,10 @@ class _LSTMCore(torch.autograd.Function):
 
     A backward asked to build a graph (create_graph=True, torch.autograd.functional.hvp/hessian,
     gradgradcheck) recomputes the layer with lstmfast.reference under autograd instead, so that its
-    gradients are differentiable. Forward-mode AD never reaches it: the layer runs lstmfast.reference
-    then (see _forward_mode). Forward also returns the saved activations (gates, cells), non-differentiable, which
+    gradients are differentiable. Forward-mode AD never reaches it through :func:`lstm` (the layer
+    runs lstmfast.reference then, see _forward_mode); called directly (``LSTMFunction.apply(input,
+    batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, grad_clip, norm_sink)``, the order of
+    :meth:`forward`), it has no jvp and forward mode raises torch's error saying so. Forward also returns the saved activations (gates, cells), non-differentiable, which
     :func:`lstm` drops."""
 
     generate_vmap_rule = True
@@ -572,8 +598,8 @@ def lstm(
     """
     _check_grad_clip(grad_clip)
     if input.is_complex():
-        _complex_checks("lstm", grad_clip, norm_sink, input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih,
-                        b_hh=b_hh, w_hr=w_hr)
+        _complex_checks("lstm", grad_clip, norm_sink, input, batch_sizes, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh,
+                        b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
         return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=h0, c0=c0, batch_sizes=batch_sizes,
                               reverse=reverse)
     input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
@@ -611,7 +637,8 @@ def rnn(
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
     if input.is_complex():
-        _complex_checks("rnn", grad_clip, norm_sink, input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
+        _complex_checks("rnn", grad_clip, norm_sink, input, batch_sizes, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih,
+                        b_hh=b_hh)
         return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, h0=h0,
                              batch_sizes=batch_sizes, reverse=reverse)
     input, h0, w_ih, w_hh, b_ih, b_hh = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
@@ -652,7 +679,8 @@ def gru(
     ``grad_clip`` clamps the gradients of the pre-activations of r, z and n."""
     _check_grad_clip(grad_clip)
     if input.is_complex():
-        _complex_checks("gru", grad_clip, norm_sink, input, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
+        _complex_checks("gru", grad_clip, norm_sink, input, batch_sizes, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih,
+                        b_hh=b_hh)
         return reference.gru(input, w_ih, w_hh, b_ih, b_hh, h0=h0, batch_sizes=batch_sizes, reverse=reverse)
     input, h0, w_ih, w_hh, b_ih, b_hh = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
     if _forward_mode(input, h0, w_ih, w_hh, b_ih, b_hh):

@@ -1,6 +1,9 @@
 """Plain-PyTorch LSTM, GRU and Elman RNN layers: a time loop of torch ops under autograd.
 
-Same interface as :mod:`lstmfast.functional`. It is the oracle of the tests and the baseline of the
+The same arguments as :mod:`lstmfast.functional`'s lstm / gru / rnn (``grad_clip`` through gradient
+hooks on the pre-activations), except that ``norm_sink`` (the fused kernels' own) is not taken,
+``on_step(t, states)`` may be given instead (called at each step, in processing order, with the new
+states of the rows still running: the tests retain their gradients), and no argument is checked. It is the oracle of the tests and the baseline of the
 benchmarks, so it favours obviousness over speed.
 """
 

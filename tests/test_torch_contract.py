@@ -523,6 +523,38 @@ def test_complex_layers_run_as_torch_nn_s(kind, options):
         clipped(torch.randn(5, 2, 3, dtype=torch.complex128))
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("bad", ["h0 batch", "h0 broadcast", "w_hh columns", "bias broadcast", "batch_sizes float",
+                                 "batch_sizes zero", "2-D input unpacked"])
+def test_complex_functional_layers_check_their_arguments_as_the_ops_do(cell, bad):
+    """The complex path runs lstmfast.reference, whose broadcasting would take some wrong shapes (an h0
+    of one row for every sequence, a (1, G) bias) and return an answer: it is refused as the ops refuse
+    real tensors, naming the argument."""
+    from lstmfast import functional
+    cd, gates = torch.complex128, {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    x, w_ih = torch.randn(4, 3, 2, dtype=cd), torch.randn(gates * 5, 2, dtype=cd)
+    w_hh = torch.randn(gates * 5, 5, dtype=cd)
+    kwargs, args = {}, [x, w_ih, w_hh]
+    if bad == "h0 batch":
+        kwargs["h0"], match = torch.randn(4, 5, dtype=cd), r"expected h0 of shape \[3, 5\], but got \[4, 5\]"
+    elif bad == "h0 broadcast":
+        kwargs["h0"], match = torch.randn(1, 5, dtype=cd), r"expected h0 of shape \[3, 5\], but got \[1, 5\]"
+    elif bad == "w_hh columns":
+        args[2] = torch.randn(gates * 5, 6, dtype=cd)
+        match = rf"expected w_hh of shape \[{gates * 5}, 5\], but got \[{gates * 5}, 6\]"
+    elif bad == "bias broadcast":
+        args.append(torch.randn(1, gates * 5, dtype=cd))
+        match = rf"expected b_ih of shape \[{gates * 5}\], but got \[1, {gates * 5}\]"
+    elif bad.startswith("batch_sizes"):
+        args[0] = x.reshape(12, 2)
+        kwargs["batch_sizes"] = torch.tensor([4.0, 4, 4]) if bad == "batch_sizes float" else torch.tensor([12, 0])
+        match = "expected batch_sizes to be a non-empty, non-increasing 1-D int64 tensor"
+    else:
+        args[0], match = x.reshape(12, 2), r"expected input of shape \(T, B, I\), or \(N, I\) with batch_sizes"
+    with pytest.raises(RuntimeError, match=f"lstmfast.{cell}: {match}"):
+        getattr(functional, cell)(*args, **kwargs)
+
+
 # ---------------------------------------------------------------------- convert / unconvert
 
 
