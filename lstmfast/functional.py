@@ -363,6 +363,7 @@ class _LSTMCore(torch.autograd.Function):
 
     @staticmethod
     def forward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, grad_clip, norm_sink):
+        _check_grad_clip(grad_clip)  # (lstm() checked it; a caller of apply may not have)
         return below_autograd(ops.lstm_forward, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
                               True)
 
@@ -442,6 +443,7 @@ class _RNNCore(torch.autograd.Function):
     @staticmethod
     def forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse, grad_clip,
                 norm_sink):
+        _check_grad_clip(grad_clip)
         return below_autograd(ops.rnn_forward, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity,
                               reverse)
 
@@ -515,6 +517,7 @@ class _GRUCore(torch.autograd.Function):
 
     @staticmethod
     def forward(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, grad_clip, norm_sink):
+        _check_grad_clip(grad_clip)
         return below_autograd(ops.gru_forward, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, True)
 
     @staticmethod

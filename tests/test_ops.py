@@ -365,6 +365,21 @@ def test_functional_bad_arguments(bad, match):
         functional.rnn(*s.args, **kwargs)
 
 
+@pytest.mark.parametrize("grad_clip", [0.0, -1.0, True, "1"])
+def test_functions_applied_directly_check_grad_clip(grad_clip):
+    """LSTMFunction / GRUFunction / RNNFunction.apply check grad_clip at the call, as lstm() does, not
+    only when backward reaches the op (a bool would have been taken as 1)."""
+    from lstmfast import functional
+    x = torch.randn(3, 2, 2, requires_grad=True)
+    w_ih, w_hh = torch.randn(12, 2), torch.randn(12, 3)
+    with pytest.raises(ValueError, match="grad_clip must be None or a number > 0"):
+        functional.LSTMFunction.apply(x, None, None, None, w_ih, w_hh, None, None, None, False, grad_clip, None)
+    with pytest.raises(ValueError, match="grad_clip must be None or a number > 0"):
+        functional.GRUFunction.apply(x, None, None, w_ih[:9], w_hh[:9], None, None, False, grad_clip, None)
+    with pytest.raises(ValueError, match="grad_clip must be None or a number > 0"):
+        functional.RNNFunction.apply(x, None, None, w_ih[:3], w_hh[:3], None, None, "tanh", False, grad_clip, None)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_a_meta_batch_sizes_among_cpu_tensors_is_refused(cell):
     """A meta tensor among a call's selects the Meta kernel (the fake implementation) for CPU tensors
