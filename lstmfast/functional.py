@@ -81,6 +81,14 @@ def _forward_mode(*tensors):
     return False
 
 
+def _transformed_under_compile():
+    """Whether torch.compile is tracing the layer inside a torch.func transform (vjp, grad, vmap, ...):
+    the layer then runs lstmfast.reference's plain ops, which Dynamo traces through the transforms as
+    torch's own (the Function's backward, traced apart from the transform, lost its wrapped saved
+    tensors: torch.func.vjp's gradients came back zero)."""
+    return torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def _reference_checks(grad_clip, norm_sink, why):
     """grad_clip and the gradient-norm diagnostics are lstmfast's fused backward's own: a layer that
     runs lstmfast.reference (`why`) has neither."""
@@ -606,8 +614,8 @@ def lstm(
         return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=h0, c0=c0, batch_sizes=batch_sizes,
                               reverse=reverse)
     input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    if _forward_mode(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-        _reference_checks(grad_clip, norm_sink, "forward-mode AD")
+    if _transformed_under_compile() or _forward_mode(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        _reference_checks(grad_clip, norm_sink, "forward-mode AD or torch.func transforms under torch.compile")
         return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=h0, c0=c0, batch_sizes=batch_sizes,
                               reverse=reverse)
     if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -645,8 +653,8 @@ def rnn(
         return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, h0=h0,
                              batch_sizes=batch_sizes, reverse=reverse)
     input, h0, w_ih, w_hh, b_ih, b_hh = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
-    if _forward_mode(input, h0, w_ih, w_hh, b_ih, b_hh):
-        _reference_checks(grad_clip, norm_sink, "forward-mode AD")
+    if _transformed_under_compile() or _forward_mode(input, h0, w_ih, w_hh, b_ih, b_hh):
+        _reference_checks(grad_clip, norm_sink, "forward-mode AD or torch.func transforms under torch.compile")
         return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, h0=h0,
                              batch_sizes=batch_sizes, reverse=reverse)
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
@@ -686,8 +694,8 @@ def gru(
                         b_hh=b_hh)
         return reference.gru(input, w_ih, w_hh, b_ih, b_hh, h0=h0, batch_sizes=batch_sizes, reverse=reverse)
     input, h0, w_ih, w_hh, b_ih, b_hh = _autocast(input, h0, w_ih, w_hh, b_ih, b_hh)
-    if _forward_mode(input, h0, w_ih, w_hh, b_ih, b_hh):
-        _reference_checks(grad_clip, norm_sink, "forward-mode AD")
+    if _transformed_under_compile() or _forward_mode(input, h0, w_ih, w_hh, b_ih, b_hh):
+        _reference_checks(grad_clip, norm_sink, "forward-mode AD or torch.func transforms under torch.compile")
         return reference.gru(input, w_ih, w_hh, b_ih, b_hh, h0=h0, batch_sizes=batch_sizes, reverse=reverse)
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
         input = _input_to_save(input)

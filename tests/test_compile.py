@@ -35,3 +35,32 @@ def test_compile_fullgraph_inference_and_training():
     eager = torch.autograd.grad(model(x), list(model.parameters()))
     for g, e in zip(grads, eager):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("transform", ["vjp", "grad", "vmap"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_torch_func_transforms_inside_torch_compile_equal_torch_nn(kind, transform):
+    """torch.func transforms traced by torch.compile (the layer then runs lstmfast.reference's plain
+    ops): torch.nn's results (torch.func.vjp's gradients came back zero)."""
+    import copy
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, kind)(3, 4).double()
+    ours = getattr(lstmfast, kind).from_torch(copy.deepcopy(theirs))
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    cotangent = torch.linspace(-1, 1, 32, dtype=torch.float64).view(4, 2, 4)
+
+    def run(module):
+        if transform == "vjp":
+            _, pullback = torch.func.vjp(lambda v: module(v)[0], x)
+            return pullback(cotangent)[0]
+        if transform == "grad":
+            return torch.func.grad(lambda v: (module(v)[0] * cotangent).sum())(x)
+        return torch.func.vmap(lambda v: module(v)[0], in_dims=1, out_dims=1)(x)
+
+    if transform == "vmap":  # (torch.nn has no batching rule: its layer one sample at a time)
+        expected = torch.stack([theirs(x[:, i])[0] for i in range(x.shape[1])], dim=1)
+    else:
+        expected = run(theirs)
+    found = torch.compile(lambda: run(ours), backend="aot_eager")()
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(found, expected, rtol=1e-10, atol=1e-10)
