@@ -36,6 +36,7 @@ On CUDA, float16 and bfloat16 run with float32 arithmetic inside the kernels; un
 """
 
 import numbers
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -50,15 +51,29 @@ from ._ops import backward_mask, below_autograd, lstm_need, ops, second_bias_gra
 NormSink = Callable[[Tensor, Optional[Tensor]], None]
 
 
+def _exporting():
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # (torch >= 2.5)
+    return is_exporting is not None and is_exporting()
+
+
+def _recording(grad_clip):
+    """Whether torch.jit.trace (and the TorchScript-based ONNX exporter, which traces) or torch.export
+    records this call: the bare op is recorded then, not the Function (a traced graph can then be
+    saved and checked, and a strictly exported one keeps its gradients: torch.export runs custom
+    Functions with grad off). Such graphs still train: the op has a first-order autograd of its own
+    (lstmfast._ops), without grad_clip, which a warning says."""
+    if torch._C._get_tracing_state() is None and not _exporting():
+        return False
+    if grad_clip is not None:
+        warnings.warn(f"lstmfast: grad_clip={grad_clip} is not recorded by torch.jit.trace or torch.export: "
+                      f"a backward through the recorded graph runs without it", stacklevel=3)
+    return True
+
+
 def _needs_grad(*tensors):
     """Whether the call must go through the autograd.Function: gradients may be asked for, by
     autograd (an input requires grad), forward-mode AD or a torch.func transform (whose wrapped
-    tensors need not report requires_grad; calling the bare op there would leave gradients None).
-    Under torch.jit.trace (and the TorchScript-based ONNX exporter, which traces), never: the bare op,
-    unlike the Function, can be saved and checked (a traced graph still trains: the op has a
-    first-order autograd of its own, lstmfast._ops)."""
-    if torch._C._get_tracing_state() is not None:
-        return False
+    tensors need not report requires_grad; calling the bare op there would leave gradients None)."""
     if torch._C._are_functorch_transforms_active():
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -618,7 +633,7 @@ def lstm(
         _reference_checks(grad_clip, norm_sink, "forward-mode AD or torch.func transforms under torch.compile")
         return reference.lstm(input, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, h0=h0, c0=c0, batch_sizes=batch_sizes,
                               reverse=reverse)
-    if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    if not _recording(grad_clip) and _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         input = _input_to_save(input)
         outputs = _apply(LSTMFunction, _LSTMCore, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                          w_hr, reverse, grad_clip, norm_sink)[:3]
@@ -657,7 +672,7 @@ def rnn(
         _reference_checks(grad_clip, norm_sink, "forward-mode AD or torch.func transforms under torch.compile")
         return reference.rnn(input, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, h0=h0,
                              batch_sizes=batch_sizes, reverse=reverse)
-    if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
+    if not _recording(grad_clip) and _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
         input = _input_to_save(input)
         outputs = _apply(RNNFunction, _RNNCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh,
                          nonlinearity, reverse, grad_clip, norm_sink)
@@ -697,7 +712,7 @@ def gru(
     if _transformed_under_compile() or _forward_mode(input, h0, w_ih, w_hh, b_ih, b_hh):
         _reference_checks(grad_clip, norm_sink, "forward-mode AD or torch.func transforms under torch.compile")
         return reference.gru(input, w_ih, w_hh, b_ih, b_hh, h0=h0, batch_sizes=batch_sizes, reverse=reverse)
-    if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
+    if not _recording(grad_clip) and _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
         input = _input_to_save(input)
         outputs = _apply(GRUFunction, _GRUCore, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse,
                          grad_clip, norm_sink)[:2]

@@ -34,11 +34,6 @@ from torch.nn.utils.rnn import PackedSequence
 from . import _dynamo_compat, functional
 
 
-def _exporting():
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # (torch >= 2.5)
-    return is_exporting is not None and is_exporting()
-
-
 # The dtypes torch.nn's layers return under CPU autocast, by kind of call (see _torch_nn_autocast_dtypes).
 _AUTOCAST_DTYPES = {}
 
@@ -215,7 +210,7 @@ class _RecurrentBase:
         lstmfast never uses cuDNN's flat weight buffer, and on CUDA that call fails on torch.func's
         wrapped weights (functional_call under vmap or grad)."""
         names = self._flat_weights_names
-        if _exporting():
+        if functional._exporting():
             # torch.export swaps in its own tensors for the parameters, so a re-read would store
             # them into _flat_weights and export would warn about a tensor attribute assigned
             # during export; read each weight once instead.
