@@ -179,14 +179,14 @@ BAD_LSTM_BACKWARD = {  # valid sample: T=5, B=3, I=4, H=6, N=15
     "cells-rows": (dict(cells=_f64(14, 6)), r"expected cells of shape \[15, 6\], but got \[14, 6\]"),
     "gates-width": (dict(gates=_f64(15, 20)), r"expected gates of shape \[15, 24\], but got \[15, 20\]"),
     "gates-dtype": (dict(gates=torch.randn(15, 24)), r"expected gates to have dtype Double \(the dtype of input\), but got Float"),
-    "output-rows": (dict(output=_f64(4, 3, 6)), r"expected output with 15 rows of size 6, but got shape \[4, 3, 6\]"),
-    "output-width": (dict(output=_f64(5, 3, 5)), r"expected output with 15 rows of size 6, but got shape \[5, 3, 5\]"),
-    "grad_output-big": (dict(grad_output=_f64(6, 3, 6)), r"expected grad_output with 15 rows of size 6, but got shape \[6, 3, 6\]"),
+    "output-rows": (dict(output=_f64(4, 3, 6)), r"expected output of shape \[5, 3, 6\], but got \[4, 3, 6\]"),
+    "output-width": (dict(output=_f64(5, 3, 5)), r"expected output of shape \[5, 3, 6\], but got \[5, 3, 5\]"),
+    "grad_output-big": (dict(grad_output=_f64(6, 3, 6)), r"expected grad_output of shape \[5, 3, 6\], but got \[6, 3, 6\]"),
     "grad_h_n-shape": (dict(grad_h_n=_f64(3, 5)), r"expected grad_h_n of shape \[3, 6\], but got \[3, 5\]"),
     "grad_c_n-shape": (dict(grad_c_n=_f64(2, 6)), r"expected grad_c_n of shape \[3, 6\], but got \[2, 6\]"),
     "grad_c_n-dtype": (dict(grad_c_n=torch.randn(3, 6)), r"expected grad_c_n to have dtype Double"),
     "h0-shape": (dict(h0=_f64(2, 6)), r"expected h0 of shape \[3, 6\], but got \[2, 6\]"),
-    "input-rows": (dict(input=_f64(6, 3, 4)), r"expected output with 18 rows of size 6, but got shape \[5, 3, 6\]"),
+    "input-rows": (dict(input=_f64(6, 3, 4)), r"expected output of shape \[6, 3, 6\], but got \[5, 3, 6\]"),
     "w_hh-hidden": (dict(w_hh=_f64(28, 7)), r"expected w_ih of shape \[28, 4\], but got \[24, 4\]"),
     "w_hr-extra": (dict(w_hr=_f64(2, 6)), r"expected w_hh of shape \[24, 2\], but got \[24, 6\]"),
     "batch_sizes-batch": (dict(input=_f64(15, 4), batch_sizes=torch.tensor([4, 4, 4, 3])),
@@ -231,9 +231,9 @@ def _rnn_saved(**changes):
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(output=_f64(5, 3, 5)), r"rnn_backward: expected output with 15 rows of size 6, but got shape \[5, 3, 5\]"),
-    (dict(output=_f64(14, 6)), r"expected output with 15 rows of size 6, but got shape \[14, 6\]"),
-    (dict(grad_output=_f64(5, 2, 6)), r"expected grad_output with 15 rows of size 6"),
+    (dict(output=_f64(5, 3, 5)), r"rnn_backward: expected output of shape \[5, 3, 6\], but got \[5, 3, 5\]"),
+    (dict(output=_f64(14, 6)), r"expected output of shape \[5, 3, 6\], but got \[14, 6\]"),
+    (dict(grad_output=_f64(5, 2, 6)), r"expected grad_output of shape \[5, 3, 6\], but got \[5, 2, 6\]"),
     (dict(grad_h_n=_f64(3, 7)), r"expected grad_h_n of shape \[3, 6\], but got \[3, 7\]"),
     (dict(h0=torch.zeros(3, 6)), r"expected h0 to have dtype Double"),
     (dict(nonlinearity="sigmoid"), r"rnn_backward: expected nonlinearity 'tanh' or 'relu', but got 'sigmoid'"),
@@ -782,7 +782,7 @@ def test_cuda_backward_inconsistent(device):
         ops.lstm_backward(*(args | dict(cells=args["cells"][:14])).values())
     with pytest.raises(RuntimeError, match=r"expected gates on device cuda:0 \(the device of input\), but got cpu"):
         ops.lstm_backward(*(args | dict(gates=args["gates"].cpu())).values())
-    with pytest.raises(RuntimeError, match=r"expected output with 15 rows of size 6"):
+    with pytest.raises(RuntimeError, match=r"expected output of shape \[5, 3, 6\], but got \[4, 3, 6\]"):
         ops.lstm_backward(*(args | dict(output=args["output"][:4])).values())
 
 
