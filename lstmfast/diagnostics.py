@@ -49,7 +49,8 @@ def gradient_flow(module: _RecurrentBase, inputs, loss_fn: Optional[Callable] = 
     `inputs`: a tensor as the module takes it (batched), or a PackedSequence (then `loss_fn` is
     required). `loss_fn(output) -> scalar`; by default the sum of the outputs at the last step.
 
-    Runs with gradients on (also when called under torch.no_grad or inference_mode). Other threads may
+    Runs with gradients on (also when called under torch.no_grad or inference_mode) and eagerly (a
+    torch.compile'd layer, or one compiled in place, is measured as itself). Other threads may
     use the module meanwhile, training it or measuring their own gradient flow: the norms recorded are
     those of this thread's pass only.
     """
@@ -62,6 +63,9 @@ _RECORDERS_LOCK = threading.Lock()
 
 
 def _gradient_flow(module, inputs, loss_fn, hx):
+    inner = getattr(module, "_orig_mod", None)  # (torch.compile(layer): measured on the layer itself)
+    if not isinstance(module, _RecurrentBase) and isinstance(inner, _RecurrentBase):
+        module = inner
     if not isinstance(module, _RecurrentBase):
         raise TypeError(f"gradient_flow expects an lstmfast.LSTM, lstmfast.GRU or lstmfast.RNN, got "
                         f"{type(module).__name__}")
@@ -91,7 +95,10 @@ def _gradient_flow(module, inputs, loss_fn, hx):
     with _RECORDERS_LOCK:
         module._gradient_recorder = {**(module._gradient_recorder or {}), thread: record}
     try:
-        output, _ = module(x, hx)
+        # Eagerly, also for a layer compiled in place (layer.compile()): the recorder reaches the
+        # kernels through the Python forward.
+        with torch.compiler.set_stance("force_eager"):
+            output, _ = module(x, hx)
         loss = loss_fn(output)
         (grad_input,) = torch.autograd.grad(loss, leaf)
     finally:

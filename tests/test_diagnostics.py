@@ -1,5 +1,7 @@
 """Per-step gradient norms from inside BPTT, gradient clipping in BPTT, conversion helpers."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -226,3 +228,19 @@ def test_gru_from_torch_and_to_torch_share_parameters():
     back = ours.to_torch()
     assert type(back) is nn.GRU and repr(back) == repr(theirs) and not back.training
     assert all(a is b for a, b in zip(back.parameters(), theirs.parameters()))
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "compile in place fullgraph"])
+def test_gradient_flow_of_a_compiled_layer(how):
+    """A torch.compile'd layer (an OptimizedModule) or one compiled in place is measured as itself,
+    eagerly: the same norms as the plain layer's."""
+    torch.manual_seed(0)
+    module = lstmfast.GRU(3, 4).double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    expected = _flow_values(diagnostics.gradient_flow(module, x))
+    if how == "torch.compile":
+        compiled = torch.compile(module, backend="eager")
+    else:
+        compiled = copy.deepcopy(module)
+        compiled.compile(fullgraph=True, backend="eager")
+    assert_all_close(_flow_values(diagnostics.gradient_flow(compiled, x)), expected, rtol=0, atol=0)
