@@ -20,7 +20,7 @@ has no derivative we commit to). Under forward mode (``torch.func.jvp``, ``jacfw
 ``torch.autograd.forward_ad`` with a tangent on the layer's inputs) the layer runs the reference's
 plain PyTorch ops, as torch.nn's native path does, so that every derivative of it is torch's own;
 grad_clip and ``norm_sink`` are refused there. ``torch.func.grad``, ``vjp``, ``jacrev`` and ``vmap``
-use the fused kernels (vmap loops over the batch).
+use the fused kernels (vmap loops over the batch); traced by torch.compile, they run the reference too.
 
 The output may be modified in place (``out += x``, ``relu_``, in-place dropout) as torch.nn's: the
 backward then recomputes the forward output it needs.
@@ -72,8 +72,9 @@ def _recording(grad_clip):
 
 def _needs_grad(*tensors):
     """Whether the call must go through the autograd.Function: gradients may be asked for, by
-    autograd (an input requires grad), forward-mode AD or a torch.func transform (whose wrapped
-    tensors need not report requires_grad; calling the bare op there would leave gradients None)."""
+    autograd (an input requires grad) or a torch.func transform (whose wrapped tensors need not report
+    requires_grad; calling the bare op there would leave gradients None). Forward mode, which runs the
+    reference, and recording (_recording) are decided before."""
     if torch._C._are_functorch_transforms_active():
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -125,11 +126,10 @@ def _autocast(*tensors):
 
 
 def _apply(function, core, *args):
-    """function.apply(*args). Under torch.compile, `core`: the Function without its jvp (Dynamo
-    cannot trace a Function with a custom jvp; forward mode does not reach compiled code). Outside
-    torch.compile and torch.func transforms, straight to autograd's C++ apply: Function.apply binds
-    default arguments with inspect.signature on every call of a setup_context-style Function (about
-    0.3 ms), and every argument is given here."""
+    """function.apply(*args). Under torch.compile, `core`: the plain Function (the public classes add
+    the legacy ONNX exporter's `symbolic`). Outside torch.compile and torch.func transforms, straight to
+    autograd's C++ apply: Function.apply binds default arguments with inspect.signature on every call
+    of a setup_context-style Function (about 0.3 ms), and every argument is given here."""
     if torch.compiler.is_compiling():
         return core.apply(*args)
     if torch._C._are_functorch_transforms_active():
