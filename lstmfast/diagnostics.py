@@ -95,10 +95,11 @@ def _gradient_flow(module, inputs, loss_fn, hx):
     with _RECORDERS_LOCK:
         module._gradient_recorder = {**(module._gradient_recorder or {}), thread: record}
     try:
-        # Eagerly, also for a layer compiled in place (layer.compile()): the recorder reaches the
-        # kernels through the Python forward.
-        with torch.compiler.set_stance("force_eager"):
-            output, _ = module(x, hx)
+        # Eagerly, also for a layer compiled in place (layer.compile() sets a compiled call, which
+        # _call_impl, hooks and all, bypasses): the recorder reaches the kernels through the Python
+        # forward. (torch.compiler.set_stance is process-wide: threads measuring at once restored
+        # each other's stance and left "force_eager" set.)
+        output, _ = module._call_impl(x, hx)
         loss = loss_fn(output)
         (grad_input,) = torch.autograd.grad(loss, leaf)
     finally:
