@@ -304,10 +304,11 @@ def cpu_isa():
 
 
 def cpu_gemm_engines():
-    """The GEMM that runs the CPU products of each dtype: {"float32": "avx512", "bfloat16": "avx512_bf16",
-    ...}. bfloat16 products take bfloat16 operands and sum in float32 ("avx512_bf16": lstmfast's AVX512-BF16
-    kernels; "float32 (...)": the operands rounded to bfloat16 values, multiplied by the float32 GEMM);
-    LSTMFAST_CPU_BF16_ENGINE=float32 forces the latter. float16 runs on float32 copies."""
+    """The GEMM that runs the CPU products of each dtype: {"float32": "avx512", "bfloat16": "amx", ...}.
+    bfloat16 products take bfloat16 operands and sum in float32: "amx" (lstmfast's AMX tile kernels), else
+    "avx512_bf16" (its AVX512-BF16 kernels), else "float32 (...)" (the operands rounded to bfloat16 values,
+    multiplied by the float32 GEMM); LSTMFAST_CPU_BF16_ENGINE=amx|avx512_bf16|float32 forces one this CPU
+    has. float16 runs on float32 copies."""
     return {str(d).removeprefix("torch."): ops.cpu_gemm_engine(d)
             for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
 

@@ -40,7 +40,7 @@ def _rel(actual, expected):
 def _case(cell, T, B, I, H, proj, packed, seed=0):  # noqa: E741
     """Float64 operands (x, w_ih, w_hh, b_ih, b_hh, w_hr) and the op's batch_sizes (None when padded)."""
     g = torch.Generator().manual_seed(seed)
-    G = 4 if cell == "lstm" else 1
+    G = {"lstm": 4, "gru": 3}.get(cell, 1)
     P = proj or H
     x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
     w = [torch.randn(G * H, I, generator=g, dtype=torch.float64) / I**0.5,
@@ -65,7 +65,7 @@ def _run(module, cell, tensors, batch_sizes, reverse, grad_clip=None, cotangent_
         w_hr = leaves[5] if len(leaves) > 5 else None
         outs = module.lstm(*leaves[:5], w_hr=w_hr, batch_sizes=batch_sizes, reverse=reverse, grad_clip=grad_clip)
     else:
-        outs = module.rnn(*leaves, batch_sizes=batch_sizes, reverse=reverse, grad_clip=grad_clip)
+        outs = getattr(module, cell)(*leaves, batch_sizes=batch_sizes, reverse=reverse, grad_clip=grad_clip)
     g = torch.Generator().manual_seed(cotangent_seed)
     cotangents = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
     return list(outs), list(torch.autograd.grad(outs, leaves, cotangents))
@@ -117,9 +117,12 @@ def test_grad_clip_in_bfloat16():
 
 
 def _supported_engines():
-    """The bfloat16 engines this CPU runs (avx512_bf16 needs AVX512-BF16)."""
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    return (["avx512_bf16"] if " avx512_bf16" in flags and " avx512f" in flags else []) + ["float32"]
+    """The bfloat16 engines this CPU runs, fastest first (avx512_bf16 needs AVX512-BF16; amx needs AMX-BF16
+    tiles too)."""
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    avx512_bf16 = {"avx512f", "avx512_bf16"} <= flags
+    amx = avx512_bf16 and {"amx_tile", "amx_bf16"} <= flags
+    return ["amx"] * amx + ["avx512_bf16"] * avx512_bf16 + ["float32"]
 
 
 def _in_process(env, code):
@@ -129,7 +132,7 @@ def _in_process(env, code):
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
-@pytest.mark.parametrize("engine", ["avx512_bf16", "float32"])
+@pytest.mark.parametrize("engine", ["amx", "avx512_bf16", "float32"])
 def test_every_engine_against_float64(engine, isa):
     """Each bfloat16 engine (forced with LSTMFAST_CPU_BF16_ENGINE), under each float32 GEMM / pointwise
     instruction set (LSTMFAST_CPU_ISA), in a fresh process."""
@@ -147,6 +150,13 @@ def test_every_engine_against_float64(engine, isa):
     assert proc.stdout.strip().splitlines()[-1].startswith(engine)
 
 
+# Shapes for the engines' edges: batches of 1 to 33 rows (AMX tiles hold 16), depths below, at and past
+# a whole 32-deep AMX chunk (odd too), hidden sizes whose gate columns end in a part-filled 16-column panel,
+# and more than four panels (an AMX pass covers four).
+EDGE_SHAPES = [dict(T=3, B=1, I=1, H=8), dict(T=4, B=15, I=31, H=20), dict(T=3, B=17, I=33, H=40),
+               dict(T=2, B=33, I=64, H=36), dict(T=5, B=16, I=95, H=72)]
+
+
 def test_engines_agree(tmp_path):
     engines = _supported_engines()
     if len(engines) < 2:
@@ -156,27 +166,46 @@ def test_engines_agree(tmp_path):
         path = tmp_path / f"{engine}.pt"
         code = ("import torch, test_reduced_precision as t\n"
                 "c = {k: v for k, v in t.CASES['team'].items() if k != 'reverse'}\n"
-                "tensors, bs = t._case('lstm', **c)\n"
-                "outs, grads = t._run(t.functional, 'lstm', [x.bfloat16() for x in tensors], bs, True)\n"
-                f"torch.save([o.float() for o in outs + grads], {str(path)!r})")
+                "results = []\n"
+                "for cell, shape in [('lstm', c)] + [(cell, dict(s, proj=0, packed=False))\n"
+                "                                      for s in t.EDGE_SHAPES for cell in ('lstm', 'gru', 'rnn')]:\n"
+                "    tensors, bs = t._case(cell, **shape)\n"
+                "    outs, grads = t._run(t.functional, cell, [x.bfloat16() for x in tensors], bs, True)\n"
+                "    results += [o.float() for o in outs + grads]\n"
+                f"torch.save(results, {str(path)!r})")
         proc = _in_process({"LSTMFAST_CPU_BF16_ENGINE": engine}, code)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.append(torch.load(path))
     # The same rounded operands; only the float32 sums' order differs, which can move a result across
     # one bfloat16 rounding boundary: within 2u normwise.
-    for a, e in zip(*results):
-        assert _rel(a, e) <= 2 * U[torch.bfloat16]
+    for other in results[1:]:
+        assert len(other) == len(results[0])
+        for a, e in zip(other, results[0]):
+            assert _rel(a, e) <= 2 * U[torch.bfloat16]
+
+
+def test_edge_shapes_against_float64():
+    """The default engine on the edge shapes, every cell, against float64 on the same operands."""
+    for shape in EDGE_SHAPES:
+        for cell in ("lstm", "gru", "rnn"):
+            tensors, batch_sizes = _case(cell, **shape, proj=0, packed=False)
+            tensors = [t.bfloat16() for t in tensors]
+            outs, grads = _run(functional, cell, tensors, batch_sizes, False)
+            ref_outs, ref_grads = _run(reference, cell, [t.double() for t in tensors], batch_sizes, False)
+            for i, (a, e) in enumerate(zip(outs + grads, ref_outs + ref_grads)):
+                assert _rel(a, e) <= TOL[torch.bfloat16], (shape, cell, i, _rel(a, e))
 
 
 def test_unknown_or_unsupported_engine_is_refused():
-    proc = _in_process({"LSTMFAST_CPU_BF16_ENGINE": "amx"},
-                       "import torch, lstmfast; lstmfast.LSTM(3, 4).bfloat16()(torch.ones(2, 1, 3).bfloat16())")
+    layer = "import torch, lstmfast; lstmfast.LSTM(3, 4).bfloat16()(torch.ones(2, 1, 3).bfloat16())"
+    proc = _in_process({"LSTMFAST_CPU_BF16_ENGINE": "tiles"}, layer)
     assert proc.returncode != 0
-    assert "LSTMFAST_CPU_BF16_ENGINE must be avx512_bf16 or float32, but got 'amx'" in proc.stderr
-    if "avx512_bf16" not in _supported_engines():
-        proc = _in_process({"LSTMFAST_CPU_BF16_ENGINE": "avx512_bf16"},
-                           "import torch, lstmfast; lstmfast.LSTM(3, 4).bfloat16()(torch.ones(2, 1, 3).bfloat16())")
-        assert "does not support AVX512-BF16" in proc.stderr
+    assert "LSTMFAST_CPU_BF16_ENGINE must be amx, avx512_bf16 or float32, but got 'tiles'" in proc.stderr
+    for engine, feature in [("amx", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")]:
+        if engine not in _supported_engines():
+            proc = _in_process({"LSTMFAST_CPU_BF16_ENGINE": engine}, layer)
+            assert proc.returncode != 0
+            assert f"does not support {feature}" in proc.stderr
 
 
 def test_engine_report():

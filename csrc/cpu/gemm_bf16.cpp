@@ -7,7 +7,10 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 namespace lstmfast::cpu::bf16 {
 
@@ -211,14 +214,17 @@ void round_rows_split(const float* a, int64_t lda, int64_t rows, int64_t k, uint
   }
 }
 
-void gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* b, float* c, int64_t ldc, bool accumulate,
-          int64_t rows, int64_t panel_begin, int64_t panel_end) {
+namespace {
+
+// gemm from depth `depth_begin` (even) on: the vdpbf16ps tiles.
+void dot_gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* b, float* c, int64_t ldc, bool accumulate,
+              int64_t rows, int64_t panel_begin, int64_t panel_end, int64_t depth_begin) {
   const int64_t lda = padded_depth(k), bs = panel_stride(k);
   const int64_t tail = n - (panels_of(n) - 1) * kPanel;
   const __mmask16 tail_mask = tail == kPanel ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1);
-  for (int64_t d0 = 0; d0 < lda; d0 += kDepthBlock) {
+  for (int64_t d0 = depth_begin; d0 < lda; d0 += kDepthBlock) {
     const int64_t pairs = std::min(kDepthBlock, lda - d0) / 2;
-    const bool add = accumulate || d0 > 0;
+    const bool add = accumulate || d0 > depth_begin;
     for (int64_t p = panel_begin; p < panel_end; p += kMaxPanels) {
       const int nv = static_cast<int>(std::min<int64_t>(kMaxPanels, panel_end - p));
       const __mmask16 last = p + nv == panels_of(n) ? tail_mask : __mmask16(0xFFFF);
@@ -231,6 +237,177 @@ void gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* b, float* c, 
   }
 }
 
+}  // namespace
+
+void gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, const uint16_t* b, float* c,
+          int64_t ldc, bool accumulate, int64_t rows, int64_t panel_begin, int64_t panel_end) {
+  dot_gemm(n, k, a, b, c, ldc, accumulate, rows, panel_begin, panel_end, 0);
+  if (a_low != nullptr) dot_gemm(n, k, a_low, b, c, ldc, true, rows, panel_begin, panel_end, 0);
+}
+
+
+// ---- AMX. Tiles 0-3 hold C (16 rows x one panel each), tiles 4 and 5 the A operand (its high and low
+// terms), tiles 6 and 7 a panel of B in turn: per 32-deep chunk, up to four panels against one 16-row
+// block of A. A tile of A is 16 rows of one chunk (rows of padded_depth(k), read in place), a tile of B
+// is 16 depth pairs of one panel: the packed layout above, 64 bytes a pair. Depth past the last whole
+// chunk goes through the vdpbf16ps tiles. Each element still adds its chunks in depth order (the low
+// terms' after the high terms' in each chunk), whatever the tiling, so results do not depend on it.
+namespace {
+
+constexpr int64_t kChunk = 32;     // depth of a tile (16 pairs of bfloat16: 64 bytes a row)
+constexpr int kAmxPanels = 4;      // C tiles
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes[16] = {};  // per tile: bytes a row
+  uint8_t rows[16] = {};
+};
+
+// The tiles as this thread last configured them in this call, so that a block of another height loads
+// a new configuration and the next of the same height does not (the first of each call always loads:
+// other code on this thread, oneDNN's say, may have released or reconfigured the tiles in between).
+thread_local int configured_rows = 0;
+
+void configure(int rows) {
+  if (rows == configured_rows) return;
+  TileConfig config;
+  for (int t = 0; t < 6; ++t) config.rows[t] = static_cast<uint8_t>(rows), config.bytes[t] = 64;
+  for (int t = 6; t < 8; ++t) config.rows[t] = kChunk / 2, config.bytes[t] = 64;
+  asm volatile("ldtilecfg %0" ::"m"(config));
+  configured_rows = rows;
+}
+
+template <int T>
+inline void tile_load(const void* base, int64_t stride) {
+  asm volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(base), "r"(stride), "n"(T) : "memory");
+}
+template <int T>
+inline void tile_store(void* base, int64_t stride) {
+  asm volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(base), "r"(stride), "n"(T) : "memory");
+}
+template <int T>
+inline void tile_zero() {
+  asm volatile("tilezero %%tmm%c0" ::"n"(T));
+}
+template <int C, int A, int B>
+inline void tile_dot() {  // C += A B (AT&T order: B, A, C)
+  asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
+}
+
+// C tile P: loaded from c (row stride ldc floats) when accumulating, else zeroed.
+template <int P>
+inline void c_in(const float* c, int64_t ldc, bool accumulate) {
+  if (accumulate) tile_load<P>(c, ldc * 4);
+  else tile_zero<P>();
+}
+
+// C tiles 0..NP-1 (+)= the 16-row block of A (A + A_low when kSplit) times NP panels of B, over `chunks`
+// chunks of depth; c[i] and ldc[i]: where C's panel i is.
+template <int NP, bool kSplit>
+void amx_tile(int64_t chunks, const uint16_t* a, const uint16_t* a_low, int64_t lda, const uint16_t* b,
+              int64_t bs, float* const* c, const int64_t* ldc, bool accumulate) {
+  if constexpr (NP > 0) c_in<0>(c[0], ldc[0], accumulate);
+  if constexpr (NP > 1) c_in<1>(c[1], ldc[1], accumulate);
+  if constexpr (NP > 2) c_in<2>(c[2], ldc[2], accumulate);
+  if constexpr (NP > 3) c_in<3>(c[3], ldc[3], accumulate);
+  const int64_t a_stride = lda * 2;
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t d = ch * kChunk;
+    tile_load<4>(a + d, a_stride);
+    if constexpr (kSplit) tile_load<5>(a_low + d, a_stride);
+    const uint16_t* panel = b + d * kPanel;
+    tile_load<6>(panel, 64);
+    tile_dot<0, 4, 6>();
+    if constexpr (kSplit) tile_dot<0, 5, 6>();
+    if constexpr (NP > 1) {
+      tile_load<7>(panel + bs, 64);
+      tile_dot<1, 4, 7>();
+      if constexpr (kSplit) tile_dot<1, 5, 7>();
+    }
+    if constexpr (NP > 2) {
+      tile_load<6>(panel + 2 * bs, 64);
+      tile_dot<2, 4, 6>();
+      if constexpr (kSplit) tile_dot<2, 5, 6>();
+    }
+    if constexpr (NP > 3) {
+      tile_load<7>(panel + 3 * bs, 64);
+      tile_dot<3, 4, 7>();
+      if constexpr (kSplit) tile_dot<3, 5, 7>();
+    }
+  }
+  if constexpr (NP > 0) tile_store<0>(c[0], ldc[0] * 4);
+  if constexpr (NP > 1) tile_store<1>(c[1], ldc[1] * 4);
+  if constexpr (NP > 2) tile_store<2>(c[2], ldc[2] * 4);
+  if constexpr (NP > 3) tile_store<3>(c[3], ldc[3] * 4);
+}
+
+using AmxTileFn = void (*)(int64_t, const uint16_t*, const uint16_t*, int64_t, const uint16_t*, int64_t,
+                           float* const*, const int64_t*, bool);
+const AmxTileFn kAmxTiles[2][kAmxPanels] = {
+    {&amx_tile<1, false>, &amx_tile<2, false>, &amx_tile<3, false>, &amx_tile<4, false>},
+    {&amx_tile<1, true>, &amx_tile<2, true>, &amx_tile<3, true>, &amx_tile<4, true>}};
+
+}  // namespace
+
+bool amx_supported() {
+  static const bool ok = [] {
+    unsigned eax, ebx, ecx, edx;
+    if (!supported() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = (edx >> 24) & 1, bf16 = (edx >> 22) & 1;
+    if (!tile || !bf16) return false;
+    // Linux hands out the tile state only to a process that asks for it (ARCH_REQ_XCOMP_PERM for
+    // XFEATURE_XTILEDATA); granted once, it holds for every thread.
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+
+void amx_gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, const uint16_t* b, float* c,
+              int64_t ldc, bool accumulate, int64_t rows, int64_t panel_begin, int64_t panel_end) {
+  const int64_t lda = padded_depth(k), bs = panel_stride(k), chunks = lda / kChunk;
+  if (chunks > 0) {
+    const int64_t last_panel = panels_of(n) - 1, tail = n - last_panel * kPanel;
+    configured_rows = 0;
+    alignas(64) float scratch[16 * 16];
+    for (int64_t r = 0; r < rows; r += 16) {
+      const int height = static_cast<int>(std::min<int64_t>(16, rows - r));
+      configure(height);
+      for (int64_t p = panel_begin; p < panel_end; p += kAmxPanels) {
+        const int np = static_cast<int>(std::min<int64_t>(kAmxPanels, panel_end - p));
+        float* targets[kAmxPanels];
+        int64_t strides[kAmxPanels];
+        bool partial = false;
+        for (int i = 0; i < np; ++i) targets[i] = c + r * ldc + (p + i) * kPanel, strides[i] = ldc;
+        if (p + np - 1 == last_panel && tail < kPanel) {
+          // The last panel's columns past n are not C's: its tile goes through the scratch block.
+          partial = true;
+          float* last = targets[np - 1];
+          if (accumulate) {
+            for (int i = 0; i < height; ++i) {
+              _mm512_store_ps(scratch + i * 16, _mm512_maskz_loadu_ps(first_lanes(tail), last + i * ldc));
+            }
+          }
+          targets[np - 1] = scratch, strides[np - 1] = 16;
+        }
+        kAmxTiles[a_low != nullptr][np - 1](chunks, a + r * lda, a_low == nullptr ? nullptr : a_low + r * lda,
+                                            lda, b + p * bs, bs, targets, strides, accumulate);
+        if (partial) {
+          float* last = c + r * ldc + (p + np - 1) * kPanel;
+          for (int i = 0; i < height; ++i) {
+            _mm512_mask_storeu_ps(last + i * ldc, first_lanes(tail), _mm512_load_ps(scratch + i * 16));
+          }
+        }
+      }
+    }
+  }
+  if (chunks * kChunk < lda) {
+    // The depth past the last whole chunk (each element's last terms, in the same order everywhere).
+    const bool add = accumulate || chunks > 0;
+    dot_gemm(n, k, a, b, c, ldc, add, rows, panel_begin, panel_end, chunks * kChunk);
+    if (a_low != nullptr) dot_gemm(n, k, a_low, b, c, ldc, true, rows, panel_begin, panel_end, chunks * kChunk);
+  }
+}
 }  // namespace lstmfast::cpu::bf16
 
 #pragma GCC pop_options
@@ -243,7 +420,11 @@ void pack_b(const float*, int64_t, int64_t, int64_t, bool, uint16_t*, int64_t, i
 void round_rows(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
 void round_columns(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
 void round_rows_split(const float*, int64_t, int64_t, int64_t, uint16_t*, uint16_t*) {}
-void gemm(int64_t, int64_t, const uint16_t*, const uint16_t*, float*, int64_t, bool, int64_t, int64_t, int64_t) {}
+bool amx_supported() { return false; }
+void gemm(int64_t, int64_t, const uint16_t*, const uint16_t*, const uint16_t*, float*, int64_t, bool, int64_t, int64_t,
+          int64_t) {}
+void amx_gemm(int64_t, int64_t, const uint16_t*, const uint16_t*, const uint16_t*, float*, int64_t, bool, int64_t,
+              int64_t, int64_t) {}
 }  // namespace lstmfast::cpu::bf16
 
 #endif

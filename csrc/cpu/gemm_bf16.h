@@ -1,10 +1,11 @@
-// lstmfast's bfloat16 GEMM for CPUs with AVX512-BF16 (vdpbf16ps): C(m, n) float32 (+)= A(m, k) B(k, n) with A
-// and B rounded to bfloat16 and products summed in float32. The reduced-precision CPU path keeps
+// lstmfast's bfloat16 GEMM for CPUs with AVX512-BF16 (vdpbf16ps) or AMX (tdpbf16ps): C(m, n) float32
+// (+)= A(m, k) B(k, n) with A and B rounded to bfloat16 and products summed in float32. The reduced-precision CPU path keeps
 // everything else float32 (ops_cpu.cpp), so only the operands of its products pass through here.
 //
 // Layouts: A is bfloat16 rows of padded_depth(k) elements (k rounded up to even, the pad zero). B is packed
 // once per op call (pack_b) in panels of 16 columns; within a panel, depth pairs (2i, 2i+1) are one
-// 512-bit vector holding, for each column c, B(2i, c) then B(2i + 1, c): the operand vdpbf16ps takes.
+// 512-bit vector holding, for each column c, B(2i, c) then B(2i + 1, c): the operand vdpbf16ps takes, and
+// 16 of them one after another are an AMX tile of B.
 // Each element of C adds its pairs in depth order whatever tile or thread computes it, so results do
 // not depend on the thread count. Single-threaded; threading lives in ops_cpu.cpp.
 #pragma once
@@ -40,8 +41,17 @@ void round_rows_split(const float* a, int64_t lda, int64_t rows, int64_t k, uint
 void round_columns(const float* a, int64_t ld, int64_t rows, int64_t k, uint16_t* out);
 
 // C rows [0, rows) x panels [panel_begin, panel_end) of C = A B (+ C when accumulate), with A as round_rows
-// writes it (row stride padded_depth(k)) and B as pack_b writes it. Columns past n are not touched.
-void gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* b, float* c, int64_t ldc, bool accumulate,
-          int64_t rows, int64_t panel_begin, int64_t panel_end);
+// writes it (row stride padded_depth(k)) and B as pack_b writes it; with a_low (A's second terms, as
+// round_rows_split writes them), C = (A + A_low) B. Columns past n are not touched.
+void gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, const uint16_t* b, float* c,
+          int64_t ldc, bool accumulate, int64_t rows, int64_t panel_begin, int64_t panel_end);
+
+// Whether the CPU also has AMX tiles for bfloat16 (AMX-TILE, AMX-BF16) and the OS lets this process use
+// them (asked once: Linux's arch_prctl(ARCH_REQ_XCOMP_PERM)).
+bool amx_supported();
+
+// gemm on the AMX tiles (only once amx_supported() said yes): the same operands, layouts and result.
+void amx_gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, const uint16_t* b, float* c,
+              int64_t ldc, bool accumulate, int64_t rows, int64_t panel_begin, int64_t panel_end);
 
 }  // namespace lstmfast::cpu::bf16

@@ -101,17 +101,19 @@ std::string isa_name() { return pointwise_kernels<float>().isa; }
 bool packed_gemm_enabled() { return chosen_isa() == 0; }
 
 // The engine of the products of a bfloat16 op call (operands rounded to bfloat16, sums in float32):
-// LSTMFAST_CPU_BF16_ENGINE if set (and supported), else the fastest this CPU has. "float32" rounds the
+// LSTMFAST_CPU_BF16_ENGINE if set (and supported), else the fastest this CPU has: AMX tiles, else
+// AVX512-BF16's vdpbf16ps (bf16::gemm / bf16::amx_gemm, on the same packed operands). "float32" rounds the
 // operands to bfloat16 values and multiplies them with the float32 GEMM: the same products, on any CPU.
-enum class Bf16Engine { kAvx512Bf16, kFloat32 };
+enum class Bf16Engine { kAmx, kAvx512Bf16, kFloat32 };
 
 Bf16Engine bf16_engine() {
   static const Bf16Engine engine = [] {
-    const int forced = forced_choice("LSTMFAST_CPU_BF16_ENGINE",
-                                     std::array<Choice, 2>{{{"avx512_bf16", bf16::supported(), "AVX512-BF16"},
-                                                            {"float32", true, "it"}}});
-    if (forced >= 0) return forced == 0 ? Bf16Engine::kAvx512Bf16 : Bf16Engine::kFloat32;
-    return bf16::supported() ? Bf16Engine::kAvx512Bf16 : Bf16Engine::kFloat32;
+    const std::array<Choice, 3> engines{{{"amx", bf16::amx_supported(), "AMX-BF16"},
+                                         {"avx512_bf16", bf16::supported(), "AVX512-BF16"},
+                                         {"float32", true, "it"}}};
+    const int forced = forced_choice("LSTMFAST_CPU_BF16_ENGINE", engines);
+    const int chosen = forced >= 0 ? forced : engines[0].supported ? 0 : engines[1].supported ? 1 : 2;
+    return static_cast<Bf16Engine>(chosen);
   }();
   return engine;
 }
@@ -120,7 +122,12 @@ Bf16Engine bf16_engine() {
 std::string gemm_engine(at::ScalarType dtype) {
   const std::string wide = packed_gemm_enabled() ? "avx512" : "brgemm/blas";
   if (dtype == at::kBFloat16) {
-    return bf16_engine() == Bf16Engine::kAvx512Bf16 ? "avx512_bf16" : "float32 (" + wide + ")";
+    switch (bf16_engine()) {
+      case Bf16Engine::kAmx: return "amx";
+      case Bf16Engine::kAvx512Bf16: return "avx512_bf16";
+      case Bf16Engine::kFloat32: break;
+    }
+    return "float32 (" + wide + ")";
   }
   if (dtype == at::kHalf) return "float32 (" + wide + ")";
   return wide;
@@ -548,12 +555,12 @@ struct CpuBackend {
     cpu::bf16::round_rows(a, lda, rows, k, high);
     return {high, nullptr};
   }
-  // C (+)= the block times B over panels [panel_begin, panel_end): the high terms' products, then the
-  // low terms' added (each element's sum in the same order however the panels are grouped).
+  // C (+)= the block times B over panels [panel_begin, panel_end), with the low terms' products too when
+  // split (each element's sum in the same order however the panels are grouped), on the engine's tiles.
   static void block_product(const RoundedBlock& block, int64_t rows, int64_t n, int64_t k, const uint16_t* b,
                             float* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end) {
-    cpu::bf16::gemm(n, k, block.high, b, c, ldc, accumulate, rows, panel_begin, panel_end);
-    if (block.low != nullptr) cpu::bf16::gemm(n, k, block.low, b, c, ldc, true, rows, panel_begin, panel_end);
+    auto* product = cpu::bf16_engine() == cpu::Bf16Engine::kAmx ? &cpu::bf16::amx_gemm : &cpu::bf16::gemm;
+    product(n, k, block.high, block.low, b, c, ldc, accumulate, rows, panel_begin, panel_end);
   }
 
   // Rows [0, rows) x panels [panel_begin, panel_end) of C = A B (+ C when accumulate) with B packed by
@@ -722,7 +729,7 @@ struct CpuBackend {
   static void addmm_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
     if (a.numel() == 0 || b.numel() == 0) return;
     if (cpu::bf16_products) {
-      if (cpu::bf16_engine() == cpu::Bf16Engine::kAvx512Bf16 && c.is_contiguous()) {
+      if (cpu::bf16_engine() != cpu::Bf16Engine::kFloat32 && c.is_contiguous()) {
         bf16_product(c, a, b, true);
       } else {
         c.addmm_(bf16_values(a), bf16_values(b));
