@@ -246,16 +246,17 @@ void gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, const 
 }
 
 
-// ---- AMX. Tiles 0-3 hold C (16 rows x one panel each), tiles 4 and 5 the A operand (its high and low
-// terms), tiles 6 and 7 a panel of B in turn: per 32-deep chunk, up to four panels against one 16-row
-// block of A. A tile of A is 16 rows of one chunk (rows of padded_depth(k), read in place), a tile of B
-// is 16 depth pairs of one panel: the packed layout above, 64 bytes a pair. Depth past the last whole
-// chunk goes through the vdpbf16ps tiles. Each element still adds its chunks in depth order (the low
-// terms' after the high terms' in each chunk), whatever the tiling, so results do not depend on it.
+// ---- AMX. Tiles 0-3 hold C (16 rows x one panel each), tiles 4 and 5 the A operand, tiles 6 and 7 panels
+// of B: per 32-deep chunk, either two 16-row blocks of A against two panels (tiles 4 and 5 the blocks, C
+// tiles 0-1 and 2-3 their rows), or, when A comes in two terms (high and low, tiles 4 and 5), one block
+// against four panels. A tile of A is 16 rows of one chunk (rows of padded_depth(k), read in place), a
+// tile of B is 16 depth pairs of one panel: the packed layout above, 64 bytes a pair. Depth past the
+// last whole chunk goes through the vdpbf16ps tiles. Each element still adds its chunks in depth order
+// (the low terms' after the high terms' in each chunk), whatever the tiling, so results do not depend
+// on it.
 namespace {
 
-constexpr int64_t kChunk = 32;     // depth of a tile (16 pairs of bfloat16: 64 bytes a row)
-constexpr int kAmxPanels = 4;      // C tiles
+constexpr int64_t kChunk = 32;  // depth of a tile (16 pairs of bfloat16: 64 bytes a row)
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -263,18 +264,21 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// The tiles as this thread last configured them in this call, so that a block of another height loads
-// a new configuration and the next of the same height does not (the first of each call always loads:
-// other code on this thread, oneDNN's say, may have released or reconfigured the tiles in between).
-thread_local int configured_rows = 0;
+// The rows of the two row blocks' tiles as this thread last configured them in this call, so that a
+// block of another height loads a new configuration and the next of the same height does not (the first
+// of each call always loads: other code on this thread, oneDNN's say, may have released or reconfigured
+// the tiles in between).
+thread_local int configured[2] = {0, 0};
 
-void configure(int rows) {
-  if (rows == configured_rows) return;
+void configure(int rows0, int rows1) {
+  if (rows0 == configured[0] && rows1 == configured[1]) return;
   TileConfig config;
-  for (int t = 0; t < 6; ++t) config.rows[t] = static_cast<uint8_t>(rows), config.bytes[t] = 64;
-  for (int t = 6; t < 8; ++t) config.rows[t] = kChunk / 2, config.bytes[t] = 64;
+  for (int t : {0, 1, 4}) config.rows[t] = static_cast<uint8_t>(rows0);
+  for (int t : {2, 3, 5}) config.rows[t] = static_cast<uint8_t>(rows1);
+  for (int t : {6, 7}) config.rows[t] = kChunk / 2;
+  for (int t = 0; t < 8; ++t) config.bytes[t] = 64;
   asm volatile("ldtilecfg %0" ::"m"(config));
-  configured_rows = rows;
+  configured[0] = rows0, configured[1] = rows1;
 }
 
 template <int T>
@@ -294,58 +298,138 @@ inline void tile_dot() {  // C += A B (AT&T order: B, A, C)
   asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
 }
 
-// C tile P: loaded from c (row stride ldc floats) when accumulating, else zeroed.
-template <int P>
-inline void c_in(const float* c, int64_t ldc, bool accumulate) {
-  if (accumulate) tile_load<P>(c, ldc * 4);
-  else tile_zero<P>();
+// Where C tile T is (its rows at c[T], ldc[T] floats apart), for the tiles a kernel uses.
+struct CTiles {
+  float* c[4];
+  int64_t ldc[4];
+};
+
+template <int T>
+inline void c_in(const CTiles& t, bool accumulate) {
+  if (accumulate) tile_load<T>(t.c[T], t.ldc[T] * 4);
+  else tile_zero<T>();
 }
 
-// C tiles 0..NP-1 (+)= the 16-row block of A (A + A_low when kSplit) times NP panels of B, over `chunks`
-// chunks of depth; c[i] and ldc[i]: where C's panel i is.
-template <int NP, bool kSplit>
-void amx_tile(int64_t chunks, const uint16_t* a, const uint16_t* a_low, int64_t lda, const uint16_t* b,
-              int64_t bs, float* const* c, const int64_t* ldc, bool accumulate) {
-  if constexpr (NP > 0) c_in<0>(c[0], ldc[0], accumulate);
-  if constexpr (NP > 1) c_in<1>(c[1], ldc[1], accumulate);
-  if constexpr (NP > 2) c_in<2>(c[2], ldc[2], accumulate);
-  if constexpr (NP > 3) c_in<3>(c[3], ldc[3], accumulate);
-  const int64_t a_stride = lda * 2;
+// C tiles 0..NP-1 (+)= one 16-row block of A plus its low terms (tile 5) times NP panels of B (tiles 6
+// and 7 in turn), over `chunks` chunks of depth.
+template <int NP>
+void amx_split(int64_t chunks, const uint16_t* a, const uint16_t* a_low, int64_t lda, const uint16_t* b,
+               int64_t bs, const CTiles& t, bool accumulate) {
+  c_in<0>(t, accumulate);
+  if constexpr (NP > 1) c_in<1>(t, accumulate);
+  if constexpr (NP > 2) c_in<2>(t, accumulate);
+  if constexpr (NP > 3) c_in<3>(t, accumulate);
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const int64_t d = ch * kChunk;
-    tile_load<4>(a + d, a_stride);
-    if constexpr (kSplit) tile_load<5>(a_low + d, a_stride);
+    tile_load<4>(a + d, lda * 2);
+    tile_load<5>(a_low + d, lda * 2);
     const uint16_t* panel = b + d * kPanel;
     tile_load<6>(panel, 64);
     tile_dot<0, 4, 6>();
-    if constexpr (kSplit) tile_dot<0, 5, 6>();
+    tile_dot<0, 5, 6>();
     if constexpr (NP > 1) {
       tile_load<7>(panel + bs, 64);
       tile_dot<1, 4, 7>();
-      if constexpr (kSplit) tile_dot<1, 5, 7>();
+      tile_dot<1, 5, 7>();
     }
     if constexpr (NP > 2) {
       tile_load<6>(panel + 2 * bs, 64);
       tile_dot<2, 4, 6>();
-      if constexpr (kSplit) tile_dot<2, 5, 6>();
+      tile_dot<2, 5, 6>();
     }
     if constexpr (NP > 3) {
       tile_load<7>(panel + 3 * bs, 64);
       tile_dot<3, 4, 7>();
-      if constexpr (kSplit) tile_dot<3, 5, 7>();
+      tile_dot<3, 5, 7>();
     }
   }
-  if constexpr (NP > 0) tile_store<0>(c[0], ldc[0] * 4);
-  if constexpr (NP > 1) tile_store<1>(c[1], ldc[1] * 4);
-  if constexpr (NP > 2) tile_store<2>(c[2], ldc[2] * 4);
-  if constexpr (NP > 3) tile_store<3>(c[3], ldc[3] * 4);
+  tile_store<0>(t.c[0], t.ldc[0] * 4);
+  if constexpr (NP > 1) tile_store<1>(t.c[1], t.ldc[1] * 4);
+  if constexpr (NP > 2) tile_store<2>(t.c[2], t.ldc[2] * 4);
+  if constexpr (NP > 3) tile_store<3>(t.c[3], t.ldc[3] * 4);
 }
 
-using AmxTileFn = void (*)(int64_t, const uint16_t*, const uint16_t*, int64_t, const uint16_t*, int64_t,
-                           float* const*, const int64_t*, bool);
-const AmxTileFn kAmxTiles[2][kAmxPanels] = {
-    {&amx_tile<1, false>, &amx_tile<2, false>, &amx_tile<3, false>, &amx_tile<4, false>},
-    {&amx_tile<1, true>, &amx_tile<2, true>, &amx_tile<3, true>, &amx_tile<4, true>}};
+// C tiles {0, 1} (row block 0) and, when NR = 2, {2, 3} (row block 1, 16 rows of A further) (+)= the
+// blocks times NP panels of B (tiles 6 and 7), over `chunks` chunks of depth: each B tile serves both
+// blocks.
+template <int NR, int NP>
+void amx_blocks(int64_t chunks, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t bs, const CTiles& t,
+                bool accumulate) {
+  c_in<0>(t, accumulate);
+  if constexpr (NP > 1) c_in<1>(t, accumulate);
+  if constexpr (NR > 1) c_in<2>(t, accumulate);
+  if constexpr (NR > 1 && NP > 1) c_in<3>(t, accumulate);
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t d = ch * kChunk;
+    const uint16_t* panel = b + d * kPanel;
+    tile_load<4>(a + d, lda * 2);
+    if constexpr (NR > 1) tile_load<5>(a + 16 * lda + d, lda * 2);
+    tile_load<6>(panel, 64);
+    if constexpr (NP > 1) tile_load<7>(panel + bs, 64);
+    tile_dot<0, 4, 6>();
+    if constexpr (NP > 1) tile_dot<1, 4, 7>();
+    if constexpr (NR > 1) tile_dot<2, 5, 6>();
+    if constexpr (NR > 1 && NP > 1) tile_dot<3, 5, 7>();
+  }
+  tile_store<0>(t.c[0], t.ldc[0] * 4);
+  if constexpr (NP > 1) tile_store<1>(t.c[1], t.ldc[1] * 4);
+  if constexpr (NR > 1) tile_store<2>(t.c[2], t.ldc[2] * 4);
+  if constexpr (NR > 1 && NP > 1) tile_store<3>(t.c[3], t.ldc[3] * 4);
+}
+
+using SplitFn = void (*)(int64_t, const uint16_t*, const uint16_t*, int64_t, const uint16_t*, int64_t,
+                         const CTiles&, bool);
+using BlocksFn = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, const CTiles&, bool);
+const SplitFn kSplitTiles[4] = {&amx_split<1>, &amx_split<2>, &amx_split<3>, &amx_split<4>};
+const BlocksFn kBlockTiles[2][2] = {{&amx_blocks<1, 1>, &amx_blocks<1, 2>}, {&amx_blocks<2, 1>, &amx_blocks<2, 2>}};
+
+// The C tiles of row blocks [0, blocks) (16 rows each from row r, `heights` rows) x panels [p, p + np)
+// of C: tile 2 * block + panel, or, for a single block, tile panel. A part-filled last panel (columns past
+// n are not C's) goes through a 16 x 16 scratch block per tile: copied in when accumulating, and out.
+class CBlock {
+ public:
+  CBlock(float* c, int64_t ldc, int64_t n, int64_t r, const int* heights, int blocks, int64_t p, int np,
+         bool accumulate)
+      : ldc_(ldc), heights_(heights), blocks_(blocks) {
+    const int64_t last_panel = panels_of(n) - 1;
+    tail_ = n - last_panel * kPanel;
+    partial_ = p + np - 1 == last_panel && tail_ < kPanel ? np - 1 : -1;
+    for (int b = 0; b < blocks; ++b) {
+      for (int i = 0; i < np; ++i) {
+        const int tile = blocks == 1 ? i : 2 * b + i;
+        float* at = c + (r + 16 * b) * ldc + (p + i) * kPanel;
+        if (i == partial_) {
+          at_[b] = at;
+          tiles.c[tile] = scratch_[b], tiles.ldc[tile] = 16;
+          if (accumulate) {
+            for (int row = 0; row < heights[b]; ++row) {
+              _mm512_store_ps(scratch_[b] + row * 16, _mm512_maskz_loadu_ps(first_lanes(tail_), at + row * ldc));
+            }
+          }
+        } else {
+          tiles.c[tile] = at, tiles.ldc[tile] = ldc;
+        }
+      }
+    }
+  }
+  // After the kernel: the scratch blocks' columns that are C's, out.
+  void finish() {
+    if (partial_ < 0) return;
+    for (int b = 0; b < blocks_; ++b) {
+      for (int row = 0; row < heights_[b]; ++row) {
+        _mm512_mask_storeu_ps(at_[b] + row * ldc_, first_lanes(tail_), _mm512_load_ps(scratch_[b] + row * 16));
+      }
+    }
+  }
+  CTiles tiles;
+
+ private:
+  int64_t ldc_, tail_;
+  const int* heights_;
+  int blocks_, partial_;
+  float* at_[2];
+  alignas(64) float scratch_[2][16 * 16];
+};
 
 }  // namespace
 
@@ -367,37 +451,24 @@ void amx_gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, co
               int64_t ldc, bool accumulate, int64_t rows, int64_t panel_begin, int64_t panel_end) {
   const int64_t lda = padded_depth(k), bs = panel_stride(k), chunks = lda / kChunk;
   if (chunks > 0) {
-    const int64_t last_panel = panels_of(n) - 1, tail = n - last_panel * kPanel;
-    configured_rows = 0;
-    alignas(64) float scratch[16 * 16];
-    for (int64_t r = 0; r < rows; r += 16) {
-      const int height = static_cast<int>(std::min<int64_t>(16, rows - r));
-      configure(height);
-      for (int64_t p = panel_begin; p < panel_end; p += kAmxPanels) {
-        const int np = static_cast<int>(std::min<int64_t>(kAmxPanels, panel_end - p));
-        float* targets[kAmxPanels];
-        int64_t strides[kAmxPanels];
-        bool partial = false;
-        for (int i = 0; i < np; ++i) targets[i] = c + r * ldc + (p + i) * kPanel, strides[i] = ldc;
-        if (p + np - 1 == last_panel && tail < kPanel) {
-          // The last panel's columns past n are not C's: its tile goes through the scratch block.
-          partial = true;
-          float* last = targets[np - 1];
-          if (accumulate) {
-            for (int i = 0; i < height; ++i) {
-              _mm512_store_ps(scratch + i * 16, _mm512_maskz_loadu_ps(first_lanes(tail), last + i * ldc));
-            }
-          }
-          targets[np - 1] = scratch, strides[np - 1] = 16;
+    configured[0] = configured[1] = 0;
+    const bool split = a_low != nullptr;
+    for (int64_t r = 0; r < rows; r += split ? 16 : 32) {
+      // Two terms: one block of 16 rows at a time, four panels; else up to two blocks, two panels.
+      const int heights[2] = {static_cast<int>(std::min<int64_t>(16, rows - r)),
+                              split ? 0 : static_cast<int>(std::clamp<int64_t>(rows - r - 16, 0, 16))};
+      const int blocks = heights[1] > 0 ? 2 : 1;
+      configure(heights[0], blocks == 2 ? heights[1] : heights[0]);
+      const int width = split ? 4 : 2;
+      for (int64_t p = panel_begin; p < panel_end; p += width) {
+        const int np = static_cast<int>(std::min<int64_t>(width, panel_end - p));
+        CBlock block(c, ldc, n, r, heights, blocks, p, np, accumulate);
+        if (split) {
+          kSplitTiles[np - 1](chunks, a + r * lda, a_low + r * lda, lda, b + p * bs, bs, block.tiles, accumulate);
+        } else {
+          kBlockTiles[blocks - 1][np - 1](chunks, a + r * lda, lda, b + p * bs, bs, block.tiles, accumulate);
         }
-        kAmxTiles[a_low != nullptr][np - 1](chunks, a + r * lda, a_low == nullptr ? nullptr : a_low + r * lda,
-                                            lda, b + p * bs, bs, targets, strides, accumulate);
-        if (partial) {
-          float* last = c + r * ldc + (p + np - 1) * kPanel;
-          for (int i = 0; i < height; ++i) {
-            _mm512_mask_storeu_ps(last + i * ldc, first_lanes(tail), _mm512_load_ps(scratch + i * 16));
-          }
-        }
+        block.finish();
       }
     }
   }
@@ -408,6 +479,7 @@ void amx_gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, co
     if (a_low != nullptr) dot_gemm(n, k, a_low, b, c, ldc, true, rows, panel_begin, panel_end, chunks * kChunk);
   }
 }
+
 }  // namespace lstmfast::cpu::bf16
 
 #pragma GCC pop_options
