@@ -43,20 +43,22 @@ def test_plot(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bfloat16_benchmark(tmp_path):
-    """--dtype bfloat16: every row times lstmfast bf16 against torch.nn bf16, torch.nn float32 under CPU
-    bf16 autocast and lstmfast float32, with efficiency against a bf16 torch.mm, and says which GEMM
-    engine ran."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_benchmark(tmp_path, dtype):
+    """--dtype bfloat16 / float16: every row times lstmfast in the dtype against torch.nn in it, lstmfast
+    float32 and (bfloat16) torch.nn float32 under CPU bf16 autocast, with efficiency against a torch.mm in
+    the dtype, and says which GEMM engine ran."""
     path = tmp_path / "bench.json"
-    bench.main(["--quick", "--dtype", "bfloat16", "--min-run-time", "0.001", "--no-progress", "--json", str(path)])
+    bench.main(["--quick", "--dtype", dtype, "--min-run-time", "0.001", "--no-progress", "--json", str(path)])
     loaded = json.loads(path.read_text())
-    assert set(loaded["meta"]["large_gemm_gflops"]) == {"bfloat16"}
-    assert loaded["meta"]["cpu_gemm_engines"]["bfloat16"]
+    assert set(loaded["meta"]["large_gemm_gflops"]) == {dtype}
+    assert loaded["meta"]["cpu_gemm_engines"][dtype]
     rows = loaded["rows"]
-    assert {r["dtype"] for r in rows} == {"bfloat16"}
+    assert {r["dtype"] for r in rows} == {dtype}
     assert {"grid", "bidirectional 2-layer", "packed", "proj_size"} <= {r["group"] for r in rows}
     for r in rows:
-        for name in bench.BF16_CONTENDERS[1:]:
+        contenders = bench.BF16_CONTENDERS if dtype == "bfloat16" else bench.FP16_CONTENDERS
+        for name in contenders[1:]:
             for mode in bench.MODES:
                 assert r[f"{name}_{mode}_ms"] > 0 and math.isfinite(r[f"speedup_{mode}_vs_{name}"])
         assert r["efficiency_fwd"] > 0 and r["efficiency_train"] > 0

@@ -216,6 +216,29 @@ def test_engine_report():
     assert "bfloat16" in lstmfast.build_summary(detail=True)
 
 
+def test_interleaved_with_torch_nn_bf16():
+    """lstmfast's bfloat16 kernels after torch.nn's (oneDNN's, which configure and release the CPU's AMX
+    tiles where it has them) on the same threads, and the other way round: every lstmfast result is the
+    same, bit for bit, and torch.nn's are too."""
+    torch.manual_seed(0)
+    ours, theirs = lstmfast.LSTM(48, 64).bfloat16(), nn.LSTM(48, 64).bfloat16()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(6, 40, 48).bfloat16()
+    results = {"lstmfast": [], "torch.nn": []}
+    for _ in range(3):
+        for name, module in (("lstmfast", ours), ("torch.nn", theirs)):
+            xx = x.clone().requires_grad_()
+            out, _ = module(xx)
+            out.float().square().sum().backward()
+            results[name].append((out.detach(), xx.grad, module.weight_hh_l0.grad.clone()))
+            module.zero_grad()
+    for name, runs in results.items():
+        for run in runs[1:]:
+            for a, e in zip(run, runs[0]):
+                assert torch.equal(a, e), name
+    assert _rel(results["lstmfast"][0][0], results["torch.nn"][0][0]) <= TOL[torch.bfloat16]
+
+
 # ------------------------------------------------------------------------------ modules, torch.nn
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
