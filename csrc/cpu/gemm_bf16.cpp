@@ -434,15 +434,18 @@ class CBlock {
 }  // namespace
 
 bool amx_supported() {
+  unsigned eax, ebx, ecx, edx;
+  if (!supported() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  return ((edx >> 24) & 1) && ((edx >> 22) & 1);  // AMX-TILE, AMX-BF16
+}
+
+bool amx_enable() {
   static const bool ok = [] {
-    unsigned eax, ebx, ecx, edx;
-    if (!supported() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool tile = (edx >> 24) & 1, bf16 = (edx >> 22) & 1;
-    if (!tile || !bf16) return false;
     // Linux hands out the tile state only to a process that asks for it (ARCH_REQ_XCOMP_PERM for
-    // XFEATURE_XTILEDATA); granted once, it holds for every thread.
+    // XFEATURE_XTILEDATA); granted once, it holds for every thread. (Asked only when the AMX engine is
+    // chosen: the grant enlarges every signal frame, so a too-small sigaltstack would fail after it.)
     constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+    return amx_supported() && syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
   }();
   return ok;
 }
@@ -471,6 +474,10 @@ void amx_gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, co
         block.finish();
       }
     }
+    // The tiles back to their initial state: nothing of this call's configuration or data outlives it
+    // (code that remembers what it configured last, oneDNN's and torch's brgemm, releases too), and the
+    // thread's context switches and signal frames stop carrying 8 KB of tile data.
+    asm volatile("tilerelease" ::: "memory");
   }
   if (chunks * kChunk < lda) {
     // The depth past the last whole chunk (each element's last terms, in the same order everywhere).
@@ -493,6 +500,7 @@ void round_rows(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
 void round_columns(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
 void round_rows_split(const float*, int64_t, int64_t, int64_t, uint16_t*, uint16_t*) {}
 bool amx_supported() { return false; }
+bool amx_enable() { return false; }
 void gemm(int64_t, int64_t, const uint16_t*, const uint16_t*, const uint16_t*, float*, int64_t, bool, int64_t, int64_t,
           int64_t) {}
 void amx_gemm(int64_t, int64_t, const uint16_t*, const uint16_t*, const uint16_t*, float*, int64_t, bool, int64_t,

@@ -46,11 +46,14 @@ void round_columns(const float* a, int64_t ld, int64_t rows, int64_t k, uint16_t
 void gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, const uint16_t* b, float* c,
           int64_t ldc, bool accumulate, int64_t rows, int64_t panel_begin, int64_t panel_end);
 
-// Whether the CPU also has AMX tiles for bfloat16 (AMX-TILE, AMX-BF16) and the OS lets this process use
-// them (asked once: Linux's arch_prctl(ARCH_REQ_XCOMP_PERM)).
+// Whether the CPU also has AMX tiles for bfloat16 (AMX-TILE, AMX-BF16).
 bool amx_supported();
 
-// gemm on the AMX tiles (only once amx_supported() said yes): the same operands, layouts and result.
+// Asks the OS, once, to let this process use the tiles (Linux's arch_prctl(ARCH_REQ_XCOMP_PERM)): whether
+// it may, on a CPU that has them.
+bool amx_enable();
+
+// gemm on the AMX tiles (only once amx_enable() said yes): the same operands, layouts and result.
 void amx_gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, const uint16_t* b, float* c,
               int64_t ldc, bool accumulate, int64_t rows, int64_t panel_begin, int64_t panel_end);
 

@@ -112,8 +112,13 @@ Bf16Engine bf16_engine() {
                                          {"avx512_bf16", bf16::supported(), "AVX512-BF16"},
                                          {"float32", true, "it"}}};
     const int forced = forced_choice("LSTMFAST_CPU_BF16_ENGINE", engines);
-    const int chosen = forced >= 0 ? forced : engines[0].supported ? 0 : engines[1].supported ? 1 : 2;
-    return static_cast<Bf16Engine>(chosen);
+    if (forced == 0) {
+      TORCH_CHECK(bf16::amx_enable(), "lstmfast: LSTMFAST_CPU_BF16_ENGINE=amx but the OS refused this process ",
+                  "the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)");
+    }
+    if (forced >= 0) return static_cast<Bf16Engine>(forced);
+    if (engines[0].supported && bf16::amx_enable()) return Bf16Engine::kAmx;
+    return engines[1].supported ? Bf16Engine::kAvx512Bf16 : Bf16Engine::kFloat32;
   }();
   return engine;
 }
