@@ -69,10 +69,10 @@ CONTENDERS = ("lstmfast", "torch.nn", "torch.nn-native", "reference")
 # float32 torch.nn under torch.autocast("cpu", bfloat16), and lstmfast in float32 on the same input.
 BF16_CONTENDERS = ("lstmfast", "torch.nn", "torch.nn-autocast", "lstmfast-float32")
 ALL_CONTENDERS = tuple(dict.fromkeys(CONTENDERS + BF16_CONTENDERS))
-# With --dtype float16 the same but autocast: torch.nn's LSTM refuses CPU float16 autocast (oneDNN makes
-# no float16 LSTM primitive on the CPU).
-FP16_CONTENDERS = ("lstmfast", "torch.nn", "lstmfast-float32")
-REDUCED = ("bfloat16", "float16")
+# The contenders of each --dtype other than float32: float16 as bfloat16 but autocast, which torch.nn's
+# LSTM refuses on the CPU (oneDNN makes no float16 LSTM primitive there).
+REDUCED_CONTENDERS = {"bfloat16": BF16_CONTENDERS,
+                      "float16": ("lstmfast", "torch.nn", "lstmfast-float32")}
 MODES = ("fwd", "train")
 ROUNDS = 7  # interleaved rounds per row and mode (measure_interleaved)
 KINDS = ("LSTM", "GRU", "RNN")  # the grid's layers (RNN: tanh)
@@ -360,7 +360,7 @@ def geomean(values):
 
 
 def default_cases(quick: bool, dtype: str = "float32") -> List[Case]:
-    if dtype in REDUCED:
+    if dtype in REDUCED_CONTENDERS:
         # The grid with T up to 128 and H up to 512 (bf16's matrix-engine shapes; a shorter run on the
         # three contenders), and the options as extra rows.
         shapes = ([(16, 8, 64)] if quick else
@@ -423,7 +423,7 @@ def summarize(rows: List[dict]) -> dict:
     summary = {}
     keys = sorted({k for r in rows for k in r if k.startswith("speedup_")})
     groups = [(kind, lambda r, kind=kind: r["kind"] == kind and r["group"] == "grid") for kind in KINDS]
-    if any(r["dtype"] in REDUCED for r in rows):  # (issue 16's targets are over B >= 8)
+    if any(r["dtype"] in REDUCED_CONTENDERS for r in rows):  # (issue 16's targets are over B >= 8)
         groups += [(f"{kind} B>=8", lambda r, kind=kind: r["kind"] == kind and r["group"] == "grid" and r["B"] >= 8)
                    for kind in KINDS]
     groups += [(g, lambda r, g=g: r["group"] == g) for g in dict.fromkeys(r["group"] for r in rows) if g != "grid"]
@@ -550,7 +550,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         help="seconds per contender and mode of a row, over its interleaved rounds "
                              "(default 0.3, 0.05 with --quick)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--dtype", choices=("float32",) + REDUCED, default="float32",
+    parser.add_argument("--dtype", choices=("float32", *REDUCED_CONTENDERS), default="float32",
                         help="bfloat16: lstmfast bf16 against torch.nn bf16, torch.nn float32 under CPU bf16 "
                              "autocast and lstmfast float32, on a reduced-precision grid; float16: the same "
                              "without autocast (torch.nn's LSTM refuses it)")
@@ -564,8 +564,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if not kinds or any(k not in KINDS for k in kinds):
         parser.error(f"--kinds takes a comma-separated subset of {','.join(KINDS)}, got {args.kinds!r}")
     rows = [parse_row(r, args.dtype, parser) for r in args.rows or ()]
-    if args.dtype in REDUCED:
-        contenders = BF16_CONTENDERS if args.dtype == "bfloat16" else FP16_CONTENDERS
+    if args.dtype in REDUCED_CONTENDERS:
+        contenders = REDUCED_CONTENDERS[args.dtype]
     else:
         contenders = tuple(c for c in CONTENDERS if not (args.no_reference and c == "reference"))
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 0.3)

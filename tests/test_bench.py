@@ -57,8 +57,7 @@ def test_reduced_precision_benchmark(tmp_path, dtype):
     assert {r["dtype"] for r in rows} == {dtype}
     assert {"grid", "bidirectional 2-layer", "packed", "proj_size"} <= {r["group"] for r in rows}
     for r in rows:
-        contenders = bench.BF16_CONTENDERS if dtype == "bfloat16" else bench.FP16_CONTENDERS
-        for name in contenders[1:]:
+        for name in bench.REDUCED_CONTENDERS[dtype][1:]:
             for mode in bench.MODES:
                 assert r[f"{name}_{mode}_ms"] > 0 and math.isfinite(r[f"speedup_{mode}_vs_{name}"])
         assert r["efficiency_fwd"] > 0 and r["efficiency_train"] > 0

@@ -237,14 +237,20 @@ void dot_gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* b, float*
   }
 }
 
+// dot_gemm of A, then (when a_low) of its low terms added: each element's sum in depth order per term.
+void dot_gemm_terms(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, const uint16_t* b, float* c,
+                    int64_t ldc, bool accumulate, int64_t rows, int64_t panel_begin, int64_t panel_end,
+                    int64_t depth_begin) {
+  dot_gemm(n, k, a, b, c, ldc, accumulate, rows, panel_begin, panel_end, depth_begin);
+  if (a_low != nullptr) dot_gemm(n, k, a_low, b, c, ldc, true, rows, panel_begin, panel_end, depth_begin);
+}
+
 }  // namespace
 
 void gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, const uint16_t* b, float* c,
           int64_t ldc, bool accumulate, int64_t rows, int64_t panel_begin, int64_t panel_end) {
-  dot_gemm(n, k, a, b, c, ldc, accumulate, rows, panel_begin, panel_end, 0);
-  if (a_low != nullptr) dot_gemm(n, k, a_low, b, c, ldc, true, rows, panel_begin, panel_end, 0);
+  dot_gemm_terms(n, k, a, a_low, b, c, ldc, accumulate, rows, panel_begin, panel_end, 0);
 }
-
 
 // ---- AMX. Tiles 0-3 hold C (16 rows x one panel each), tiles 4 and 5 the A operand, tiles 6 and 7 panels
 // of B: per 32-deep chunk, either two 16-row blocks of A against two panels (tiles 4 and 5 the blocks, C
@@ -481,9 +487,8 @@ void amx_gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, co
   }
   if (chunks * kChunk < lda) {
     // The depth past the last whole chunk (each element's last terms, in the same order everywhere).
-    const bool add = accumulate || chunks > 0;
-    dot_gemm(n, k, a, b, c, ldc, add, rows, panel_begin, panel_end, chunks * kChunk);
-    if (a_low != nullptr) dot_gemm(n, k, a_low, b, c, ldc, true, rows, panel_begin, panel_end, chunks * kChunk);
+    dot_gemm_terms(n, k, a, a_low, b, c, ldc, accumulate || chunks > 0, rows, panel_begin, panel_end,
+                   chunks * kChunk);
   }
 }
 

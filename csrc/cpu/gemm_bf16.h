@@ -1,6 +1,7 @@
 // lstmfast's bfloat16 GEMM for CPUs with AVX512-BF16 (vdpbf16ps) or AMX (tdpbf16ps): C(m, n) float32
-// (+)= A(m, k) B(k, n) with A and B rounded to bfloat16 and products summed in float32. The reduced-precision CPU path keeps
-// everything else float32 (ops_cpu.cpp), so only the operands of its products pass through here.
+// (+)= A(m, k) B(k, n) with A and B rounded to bfloat16 and products summed in float32. The
+// reduced-precision CPU path keeps everything else float32 (ops_cpu.cpp), so only the operands of its
+// products pass through here.
 //
 // Layouts: A is bfloat16 rows of padded_depth(k) elements (k rounded up to even, the pad zero). B is packed
 // once per op call (pack_b) in panels of 16 columns; within a panel, depth pairs (2i, 2i+1) are one
