@@ -163,8 +163,12 @@ void gemm(int64_t n, int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, b
   // back is the same number it was in the register, so blocking does not change results.
   for (int64_t k0 = 0; k0 < k; k0 += depth_block) {
     const int64_t depth = std::min(depth_block, k - k0);
-    for (int64_t p = panel_begin; p < panel_end; p += tile_panels) {
-      const int nv = static_cast<int>(std::min<int64_t>(tile_panels, panel_end - p));
+    for (int64_t p = panel_begin, step = 0; p < panel_end; p += step) {
+      // Tiles of tile_panels panels, except that a remainder of one more is split evenly (3 + 1 -> 2 + 2):
+      // a one-panel tile is bound by its loads.
+      step = panel_end - p == tile_panels + 1 && tile_panels > 1 ? (tile_panels + 1) / 2
+                                                                 : std::min<int64_t>(tile_panels, panel_end - p);
+      const int nv = static_cast<int>(step);
       const int64_t tail = n - (p + nv - 1) * w;
       const Mask last = p + nv == panels && tail < w ? Mask((1u << tail) - 1) : Simd<T>::kAll;
       const MatrixB<T> bt{b.data + p * b.panel_stride + k0 * b.depth_stride, b.depth_stride, b.panel_stride};
