@@ -202,6 +202,35 @@ def test_gru_inference_projects_the_input_in_chunks(kw, dtype):
     assert_all_close([output, h_n], ref, **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("kw", [dict(cell="lstm"), dict(cell="gru"), dict(cell="rnn"),
+                                dict(cell="lstm", lengths=[40] * 10 + [31] * 6 + [3] * 4, reverse=True),
+                                dict(cell="gru", lengths=[40] * 10 + [31] * 6 + [3] * 4, reverse=True)],
+                         ids=["lstm", "gru", "rnn", "lstm-packed-reverse", "gru-packed-reverse"])
+def test_input_projection_deeper_than_a_depth_block(kw, training, dtype):
+    """The input projection x W_ih^T of a whole sequence (or, without grad, of ~25 steps at a time) reads
+    W_ih packed once per call, one depth block (512 floats, 256 doubles) of its panels at a time: an input
+    wider than a block must still give the reference's outputs and gradients. The reference runs in
+    float64 on the same values; a float32 result may differ by its own rounding over sums of 600-800
+    terms, so there each tensor is held to 1e-5 of its largest element (a misread block is off by O(1))."""
+    shape = dict(dict(steps=40, batch=20, input_size=600, hidden=256), **kw)
+    sample = layer_sample(**shape, dtype=dtype, requires_grad=training)
+    exact = layer_sample(**shape, dtype=torch.float64, requires_grad=training)
+    with torch.no_grad():
+        for mine, wide in zip(sample.tensors, exact.tensors):
+            wide.copy_(mine)
+    if training:
+        results, expected = (sum(outputs_and_grads(s, m), []) for s, m in ((sample, _fused(sample)),
+                                                                            (exact, reference)))
+    else:
+        results, expected = sample.run(_fused(sample)), exact.run(reference)
+    for result, want in zip(results, expected):
+        scale = 1.0 if dtype == torch.float64 else max(1.0, want.abs().max().item())
+        torch.testing.assert_close(result.double(), want, rtol=TOLERANCES[dtype]["rtol"],
+                                   atol=TOLERANCES[dtype]["atol"] * scale)
+
+
 def test_reused_workspaces_leave_earlier_results_alone():
     """Scratch buffers are cached per thread and reused: results from earlier calls (held by the caller)
     must stay as they were, and a call must give the same bits after calls of other sizes."""

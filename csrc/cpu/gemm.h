@@ -75,14 +75,16 @@ void gemm(int64_t n, int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, b
 // at a time are packed (then reused by every row); a row-major A is read in place, any other (G^T) has
 // 64 rows at a time gathered into contiguous 8-row tiles (then reused by 16 panels), so the
 // micro-kernels stream contiguous memory instead of one cache line per page. Same sums in the same
-// order as gemm. `scratch` holds
-// gemm_tall_scratch<T>() elements.
+// order as gemm. When `packed` is given (B packed whole by pack_b, e.g. a weight that one op call
+// multiplies several times), its blocks are read in place instead and b, ldb and b_transposed are not
+// used. `scratch` holds gemm_tall_scratch<T>() elements.
 template <typename T>
 constexpr int64_t gemm_tall_scratch() {
   return (kDepthBlockBytes / sizeof(T)) * (kTallRows + kTallPanels * kPanel<T>);
 }
 template <typename T>
 void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_t ldb, bool b_transposed,
-               T* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end, T* scratch);
+               const T* packed, T* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end,
+               T* scratch);
 
 }  // namespace lstmfast::cpu::avx512

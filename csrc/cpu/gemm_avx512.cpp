@@ -11,8 +11,8 @@
   template void pack_b<T>(const T*, int64_t, int64_t, int64_t, bool, T*, int64_t, int64_t);          \
   template void gemm<T>(int64_t, int64_t, MatrixA<T>, MatrixB<T>, T*, int64_t, bool, int64_t, int64_t, \
                         int64_t, int64_t);                                                             \
-  template void gemm_tall<T>(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, bool, T*, int64_t, \
-                             bool, int64_t, int64_t, T*);
+  template void gemm_tall<T>(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, bool, const T*, T*, \
+                             int64_t, bool, int64_t, int64_t, T*);
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
@@ -183,7 +183,8 @@ void gemm(int64_t n, int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, b
 
 template <typename T>
 void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_t ldb, bool b_transposed,
-               T* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end, T* scratch) {
+               const T* packed, T* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end,
+               T* scratch) {
   constexpr int64_t w = kPanel<T>, depth_block = kDepthBlockBytes / sizeof(T);
   T* a_block = scratch;                            // kTallRows rows of A: 8-row tiles of (depth, 8)
   T* b_block = scratch + depth_block * kTallRows;  // kTallPanels panels of (depth, w)
@@ -191,8 +192,13 @@ void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_
     const int64_t depth = std::min(depth_block, k - k0);
     for (int64_t p0 = panel_begin; p0 < panel_end; p0 += kTallPanels) {
       const int64_t p1 = std::min(panel_end, p0 + kTallPanels), cols = std::min(n, p1 * w) - p0 * w;
-      const T* block = b_transposed ? b + p0 * w * ldb + k0 : b + k0 * ldb + p0 * w;
-      pack_b<T>(block, depth, cols, ldb, b_transposed, b_block, 0, p1 - p0);
+      MatrixB<T> bt = packed_matrix<T>(b_block, depth);
+      if (packed != nullptr) {
+        bt = {packed + p0 * k * w + k0 * w, w, k * w};
+      } else {
+        const T* block = b_transposed ? b + p0 * w * ldb + k0 : b + k0 * ldb + p0 * w;
+        pack_b<T>(block, depth, cols, ldb, b_transposed, b_block, 0, p1 - p0);
+      }
       for (int64_t r0 = 0; r0 < m; r0 += kTallRows) {
         const int64_t rows = std::min(kTallRows, m - r0);
         const T* src = a.data + r0 * a.row_stride + k0 * a.depth_stride;
@@ -200,8 +206,8 @@ void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_
           // Row-major A (an input projection's X, dX's G) streams in place, each row one contiguous
           // run: gathering it into tiles costs more than it saves (GEMM 1024^3 on one Zen 4 core, best
           // of 5: 83 -> 99 GFLOP/s; GRU T=16 B=64 H=1024 training step 236 -> 220 ms).
-          gemm<T>(cols, depth, {src, a.row_stride, 1}, packed_matrix<T>(b_block, depth), c + r0 * ldc + p0 * w,
-                  ldc, accumulate || k0 > 0, 0, rows, 0, p1 - p0);
+          gemm<T>(cols, depth, {src, a.row_stride, 1}, bt, c + r0 * ldc + p0 * w, ldc, accumulate || k0 > 0, 0,
+                  rows, 0, p1 - p0);
           continue;
         }
         // Where A(r0 + r, k0 + kk) goes: row r's tile, then the step, then the row within the tile.
@@ -223,9 +229,8 @@ void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_
           }
         }
         for (int64_t t = 0; t < rows; t += kMaxRows) {
-          gemm<T>(cols, depth, {a_block + t * depth, 1, kMaxRows}, packed_matrix<T>(b_block, depth),
-                  c + (r0 + t) * ldc + p0 * w, ldc, accumulate || k0 > 0, 0, std::min<int64_t>(kMaxRows, rows - t),
-                  0, p1 - p0);
+          gemm<T>(cols, depth, {a_block + t * depth, 1, kMaxRows}, bt, c + (r0 + t) * ldc + p0 * w, ldc,
+                  accumulate || k0 > 0, 0, std::min<int64_t>(kMaxRows, rows - t), 0, p1 - p0);
         }
       }
     }
@@ -248,8 +253,8 @@ void pack_b(const T*, int64_t, int64_t, int64_t, bool, T*, int64_t, int64_t) {}
 template <typename T>
 void gemm(int64_t, int64_t, MatrixA<T>, MatrixB<T>, T*, int64_t, bool, int64_t, int64_t, int64_t, int64_t) {}
 template <typename T>
-void gemm_tall(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, bool, T*, int64_t, bool, int64_t, int64_t,
-               T*) {}
+void gemm_tall(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, bool, const T*, T*, int64_t, bool, int64_t,
+               int64_t, T*) {}
 LSTMFAST_INSTANTIATE(float)
 LSTMFAST_INSTANTIATE(double)
 }  // namespace lstmfast::cpu::avx512

@@ -375,17 +375,18 @@ struct CpuBackend {
     });
   }
 
-  // C(m, n) = A(m, k) B(k, n) for a whole-sequence product with B row-major in place, through
-  // avx512::gemm_tall: threads split A's rows or B's panels, each with its own scratch.
+  // C(m, n) = A(m, k) B(k, n) for a whole-sequence product with B row-major in place (or packed whole
+  // when `packed_b` is given), through avx512::gemm_tall: threads split A's rows or B's panels, each
+  // with its own scratch.
   template <typename T>
   void tall_gemm(int64_t m, int64_t n, int64_t k, cpu::avx512::MatrixA<T> a, const T* b, int64_t ldb,
-                 bool b_transposed, T* c, int64_t ldc, bool accumulate) {
+                 bool b_transposed, T* c, int64_t ldc, bool accumulate, const T* packed_b = nullptr) {
     namespace x = cpu::avx512;
     const int64_t panels = x::panels_of<T>(n), group = x::panels_per_tile(x::kMaxRows);
     const auto run_part = [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
       thread_local std::vector<T> scratch(x::gemm_tall_scratch<T>());
       x::gemm_tall<T>(r1 - r0, n, k, {a.data + r0 * a.row_stride, a.row_stride, a.depth_stride}, b, ldb,
-                      b_transposed, c + r0 * ldc, ldc, accumulate, p0, p1, scratch.data());
+                      b_transposed, packed_b, c + r0 * ldc, ldc, accumulate, p0, p1, scratch.data());
     };
     // Split whichever of A's 64-row blocks and B's tile-wide panel groups shares out more evenly (the
     // busiest thread's share of the whole; rows on a tie).
@@ -646,8 +647,11 @@ struct CpuBackend {
                  int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {
     const bool plain = !trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0;
     if (plain && cpu::packed_gemm_enabled() && m > kStepRows) {
-      // A product of many rows (the input projection) packs B block by block as it goes.
-      tall_gemm<T>(m, n, k, {a, lda, 1}, b, ldb, trans_b, c, ldc, beta == 1.0);
+      // A product of many rows: the input projection x W_ih^T. Its weight is packed once per op call
+      // (an inference call projects a few steps at a time, and each thread of a row split would
+      // otherwise pack all of it for every chunk); any other B is packed block by block as it goes.
+      const T* packed_b = trans_b ? static_cast<const T*>(packed(b, k, n, ldb, true)) : nullptr;
+      tall_gemm<T>(m, n, k, {a, lda, 1}, b, ldb, trans_b, c, ldc, beta == 1.0, packed_b);
       return;
     }
     if (plain && cpu::packed_gemm_enabled()) {
