@@ -192,10 +192,10 @@ void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_
     const int64_t depth = std::min(depth_block, k - k0);
     for (int64_t p0 = panel_begin; p0 < panel_end; p0 += kTallPanels) {
       const int64_t p1 = std::min(panel_end, p0 + kTallPanels), cols = std::min(n, p1 * w) - p0 * w;
-      MatrixB<T> bt = packed_matrix<T>(b_block, depth);
-      if (packed != nullptr) {
-        bt = {packed + p0 * k * w + k0 * w, w, k * w};
-      } else {
+      // This block of B: in the whole packed copy (panel p0 at depth k0), or packed here into b_block.
+      const MatrixB<T> bt = packed != nullptr ? packed_matrix<T>(packed + (p0 * k + k0) * w, k)
+                                              : packed_matrix<T>(b_block, depth);
+      if (packed == nullptr) {
         const T* block = b_transposed ? b + p0 * w * ldb + k0 : b + k0 * ldb + p0 * w;
         pack_b<T>(block, depth, cols, ldb, b_transposed, b_block, 0, p1 - p0);
       }
