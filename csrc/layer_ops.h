@@ -248,6 +248,44 @@ inline Tensor result(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return cpu::temporary_results ? workspace(sizes, options) : at::empty(sizes, options);
 }
 
+// A bias gradient, G's column sums for the pre-activation gradients G (N, X): the backend's own
+// column_sums where it has one (the CPU's, in a fixed order), else G.sum(0).
+template <typename Backend>
+Tensor column_sums(Backend& dev, const Tensor& grad) {
+  if constexpr (requires { dev.column_sums(grad); }) return dev.column_sums(grad);
+  else return grad.sum(0);
+}
+
+// Backends whose mm(a, b, row_sums) also adds a.sum(1) into *row_sums, in column_sums' order (the CPU's):
+// a weight gradient's product G^T X then makes the bias gradient from its own pass over G, with the bits
+// column_sums would give.
+template <typename Backend>
+constexpr bool kSumsRows = requires(Backend& d, const Tensor& t, Tensor* s) { d.mm(t, t, s); };
+
+// The bias gradient to be made inside the input weight's gradient G^T X (mm_rows): zeros to add into
+// where the backend can and both gradients are asked for, else undefined (bias_grad sums G instead).
+template <typename Backend>
+Tensor fused_bias_grad(bool need_weights, bool need_bias, const Tensor& grad) {
+  if constexpr (kSumsRows<Backend>) {
+    if (need_weights && need_bias) return at::zeros({grad.size(1)}, grad.options());
+  }
+  return Tensor();
+}
+
+// a @ b, and *row_sums += a.sum(1) when row_sums is given (only on a backend with kSumsRows).
+template <typename Backend>
+Tensor mm_rows(Backend& dev, const Tensor& a, const Tensor& b, Tensor* row_sums) {
+  if constexpr (kSumsRows<Backend>) return dev.mm(a, b, row_sums);
+  else return dev.mm(a, b);
+}
+
+// G's column sums, unless the weight gradient's product made them (fused); empty when not asked for.
+template <typename Backend>
+Tensor bias_grad(Backend& dev, bool need_bias, const Tensor& fused, const Tensor& grad) {
+  if (!need_bias) return at::empty({0}, grad.options());
+  return fused.defined() ? fused : column_sums(dev, grad);
+}
+
 // dW_hh = sum_t G_t^T h_{t-1} from the gradients G (N, X) of the pre-activations. With packed input the
 // backward loop collects the h_{t-1} rows (hidden_prev); with every step the same batch they are the
 // previous step's output rows and h0, read in place: two products (the second accumulated into the
@@ -414,8 +452,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const auto empty = [&] { return at::empty({0}, input.options()); };
   Tensor grad_input = need_input ? dev.mm(grad_gates, w_ih).view(input.sizes()) : empty();
   Tensor grad_w_ih = empty(), grad_w_hh = empty(), grad_w_hr = empty();
+  Tensor grad_bias = fused_bias_grad<Backend>(need_weights, need_bias, grad_gates);
   if (need_weights) {
-    grad_w_ih = dev.mm(grad_gates.t(), rows_of(input, l.input_size));
+    grad_w_ih = mm_rows(dev, grad_gates.t(), rows_of(input, l.input_size),
+                        grad_bias.defined() ? &grad_bias : nullptr);
     grad_w_hh = grad_recurrent_weight(dev, l, grad_gates, out, h_init, hidden_prev);
     if (wr.has_value()) {
       // m_t = o * tanh(c_t), from the saved activations.
@@ -423,7 +463,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
       grad_w_hr = dev.mm(grad_hidden_total.t(), hidden_all);
     }
   }
-  Tensor grad_bias = need_bias ? grad_gates.sum(0) : empty();
+  grad_bias = bias_grad(dev, need_bias, grad_bias, grad_gates);
   // Every gradient comes back contiguous, as the fake implementations say (no-ops where it already is).
   grad_w_ih = grad_w_ih.contiguous(), grad_w_hh = grad_w_hh.contiguous(), grad_w_hr = grad_w_hr.contiguous();
   return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_h_norm,
@@ -520,11 +560,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   const auto empty = [&] { return at::empty({0}, input.options()); };
   Tensor grad_input = need_input ? dev.mm(grad_pre, w_ih).view(input.sizes()) : empty();
   Tensor grad_w_ih = empty(), grad_w_hh = empty();
+  Tensor grad_bias = fused_bias_grad<Backend>(need_weights, need_bias, grad_pre);
   if (need_weights) {
-    grad_w_ih = dev.mm(grad_pre.t(), rows_of(input, l.input_size));
+    grad_w_ih = mm_rows(dev, grad_pre.t(), rows_of(input, l.input_size), grad_bias.defined() ? &grad_bias : nullptr);
     grad_w_hh = grad_recurrent_weight(dev, l, grad_pre, out, h_init, hidden_prev);
   }
-  Tensor grad_bias = need_bias ? grad_pre.sum(0) : empty();
+  grad_bias = bias_grad(dev, need_bias, grad_bias, grad_pre);
   grad_w_ih = grad_w_ih.contiguous(), grad_w_hh = grad_w_hh.contiguous();
   return {grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias, grad_h_norm};
 }
@@ -633,13 +674,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   const auto empty = [&] { return at::empty({0}, input.options()); };
   Tensor grad_input = need_input ? dev.mm(grad_input_gates, w_ih).view(input.sizes()) : empty();
   Tensor grad_w_ih = empty(), grad_w_hh = empty();
+  // Unlike LSTM / RNN the two bias gradients differ: b_hn sits inside the reset gate's product.
+  // (b_hh's gradient is summed on its own: dW_hh's products do not take G's rows in order.)
+  Tensor grad_b_ih = fused_bias_grad<Backend>(need_weights, need_bias, grad_input_gates);
   if (need_weights) {
-    grad_w_ih = dev.mm(grad_input_gates.t(), rows_of(input, l.input_size));
+    grad_w_ih = mm_rows(dev, grad_input_gates.t(), rows_of(input, l.input_size),
+                        grad_b_ih.defined() ? &grad_b_ih : nullptr);
     grad_w_hh = grad_recurrent_weight(dev, l, grad_hidden_gates, out, h_init, hidden_prev);
   }
-  // Unlike LSTM / RNN the two bias gradients differ: b_hn sits inside the reset gate's product.
-  Tensor grad_b_ih = need_bias ? grad_input_gates.sum(0) : empty();
-  Tensor grad_b_hh = need_bias ? grad_hidden_gates.sum(0) : empty();
+  grad_b_ih = bias_grad(dev, need_bias, grad_b_ih, grad_input_gates);
+  const Tensor grad_b_hh = bias_grad(dev, need_bias, Tensor(), grad_hidden_gates);
   grad_w_ih = grad_w_ih.contiguous(), grad_w_hh = grad_w_hh.contiguous();
   return {grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_h_norm};
 }

@@ -259,6 +259,36 @@ def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(kind, kwargs, grad, d
         assert torch.equal(alone, in_batch[:, :1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("kind, hidden", [("LSTM", 37), ("GRU", 37), ("RNN", 37), ("RNN", 1)],
+                         ids=["lstm", "gru", "rnn", "rnn-h1"])
+def test_bias_gradients_have_the_same_bits_whether_or_not_the_weights_train(kind, hidden, packed, dtype):
+    """A bias gradient is the column sums of the gate gradients G. Where the weights' gradients are
+    asked for too, the CPU makes those sums while it gathers G for G^T x (the input weight's gradient);
+    otherwise it sums G on its own. Both follow one fixed order, so freezing the weights must not change
+    a bit of the bias gradients. 1440 rows of G: several depth blocks and runs of the sums; H = 1 gives
+    RNN a G^T that the product reads as rows, and the sums then come from the separate pass."""
+    torch.manual_seed(0)
+    layer = getattr(lstmfast, kind)(20, hidden).to(dtype)
+    x = torch.randn(60, 24, 20, dtype=dtype)
+    lengths = [60 - 2 * i for i in range(24)]
+    inp = torch.nn.utils.rnn.pack_padded_sequence(x, lengths) if packed else x
+    cotangent = torch.randn((sum(lengths) if packed else 60 * 24), hidden, dtype=dtype)
+    biases = []
+    for weights_train in (True, False):
+        for name, p in layer.named_parameters():
+            p.grad = None
+            p.requires_grad_(weights_train or name.startswith("bias"))
+        out = layer(inp)[0]
+        out = out.data if packed else out.reshape(-1, hidden)
+        out.backward(cotangent)
+        assert (layer.weight_ih_l0.grad is not None) == weights_train
+        biases.append([layer.bias_ih_l0.grad, layer.bias_hh_l0.grad])
+    for trained, frozen in zip(*biases):
+        assert torch.equal(trained, frozen)
+
+
 def test_reused_workspaces_leave_earlier_results_alone():
     """Scratch buffers are cached per thread and reused: results from earlier calls (held by the caller)
     must stay as they were, and a call must give the same bits after calls of other sizes."""

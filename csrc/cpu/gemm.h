@@ -17,6 +17,7 @@ constexpr int kMaxRows = 8, kMaxPanels = 8;   // the largest micro-kernel tile's
 constexpr int64_t kDepthBlockBytes = 2048;    // depth per block: 512 floats or 256 doubles
 constexpr int64_t kTallPanels = 16;           // panels per block of B in gemm_tall
 constexpr int64_t kTallRows = 64;             // rows per block of A in gemm_tall
+constexpr int64_t kSumRun = 32;               // steps per run of gemm_tall's row sums
 
 template <typename T>
 inline int64_t panels_of(int64_t n) {
@@ -78,6 +79,10 @@ void gemm(int64_t n, int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, b
 // order as gemm. When `packed` is given (B packed whole by pack_b, e.g. a weight that one op call
 // multiplies several times), its blocks are read in place instead and b, ldb and b_transposed are not
 // used. `scratch` holds gemm_tall_scratch<T>() elements.
+// With `row_sums` (only for an A with row_stride 1 and depth_stride not 1: a transposed row-major G, as
+// in G^T X), row_sums[r] += the sum of A's row r, made while gathering A in column_sums' order: a weight
+// gradient's bias gradient (G's column sums) without another pass over G. A caller that splits the
+// panels passes row_sums to one part only.
 template <typename T>
 constexpr int64_t gemm_tall_scratch() {
   return (kDepthBlockBytes / sizeof(T)) * (kTallRows + kTallPanels * kPanel<T>);
@@ -85,6 +90,33 @@ constexpr int64_t gemm_tall_scratch() {
 template <typename T>
 void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_t ldb, bool b_transposed,
                const T* packed, T* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end,
-               T* scratch);
+               T* scratch, T* row_sums);
+
+// sums[j] = the sum of g[i * ld + j] over rows i in [0, rows), for columns j in [col_begin, col_end), in
+// gemm_tall's order: rows in depth blocks, each block in runs of kSumRun rows summed in order, the runs'
+// sums added in order, then the blocks' sums added in order, from zero. Plain C++ (any CPU): the order is
+// per column, so vectorizing across columns does not change a bit.
+template <typename T>
+void column_sums(const T* g, int64_t rows, int64_t ld, T* sums, int64_t col_begin, int64_t col_end) {
+  // Up to `width` columns per pass over the rows (a row's part is then one contiguous run).
+  constexpr int64_t depth_block = kDepthBlockBytes / sizeof(T), width = 1024;
+  for (int64_t j0 = col_begin; j0 < col_end; j0 += width) {
+    const int64_t cols = col_end - j0 < width ? col_end - j0 : width;
+    T total[width] = {}, run[width], block[width];
+    for (int64_t k0 = 0; k0 < rows; k0 += depth_block) {
+      const int64_t depth = rows - k0 < depth_block ? rows - k0 : depth_block;
+      for (int64_t i = 0; i < cols; ++i) run[i] = T(0), block[i] = T(0);
+      for (int64_t kk = 0; kk < depth; ++kk) {
+        const T* from = g + (k0 + kk) * ld + j0;
+        for (int64_t i = 0; i < cols; ++i) run[i] += from[i];
+        if ((kk + 1) % kSumRun == 0 || kk + 1 == depth) {
+          for (int64_t i = 0; i < cols; ++i) block[i] += run[i], run[i] = T(0);
+        }
+      }
+      for (int64_t i = 0; i < cols; ++i) total[i] += block[i];
+    }
+    for (int64_t i = 0; i < cols; ++i) sums[j0 + i] = total[i];
+  }
+}
 
 }  // namespace lstmfast::cpu::avx512

@@ -12,7 +12,7 @@
   template void gemm<T>(int64_t, int64_t, MatrixA<T>, MatrixB<T>, T*, int64_t, bool, int64_t, int64_t, \
                         int64_t, int64_t);                                                             \
   template void gemm_tall<T>(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, bool, const T*, T*, \
-                             int64_t, bool, int64_t, int64_t, T*);
+                             int64_t, bool, int64_t, int64_t, T*, T*);
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
@@ -184,7 +184,7 @@ void gemm(int64_t n, int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, b
 template <typename T>
 void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_t ldb, bool b_transposed,
                const T* packed, T* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end,
-               T* scratch) {
+               T* scratch, T* row_sums) {
   constexpr int64_t w = kPanel<T>, depth_block = kDepthBlockBytes / sizeof(T);
   T* a_block = scratch;                            // kTallRows rows of A: 8-row tiles of (depth, 8)
   T* b_block = scratch + depth_block * kTallRows;  // kTallPanels panels of (depth, w)
@@ -215,12 +215,24 @@ void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_
           return a_block + (r / kMaxRows) * kMaxRows * depth + kk * kMaxRows + r % kMaxRows;
         };
         if (a.row_stride == 1) {
-          // A = G^T: a step's rows are contiguous in G; copy them a step at a time, tile by tile.
+          // A = G^T: a step's rows are contiguous in G; copy them a step at a time, tile by tile. The
+          // first block of panels also sums each row over this depth block, in column_sums' order (runs
+          // of kSumRun steps: rounding error grows with a run's length).
+          const bool sum = row_sums != nullptr && p0 == panel_begin;
+          T run_sums[kTallRows] = {}, block_sums[kTallRows] = {};
           for (int64_t kk = 0; kk < depth; ++kk) {
             const T* from = src + kk * a.depth_stride;
             int64_t r = 0;
             for (; r + kMaxRows <= rows; r += kMaxRows) std::memcpy(slot(r, kk), from + r, kMaxRows * sizeof(T));
             for (; r < rows; ++r) *slot(r, kk) = from[r];
+            if (!sum) continue;
+            for (int64_t i = 0; i < rows; ++i) run_sums[i] += from[i];
+            if ((kk + 1) % kSumRun == 0 || kk + 1 == depth) {
+              for (int64_t i = 0; i < rows; ++i) block_sums[i] += run_sums[i], run_sums[i] = T(0);
+            }
+          }
+          if (sum) {
+            for (int64_t i = 0; i < rows; ++i) row_sums[r0 + i] += block_sums[i];
           }
         } else {
           for (int64_t r = 0; r < rows; ++r) {
@@ -254,7 +266,7 @@ template <typename T>
 void gemm(int64_t, int64_t, MatrixA<T>, MatrixB<T>, T*, int64_t, bool, int64_t, int64_t, int64_t, int64_t) {}
 template <typename T>
 void gemm_tall(int64_t, int64_t, int64_t, MatrixA<T>, const T*, int64_t, bool, const T*, T*, int64_t, bool, int64_t,
-               int64_t, T*) {}
+               int64_t, T*, T*) {}
 LSTMFAST_INSTANTIATE(float)
 LSTMFAST_INSTANTIATE(double)
 }  // namespace lstmfast::cpu::avx512

@@ -377,16 +377,20 @@ struct CpuBackend {
 
   // C(m, n) = A(m, k) B(k, n) for a whole-sequence product with B row-major in place (or packed whole
   // when `packed_b` is given), through avx512::gemm_tall: threads split A's rows or B's panels, each
-  // with its own scratch.
+  // with its own scratch. With `row_sums` (A a transposed row-major G), row_sums[r] += the sum of A's row r,
+  // made by the part that multiplies B's first panels.
   template <typename T>
   void tall_gemm(int64_t m, int64_t n, int64_t k, cpu::avx512::MatrixA<T> a, const T* b, int64_t ldb,
-                 bool b_transposed, T* c, int64_t ldc, bool accumulate, const T* packed_b = nullptr) {
+                 bool b_transposed, T* c, int64_t ldc, bool accumulate, const T* packed_b = nullptr,
+                 T* row_sums = nullptr) {
     namespace x = cpu::avx512;
+    TORCH_INTERNAL_ASSERT(row_sums == nullptr || (a.row_stride == 1 && a.depth_stride != 1));
     const int64_t panels = x::panels_of<T>(n), group = x::panels_per_tile(x::kMaxRows);
     const auto run_part = [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
       thread_local std::vector<T> scratch(x::gemm_tall_scratch<T>());
       x::gemm_tall<T>(r1 - r0, n, k, {a.data + r0 * a.row_stride, a.row_stride, a.depth_stride}, b, ldb,
-                      b_transposed, packed_b, c + r0 * ldc, ldc, accumulate, p0, p1, scratch.data());
+                      b_transposed, packed_b, c + r0 * ldc, ldc, accumulate, p0, p1, scratch.data(),
+                      row_sums != nullptr && p0 == 0 ? row_sums + r0 : nullptr);
     };
     // Split whichever of A's 64-row blocks and B's tile-wide panel groups shares out more evenly (the
     // busiest thread's share of the whole; rows on a tie).
@@ -678,12 +682,36 @@ struct CpuBackend {
     gemm(&ta, &tb, &mi, &ni, &ki, &alpha_t, b, &la, a, &lb, &beta_t, c, &lc);
   }
 
+  // G's column sums (a bias gradient) for G (N, X), in avx512::column_sums' fixed order, threads
+  // splitting the columns: the same bits whatever the thread count, and whether they come from here or
+  // from a weight gradient's product (mm with row_sums).
+  static at::Tensor column_sums(const at::Tensor& grad) {
+    const at::Tensor g = grad.stride(1) == 1 ? grad : grad.contiguous();
+    at::Tensor sums = at::empty({g.size(1)}, g.options());
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "lstmfast_column_sums", [&] {
+      const int64_t rows = g.size(0), ld = g.stride(0);
+      const scalar_t* data = g.data_ptr<scalar_t>();
+      scalar_t* out = sums.data_ptr<scalar_t>();
+      at::parallel_for(0, g.size(1), 64, [&](int64_t begin, int64_t end) {
+        cpu::avx512::column_sums<scalar_t>(data, rows, ld, out, begin, end);
+      });
+    });
+    return sums;
+  }
+
   // a (M, K) @ b (K, N) as a new tensor (whole-sequence products, outside any team). With AVX-512: A is
   // read through its strides (a weight gradient G^T X reads G in place) and B's rows in place, both
   // copied block by block into contiguous tiles (tall_gemm). Else
   // float32 goes through blocked_brgemm, where a weight gradient a = g^T (g an (N, X) row-major
   // sequence buffer) is computed as (b^T g)^T, transposing the narrower b instead of g.
-  static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+  // With row_sums (zeros), also row_sums += a.sum(1) in column_sums' order: from the product's own pass
+  // over a when a is a weight gradient's G^T (tall_product), else from column_sums.
+  static at::Tensor mm(const at::Tensor& a, const at::Tensor& b, at::Tensor* row_sums = nullptr) {
+    if (row_sums != nullptr && (a.numel() == 0 || b.numel() == 0 || cpu::bf16_products ||
+                                !cpu::packed_gemm_enabled() || a.stride(0) != 1 || a.stride(1) == 1)) {
+      row_sums->add_(column_sums(a.t()));
+      row_sums = nullptr;
+    }
     if (a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
     if (cpu::bf16_products) {
       if (cpu::bf16_engine() == cpu::Bf16Engine::kFloat32) return wide_mm(bf16_values(a), bf16_values(b));
@@ -691,7 +719,7 @@ struct CpuBackend {
       bf16_product(c, a, b, false);
       return c;
     }
-    return wide_mm(a, b);
+    return wide_mm(a, b, row_sums);
   }
 
   // A float32 copy of t rounded to bfloat16 values.
@@ -722,12 +750,13 @@ struct CpuBackend {
     dev.bf16_split(m, n, k, nullptr, 0, b_out, c.data_ptr<float>(), c.size(1), accumulate, a_out);
   }
 
-  static at::Tensor wide_mm(const at::Tensor& a, const at::Tensor& b) {
+  static at::Tensor wide_mm(const at::Tensor& a, const at::Tensor& b, at::Tensor* row_sums = nullptr) {
     if (cpu::packed_gemm_enabled()) {
       at::Tensor c = result({a.size(0), b.size(1)}, a.options());
-      tall_product(c, a, b, false);
+      tall_product(c, a, b, false, row_sums);
       return c;
     }
+    TORCH_INTERNAL_ASSERT(row_sums == nullptr);
     if (a.scalar_type() != at::kFloat) return at::mm(a, b);
     if (!a.is_contiguous() && a.t().is_contiguous() && b.is_contiguous()) {
       return row_major_mm(b.t(), a.t()).t().contiguous();
@@ -754,14 +783,16 @@ struct CpuBackend {
   }
 
   // c (contiguous) = a @ b, or c += a @ b when accumulate, through tall_gemm: a read through its
-  // strides, b's rows in place.
-  static void tall_product(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  // strides, b's rows in place; with row_sums (contiguous, a's dtype; a a transposed row-major G),
+  // row_sums += a.sum(1) from the same pass (tall_gemm).
+  static void tall_product(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                           at::Tensor* row_sums = nullptr) {
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "lstmfast_tall_product", [&] {
       const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
       CpuBackend dev(a);
       dev.tall_gemm<scalar_t>(a.size(0), b.size(1), a.size(1), {a.data_ptr<scalar_t>(), a.stride(0), a.stride(1)},
                               bc.data_ptr<scalar_t>(), bc.stride(0), false, c.data_ptr<scalar_t>(), c.size(1),
-                              accumulate);
+                              accumulate, nullptr, row_sums != nullptr ? row_sums->data_ptr<scalar_t>() : nullptr);
     });
   }
 
