@@ -329,12 +329,19 @@ def _differentiable_grads(reference_fn, tensors, grads, needed):
 
     if not torch._C._are_functorch_transforms_active() and all(tensors[i].requires_grad for i in wanted):
         # Plain autograd where everything asked for is tracked by it: no transform's wrappers around
-        # every op of the Python time loop.
+        # every op of the Python time loop. Each input enters as a view of itself, and the gradients
+        # are taken with respect to those views: the layer's partial derivatives, as if each input
+        # were its own variable. (With respect to the inputs themselves autograd would also follow
+        # their own history: an h0 or input computed from this layer's weights, e.g. the state of
+        # an earlier call carried over, would add that path to the weights' gradients, which the
+        # outer backward then counts again.) The views keep the results differentiable with
+        # respect to everything the inputs depend on.
         with torch.enable_grad():
-            pairs = [(o, g) for o, g in zip(reference_fn(*tensors), grads) if g is not None]
+            inputs = [t.view_as(t) if t is not None and t.requires_grad else t for t in tensors]
+            pairs = [(o, g) for o, g in zip(reference_fn(*inputs), grads) if g is not None]
             if not pairs:
                 return result
-            found = torch.autograd.grad([o for o, _ in pairs], [tensors[i] for i in wanted],
+            found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
                                         [g for _, g in pairs], create_graph=True, allow_unused=True)
         for i, g in zip(wanted, found):
             result[i] = g

@@ -149,6 +149,44 @@ def test_gradient_penalty_packed_equals_torch_nn(cell):
     assert_all_close(results[1], results[0], **F64)
 
 
+def _weight_penalty_grads(module, carried):
+    """A two-call graph in which the second call's h0 (`carried`: the first call's final state, not
+    detached) or its input (otherwise: scaled by the layer's own bias) depends on the layer's
+    Parameters; the gradient of the second call's outputs with create_graph=True, then a penalty on
+    it differentiated again."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    params = list(module.parameters())
+    if carried:
+        _, state = module(x)
+        out, final = module(x, state)
+    else:
+        out, final = module(x * module.bias_hh_l0[:3])
+    total = out.sum() + sum(s.sum() for s in _flat((out, final))[1:])
+    plain = torch.autograd.grad(total, params, retain_graph=True)
+    graphed = torch.autograd.grad(total, params, create_graph=True)
+    penalty = sum(g.pow(2).sum() for g in graphed)
+    return list(plain) + [g.detach() for g in graphed] + list(torch.autograd.grad(penalty, params))
+
+
+@pytest.mark.parametrize("carried", [True, False], ids=["state-carried", "input-from-bias"])
+@pytest.mark.parametrize("cell,options", [("lstm", dict()), ("lstm", dict(num_layers=2, proj_size=2)),
+                                          ("gru", dict()), ("gru", dict(num_layers=2, bidirectional=True)),
+                                          ("rnn", dict()), ("rnn", dict(num_layers=2))], ids=str)
+def test_create_graph_gradients_when_inputs_depend_on_the_layers_own_weights(cell, options, carried):
+    """When h0 or the input is computed from the layer's own Parameters, the gradients a backward with
+    create_graph=True returns must be the same as without it, and as torch.nn's: the layer's local
+    derivatives, with the path through h0 / the input left to the outer backward (computed with
+    respect to h0 and the input themselves, that path would be counted twice). Then a penalty on those
+    gradients is differentiated again, as torch.nn does."""
+    theirs, ours = _pair(cell, input_size=3, hidden=4, **options)
+    expected = _weight_penalty_grads(theirs, carried)
+    actual = _weight_penalty_grads(ours, carried)
+    n = len(list(ours.parameters()))
+    assert_all_close(actual[n:2 * n], actual[:n], **F64)
+    assert_all_close(actual, expected, **F64)
+
+
 @pytest.mark.parametrize("cell,options", PENALTY_GRID[:1] + PENALTY_GRID[2:3] + PENALTY_GRID[4:5], ids=str)
 def test_hvp_equals_torch_nn(cell, options):
     theirs, ours = _pair(cell, input_size=2, hidden=3, **options)
