@@ -402,7 +402,11 @@ class _RecurrentBase:
             raise TypeError(f"{kind}: expected input to be a Tensor or a PackedSequence, got "
                             f"{type(input).__name__}")
         self._check_input_dim(data, packed)
-        given = None if hx is None else self._hx_states(hx, unbatched)
+        given = None if hx is None else self._hx_states(hx, unbatched, packed)
+        if given is not None and sorted_indices is not None:
+            # torch.nn permutes a packed batch's hx first (its rows as index_select(1) picks them),
+            # then checks the input and the permuted states' sizes.
+            given = [s.index_select(1, sorted_indices) for s in given]
         self._check_input(data, packed, weight)
         if not packed:
             if unbatched:
@@ -416,8 +420,6 @@ class _RecurrentBase:
             states = [data.new_zeros(s) for s in sizes] if packed else [None] * len(sizes)
         else:
             states = self._states_of(given, sizes, weight)
-            if sorted_indices is not None:
-                states = [s.index_select(1, sorted_indices) for s in states]
         if not packed and torch._C._get_tracing_state() is None and data.shape[0] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         dtypes = self._cpu_autocast_dtypes(data, packed, batch_sizes, hx, weight)
@@ -461,10 +463,11 @@ class _RecurrentBase:
             output = layer_input
         return output, (finals[0] if len(finals) == 1 else tuple(finals))
 
-    def _hx_states(self, hx, unbatched):
+    def _hx_states(self, hx, unbatched, packed=False):
         """The initial states given as hx, as a list, their number, types and dimensions checked (in
         torch.nn's order, before the input's dtype and size, with its exception types and messages)
-        and made 3-D; _states_of checks the rest once the batch is known."""
+        and made 3-D; _states_of checks the rest once the batch is known. With packed input torch.nn
+        checks no dimensions here (their sizes are checked after the input), and neither does this."""
         kind = self._kind
         lstm = kind == "LSTM"
         states = list(hx) if lstm and isinstance(hx, (tuple, list)) else [hx]
@@ -478,7 +481,7 @@ class _RecurrentBase:
                              f"got {got}")
         dims = [s.dim() for s in states]
         want = 2 if unbatched else 3
-        if any(d != want for d in dims):
+        if not packed and any(d != want for d in dims):
             what = "unbatched 2-D" if unbatched else "batched 3-D"
             if lstm:
                 raise RuntimeError(f"For {what} input, hx and cx should also be {want}-D but got "

@@ -308,6 +308,60 @@ def test_hx_dimensions_are_checked_before_the_input_as_torch_nn_does(kind, case)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("sort", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("hx_shape,data_dtype", [((1, 4), torch.float32), ((4,), torch.float32),
+                                                  ((1, 1, 2, 4), torch.float32), ((1, 4), F64),
+                                                  ((1, 3, 4), torch.float32), ((2, 2, 4), torch.float32)],
+                         ids=["2D", "1D", "4D", "2D-float64-data", "batch-3", "layers-2"])
+def test_a_packed_batch_s_hx_is_checked_as_torch_nn_does(kind, sort, hx_shape, data_dtype):
+    """With a PackedSequence, torch.nn's GRU and RNN check no hx dimensions up front: they permute hx's
+    rows (index_select(1), for an unsorted batch), then check the input, then the permuted state's
+    size. The same exception type and message, or the same results where torch.nn runs (an unsorted
+    batch of 2 given a 3-row hx takes the rows its sorted_indices pick). torch.nn's LSTM checks no
+    packed hx at all and fails inside its kernel (torch 2.13: an IndexError for a 2-D hx, a crash of
+    the process for a 4-D one), so it is only run where the permuted states have the right size;
+    elsewhere lstmfast's LSTM says which size it expected."""
+    theirs, ours = pair(kind, 3, 4)
+    seqs = [torch.randn(2, 3, dtype=data_dtype), torch.randn(3, 3, dtype=data_dtype)]
+    if sort:
+        seqs = seqs[::-1]
+    packed = nn.utils.rnn.pack_sequence(seqs, enforce_sorted=sort)
+    states = [torch.randn(hx_shape) for _ in range(2 if kind == "LSTM" else 1)]
+    hx = tuple(states) if kind == "LSTM" else states[0]
+    if kind == "LSTM":
+        try:  # torch.nn's first step, which lstmfast takes too
+            permuted = states[0] if sort else states[0].index_select(1, packed.sorted_indices)
+        except (IndexError, RuntimeError) as error:
+            with pytest.raises(type(error)) as got:
+                ours(packed, hx)
+            assert str(got.value) == str(error)
+            return
+        if data_dtype != torch.float32:
+            with pytest.raises(RuntimeError, match="RNN input dtype"):
+                ours(packed, hx)
+            return
+        if permuted.shape != (1, 2, 4):
+            with pytest.raises(RuntimeError) as got:
+                ours(packed, hx)
+            assert str(got.value) == f"Expected hidden[0] size (1, 2, 4), got {list(permuted.shape)}"
+            return
+    outcomes = []
+    for module in (theirs, ours):
+        try:
+            out, state = module(packed, hx)
+            outcomes.append((None, [out.data] + list(state if isinstance(state, tuple) else (state,))))
+        except Exception as error:  # noqa: BLE001 - type and message are what is compared
+            outcomes.append((type(error), str(error)))
+    (their_error, their_result), (our_error, our_result) = outcomes
+    assert our_error is their_error, (their_result, our_result)
+    if their_error is None:
+        for a, b in zip(our_result, their_result):
+            torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
+    else:
+        assert our_result == their_result
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_pruning(kind):
     theirs, ours = pair(kind, 3, 5, bidirectional=True)
     theirs, ours = theirs.double(), ours.double()
