@@ -187,16 +187,55 @@ def _check_grad_clip(grad_clip):
         raise ValueError(f"grad_clip must be None or a number > 0, got {grad_clip!r}")
 
 
-def _save(ctx, tensors):
+def _save(ctx, tensors, loose=()):
     """Saves the given tensors (None entries too) for backward: only the tensors themselves (torch.func's
-    generated vmap rules need no None among them), their places in ctx.saved_layout."""
-    ctx.saved_layout = [t is not None for t in tensors]
-    ctx.save_for_backward(*[t for t in tensors if t is not None])
+    generated vmap rules need no None among them), their places in ctx.saved_layout.
+
+    `loose` are the indices of tensors the fused first-order backward does not read (the biases; the
+    input when W_ih takes no gradient; ...). torch.nn saves nothing of those then, so a caller may
+    modify them in place between forward and backward (an optimizer step on some Parameters, an input
+    buffer reused): they are kept by reference with their versions instead of saved, and a backward
+    that does read them (a graph-building one, or one recomputing an output modified in place) checks
+    the versions first (_check_loose). Under saved-tensor hooks, torch.compile and torch.func
+    transforms they are saved as usual."""
+    plain = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
+        or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    ctx.loose = {} if plain else {i: (tensors[i], tensors[i]._version) for i in loose if tensors[i] is not None}
+    ctx.saved_layout = [t is not None and i not in ctx.loose for i, t in enumerate(tensors)]
+    ctx.save_for_backward(*[t for t, here in zip(tensors, ctx.saved_layout) if here])
 
 
 def _saved(ctx, layout):
     saved = iter(ctx.saved_tensors)
-    return [next(saved) if here else None for here in layout]
+    return [ctx.loose[i][0] if i in ctx.loose else next(saved) if here else None for i, here in enumerate(layout)]
+
+
+def _loose(need, bias, input_weight, first_input, hidden_weight=None, h0=None):
+    """The indices _save may keep loose, from ctx.needs_input_grad (`need`) and the tensors' indices:
+    the biases always; the input unless W_ih takes a gradient (it is read for dW_ih only), W_ih unless
+    the input does (dX); and, where given (LSTM and RNN: the GRU's update gate reads h0), h0 unless
+    W_hh does (dW_hh)."""
+    loose = set(bias)
+    if not need[input_weight]:
+        loose.add(first_input)
+    if not need[first_input]:
+        loose.add(input_weight)
+    if h0 is not None and not need[hidden_weight]:
+        loose.add(h0)
+    return loose
+
+
+def _check_loose(ctx):
+    """Before a backward reads the tensors _save kept loose: autograd's error where one was modified in
+    place since the forward."""
+    for t, version in ctx.loose.values():
+        if t._version != version:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: [{t.type()} {list(t.shape)}] is at version {t._version}; expected version "
+                f"{version} instead. (lstmfast reads it here, though its first-order backward does not: a "
+                f"backward with create_graph=True, or one after the output was modified in place, "
+                f"recomputes the layer from its inputs as they were in the forward.)")
 
 
 def _save_output(ctx, output):
@@ -229,6 +268,7 @@ def _saved_output(ctx, output, recompute):
     caller modified it in place since, in which case `recompute()` runs the forward again."""
     watch = ctx.output_watch
     if watch is not None and watch._version != ctx.output_version:
+        _check_loose(ctx)
         return recompute()
     return output
 
@@ -406,7 +446,7 @@ class _LSTMCore(torch.autograd.Function):
         # tensors, for the saved gates and cells least of all, are made for them.
         ctx.set_materialize_grads(False)
         _save(ctx, [input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _save_output(ctx, out),
-                    gates, cells])
+                    gates, cells], _loose(ctx.needs_input_grad, (6, 7), 4, 0, hidden_weight=5, h0=2))
         ctx.reverse, ctx.grad_clip, ctx.norm_sink = reverse, grad_clip, norm_sink
 
     @staticmethod
@@ -434,6 +474,7 @@ class _LSTMCore(torch.autograd.Function):
             if ctx.norm_sink is not None:
                 ctx.norm_sink(h_norm, c_norm)
         if grad_graph:
+            _check_loose(ctx)
             layer = _lstm_reference(batch_sizes, ctx.reverse)
             g_input, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr = _differentiable_grads(
                 layer, [input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr], [grad_output, grad_h_n, grad_c_n],
@@ -480,7 +521,8 @@ class _RNNCore(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse, grad_clip, norm_sink = inputs
-        _save(ctx, [input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, _save_output(ctx, output[0])])
+        _save(ctx, [input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, _save_output(ctx, output[0])],
+              _loose(ctx.needs_input_grad, (5, 6), 3, 0, hidden_weight=4, h0=2))
         ctx.nonlinearity, ctx.reverse, ctx.grad_clip = nonlinearity, reverse, grad_clip
         ctx.norm_sink = norm_sink
         ctx.set_materialize_grads(False)
@@ -506,6 +548,7 @@ class _RNNCore(torch.autograd.Function):
             if ctx.norm_sink is not None:
                 ctx.norm_sink(h_norm, None)
         if grad_graph:
+            _check_loose(ctx)
             layer = _rnn_reference(batch_sizes, ctx.nonlinearity, ctx.reverse)
             g_input, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh = _differentiable_grads(
                 layer, [input, h0, w_ih, w_hh, b_ih, b_hh], [grad_output, grad_h_n],
@@ -556,7 +599,8 @@ class _GRUCore(torch.autograd.Function):
         out, _, gates = output
         ctx.mark_non_differentiable(gates)
         ctx.set_materialize_grads(False)
-        _save(ctx, [input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, _save_output(ctx, out), gates])
+        _save(ctx, [input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, _save_output(ctx, out), gates],
+              _loose(ctx.needs_input_grad, (5, 6), 3, 0))
         ctx.reverse, ctx.grad_clip, ctx.norm_sink = reverse, grad_clip, norm_sink
 
     @staticmethod
@@ -579,6 +623,7 @@ class _GRUCore(torch.autograd.Function):
             if ctx.norm_sink is not None:
                 ctx.norm_sink(h_norm, None)
         if grad_graph:
+            _check_loose(ctx)
             layer = _gru_reference(batch_sizes, ctx.reverse)
             g_input, g_h0, g_w_ih, g_w_hh, g_b_ih, g_b_hh = _differentiable_grads(
                 layer, [input, h0, w_ih, w_hh, b_ih, b_hh], [grad_output, grad_h_n],

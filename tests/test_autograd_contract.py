@@ -3,6 +3,8 @@ order, torch.compile of training steps, torch.func transforms, in-place use of o
 bfloat16 and CPU autocast."""
 
 import contextlib
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,6 +187,70 @@ def test_create_graph_gradients_when_inputs_depend_on_the_layers_own_weights(cel
     n = len(list(ours.parameters()))
     assert_all_close(actual[n:2 * n], actual[:n], **F64)
     assert_all_close(actual, expected, **F64)
+
+
+# (what is modified in place after the forward, which Parameters are frozen, whether the input and h0
+# require grad)
+INPLACE_AFTER_FORWARD = {
+    "bias_ih": ("bias_ih_l0", (), True, True),
+    "bias_hh-layer-1": ("bias_hh_l1", (), True, False),
+    "input-w_ih-frozen": ("input", ("weight_ih_l0",), True, False),
+    "h0-w_hh-frozen": ("h0", ("weight_hh_l0",), False, True),
+    "w_ih-input-no-grad": ("weight_ih_l0", (), False, False),
+    "w_hh": ("weight_hh_l0", (), True, True),
+    "input-w_ih-trained": ("input", (), True, False),
+}
+
+
+def _modified_after_forward(module, cell, modified, frozen, input_grad, h0_grad):
+    """A forward, an in-place change to one tensor it used, then a backward: (exception type, None), or
+    (None, the gradients of everything that requires grad)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=input_grad)
+    h0 = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=h0_grad)
+    hx = (h0, torch.randn(2, 2, 4, dtype=torch.float64)) if cell == "lstm" else h0
+    for name, p in module.named_parameters():
+        p.requires_grad_(name not in frozen)
+    out, _ = module(x, hx)
+    with torch.no_grad():
+        {"input": x, "h0": h0}.get(modified, getattr(module, modified, None)).add_(0.5)
+    leaves = [t for t in [x, h0] + list(module.parameters()) if t.requires_grad]
+    try:
+        return None, torch.autograd.grad(out.pow(2).sum(), leaves)
+    except RuntimeError as error:
+        return RuntimeError, str(error)
+
+
+@pytest.mark.parametrize("case", INPLACE_AFTER_FORWARD, ids=str)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_tensors_the_backward_does_not_read_may_change_after_the_forward(cell, case):
+    """torch.nn saves only what its first-order backward reads (no bias; the input only where W_ih takes
+    a gradient, W_ih only where the input does, h0 where W_hh does or, in the GRU, always): the caller
+    may modify the others in place between forward and backward, and the gradients are those of the
+    forward's values. lstmfast keeps those it does not read loose (functional._save); the same run
+    succeeds or fails under both, with the same gradients."""
+    theirs, _ = _pair(cell, input_size=3, hidden=4, num_layers=2)
+    ours = getattr(lstmfast, KINDS[cell]).from_torch(copy.deepcopy(theirs))  # (each run modifies its own)
+    expected = _modified_after_forward(theirs, cell, *INPLACE_AFTER_FORWARD[case])
+    actual = _modified_after_forward(ours, cell, *INPLACE_AFTER_FORWARD[case])
+    assert actual[0] is expected[0], (expected, actual)
+    if expected[0] is None:
+        assert_all_close(list(actual[1]), list(expected[1]), **F64)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_a_graph_building_backward_refuses_a_loose_tensor_modified_after_the_forward(cell):
+    """A backward with create_graph=True recomputes the layer from its inputs, biases included: with a
+    bias modified in place since the forward it raises autograd's error instead of using the new
+    values; a first-order backward of the same graph runs."""
+    theirs, ours = _pair(cell, input_size=3, hidden=4)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    out, _ = ours(x)
+    with torch.no_grad():
+        ours.bias_ih_l0.add_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out.sum(), x, create_graph=True, retain_graph=True)
+    torch.autograd.grad(out.sum(), x)
 
 
 @pytest.mark.parametrize("cell,options", PENALTY_GRID[:1] + PENALTY_GRID[2:3] + PENALTY_GRID[4:5], ids=str)
