@@ -378,7 +378,8 @@ def _differentiable_grads(reference_fn, tensors, grads, needed):
         # respect to everything the inputs depend on.
         with torch.enable_grad():
             inputs = [t.view_as(t) if t is not None and t.requires_grad else t for t in tensors]
-            pairs = [(o, g) for o, g in zip(reference_fn(*inputs), grads) if g is not None]
+            # (an output that depends on nothing requiring grad contributes nothing)
+            pairs = [(o, g) for o, g in zip(reference_fn(*inputs), grads) if g is not None and o.requires_grad]
             if not pairs:
                 return result
             found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
@@ -440,8 +441,14 @@ class _LSTMCore(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, grad_clip, norm_sink = inputs
-        out, _, _, gates, cells = output
+        out, _, c_n, gates, cells = output
         ctx.mark_non_differentiable(gates, cells)
+        steps = batch_sizes.numel() if batch_sizes is not None else input.shape[0]
+        if steps == 1 and not any(t is not None and t.requires_grad
+                                  for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh)):
+            # One step: c_n depends on the input, the states, W_ih, W_hh and the biases only (W_hr
+            # acts on h_t after it), so with W_hr alone requiring grad it does not (as under torch.nn).
+            ctx.mark_non_differentiable(c_n)
         # Unused outputs' gradients stay None (the op takes grad_h_n / grad_c_n as optional): no zero
         # tensors, for the saved gates and cells least of all, are made for them.
         ctx.set_materialize_grads(False)

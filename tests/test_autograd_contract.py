@@ -189,6 +189,34 @@ def test_create_graph_gradients_when_inputs_depend_on_the_layers_own_weights(cel
     assert_all_close(actual, expected, **F64)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_projected_lstm_trained_only_through_w_hr(steps, packed):
+    """An LSTM with projection whose only trained Parameter is weight_hr: after one step c_n does not
+    depend on it (W_hr acts on h_t after c_t is made), so under torch.nn c_n does not require grad, and
+    gradients of losses on the output and c_n, with create_graph=True, of a state carried into a
+    second call, and of a penalty on them, are torch.nn's."""
+    theirs, _ = _pair("lstm", input_size=2, hidden=3, proj_size=2)
+    ours = lstmfast.LSTM.from_torch(copy.deepcopy(theirs))
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(2, steps, 2, 2, dtype=torch.float64)
+    results = []
+    for module in (theirs, ours):
+        for name, p in module.named_parameters():
+            p.requires_grad_(name == "weight_hr_l0")
+        w = module.weight_hr_l0
+        wrap = (lambda x: pack_padded_sequence(x, [steps, 1])) if packed else (lambda x: x)
+        out, (h, c) = module(wrap(x1))
+        (g,) = torch.autograd.grad(_data(out).sum() + h.sum() + c.sum(), w, create_graph=True)
+        _, state = module(wrap(x1))
+        out2, _ = module(wrap(x2), state)
+        (g2,) = torch.autograd.grad(_data(out2).sum(), w, create_graph=True)
+        (penalty,) = torch.autograd.grad(g.pow(2).sum() + g2.pow(2).sum(), w)
+        results.append(([c.requires_grad, state[1].requires_grad], [g.detach(), g2.detach(), penalty]))
+    assert results[1][0] == results[0][0] == [steps > 1, steps > 1]
+    assert_all_close(results[1][1], results[0][1], **F64)
+
+
 # (what is modified in place after the forward, which Parameters are frozen, whether the input and h0
 # require grad)
 INPLACE_AFTER_FORWARD = {
