@@ -6,6 +6,8 @@ Shapes cover B = 0, T = 0, packed input of random lengths, and inputs given cont
 of a bigger tensor), transposed or expanded (stride 0, including expanded h0).
 """
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -170,6 +172,90 @@ def test_modules_match_torch_nn(case):
     got, want = module_outputs_and_grads(ours, x, hx, leaves), module_outputs_and_grads(theirs, x, hx, leaves)
     assert_all_close(got[0], want[0], **TOLERANCES[dtype])
     assert_all_close(got[1], want[1], **TOLERANCES[dtype])
+
+
+@st.composite
+def autograd_cases(draw):
+    """module_cases (float64, no empty batch), plus which Parameters are frozen, whether the input and
+    hx require grad, and what is differentiated: a loss once, its gradients again (create_graph), or a
+    second call fed the first one's final state (not detached)."""
+    case = draw(module_cases())
+    case.update(dtype=torch.float64, batch=len(case["lengths"]), hx_grad=draw(st.booleans()),
+                input_grad=draw(st.booleans()), frozen=draw(st.integers(0, 2**12)),
+                mode=draw(st.sampled_from(["first", "second", "carried", "carried-second"])))
+    return case
+
+
+def _autograd_run(module, case, frozen):
+    """The case's run: the outputs' values and requires_grad flags, and the gradients of every leaf
+    that requires grad (None where the loss does not reach it), then of a penalty on them."""
+    kind, options = case["kind"], case["options"]
+    for name, p in module.named_parameters():
+        p.requires_grad_(name not in frozen)
+    g = torch.Generator().manual_seed(case["seed"])
+    rand = lambda *s: torch.randn(s, generator=g, dtype=torch.float64)  # noqa: E731
+    I, lengths, batch = options["input_size"], case["lengths"], case["batch"]
+    steps = max(lengths)
+
+    def make_input():
+        if case["form"] == "packed":
+            data = [rand(n, I).requires_grad_(case["input_grad"]) for n in lengths]
+            return pack_sequence(data, enforce_sorted=False), data
+        shape = (steps, I) if case["form"] == "unbatched" else (
+            (batch, steps, I) if options["batch_first"] else (steps, batch, I))
+        x = rand(*shape).requires_grad_(case["input_grad"])
+        return x, [x]
+
+    x, leaves = make_input()
+    hx = None
+    if case["hx"]:
+        n = options["num_layers"] * (2 if options["bidirectional"] else 1)
+        lead = (n,) if case["form"] == "unbatched" else (n, batch)
+        out = options.get("proj_size") or options["hidden_size"]
+        states = [rand(*lead, out)] + ([rand(*lead, options["hidden_size"])] if kind == "LSTM" else [])
+        states = [h.requires_grad_(case["hx_grad"]) for h in states]
+        hx = tuple(states) if kind == "LSTM" else states[0]
+        leaves += states
+    output, state = module(x, hx)
+    if case["mode"].startswith("carried"):
+        x2, more = make_input()
+        leaves += more
+        output, state = module(x2, state)
+    results = [output.data if case["form"] == "packed" else output]
+    results += list(state) if isinstance(state, tuple) else [state]
+    flags = [r.requires_grad for r in results]
+    leaves = [t for t in leaves + list(module.parameters()) if t.requires_grad]
+    live = [r for r in results if r.requires_grad]
+    if not leaves or not live:
+        return [r.detach() for r in results], flags, []
+    loss = sum((r * rand(*r.shape)).sum() for r in live)
+    second = case["mode"].endswith("second")
+    grads = torch.autograd.grad(loss, leaves, create_graph=second, allow_unused=True)
+    found = [None if gr is None else gr.detach() for gr in grads]
+    if second and any(gr is not None and gr.requires_grad for gr in grads):
+        penalty = sum(gr.pow(2).sum() for gr in grads if gr is not None and gr.requires_grad)
+        found += list(torch.autograd.grad(penalty, leaves, allow_unused=True))
+    return [r.detach() for r in results], flags, found
+
+
+@settings(max_examples=120, **SETTINGS)
+@given(case=autograd_cases())
+def test_modules_match_torch_nn_under_any_requires_grad(case):
+    """torch.nn and lstmfast on the same Parameters with any of them frozen, the input and hx requiring
+    grad or not, first and second order, and a final state carried into a second call: the same
+    outputs, the same requires_grad on them, and the same gradients (None for the same leaves)."""
+    kind, options = case["kind"], case["options"]
+    torch.manual_seed(case["seed"])
+    theirs = getattr(nn, kind)(**options).double()
+    ours = getattr(lstmfast, kind).from_torch(copy.deepcopy(theirs))
+    names = [name for name, _ in theirs.named_parameters()]
+    frozen = {name for i, name in enumerate(names) if case["frozen"] >> i & 1}
+    want, got = _autograd_run(theirs, case, frozen), _autograd_run(ours, case, frozen)
+    assert got[1] == want[1]
+    assert_all_close(got[0], want[0], **TOLERANCES[torch.float64])
+    assert [g is None for g in got[2]] == [g is None for g in want[2]]
+    assert_all_close([g for g in got[2] if g is not None], [g for g in want[2] if g is not None],
+                     **TOLERANCES[torch.float64])
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
