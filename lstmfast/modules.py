@@ -608,6 +608,10 @@ class LSTM(_RecurrentBase, nn.LSTM):
     = torch.nn's initialization).
     """
 
+    def forward(self, input, hx=None):
+        # (the class's own, so that Python's errors for wrong arguments name LSTM.forward, as torch.nn's do)
+        return super().forward(input, hx)
+
     _kind = "LSTM"
     _torch_class = nn.LSTM
     _gates = 4
@@ -656,6 +660,10 @@ class RNN(_RecurrentBase, nn.RNN):
     Extra keyword-only argument: ``grad_clip``, as for :class:`LSTM`.
     """
 
+    def forward(self, input, hx=None):
+        # (the class's own, so that Python's errors for wrong arguments name RNN.forward, as torch.nn's do)
+        return super().forward(input, hx)
+
     _kind = "RNN"
     _torch_class = nn.RNN
     _gates = 1
@@ -687,6 +695,10 @@ class GRU(_RecurrentBase, nn.GRU):
     Extra keyword-only argument: ``grad_clip``, as for :class:`LSTM` (here the gradients of the
     pre-activations of r, z and n, ``W_in x + b_in + r * (W_hn h + b_hn)``, are clamped).
     """
+
+    def forward(self, input, hx=None):
+        # (the class's own, so that Python's errors for wrong arguments name GRU.forward, as torch.nn's do)
+        return super().forward(input, hx)
 
     _kind = "GRU"
     _torch_class = nn.GRU

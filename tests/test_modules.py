@@ -321,6 +321,20 @@ def test_gru_constructor_errors_are_torch_nn_s(kwargs):
     assert str(got.value) == str(expected.value)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("call", [lambda m, x: m(x, None, 5), lambda m, x: m(x, hy=None), lambda m, x: m()],
+                         ids=["extra-positional", "unknown-keyword", "no-input"])
+def test_wrong_forward_arguments_get_torch_nn_s_type_error(kind, call):
+    """Python's own TypeError for a wrong call names the class's forward, as torch.nn's does."""
+    theirs, ours = getattr(torch.nn, kind)(3, 4), getattr(lstmfast, kind)(3, 4)
+    x = torch.randn(2, 1, 3)
+    with pytest.raises(TypeError) as expected:
+        call(theirs, x)
+    with pytest.raises(TypeError) as got:
+        call(ours, x)
+    assert str(got.value) == str(expected.value)
+
+
 def test_gru_bad_arguments_torch_nn_answers_unclearly():
     """Where torch.nn.GRU fails with an AttributeError or an error from deep inside (a tuple as hx, an
     hx of another dtype, a float num_layers, a list as input), lstmfast names the argument."""
