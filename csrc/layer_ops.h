@@ -262,28 +262,26 @@ Tensor column_sums(Backend& dev, const Tensor& grad) {
 template <typename Backend>
 constexpr bool kSumsRows = requires(Backend& d, const Tensor& t, Tensor* s) { d.mm(t, t, s); };
 
-// The bias gradient to be made inside the input weight's gradient G^T X (mm_rows): zeros to add into
-// where the backend can and both gradients are asked for, else undefined (bias_grad sums G instead).
+// The input weight's gradient G^T X and the bias gradient (G's column sums) from the pre-activation
+// gradients G (N, X) and the input rows X, each an empty tensor unless asked for. When both are, a
+// backend with kSumsRows makes the bias gradient inside the product's pass over G.
 template <typename Backend>
-Tensor fused_bias_grad(bool need_weights, bool need_bias, const Tensor& grad) {
-  if constexpr (kSumsRows<Backend>) {
-    if (need_weights && need_bias) return at::zeros({grad.size(1)}, grad.options());
+std::pair<Tensor, Tensor> input_weight_and_bias_grads(Backend& dev, bool need_weights, bool need_bias,
+                                                      const Tensor& grad, const Tensor& input,
+                                                      int64_t input_size) {
+  Tensor weight = at::empty({0}, input.options()), bias;
+  if (need_weights) {
+    const Tensor x = rows_of(input, input_size);
+    if constexpr (kSumsRows<Backend>) {
+      if (need_bias) bias = at::zeros({grad.size(1)}, grad.options());
+      weight = dev.mm(grad.t(), x, bias.defined() ? &bias : nullptr);
+    } else {
+      weight = dev.mm(grad.t(), x);
+    }
   }
-  return Tensor();
-}
-
-// a @ b, and *row_sums += a.sum(1) when row_sums is given (only on a backend with kSumsRows).
-template <typename Backend>
-Tensor mm_rows(Backend& dev, const Tensor& a, const Tensor& b, Tensor* row_sums) {
-  if constexpr (kSumsRows<Backend>) return dev.mm(a, b, row_sums);
-  else return dev.mm(a, b);
-}
-
-// G's column sums, unless the weight gradient's product made them (fused); empty when not asked for.
-template <typename Backend>
-Tensor bias_grad(Backend& dev, bool need_bias, const Tensor& fused, const Tensor& grad) {
-  if (!need_bias) return at::empty({0}, grad.options());
-  return fused.defined() ? fused : column_sums(dev, grad);
+  if (!need_bias) bias = at::empty({0}, grad.options());
+  else if (!bias.defined()) bias = column_sums(dev, grad);
+  return {weight, bias};
 }
 
 // dW_hh = sum_t G_t^T h_{t-1} from the gradients G (N, X) of the pre-activations. With packed input the
@@ -451,11 +449,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   // Gradients not asked for come back as distinct empty tensors (outputs must not alias).
   const auto empty = [&] { return at::empty({0}, input.options()); };
   Tensor grad_input = need_input ? dev.mm(grad_gates, w_ih).view(input.sizes()) : empty();
-  Tensor grad_w_ih = empty(), grad_w_hh = empty(), grad_w_hr = empty();
-  Tensor grad_bias = fused_bias_grad<Backend>(need_weights, need_bias, grad_gates);
+  auto [grad_w_ih, grad_bias] =
+      input_weight_and_bias_grads(dev, need_weights, need_bias, grad_gates, input, l.input_size);
+  Tensor grad_w_hh = empty(), grad_w_hr = empty();
   if (need_weights) {
-    grad_w_ih = mm_rows(dev, grad_gates.t(), rows_of(input, l.input_size),
-                        grad_bias.defined() ? &grad_bias : nullptr);
     grad_w_hh = grad_recurrent_weight(dev, l, grad_gates, out, h_init, hidden_prev);
     if (wr.has_value()) {
       // m_t = o * tanh(c_t), from the saved activations.
@@ -463,7 +460,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
       grad_w_hr = dev.mm(grad_hidden_total.t(), hidden_all);
     }
   }
-  grad_bias = bias_grad(dev, need_bias, grad_bias, grad_gates);
   // Every gradient comes back contiguous, as the fake implementations say (no-ops where it already is).
   grad_w_ih = grad_w_ih.contiguous(), grad_w_hh = grad_w_hh.contiguous(), grad_w_hr = grad_w_hr.contiguous();
   return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_h_norm,
@@ -559,13 +555,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   if (return_norms) grad_h_norm.sqrt_();
   const auto empty = [&] { return at::empty({0}, input.options()); };
   Tensor grad_input = need_input ? dev.mm(grad_pre, w_ih).view(input.sizes()) : empty();
-  Tensor grad_w_ih = empty(), grad_w_hh = empty();
-  Tensor grad_bias = fused_bias_grad<Backend>(need_weights, need_bias, grad_pre);
-  if (need_weights) {
-    grad_w_ih = mm_rows(dev, grad_pre.t(), rows_of(input, l.input_size), grad_bias.defined() ? &grad_bias : nullptr);
-    grad_w_hh = grad_recurrent_weight(dev, l, grad_pre, out, h_init, hidden_prev);
-  }
-  grad_bias = bias_grad(dev, need_bias, grad_bias, grad_pre);
+  auto [grad_w_ih, grad_bias] =
+      input_weight_and_bias_grads(dev, need_weights, need_bias, grad_pre, input, l.input_size);
+  Tensor grad_w_hh = need_weights ? grad_recurrent_weight(dev, l, grad_pre, out, h_init, hidden_prev) : empty();
   grad_w_ih = grad_w_ih.contiguous(), grad_w_hh = grad_w_hh.contiguous();
   return {grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias, grad_h_norm};
 }
@@ -673,17 +665,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   if (return_norms) grad_h_norm.sqrt_();
   const auto empty = [&] { return at::empty({0}, input.options()); };
   Tensor grad_input = need_input ? dev.mm(grad_input_gates, w_ih).view(input.sizes()) : empty();
-  Tensor grad_w_ih = empty(), grad_w_hh = empty();
+  auto [grad_w_ih, grad_b_ih] =
+      input_weight_and_bias_grads(dev, need_weights, need_bias, grad_input_gates, input, l.input_size);
+  Tensor grad_w_hh =
+      need_weights ? grad_recurrent_weight(dev, l, grad_hidden_gates, out, h_init, hidden_prev) : empty();
   // Unlike LSTM / RNN the two bias gradients differ: b_hn sits inside the reset gate's product.
   // (b_hh's gradient is summed on its own: dW_hh's products do not take G's rows in order.)
-  Tensor grad_b_ih = fused_bias_grad<Backend>(need_weights, need_bias, grad_input_gates);
-  if (need_weights) {
-    grad_w_ih = mm_rows(dev, grad_input_gates.t(), rows_of(input, l.input_size),
-                        grad_b_ih.defined() ? &grad_b_ih : nullptr);
-    grad_w_hh = grad_recurrent_weight(dev, l, grad_hidden_gates, out, h_init, hidden_prev);
-  }
-  grad_b_ih = bias_grad(dev, need_bias, grad_b_ih, grad_input_gates);
-  const Tensor grad_b_hh = bias_grad(dev, need_bias, Tensor(), grad_hidden_gates);
+  const Tensor grad_b_hh =
+      need_bias ? column_sums(dev, grad_hidden_gates) : at::empty({0}, grad_hidden_gates.options());
   grad_w_ih = grad_w_ih.contiguous(), grad_w_hh = grad_w_hh.contiguous();
   return {grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_h_norm};
 }

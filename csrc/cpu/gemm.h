@@ -92,28 +92,37 @@ void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_
                const T* packed, T* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end,
                T* scratch, T* row_sums);
 
+// One depth block of sums in the fixed order of every CPU bias gradient: each row's values are added into
+// a run, and each run of kSumRun rows (the block's last run may be shorter) is added into the block's
+// sums, in order. column_sums and gemm_tall's gather both sum through it, so they give the same bits.
+// Plain C++ (any CPU): the order is per column, so vectorizing across columns does not change a bit.
+template <typename T, int64_t Width>
+struct BlockSums {
+  T run[Width] = {}, block[Width] = {};
+  // Adds row `step` (of the block's `depth`): `count` values.
+  void add(const T* row, int64_t count, int64_t step, int64_t depth) {
+    for (int64_t i = 0; i < count; ++i) run[i] += row[i];
+    if ((step + 1) % kSumRun == 0 || step + 1 == depth) {
+      for (int64_t i = 0; i < count; ++i) block[i] += run[i], run[i] = T(0);
+    }
+  }
+};
+
 // sums[j] = the sum of g[i * ld + j] over rows i in [0, rows), for columns j in [col_begin, col_end), in
-// gemm_tall's order: rows in depth blocks, each block in runs of kSumRun rows summed in order, the runs'
-// sums added in order, then the blocks' sums added in order, from zero. Plain C++ (any CPU): the order is
-// per column, so vectorizing across columns does not change a bit.
+// gemm_tall's order: rows in depth blocks, each summed by BlockSums, then the blocks' sums added in order,
+// from zero.
 template <typename T>
 void column_sums(const T* g, int64_t rows, int64_t ld, T* sums, int64_t col_begin, int64_t col_end) {
   // Up to `width` columns per pass over the rows (a row's part is then one contiguous run).
   constexpr int64_t depth_block = kDepthBlockBytes / sizeof(T), width = 1024;
   for (int64_t j0 = col_begin; j0 < col_end; j0 += width) {
     const int64_t cols = col_end - j0 < width ? col_end - j0 : width;
-    T total[width] = {}, run[width], block[width];
+    T total[width] = {};
     for (int64_t k0 = 0; k0 < rows; k0 += depth_block) {
       const int64_t depth = rows - k0 < depth_block ? rows - k0 : depth_block;
-      for (int64_t i = 0; i < cols; ++i) run[i] = T(0), block[i] = T(0);
-      for (int64_t kk = 0; kk < depth; ++kk) {
-        const T* from = g + (k0 + kk) * ld + j0;
-        for (int64_t i = 0; i < cols; ++i) run[i] += from[i];
-        if ((kk + 1) % kSumRun == 0 || kk + 1 == depth) {
-          for (int64_t i = 0; i < cols; ++i) block[i] += run[i], run[i] = T(0);
-        }
-      }
-      for (int64_t i = 0; i < cols; ++i) total[i] += block[i];
+      BlockSums<T, width> block;
+      for (int64_t kk = 0; kk < depth; ++kk) block.add(g + (k0 + kk) * ld + j0, cols, kk, depth);
+      for (int64_t i = 0; i < cols; ++i) total[i] += block.block[i];
     }
     for (int64_t i = 0; i < cols; ++i) sums[j0 + i] = total[i];
   }

@@ -219,20 +219,16 @@ void gemm_tall(int64_t m, int64_t n, int64_t k, MatrixA<T> a, const T* b, int64_
           // first block of panels also sums each row over this depth block, in column_sums' order (runs
           // of kSumRun steps: rounding error grows with a run's length).
           const bool sum = row_sums != nullptr && p0 == panel_begin;
-          T run_sums[kTallRows] = {}, block_sums[kTallRows] = {};
+          BlockSums<T, kTallRows> sums;
           for (int64_t kk = 0; kk < depth; ++kk) {
             const T* from = src + kk * a.depth_stride;
             int64_t r = 0;
             for (; r + kMaxRows <= rows; r += kMaxRows) std::memcpy(slot(r, kk), from + r, kMaxRows * sizeof(T));
             for (; r < rows; ++r) *slot(r, kk) = from[r];
-            if (!sum) continue;
-            for (int64_t i = 0; i < rows; ++i) run_sums[i] += from[i];
-            if ((kk + 1) % kSumRun == 0 || kk + 1 == depth) {
-              for (int64_t i = 0; i < rows; ++i) block_sums[i] += run_sums[i], run_sums[i] = T(0);
-            }
+            if (sum) sums.add(from, rows, kk, depth);
           }
           if (sum) {
-            for (int64_t i = 0; i < rows; ++i) row_sums[r0 + i] += block_sums[i];
+            for (int64_t i = 0; i < rows; ++i) row_sums[r0 + i] += sums.block[i];
           }
         } else {
           for (int64_t r = 0; r < rows; ++r) {
