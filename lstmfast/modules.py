@@ -402,7 +402,12 @@ class _RecurrentBase:
             raise TypeError(f"{kind}: expected input to be a Tensor or a PackedSequence, got "
                             f"{type(input).__name__}")
         self._check_input_dim(data, packed)
+        nested = not packed and data.is_nested
+        if nested:
+            _check_nested(kind, data, unbatched, self.batch_first)
         given = None if hx is None else self._hx_states(hx, unbatched, packed)
+        if nested:
+            data = _nested_as_padded(data, self.batch_first)
         if given is not None and sorted_indices is not None:
             # torch.nn permutes a packed batch's hx first (its rows as index_select(1) picks them),
             # then checks the input and the permuted states' sizes.
@@ -420,6 +425,8 @@ class _RecurrentBase:
             states = [data.new_zeros(s) for s in sizes] if packed else [None] * len(sizes)
         else:
             states = self._states_of(given, sizes, weight)
+        if nested and self.batch_first and not unbatched:
+            input.transpose(0, 1)  # torch.nn's op fails here, once its checks pass: nested tensors refuse it
         if not packed and torch._C._get_tracing_state() is None and data.shape[0] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         dtypes = self._cpu_autocast_dtypes(data, packed, batch_sizes, hx, weight)
@@ -533,6 +540,28 @@ class _RecurrentBase:
 
 def _forward_ad_or_functorch():
     return torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
+def _check_nested(kind, input, unbatched, batch_first):
+    """A nested tensor as input. torch.nn's GRU and RNN (and its LSTM off oneDNN) run a regular one
+    (strided layout, components of one shape, not batch_first) as the padded tensor its components
+    stack to, the gradient reaching the components; any other fails in the first op of theirs it
+    reaches. The same calls in the same order give the same errors here: this one (unbatched input's
+    unsqueeze) before hx is checked, _nested_as_padded's after, and batch_first's transpose in forward,
+    after the states' sizes."""
+    if input.layout != torch.strided:
+        raise RuntimeError(f"{kind}: a nested tensor of layout {input.layout} is not supported as input "
+                           f"(nor by torch.nn's {kind}); pass a padded tensor or a PackedSequence")
+    if unbatched:
+        input.unsqueeze(0 if batch_first else 1)  # (nested tensors refuse dimension 0)
+
+
+def _nested_as_padded(input, batch_first):
+    """The padded tensor a nested input stands for (_check_nested), whose sizes torch.nn's checks read."""
+    if input.dim() == 3 and not batch_first:
+        input.size(1)  # the batch size: an irregular nested tensor has none
+    input.size(-1)  # the input size (likewise)
+    return input.to_padded_tensor(0.0)
 
 
 def _fx_leaf_call(module, input, hx):

@@ -809,3 +809,52 @@ def test_compile_leaves_torch_nn_layers_as_torch_has_them():
     theirs = nn.RNN(3, 4)
     with pytest.raises(Exception, match="RNN, GRU, or LSTM"):
         torch.compile(lambda x: theirs(x)[0].sum(), fullgraph=True)(x)
+
+
+NESTED = {"regular": [(3, 4)] * 3, "regular unbatched": [(4,)] * 3, "ragged steps": [(3, 4), (2, 4)],
+          "ragged features": [(3, 4), (3, 5)], "ragged unbatched": [(4,), (3,)], "wrong input size": [(3, 3)] * 2}
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("case", sorted(NESTED))
+@pytest.mark.parametrize("wrong_hx", [False, True])
+def test_a_nested_tensor_input_runs_or_fails_as_under_torch_nn(kind, batch_first, case, wrong_hx):
+    """torch.nn's native path (oneDNN's LSTM takes no nested tensor) runs a regular nested tensor as the
+    padded tensor its components stack to, the gradient reaching the components, and fails on any other
+    in the first op it reaches, before or after checking hx; lstmfast does the same."""
+    theirs, ours = (m.double() for m in pair(kind, 4, 5, 2, batch_first=batch_first))
+    torch.manual_seed(1)
+    components = [torch.randn(shape, dtype=F64) for shape in NESTED[case]]
+    hx = torch.zeros(2, 7, 5, dtype=F64) if wrong_hx else None  # 3-D for unbatched input, else batch 7
+    if hx is not None and kind == "LSTM":
+        hx = (hx, hx)
+    results = []
+    for m in (theirs, ours):
+        x = torch.nested.nested_tensor(components, requires_grad=True)
+        try:
+            with torch.backends.mkldnn.flags(enabled=False), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (nested tensors' prototype warning)
+                y, state = m(x, hx)
+        except (RuntimeError, ValueError) as e:
+            results.append((type(e), str(e)))
+            continue
+        assert not y.is_nested
+        (y.square().sum() + state[0].sum() if kind == "LSTM" else y.square().sum() + state.sum()).backward()
+        results.append((y, list(x.grad.unbind()), [p.grad for p in m.parameters()]))
+    runs = case.startswith("regular") and not batch_first and not wrong_hx
+    assert isinstance(results[0][0], torch.Tensor) == runs
+    if not runs:
+        assert results[1] == results[0]
+        return
+    for theirs_, ours_ in zip(*(([y], grads, params) for y, grads, params in results)):
+        torch.testing.assert_close(ours_, theirs_, **TOLERANCES[F64])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_a_jagged_nested_tensor_is_refused_clearly(kind):
+    x = torch.nested.nested_tensor([torch.randn(3, 4), torch.randn(2, 4)], layout=torch.jagged)
+    with pytest.raises(RuntimeError):
+        getattr(nn, kind)(4, 5)(x)  # (torch.nn fails inside its kernels)
+    with pytest.raises(RuntimeError, match=f"{kind}: a nested tensor of layout torch.jagged is not supported"):
+        getattr(lstmfast, kind)(4, 5)(x)
