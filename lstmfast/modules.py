@@ -413,6 +413,9 @@ class _RecurrentBase:
             # then checks the input and the permuted states' sizes.
             given = [s.index_select(1, sorted_indices) for s in given]
         self._check_input(data, packed, weight)
+        run_sizes = batch_sizes
+        if packed and torch._C._get_tracing_state() is None and not torch.compiler.is_compiling():
+            run_sizes = _packed_steps_read(batch_sizes)
         if not packed:
             if unbatched:
                 data = data.unsqueeze(1)
@@ -438,7 +441,7 @@ class _RecurrentBase:
             for direction in range(self._directions):
                 index = layer * self._directions + direction
                 layer_states = [None if s is None else s[index] for s in states]
-                output, *final = self._run_layer(layer_input, batch_sizes, layer_states, weights, layer,
+                output, *final = self._run_layer(layer_input, run_sizes, layer_states, weights, layer,
                                                   direction)
                 outputs.append(output)
                 for store, f in zip(finals, final):
@@ -540,6 +543,20 @@ class _RecurrentBase:
 
 def _forward_ad_or_functorch():
     return torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
+def _packed_steps_read(batch_sizes):
+    """A PackedSequence's batch sizes up to its last step with rows: torch.nn runs a hand-made one whose
+    last steps have none as if they were not there, and so do the ops given these. (Any other
+    malformation is left to the ops' checks; a packed input with more rows than sum(batch_sizes) among
+    them, which torch.nn's layers read inconsistently, its reverse direction from the last rows.)"""
+    if batch_sizes.dim() != 1 or len(batch_sizes) < 2 or int(batch_sizes[-1]) != 0:
+        return batch_sizes
+    sizes = batch_sizes.tolist()
+    steps = len(sizes)
+    while steps > 1 and sizes[steps - 1] == 0:
+        steps -= 1
+    return batch_sizes[:steps]
 
 
 def _check_nested(kind, input, unbatched, batch_first):

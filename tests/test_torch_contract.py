@@ -858,3 +858,34 @@ def test_a_jagged_nested_tensor_is_refused_clearly(kind):
         getattr(nn, kind)(4, 5)(x)  # (torch.nn fails inside its kernels)
     with pytest.raises(RuntimeError, match=f"{kind}: a nested tensor of layout torch.jagged is not supported"):
         getattr(lstmfast, kind)(4, 5)(x)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("rows,batch_sizes", [(7, [3, 2]), (5, [3, 2, 0]), (5, [3, 2, 0, 0]), (6, [3, 2, 0]),
+                                              (5, [5]), (4, [3, 2]), (5, [2, 3]), (5, [0, 3, 2])])
+def test_a_hand_made_packed_sequence_is_read_as_torch_nn_reads_it(kind, rows, batch_sizes):
+    """torch.nn skips a hand-made PackedSequence's trailing steps of no rows, and so does lstmfast; one with
+    too few rows or increasing sizes fails under both (lstmfast's own words). One with more rows than
+    sum(batch_sizes) runs under torch.nn, its reverse direction reading the last rows, its forward one
+    the first: lstmfast refuses it."""
+    theirs, ours = (m.double() for m in pair(kind, 4, 5, 2, bidirectional=True))
+    torch.manual_seed(1)
+    data = torch.randn(rows, 4, dtype=F64)
+    results = []
+    for m in (theirs, ours):
+        x = data.clone().requires_grad_()
+        packed = nn.utils.rnn.PackedSequence(x, torch.tensor(batch_sizes))
+        try:
+            y, state = m(packed)
+        except RuntimeError:
+            results.append(None)
+            continue
+        (y.data.square().sum() + (state[0] if kind == "LSTM" else state).sum()).backward()
+        results.append((y.data, y.batch_sizes, x.grad, [p.grad for p in m.parameters()]))
+    runs = sum(batch_sizes) <= rows and batch_sizes == sorted(batch_sizes, reverse=True) and batch_sizes[0] > 0
+    assert (results[0] is not None) == runs
+    runs = runs and sum(batch_sizes) == rows
+    assert (results[1] is not None) == runs
+    if runs:
+        assert results[1][1].tolist() == batch_sizes
+        torch.testing.assert_close(results[1], results[0], **TOLERANCES[F64])
