@@ -198,11 +198,16 @@ def _save(ctx, tensors, loose=()):
     that does read them (a graph-building one, or one recomputing an output modified in place) checks
     the versions first (_check_loose). Under saved-tensor hooks, torch.compile and torch.func
     transforms they are saved as usual."""
-    plain = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
-        or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    ctx.loose = {} if plain else {i: (tensors[i], tensors[i]._version) for i in loose if tensors[i] is not None}
+    ctx.loose = {} if _saves_plainly() else {
+        i: (tensors[i], tensors[i]._version) for i in loose if tensors[i] is not None}
     ctx.saved_layout = [t is not None and i not in ctx.loose for i, t in enumerate(tensors)]
     ctx.save_for_backward(*[t for t, here in zip(tensors, ctx.saved_layout) if here])
+
+
+def _saves_plainly():
+    """Whether _save saves every tensor as usual (see there)."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
+        or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def _saved(ctx, layout):
@@ -606,14 +611,18 @@ class _GRUCore(torch.autograd.Function):
         out, _, gates = output
         ctx.mark_non_differentiable(gates)
         ctx.set_materialize_grads(False)
-        _save(ctx, [input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, _save_output(ctx, out), gates],
-              _loose(ctx.needs_input_grad, (5, 6), 3, 0))
+        # The fused backward reads h0 (the first step's update gate), but torch.nn's GRU cell keeps a
+        # copy of h_{t-1} for it and reads h0 itself only for dW_hh: where W_hh takes no gradient, h0
+        # may change in place after the forward. So here: h0 kept loose, a copy of it saved.
+        loose = _loose(ctx.needs_input_grad, (5, 6), 3, 0, hidden_weight=4, h0=2)
+        h0_copy = h0.detach().clone() if h0 is not None and 2 in loose and not _saves_plainly() else None
+        _save(ctx, [input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, _save_output(ctx, out), gates, h0_copy], loose)
         ctx.reverse, ctx.grad_clip, ctx.norm_sink = reverse, grad_clip, norm_sink
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, _grad_gates):
         saved, (grad_output, grad_h_n), exited = _backward_inputs(ctx, (grad_output, grad_h_n))
-        input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output, gates = saved
+        input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, output, gates, h0_copy = saved
         need = ctx.needs_input_grad
         grad_graph = _builds_graph(grad_output, grad_h_n, input, h0, w_ih, w_hh, b_ih, b_hh, exited=exited)
         if grad_graph:
@@ -625,8 +634,9 @@ class _GRUCore(torch.autograd.Function):
             if grad_graph:  # only the norms are wanted from the fused op
                 mask = [False] * 4
             grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, h_norm = ops.gru_backward(
-                _detached(grad_output, output), _detached(grad_h_n), input, batch_sizes, h0, w_ih, w_hh,
-                output, gates, ctx.reverse, mask, ctx.grad_clip, ctx.norm_sink is not None)
+                _detached(grad_output, output), _detached(grad_h_n), input, batch_sizes,
+                h0 if h0_copy is None else h0_copy, w_ih, w_hh, output, gates, ctx.reverse, mask, ctx.grad_clip,
+                ctx.norm_sink is not None)
             if ctx.norm_sink is not None:
                 ctx.norm_sink(h_norm, None)
         if grad_graph:

@@ -224,6 +224,8 @@ INPLACE_AFTER_FORWARD = {
     "bias_hh-layer-1": ("bias_hh_l1", (), True, False),
     "input-w_ih-frozen": ("input", ("weight_ih_l0",), True, False),
     "h0-w_hh-frozen": ("h0", ("weight_hh_l0",), False, True),
+    "h0-every-w_hh-frozen": ("h0", ("weight_hh_l0", "weight_hh_l1"), False, True),
+    "h0-no-grad-every-w_hh-frozen": ("h0", ("weight_hh_l0", "weight_hh_l1"), True, False),
     "w_ih-input-no-grad": ("weight_ih_l0", (), False, False),
     "w_hh": ("weight_hh_l0", (), True, True),
     "input-w_ih-trained": ("input", (), True, False),
@@ -253,10 +255,10 @@ def _modified_after_forward(module, cell, modified, frozen, input_grad, h0_grad)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_tensors_the_backward_does_not_read_may_change_after_the_forward(cell, case):
     """torch.nn saves only what its first-order backward reads (no bias; the input only where W_ih takes
-    a gradient, W_ih only where the input does, h0 where W_hh does or, in the GRU, always): the caller
-    may modify the others in place between forward and backward, and the gradients are those of the
-    forward's values. lstmfast keeps those it does not read loose (functional._save); the same run
-    succeeds or fails under both, with the same gradients."""
+    a gradient, W_ih only where the input does, h0 where W_hh does; the GRU's cell keeps a copy of
+    h_{t-1}): the caller may modify the others in place between forward and backward, and the gradients
+    are those of the forward's values. lstmfast keeps those it does not read loose (functional._save),
+    and the GRU a copy of h0; the same run succeeds or fails under both, with the same gradients."""
     theirs, _ = _pair(cell, input_size=3, hidden=4, num_layers=2)
     ours = getattr(lstmfast, KINDS[cell]).from_torch(copy.deepcopy(theirs))  # (each run modifies its own)
     expected = _modified_after_forward(theirs, cell, *INPLACE_AFTER_FORWARD[case])
