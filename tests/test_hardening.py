@@ -411,10 +411,12 @@ def test_gru_constructor_bad_arguments(kwargs, error, match):
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-tanh", "RNN-relu"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("where", ["input", "h0", "weight", "grad"])
+@pytest.mark.parametrize("where", ["input", "h0", "weight", "grad", "grad element", "h_n grad element"])
 def test_nonfinite_like_torch_nn(kind, value, where):
     """where="grad": a whole step of the output's gradient non-finite (a relu RNN's units clamped to 0
-    there pass 0 on, as torch's threshold_backward selects rather than multiplies)."""
+    there pass 0 on, as torch's threshold_backward selects rather than multiplies); "grad element" and
+    "h_n grad element": one element of the output's or of h_n's gradient (the GRU's dL/dn is dh - dh z,
+    NaN for an infinite dh, as in torch.nn's cell)."""
     torch.manual_seed(0)
     name, _, nl = kind.partition("-")
     options = dict(input_size=3, hidden_size=4, num_layers=2) | (dict(nonlinearity=nl) if nl else {})
@@ -435,10 +437,15 @@ def test_nonfinite_like_torch_nn(kind, value, where):
         hx = (hi, torch.zeros_like(hi)) if name == "LSTM" else hi
         out, state = module(xi, hx)
         final = state[0] if name == "LSTM" else state
-        grad = torch.ones_like(out)
+        grad, final_grad = (torch.randn(t.shape, generator=torch.Generator().manual_seed(1), dtype=t.dtype)
+                            for t in (out, final))
         if where == "grad":
             grad[3] = value
-        (out * grad).sum().add(final.sum()).backward()
+        if where == "grad element":
+            grad[0, 1, 2] = value  # (step 0: a later step's reaches every gradient, all NaN then)
+        if where == "h_n grad element":
+            final_grad[0, 1, 0] = value
+        torch.autograd.backward([out, final], [grad, final_grad])
         results.append([out.detach(), final.detach(), xi.grad, hi.grad] + [p.grad for p in module.parameters()])
         module.zero_grad()
     for i, (a, b) in enumerate(zip(*results)):

@@ -353,7 +353,7 @@ void gru_backward(const GruBackwardStep<T>& s, int64_t begin, int64_t end, T* hi
                    h_n = load(a + 3 * H + j, n);
       const Vec<T> hidden_prev = load(hidden_prev_row + e, n);
       // The same expressions, in the same order, as kernels::gru_cell_backward.
-      const Vec<T> a_n = clip(grad_hidden * (1 - z) * (1 - g * g), grad_clip);
+      const Vec<T> a_n = clip((grad_hidden - grad_hidden * z) * (1 - g * g), grad_clip);
       const Vec<T> a_z = clip(grad_hidden * (hidden_prev - g) * z * (1 - z), grad_clip);
       const Vec<T> a_r = clip(a_n * h_n * r * (1 - r), grad_clip);
       store(dx + j, a_r, n);

@@ -108,13 +108,15 @@ struct GruCellGrad {
 };
 
 // Backward of one GRU element from its saved activations. grad_hidden = dL/dh_t (total). The clip
-// applies to a_n before it reaches r, as autograd's hooks on the three pre-activations do.
+// applies to a_n before it reaches r, as autograd's hooks on the three pre-activations do. dL/dn is
+// dh - dh z, as torch.nn's cell (h_t = n + z (h_{t-1} - n)) has it: an infinite dh gives NaN there, as
+// under torch.nn, where dh (1 - z) would give an infinity.
 template <typename acc_t>
 LSTMFAST_HD GruCellGrad<acc_t> gru_cell_backward(acc_t r, acc_t z, acc_t n, acc_t hidden_n,
                                                  acc_t hidden_prev, acc_t grad_hidden, acc_t grad_clip) {
   const acc_t one(1);
   GruCellGrad<acc_t> g;
-  g.a_n = clip(grad_hidden * (one - z) * (one - n * n), grad_clip);
+  g.a_n = clip((grad_hidden - grad_hidden * z) * (one - n * n), grad_clip);
   g.a_z = clip(grad_hidden * (hidden_prev - n) * z * (one - z), grad_clip);
   g.a_r = clip(g.a_n * hidden_n * r * (one - r), grad_clip);
   g.hidden_n = g.a_n * r;
