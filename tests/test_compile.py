@@ -37,6 +37,24 @@ def test_compile_fullgraph_inference_and_training():
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
+def test_compiled_dropout_draws_eager_masks_with_inductor_s_fallback_random():
+    """Compiled dropout draws Inductor's random numbers (as any compiled dropout does); with
+    fallback_random it draws eager's, and a compiled lstmfast layer then equals torch.nn's eager one."""
+    import torch._inductor.config
+    torch.manual_seed(0)
+    theirs = nn.GRU(3, 4, num_layers=2, dropout=0.5).double()
+    ours = lstmfast.GRU.from_torch(theirs)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    torch.manual_seed(7)
+    expected = theirs(x)[0]
+    with torch._inductor.config.patch(fallback_random=True):
+        torch._dynamo.reset()
+        torch.manual_seed(7)
+        actual = torch.compile(ours, fullgraph=True)(x)[0]
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("transform", ["vjp", "grad", "vmap"])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_torch_func_transforms_inside_torch_compile_equal_torch_nn(kind, transform):

@@ -226,6 +226,20 @@ def test_dropout_between_layers(kind):
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_dropout_draws_torch_nn_s_masks(kind):
+    """The same seed gives the same dropout masks as torch.nn's layer (one F.dropout call per layer
+    output, in torch.nn's order, bidirectional outputs concatenated first): outputs and gradients equal."""
+    ours, theirs = pair(kind, input_size=3, hidden_size=4, num_layers=3, dropout=0.5, bidirectional=True)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    results = []
+    for m in (theirs, ours):
+        torch.manual_seed(7)
+        y, _ = m(x)
+        results.append([y] + list(torch.autograd.grad(y.square().sum(), list(m.parameters()))))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_module_serialization(kind, tmp_path):
     module = getattr(lstmfast, kind)(3, 4, num_layers=2, bidirectional=True).double()
     x = torch.randn(5, 2, 3, dtype=torch.float64)
