@@ -239,7 +239,8 @@ inline Tensor workspace(at::IntArrayRef sizes, const at::TensorOptions& options)
   const int64_t bytes = count * static_cast<int64_t>(c10::elementSize(dtype));
   // (A small one directly: the views below cost more than its page faults.)
   if (!options.device().is_cpu() || !cpu::cached_size(bytes)) return at::empty(sizes, options);
-  return cpu::cached_block(bytes).view(dtype).narrow(0, 0, count).view(sizes);
+  // (A reused block may be larger, by a size no multiple of this dtype's: its first `bytes` only.)
+  return cpu::cached_block(bytes).narrow(0, 0, bytes).view(dtype).view(sizes);
 }
 
 // An op's output of the given shape: at::empty, or a workspace on a thread running a float16 / bfloat16

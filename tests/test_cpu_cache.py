@@ -146,6 +146,27 @@ def test_results_do_not_depend_on_the_cache(cache_limit):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("first", [torch.float32, torch.bfloat16])
+def test_a_block_left_by_one_dtype_serves_another(cache_limit, first):
+    """A float32 (or a bfloat16 call's float32) buffer of an odd number of elements leaves a cached block
+    of 4 mod 8 bytes; a float64 call given it views only the bytes it asked for (it raised 'must be
+    divisible by 8 to view Byte as Double'), and computes what it computes from an empty cache."""
+    torch.manual_seed(0)
+    small = lstmfast.GRU(8, 257, dtype=first)
+    small(torch.randn(31, 17, 8, dtype=first, requires_grad=True))[0].float().sum().backward()
+    model = lstmfast.GRU(8, 128, dtype=torch.float64)
+    x = torch.randn(128, 2, 8, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        y, h = model(x)
+        return [y, h] + list(torch.autograd.grad(y.square().sum() + h.sum(), [x] + list(model.parameters())))
+
+    reused = run()
+    lstmfast.empty_cpu_cache()
+    for a, b in zip(reused, run()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_reduced_precision_temporaries_are_cached_and_never_returned(cache_limit, dtype, kind):
