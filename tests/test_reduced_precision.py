@@ -16,6 +16,8 @@ counts). u is the dtype's unit roundoff: 2^-9 for bfloat16, 2^-11 for float16.
 - float16 multiplies float32 copies in float32: only the final rounding, so 4u (2e-3).
 """
 
+import copy
+import itertools
 import os
 import subprocess
 import sys
@@ -148,6 +150,39 @@ def test_every_engine_against_float64(engine, isa):
         pytest.skip(f"this CPU has no {isa}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].startswith(engine)
+
+
+def _check_nonfinite_like_torch_nn():
+    """bfloat16 layers given +-inf in the input, h0 or W_hh: torch.nn's bfloat16 NaN and inf pattern in
+    the outputs, the final state and every gradient."""
+    for where, kind, sign in itertools.product(("input", "h0", "weight"), ("LSTM", "GRU", "RNN"), (1, -1)):
+        torch.manual_seed(0)
+        theirs = getattr(nn, kind)(4, 8, num_layers=2).bfloat16()
+        x, h0 = torch.randn(5, 2, 4).bfloat16(), torch.randn(2, 2, 8).bfloat16()
+        with torch.no_grad():
+            {"input": x[1, 0], "h0": h0[0, 1], "weight": theirs.weight_hh_l0[0]}[where][2] = sign * float("inf")
+        results = []
+        for m in (theirs, getattr(lstmfast, kind).from_torch(copy.deepcopy(theirs))):
+            xi, hi = x.clone().requires_grad_(), h0.clone().requires_grad_()
+            out, state = m(xi, (hi, h0) if kind == "LSTM" else hi)
+            final = state[0] if kind == "LSTM" else state
+            (out.float().sum() + final.float().sum()).backward()
+            results.append([out, final, xi.grad, hi.grad] + [p.grad for p in m.parameters()])
+        for i, (a, b) in enumerate(zip(*results)):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), (where, kind, sign, i)
+
+
+@pytest.mark.parametrize("engine", ["amx", "avx512_bf16", "float32"])
+def test_nonfinite_like_torch_nn_on_every_engine(engine):
+    """The two-term h_{t-1} gave NaN where torch.nn's one-term product gives an infinity: an infinite h
+    was split into inf and inf - inf, and a finite h's low term times an infinite weight is NaN (a zero
+    term) or the opposite infinity. The low term is now 0 where h is infinite, and a weight holding an
+    infinity or NaN is multiplied by one term."""
+    if engine not in _supported_engines():
+        pytest.skip(f"this CPU has no {engine}")
+    proc = _in_process({"LSTMFAST_CPU_BF16_ENGINE": engine},
+                       "import test_reduced_precision as t; t._check_nonfinite_like_torch_nn()")
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # Shapes for the engines' edges: batches of 1 to 33 rows (AMX tiles hold 16), depths below, at and past

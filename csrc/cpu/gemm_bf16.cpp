@@ -93,9 +93,25 @@ inline __mmask16 first_lanes(int64_t count) {
   return count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
 }
 
-void pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
+// _mm512_fpclass_ps_mask's categories: +inf and -inf; those, quiet NaN and signalling NaN.
+constexpr int kInfinite = 0x18, kNonFinite = 0x99;
+
+// Whether none of `count` bfloat16 values (bits) is infinite or NaN (every exponent bit set).
+inline bool all_finite(const uint16_t* bits, int64_t count) {
+  const __m512i exponent = _mm512_set1_epi16(0x7F80);
+  __mmask32 found = 0;
+  for (int64_t i = 0; i < count; i += 32) {
+    const __mmask32 lanes = count - i >= 32 ? ~__mmask32(0) : (__mmask32(1) << (count - i)) - 1;
+    const __m512i v = _mm512_maskz_loadu_epi16(lanes, bits + i);
+    found |= _mm512_mask_cmpeq_epi16_mask(lanes, _mm512_and_si512(v, exponent), exponent);
+  }
+  return found == 0;
+}
+
+bool pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
             int64_t panel_begin, int64_t panel_end) {
   const int64_t kp = padded_depth(k);
+  bool finite = true;
   for (int64_t p = panel_begin; p < panel_end; ++p) {
     uint16_t* panel = out + p * panel_stride(k);
     const int64_t j0 = p * kPanel;
@@ -106,6 +122,7 @@ void pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, u
         const __m512 lo = _mm512_maskz_loadu_ps(columns, b + kk * ld + j0);
         const __m512 hi = _mm512_maskz_loadu_ps(kk + 1 < k ? columns : __mmask16(0), b + (kk + 1) * ld + j0);
         _mm512_storeu_si512(panel + kk * kPanel, pairs_of(lo, hi));
+        finite &= (_mm512_fpclass_ps_mask(lo, kNonFinite) | _mm512_fpclass_ps_mask(hi, kNonFinite)) == 0;
       }
       continue;
     }
@@ -116,11 +133,13 @@ void pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, u
     rows.resize(kPanel * kp / 2);
     round_rows(b + j0 * ld, ld, count, k, reinterpret_cast<uint16_t*>(rows.data()));
     std::fill(rows.begin() + count * kp / 2, rows.end(), 0u);
+    finite &= all_finite(reinterpret_cast<const uint16_t*>(rows.data()), count * kp);
     auto* words = reinterpret_cast<uint32_t*>(panel);
     for (int64_t pair = 0; pair < kp / 2; ++pair) {
       for (int64_t c = 0; c < kPanel; ++c) words[pair * kPanel + c] = rows[c * kp / 2 + pair];
     }
   }
+  return finite;
 }
 
 // v[i] becomes the vector of word i of every v[j] (lane j): a 16 x 16 transpose of 32-bit words in
@@ -207,7 +226,8 @@ void round_rows_split(const float* a, int64_t lda, int64_t rows, int64_t k, uint
       const __m512 x = _mm512_maskz_loadu_ps(lanes, from + kk);
       const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
       const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-      const __m256i l = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back));
+      const __mmask16 infinite = _mm512_fpclass_ps_mask(x, kInfinite);  // (inf - inf is NaN)
+      const __m256i l = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_sub_ps(__mmask16(~infinite), x, back));
       _mm256_mask_storeu_epi16(high + r * kp + kk, stored, h);
       _mm256_mask_storeu_epi16(low + r * kp + kk, stored, l);
     }
@@ -500,7 +520,7 @@ void amx_gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, co
 
 namespace lstmfast::cpu::bf16 {
 bool supported() { return false; }
-void pack_b(const float*, int64_t, int64_t, int64_t, bool, uint16_t*, int64_t, int64_t) {}
+bool pack_b(const float*, int64_t, int64_t, int64_t, bool, uint16_t*, int64_t, int64_t) { return true; }
 void round_rows(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
 void round_columns(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
 void round_rows_split(const float*, int64_t, int64_t, int64_t, uint16_t*, uint16_t*) {}

@@ -27,15 +27,17 @@ inline int64_t panel_stride(int64_t k) { return padded_depth(k) * kPanel; }
 inline int64_t packed_size(int64_t k, int64_t n) { return panels_of(n) * panel_stride(k); }
 
 // Rounds (nearest even) and packs panels [panel_begin, panel_end) of B (k, n), read as b[kk * ld + j], or
-// b[j * ld + kk] when transposed (B = W^T, W an (n, k) matrix); zero past column n and depth k.
-void pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
+// b[j * ld + kk] when transposed (B = W^T, W an (n, k) matrix); zero past column n and depth k. Returns
+// whether every value it packed is finite.
+bool pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
             int64_t panel_begin, int64_t panel_end);
 
 // Rounds rows [0, rows) of A (a[r * lda + kk]) to bfloat16 rows of padded_depth(k) elements in out.
 void round_rows(const float* a, int64_t lda, int64_t rows, int64_t k, uint16_t* out);
 
 // A as the sum of two bfloat16 rows: high = A rounded, low = (A - high) rounded (16 significant bits in
-// all; products by a weight that is bfloat16 already then lose about what float32 products would).
+// all; products by a weight that is bfloat16 already then lose about what float32 products would);
+// low = 0 where A is infinite (high alone is A there).
 void round_rows_split(const float* a, int64_t lda, int64_t rows, int64_t k, uint16_t* high, uint16_t* low);
 
 // The same for A read through its columns, a[kk * ld + r] (a weight gradient's G^T, with G in place).

@@ -421,6 +421,10 @@ struct CpuBackend {
   static constexpr int kPackedSlots = 8;
   Packed packed_[kPackedSlots];
   std::atomic<int> packed_count_{0};
+  // Per bf16 slot: whether the weight holds an infinity or NaN (then its products take A as one term:
+  // a second term's product with an infinite weight is NaN, or an infinity of the other sign, where
+  // torch.nn's one-term product is the infinity).
+  std::atomic<bool> nonfinite_[kPackedSlots] = {};
 
   // op(B) (k, n) packed: B = b (k, n) with row stride ld, or B = W^T with W = b (n, k) when transposed.
   // With bf16 (T = float only), the weight is rounded to bfloat16 and packed for bf16::gemm instead; the
@@ -453,8 +457,11 @@ struct CpuBackend {
     void* out = packed_[count].data.data_ptr();
     if constexpr (std::is_same_v<T, float>) {
       if (bf16) {
+        nonfinite_[count].store(false, std::memory_order_relaxed);
         share(cpu::bf16::panels_of(n), 4, [&](int64_t begin, int64_t end) {
-          cpu::bf16::pack_b(b, k, n, ld, transposed, static_cast<uint16_t*>(out), begin, end);
+          if (!cpu::bf16::pack_b(b, k, n, ld, transposed, static_cast<uint16_t*>(out), begin, end)) {
+            nonfinite_[count].store(true, std::memory_order_relaxed);
+          }
         });
         packed_count_.store(count + 1, std::memory_order_release);
         return out;
@@ -465,6 +472,15 @@ struct CpuBackend {
     });
     packed_count_.store(count + 1, std::memory_order_release);
     return out;
+  }
+
+  // Whether a weight packed by packed(..., bf16 = true) (its result) holds only finite values.
+  bool packed_finite(const void* data) const {
+    const int count = packed_count_.load(std::memory_order_acquire);
+    for (int i = 0; i < count; ++i) {
+      if (packed_[i].data.data_ptr() == data) return !nonfinite_[i].load(std::memory_order_relaxed);
+    }
+    return true;
   }
 
   // Transposed copies of weight matrices for blocked_brgemm (B as (k, n) rows), once per op call.
@@ -513,7 +529,7 @@ struct CpuBackend {
         const auto [begin, end] = own_rows(m);
         if (begin < end) {
           bf16_rows(end - begin, n, k, a + begin * lda, lda, weights, c + begin * ldc, ldc, beta == 1.0, 0,
-                    cpu::bf16::panels_of(n), split_operand(true, trans_b));
+                    cpu::bf16::panels_of(n), split_operand(true, trans_b) && packed_finite(weights));
         }
         return;
       }
@@ -599,14 +615,14 @@ struct CpuBackend {
       for (int64_t r = 0; r < m; ++r) {
         for (int64_t kk = 0; kk < k; ++kk) {
           const float x = a[r * lda + kk], high = static_cast<float>(c10::BFloat16(x));
-          rounded[r * k + kk] = split ? high + static_cast<float>(c10::BFloat16(x - high)) : high;
+          rounded[r * k + kk] = split && !std::isinf(high) ? high + static_cast<float>(c10::BFloat16(x - high)) : high;
         }
       }
       wide_gemm<float>(false, trans_b, m, n, k, 1.0, rounded.data(), k, b, ldb, accumulate ? 1.0 : 0.0, c, ldc);
       return;
     }
     const auto* weights = static_cast<const uint16_t*>(packed(b, k, n, ldb, trans_b, true));
-    bf16_split(m, n, k, a, lda, weights, c, ldc, accumulate, nullptr, split);
+    bf16_split(m, n, k, a, lda, weights, c, ldc, accumulate, nullptr, split && packed_finite(weights));
   }
 
   // C(m, n) (+)= A B split between threads in units of (64 rows) x (a group of panels), each unit's
