@@ -185,6 +185,37 @@ def test_nonfinite_like_torch_nn_on_every_engine(engine):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def _check_deterministic_across_threads():
+    """bfloat16 modules: the same bits from 1 and 2 threads (outputs, final states, every gradient)."""
+    for kind in ("LSTM", "GRU", "RNN"):
+        torch.manual_seed(0)
+        module = getattr(lstmfast, kind)(1, 63, num_layers=2, bidirectional=True).bfloat16()
+        x = torch.randn(31, 31, 1).bfloat16()
+        results = []
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            module.zero_grad()
+            xi = x.clone().requires_grad_()
+            out, state = module(xi)
+            states = list(state) if isinstance(state, tuple) else [state]
+            (out.float().square().sum() + sum(s.float().sum() for s in states)).backward()
+            results.append([out, *states, xi.grad] + [p.grad.clone() for p in module.parameters()])
+        for other in results[1:]:
+            for i, (a, b) in enumerate(zip(results[0], other)):
+                assert torch.equal(a, b), (kind, i)
+
+
+@pytest.mark.parametrize("engine", ["amx", "avx512_bf16", "float32"])
+def test_every_engine_is_deterministic_across_threads(engine):
+    """(The engine float32 summed dW_hh's second product with torch's addmm_, whose bits depend on the
+    thread count; it goes through lstmfast's own GEMM now, as its other products do.)"""
+    if engine not in _supported_engines():
+        pytest.skip(f"this CPU has no {engine}")
+    proc = _in_process({"LSTMFAST_CPU_BF16_ENGINE": engine},
+                       "import test_reduced_precision as t; t._check_deterministic_across_threads()")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 # Shapes for the engines' edges: batches of 1 to 33 rows (AMX tiles hold 16), depths below, at and past
 # a whole 32-deep AMX chunk (odd too), hidden sizes whose gate columns end in a part-filled 16-column panel,
 # and more than four panels (an AMX pass covers four).

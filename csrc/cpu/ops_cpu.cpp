@@ -786,11 +786,15 @@ struct CpuBackend {
     if (cpu::bf16_products) {
       if (cpu::bf16_engine() != cpu::Bf16Engine::kFloat32 && c.is_contiguous()) {
         bf16_product(c, a, b, true);
-      } else {
-        c.addmm_(bf16_values(a), bf16_values(b));
+      } else {  // (the float32 GEMM, on operands rounded to bfloat16 values)
+        wide_addmm_(c, bf16_values(a), bf16_values(b));
       }
       return;
     }
+    wide_addmm_(c, a, b);
+  }
+
+  static void wide_addmm_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
     if (!cpu::packed_gemm_enabled() || !c.is_contiguous()) {
       c.addmm_(a, b);
       return;
