@@ -134,6 +134,31 @@ def module_outputs_and_grads(module, x, hx, leaves, cotangent_seed=3):
     return [o.detach() for o in outs], [torch.zeros(()) if g is None else g for g in grads]
 
 
+def assert_same_bits_across_threads(run, thread_counts=(1, 2, 1)):
+    """run() (a list of tensors) gives the same bits with each of the thread counts."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in thread_counts:
+            torch.set_num_threads(n)
+            results.append((n, run()))
+    finally:
+        torch.set_num_threads(threads)
+    (first_n, first), rest = results[0], results[1:]
+    for n, tensors in rest:
+        assert len(tensors) == len(first)
+        for i, (a, b) in enumerate(zip(first, tensors)):
+            assert torch.equal(a, b), f"tensor {i} differs between {first_n} and {n} threads"
+
+
+def module_run(module, x):
+    """A run for assert_same_bits_across_threads: module_outputs_and_grads' tensors, x requiring grad."""
+    def run():
+        xi = x.clone().requires_grad_()
+        return sum(module_outputs_and_grads(module, xi, None, [xi]), [])
+    return run
+
+
 def assert_all_close(actual, expected, **tolerance):
     assert len(actual) == len(expected)
     for i, (a, e) in enumerate(zip(actual, expected)):

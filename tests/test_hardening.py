@@ -21,7 +21,8 @@ import lstmfast
 from lstmfast import functional, reference
 from lstmfast._ops import ops
 
-from conftest import DEVICES, TOLERANCES, assert_all_close, layer_sample, outputs_and_grads
+from conftest import (DEVICES, TOLERANCES, assert_all_close, assert_same_bits_across_threads, layer_sample,
+                      module_run, outputs_and_grads)
 
 F64 = torch.float64
 
@@ -485,40 +486,15 @@ DETERMINISM_CASES = {
 
 @pytest.mark.parametrize("case", DETERMINISM_CASES)
 def test_bitwise_deterministic_across_runs_and_threads(case):
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 4, 1, 2):
-            torch.set_num_threads(n)
-            out, grads = outputs_and_grads(layer_sample(**DETERMINISM_CASES[case], grad_clip=None), functional)
-            results.append((n, out + grads))
-    finally:
-        torch.set_num_threads(threads)
-    (_, first), rest = results[0], results[1:]
-    for n, tensors in rest:
-        for i, (a, b) in enumerate(zip(first, tensors)):
-            assert torch.equal(a, b), f"{case}: tensor {i} differs between 1 and {n} threads"
+    def run():
+        return sum(outputs_and_grads(layer_sample(**DETERMINISM_CASES[case], grad_clip=None), functional), [])
+    assert_same_bits_across_threads(run, (1, 2, 4, 1, 2))
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_module_bitwise_deterministic_across_threads(kind):
-    threads = torch.get_num_threads()
     module = getattr(lstmfast, kind)(32, 64, num_layers=2, bidirectional=True)
-    x = torch.randn(8, 48, 32)
-    results = []
-    try:
-        for n in (1, 2, 1):
-            torch.set_num_threads(n)
-            module.zero_grad()
-            xi = x.clone().requires_grad_()
-            out, state = module(xi)
-            states = list(state) if isinstance(state, tuple) else [state]
-            (out.square().sum() + sum(s.sum() for s in states)).backward()
-            results.append([out, *states, xi.grad] + [p.grad.clone() for p in module.parameters()])
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    assert_same_bits_across_threads(module_run(module, torch.randn(8, 48, 32)))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch import nn
 import lstmfast
 from lstmfast import functional, reference
 
-from conftest import raw_ops
+from conftest import assert_same_bits_across_threads, module_run, raw_ops
 
 U = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-11}
 TOL = {torch.bfloat16: 8 * U[torch.bfloat16], torch.float16: 4 * U[torch.float16]}
@@ -190,19 +190,7 @@ def _check_deterministic_across_threads():
     for kind in ("LSTM", "GRU", "RNN"):
         torch.manual_seed(0)
         module = getattr(lstmfast, kind)(1, 63, num_layers=2, bidirectional=True).bfloat16()
-        x = torch.randn(31, 31, 1).bfloat16()
-        results = []
-        for threads in (1, 2, 1):
-            torch.set_num_threads(threads)
-            module.zero_grad()
-            xi = x.clone().requires_grad_()
-            out, state = module(xi)
-            states = list(state) if isinstance(state, tuple) else [state]
-            (out.float().square().sum() + sum(s.float().sum() for s in states)).backward()
-            results.append([out, *states, xi.grad] + [p.grad.clone() for p in module.parameters()])
-        for other in results[1:]:
-            for i, (a, b) in enumerate(zip(results[0], other)):
-                assert torch.equal(a, b), (kind, i)
+        assert_same_bits_across_threads(module_run(module, torch.randn(31, 31, 1).bfloat16()))
 
 
 @pytest.mark.parametrize("engine", ["amx", "avx512_bf16", "float32"])
