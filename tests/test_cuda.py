@@ -367,6 +367,32 @@ def test_paths_pair_either_way(monkeypatch, forward_path, backward_path, variant
 
 
 @pytest.mark.parametrize("variant", PERSISTENT_CELLS[:3], ids=CELL_IDS[:3])
+def test_persistent_kernels_launched_from_concurrent_host_threads(monkeypatch, variant):
+    """Host threads launching one persistent kernel with different shared-memory sizes at once: the
+    kernel's shared-memory allowance is the process's, which a smaller call once cut back between
+    another thread's setting and launch. Each thread gets the sequential results, bit for bit."""
+    from multiprocessing.pool import ThreadPool
+    _use(monkeypatch, "persistent")
+    samples = [layer_sample(**variant, hidden=hidden, input_size=5, steps=7, batch=4, dtype=torch.float32,
+                            device="cuda") for hidden in (33, 301)]
+    plans = [lstmfast.cuda_persistent_plan(variant["cell"], hidden, 4, 7, torch.float32) for hidden in (33, 301)]
+    assert all(p.startswith("persistent") for p in plans), plans
+    expected = [sum(outputs_and_grads(s, functional), []) for s in samples]
+    before = lstmfast.cuda_persistent_launches()
+
+    def work(i):
+        return [sum(outputs_and_grads(samples[i % 2], functional), []) for _ in range(10)]
+
+    with ThreadPool(4) as pool:
+        runs = pool.map(work, range(4))
+    torch.cuda.synchronize()
+    assert lstmfast.cuda_persistent_launches() - before == 4 * 10 * 2
+    for i, results in enumerate(runs):
+        for tensors in results:
+            assert all(a is b is None or torch.equal(a, b) for a, b in zip(tensors, expected[i % 2]))
+
+
+@pytest.mark.parametrize("variant", PERSISTENT_CELLS[:3], ids=CELL_IDS[:3])
 def test_persistent_long_sequence(monkeypatch, variant):
     """T = 10000 steps (10000 grid syncs each way) against the float64 reference."""
     _use(monkeypatch, "persistent")

@@ -21,6 +21,9 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <cstdlib>
+#include <map>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "persistent.cuh"
@@ -77,6 +80,20 @@ kernels::PersistentMode mode_from_environment() {
   return mode;
 }
 
+// Lets `kernel` launch on `device` with `bytes` of dynamic shared memory. The attribute is the
+// process's, shared by every host thread, so it is only ever raised (under a lock): set to each call's
+// own size, a thread's smaller size could land between another's setting and launch, which then
+// failed. A larger allowance changes nothing else (occupancy follows the size a launch asks for).
+void allow_shared_memory(const void* kernel, int device, int64_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int64_t> allowed;
+  std::lock_guard<std::mutex> lock(mutex);
+  int64_t& current = allowed[{kernel, device}];
+  if (bytes <= current) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  current = bytes;
+}
+
 // The plan for this device, then the occupancy calculator's word for this kernel (registers count
 // there): a cooperative launch fails unless every block of the grid is resident at once.
 PersistentPlan plan_for(const kernels::PersistentRequest& r, const kernels::Sequence& q, const void* kernel) {
@@ -98,8 +115,7 @@ PersistentPlan plan_for(const kernels::PersistentRequest& r, const kernels::Sequ
                                      prop->cooperativeLaunch != 0};
   PersistentPlan plan = kernels::plan_persistent(r, limits, mode);
   if (!plan.use) return plan;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(plan.smem)));
+  allow_shared_memory(kernel, device, plan.smem);
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads,
                                                                static_cast<size_t>(plan.smem)));
