@@ -208,7 +208,8 @@ struct CudaBackend {
   static void addmm_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) { c.addmm_(a, b); }
 
   // cuBLAS on torch's handle for this device and stream. Reduced precision and float32 accumulate
-  // in float32 (no TF32), float64 in float64.
+  // in float32, float64 in float64. (The handle carries torch's math mode: float32 products use TF32
+  // tensor cores only where torch.backends.cuda.matmul.allow_tf32 lets torch's own do so.)
   template <typename T>
   void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
             int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {

@@ -95,7 +95,7 @@ struct Smem {
   T* m;            // (rows, ldm) the block's part of the recurrent weight
   float* partial;  // (slices, Bp, rows) per-thread partial sums
   float* y;        // (Bp, rows) the step's products
-  float* state;    // (Bp, units) c_t (forward) or dL/dc_t (backward), LSTM only
+  float* state;    // (Bp, units) the LSTM's c_t (forward) or dL/dc_t (backward); the GRU backward's dL/dh_t z
   float* final_h;  // (Bp, units) h_t of each row's last step, forward only
   float* stage;    // (Bp, ld_stage) the exchanged rows, one chunk of columns
 };
