@@ -7,7 +7,7 @@ import sys
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
-        prog="lstmfast", description="Fused LSTM / RNN layers for PyTorch: benchmarks and demos.")
+        prog="lstmfast", description="Fused LSTM / GRU / RNN layers for PyTorch: benchmarks and demos.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("demo", help="the vanishing-gradient lab: gradient flow, adding problem, speed",
                    add_help=False)

@@ -394,8 +394,9 @@ def default_cases(quick: bool, dtype: str = "float32") -> List[Case]:
 
 
 def cost_ratios(quick: bool, min_run_time: float) -> dict:
-    """lstmfast only: PackedSequence vs padded input of the same total tokens, and bidirectional vs
-    unidirectional (training step times; 1.0 = free, 2.0 = bidirectional costs two directions)."""
+    """lstmfast's LSTM only (whatever --kinds): PackedSequence vs padded input of the same total
+    tokens, and bidirectional vs unidirectional (training step times; 1.0 = free, 2.0 = bidirectional
+    costs two directions)."""
     T, B, H = (16, 6, 32) if quick else (128, 16, 256)
     packed = Case("LSTM", T, B, H, H, packed=True)
     tokens = tokens_of(packed)
@@ -411,11 +412,11 @@ def cost_ratios(quick: bool, min_run_time: float) -> dict:
     return {
         "packed_vs_padded": dict(ratio=times["packed"] / times["padded"] * tokens_of(padded) / tokens,
                                  packed_ms=times["packed"], padded_ms=times["padded"], tokens=tokens,
-                                 note="time per token, packed / padded (training step)"),
+                                 note="LSTM, time per token, packed / padded (training step)"),
         "bidirectional_vs_unidirectional": dict(ratio=times["bidirectional"] / times["unidirectional"],
                                                 bidirectional_ms=times["bidirectional"],
                                                 unidirectional_ms=times["unidirectional"],
-                                                note="training step time, bidirectional / unidirectional"),
+                                                note="LSTM, training step time, bidirectional / unidirectional"),
     }
 
 
@@ -555,7 +556,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                              "autocast and lstmfast float32, on a reduced-precision grid; float16: the same "
                              "without autocast (torch.nn's LSTM refuses it)")
     parser.add_argument("--kinds", default=",".join(KINDS),
-                        help=f"comma-separated layers to time (default {','.join(KINDS)}; the extra rows are LSTMs)")
+                        help=f"comma-separated layers to time (default {','.join(KINDS)}; the extra rows and the "
+                             "packed / bidirectional cost ratios are LSTMs)")
     parser.add_argument("--rows", nargs="+", metavar="KIND:T:B:H",
                         help="time only these rows (one layer, I = H), e.g. GRU:16:64:1024 LSTM:128:32:512, "
                              "instead of the grid and the packed / bidirectional cost ratios")
@@ -563,6 +565,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     kinds = args.kinds.split(",")
     if not kinds or any(k not in KINDS for k in kinds):
         parser.error(f"--kinds takes a comma-separated subset of {','.join(KINDS)}, got {args.kinds!r}")
+    if args.rows and args.kinds != ",".join(KINDS):
+        parser.error("--kinds and --rows do not go together: each row names its kind")
     rows = [parse_row(r, args.dtype, parser) for r in args.rows or ()]
     if args.dtype in REDUCED_CONTENDERS:
         contenders = REDUCED_CONTENDERS[args.dtype]

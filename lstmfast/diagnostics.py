@@ -67,8 +67,9 @@ def _gradient_flow(module, inputs, loss_fn, hx):
     if not isinstance(module, _RecurrentBase) and isinstance(inner, _RecurrentBase):
         module = inner
     if not isinstance(module, _RecurrentBase):
-        raise TypeError(f"gradient_flow expects an lstmfast.LSTM, lstmfast.GRU or lstmfast.RNN, got "
-                        f"{type(module).__name__}")
+        kind = type(module)
+        raise TypeError(f"gradient_flow expects an lstmfast.LSTM, lstmfast.GRU or lstmfast.RNN (lstmfast.convert "
+                        f"makes one of a torch.nn layer), got {kind.__module__}.{kind.__qualname__}")
     packed = isinstance(inputs, PackedSequence)
     if packed:
         if loss_fn is None:

@@ -290,7 +290,8 @@ class _RecurrentBase:
             f"lstmfast.{type(self).__name__} cannot be compiled by torch.jit.script: its forward is "
             f"Python over lstmfast's registered ops. Supported routes: torch.jit.trace (inference), "
             f"torch.export (and AOTInductor), torch.compile, and torch.onnx.export (inference). To "
-            f"script the model with torch.nn's own layers instead, call lstmfast.unconvert(model) first.")
+            f"script the model with torch.nn's own layers instead, call lstmfast.unconvert(model) first "
+            f"(a model holding the layer: torch cannot script a bare torch.nn recurrent layer's forward).")
 
     def _cpu_autocast_dtypes(self, data, packed, batch_sizes, hx, weight):
         """The dtypes of (output, *final states) torch.nn's layer returns for this call under CPU

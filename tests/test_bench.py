@@ -70,6 +70,8 @@ def test_kinds_option_selects_the_layers():
     assert {r["kind"] for r in result["rows"]} == {"GRU"}
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--kinds", "GRU,LSTMX"])
+    with pytest.raises(SystemExit):  # (each row names its kind: --kinds would be ignored)
+        bench.main(["--kinds", "GRU", "--rows", "GRU:3:2:5"])
 
 
 def test_rows_option_times_the_named_rows(capfd):

@@ -330,11 +330,21 @@ def test_grad_clip_not_recorded_by_export_or_trace_is_said(route):
 
 
 def test_jit_script_names_the_supported_routes():
+    """...and the advice it gives works: unconvert the model, then script it (torch.nn's layers in a
+    model; torch cannot script a bare torch.nn recurrent layer's forward, which the message says)."""
+    model = Stack()
     with pytest.raises(RuntimeError, match="torch.jit.script") as info:
-        torch.jit.script(Stack())
+        torch.jit.script(model)
     message = str(info.value)
     for route in ("torch.jit.trace", "torch.export", "torch.compile", "torch.onnx.export"):
         assert route in message
+    assert "lstmfast.unconvert(model) first (a model holding the layer" in message
+    x = torch.randn(6, 3, INPUT)
+    with torch.no_grad():
+        expected = model(x)
+        scripted = torch.jit.script(lstmfast.unconvert(copy.deepcopy(model)))(x)
+    for got, want in zip(scripted, expected):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])

@@ -101,6 +101,12 @@ def test_gradient_flow_runs_with_gradients_on_whatever_the_grad_mode(mode):
     assert all(p.grad is None for p in module.parameters())
 
 
+def test_gradient_flow_refuses_a_torch_nn_layer_naming_its_class():
+    with pytest.raises(TypeError, match=r"expects an lstmfast.LSTM, lstmfast.GRU or lstmfast.RNN \(lstmfast.convert "
+                                        r"makes one of a torch.nn layer\), got torch.nn.modules.rnn.GRU"):
+        diagnostics.gradient_flow(torch.nn.GRU(3, 4), torch.randn(2, 6, 3))
+
+
 def test_gradient_flow_in_threads_sharing_the_module():
     """Threads measuring gradient flow through one module, and another training it meanwhile: each
     measurement is that thread's own pass, as measured alone."""
