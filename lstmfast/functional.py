@@ -198,8 +198,8 @@ def _save(ctx, tensors, loose=()):
     that does read them (a graph-building one, or one recomputing an output modified in place) checks
     the versions first (_check_loose). Under saved-tensor hooks, torch.compile and torch.func
     transforms they are saved as usual."""
-    ctx.loose = {} if _saves_plainly() else {
-        i: (tensors[i], tensors[i]._version) for i in loose if tensors[i] is not None}
+    ctx.loose = {} if _saves_plainly() else {i: (tensors[i], _version(tensors[i])) for i in loose
+                                              if tensors[i] is not None}
     ctx.saved_layout = [t is not None and i not in ctx.loose for i, t in enumerate(tensors)]
     ctx.save_for_backward(*[t for t, here in zip(tensors, ctx.saved_layout) if here])
 
@@ -230,10 +230,22 @@ def _loose(need, bias, input_weight, first_input, hidden_weight=None, h0=None):
     return loose
 
 
+def _version(t):
+    """t's version counter, or None for an inference tensor (made under torch.inference_mode), which has
+    none."""
+    return None if t.is_inference() else t._version
+
+
 def _check_loose(ctx):
     """Before a backward reads the tensors _save kept loose: autograd's error where one was modified in
-    place since the forward."""
+    place since the forward, and an error for an inference tensor, whose changes cannot be seen."""
     for t, version in ctx.loose.values():
+        if version is None:
+            raise RuntimeError(
+                f"lstmfast: this backward recomputes the layer from its inputs as they were in the forward "
+                f"(create_graph=True, or an output modified in place), but one of them, [{t.type()} "
+                f"{list(t.shape)}], is an inference tensor (made under torch.inference_mode), whose in-place "
+                f"changes cannot be seen. Make it outside inference mode, or pass a clone of it.")
         if t._version != version:
             raise RuntimeError(
                 f"one of the variables needed for gradient computation has been modified by an inplace "

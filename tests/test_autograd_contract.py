@@ -269,6 +269,37 @@ def test_tensors_the_backward_does_not_read_may_change_after_the_forward(cell, c
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("made", ["every parameter", "bias_ih_l0"])
+def test_parameters_made_under_inference_mode_as_under_torch_nn(cell, made):
+    """Parameters made under torch.inference_mode are inference tensors, which have no version counter:
+    torch.nn's training forward refuses them where it saves one (autograd's error) and runs where it
+    saves none (a bias); so does lstmfast, with the same error or gradients (it read their versions and
+    failed with 'Inference tensors do not track version counter'). A graph-building backward, which
+    recomputes from such a tensor without seeing its changes, raises a clear error instead."""
+    theirs, ours = _pair(cell, input_size=3, hidden=4)
+    with torch.inference_mode():
+        for name, p in list(theirs.named_parameters()):
+            if made == "every parameter" or name == made:
+                setattr(theirs, name, nn.Parameter(p.detach().clone()))
+    ours = getattr(lstmfast, KINDS[cell]).from_torch(theirs)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    leaves = [x] + [p for p in theirs.parameters() if not p.is_inference()]
+    results = []
+    for m in (theirs, ours):
+        try:
+            results.append(torch.autograd.grad(m(x)[0].pow(2).sum(), leaves))
+        except RuntimeError as error:
+            results.append(str(error))
+    if made == "every parameter":
+        assert isinstance(results[0], str) and results[1] == results[0]
+        assert results[0].startswith("Inference tensors cannot be saved for backward")
+        return
+    assert_all_close(list(results[1]), list(results[0]), **F64)
+    with pytest.raises(RuntimeError, match=r"\[torch.DoubleTensor \[\d+\]\], is an inference tensor"):
+        torch.autograd.grad(ours(x)[0].pow(2).sum(), leaves, create_graph=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_a_graph_building_backward_refuses_a_loose_tensor_modified_after_the_forward(cell):
     """A backward with create_graph=True recomputes the layer from its inputs, biases included: with a
     bias modified in place since the forward it raises autograd's error instead of using the new
