@@ -92,6 +92,26 @@ def test_emulated_kernels_in_chunks(monkeypatch, variant, reverse):
     _check(monkeypatch, device, sample)
 
 
+# 4 multiprocessors with just enough shared memory per block for the forward of H=100 to stage h_{t-1}
+# in chunks (64 of 100 columns).
+TIGHT_FORWARD_GPU = {"lstm": "4,64000", "gru": "4,51000", "rnn": "4,32000"}
+
+
+@pytest.mark.parametrize("variant", CELLS[:3], ids=CELL_IDS[:3])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_emulated_forward_in_chunks(monkeypatch, variant, reverse):
+    """The forward's staging of h_{t-1} in chunks (the tests above chunk only the backward's); the
+    backward runs persistent too where the same memory fits it."""
+    device = TIGHT_FORWARD_GPU[variant["cell"]]
+    sms, smem = map(int, device.split(","))
+    plans = [lstmfast.ops.persistent_plan(variant["cell"], backward, 100, 5, 7, 4, False, False, sms, smem,
+                                          smem + 1024, "1") for backward in (False, True)]
+    assert plans[0].startswith("persistent") and plans[0].endswith("chunk 64 of 100"), plans[0]
+    sample = layer_sample(**variant, lengths=[7, 6, 6, 3, 1], reverse=reverse, hidden=100, input_size=5,
+                          dtype=torch.float32)
+    _check(monkeypatch, device, sample, launches=1 + plans[1].startswith("persistent"))
+
+
 @pytest.mark.parametrize("variant", CELLS[:3], ids=CELL_IDS[:3])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_emulated_kernels_more_elements_than_threads(monkeypatch, variant, reverse):
