@@ -96,18 +96,6 @@ inline __mmask16 first_lanes(int64_t count) {
 // _mm512_fpclass_ps_mask's categories: +inf and -inf; those, quiet NaN and signalling NaN.
 constexpr int kInfinite = 0x18, kNonFinite = 0x99;
 
-// Whether none of `count` bfloat16 values (bits) is infinite or NaN (every exponent bit set).
-inline bool all_finite(const uint16_t* bits, int64_t count) {
-  const __m512i exponent = _mm512_set1_epi16(0x7F80);
-  __mmask32 found = 0;
-  for (int64_t i = 0; i < count; i += 32) {
-    const __mmask32 lanes = count - i >= 32 ? ~__mmask32(0) : (__mmask32(1) << (count - i)) - 1;
-    const __m512i v = _mm512_maskz_loadu_epi16(lanes, bits + i);
-    found |= _mm512_mask_cmpeq_epi16_mask(lanes, _mm512_and_si512(v, exponent), exponent);
-  }
-  return found == 0;
-}
-
 bool pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
             int64_t panel_begin, int64_t panel_end) {
   const int64_t kp = padded_depth(k);
@@ -131,9 +119,10 @@ bool pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, u
     const int64_t count = std::min<int64_t>(kPanel, n - j0);
     thread_local std::vector<uint32_t> rows;
     rows.resize(kPanel * kp / 2);
-    round_rows(b + j0 * ld, ld, count, k, reinterpret_cast<uint16_t*>(rows.data()));
+    bool rows_finite = true;
+    round_rows(b + j0 * ld, ld, count, k, reinterpret_cast<uint16_t*>(rows.data()), &rows_finite);
+    finite &= rows_finite;
     std::fill(rows.begin() + count * kp / 2, rows.end(), 0u);
-    finite &= all_finite(reinterpret_cast<const uint16_t*>(rows.data()), count * kp);
     auto* words = reinterpret_cast<uint32_t*>(panel);
     for (int64_t pair = 0; pair < kp / 2; ++pair) {
       for (int64_t c = 0; c < kPanel; ++c) words[pair * kPanel + c] = rows[c * kp / 2 + pair];
@@ -198,8 +187,9 @@ void round_columns(const float* a, int64_t ld, int64_t rows, int64_t k, uint16_t
   }
 }
 
-void round_rows(const float* a, int64_t lda, int64_t rows, int64_t k, uint16_t* out) {
+void round_rows(const float* a, int64_t lda, int64_t rows, int64_t k, uint16_t* out, bool* finite) {
   const int64_t kp = padded_depth(k);
+  __mmask16 nonfinite = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const float* from = a + r * lda;
     uint16_t* to = out + r * kp;
@@ -208,13 +198,16 @@ void round_rows(const float* a, int64_t lda, int64_t rows, int64_t k, uint16_t* 
       const int64_t left = k - kk;
       const __mmask16 lo = left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : 0;
       const __mmask16 hi = left >= 32 ? __mmask16(0xFFFF) : left > 16 ? __mmask16((1u << (left - 16)) - 1) : 0;
-      const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, from + kk + 16),
-                                                _mm512_maskz_loadu_ps(lo, from + kk));
+      const __m512 low_half = _mm512_maskz_loadu_ps(lo, from + kk);
+      const __m512 high_half = _mm512_maskz_loadu_ps(hi, from + kk + 16);
+      nonfinite |= _mm512_fpclass_ps_mask(low_half, kNonFinite) | _mm512_fpclass_ps_mask(high_half, kNonFinite);
+      const __m512bh both = _mm512_cvtne2ps_pbh(high_half, low_half);
       const int64_t count = std::min<int64_t>(32, kp - kk);
       _mm512_mask_storeu_epi16(to + kk, count == 32 ? ~__mmask32(0) : (__mmask32(1) << count) - 1,
                                (__m512i)both);
     }
   }
+  if (finite != nullptr) *finite = nonfinite == 0;
 }
 
 void round_rows_split(const float* a, int64_t lda, int64_t rows, int64_t k, uint16_t* high, uint16_t* low) {
@@ -521,7 +514,7 @@ void amx_gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, co
 namespace lstmfast::cpu::bf16 {
 bool supported() { return false; }
 bool pack_b(const float*, int64_t, int64_t, int64_t, bool, uint16_t*, int64_t, int64_t) { return true; }
-void round_rows(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
+void round_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, bool*) {}
 void round_columns(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
 void round_rows_split(const float*, int64_t, int64_t, int64_t, uint16_t*, uint16_t*) {}
 bool amx_supported() { return false; }

@@ -32,8 +32,9 @@ inline int64_t packed_size(int64_t k, int64_t n) { return panels_of(n) * panel_s
 bool pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
             int64_t panel_begin, int64_t panel_end);
 
-// Rounds rows [0, rows) of A (a[r * lda + kk]) to bfloat16 rows of padded_depth(k) elements in out.
-void round_rows(const float* a, int64_t lda, int64_t rows, int64_t k, uint16_t* out);
+// Rounds rows [0, rows) of A (a[r * lda + kk]) to bfloat16 rows of padded_depth(k) elements in out;
+// with `finite`, also says whether every value it read was finite.
+void round_rows(const float* a, int64_t lda, int64_t rows, int64_t k, uint16_t* out, bool* finite = nullptr);
 
 // A as the sum of two bfloat16 rows: high = A rounded, low = (A - high) rounded (16 significant bits in
 // all; products by a weight that is bfloat16 already then lose about what float32 products would);
