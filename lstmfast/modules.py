@@ -548,9 +548,9 @@ def _forward_ad_or_functorch():
 
 def _packed_steps_read(batch_sizes):
     """A PackedSequence's batch sizes up to its last step with rows: torch.nn runs a hand-made one whose
-    last steps have none as if they were not there, and so do the ops given these. (Any other
-    malformation is left to the ops' checks; a packed input with more rows than sum(batch_sizes) among
-    them, which torch.nn's layers read inconsistently, its reverse direction from the last rows.)"""
+    last steps have none as if they were not there, and so do the ops given these. Any other
+    malformation is left to the ops' checks, among them data with more rows than sum(batch_sizes),
+    which torch.nn's layers read inconsistently (its reverse direction from the last rows)."""
     if batch_sizes.dim() != 1 or len(batch_sizes) < 2 or int(batch_sizes[-1]) != 0:
         return batch_sizes
     sizes = batch_sizes.tolist()
