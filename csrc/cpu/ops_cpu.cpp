@@ -428,13 +428,15 @@ struct CpuBackend {
 
   // op(B) (k, n) packed: B = b (k, n) with row stride ld, or B = W^T with W = b (n, k) when transposed.
   // With bf16 (T = float only), the weight is rounded to bfloat16 and packed for bf16::gemm instead; the
-  // result then points at bfloat16 bits.
+  // result then points at bfloat16 bits, and `finite` (if given) says whether B holds only finite values.
   template <typename T>
-  const void* packed(const T* b, int64_t k, int64_t n, int64_t ld, bool transposed, bool bf16 = false) {
+  const void* packed(const T* b, int64_t k, int64_t n, int64_t ld, bool transposed, bool bf16 = false,
+                     bool* finite = nullptr) {
     const int count = packed_count_.load(std::memory_order_acquire);
     for (int i = 0; i < count; ++i) {
       const Packed& p = packed_[i];
       if (p.source == b && p.k == k && p.n == n && p.ld == ld && p.transposed == transposed && p.bf16 == bf16) {
+        if (finite != nullptr) *finite = !nonfinite_[i].load(std::memory_order_relaxed);
         return p.data.data_ptr();
       }
     }
@@ -463,6 +465,7 @@ struct CpuBackend {
             nonfinite_[count].store(true, std::memory_order_relaxed);
           }
         });
+        if (finite != nullptr) *finite = !nonfinite_[count].load(std::memory_order_relaxed);
         packed_count_.store(count + 1, std::memory_order_release);
         return out;
       }
@@ -472,15 +475,6 @@ struct CpuBackend {
     });
     packed_count_.store(count + 1, std::memory_order_release);
     return out;
-  }
-
-  // Whether a weight packed by packed(..., bf16 = true) (its result) holds only finite values.
-  bool packed_finite(const void* data) const {
-    const int count = packed_count_.load(std::memory_order_acquire);
-    for (int i = 0; i < count; ++i) {
-      if (packed_[i].data.data_ptr() == data) return !nonfinite_[i].load(std::memory_order_relaxed);
-    }
-    return true;
   }
 
   // Transposed copies of weight matrices for blocked_brgemm (B as (k, n) rows), once per op call.
@@ -525,11 +519,12 @@ struct CpuBackend {
     }
     if constexpr (std::is_same_v<T, float>) {
       if (bf16_) {
-        const auto* weights = static_cast<const uint16_t*>(packed(b, k, n, ldb, trans_b, true));
+        bool finite = true;
+        const auto* weights = static_cast<const uint16_t*>(packed(b, k, n, ldb, trans_b, true, &finite));
         const auto [begin, end] = own_rows(m);
         if (begin < end) {
           bf16_rows(end - begin, n, k, a + begin * lda, lda, weights, c + begin * ldc, ldc, beta == 1.0, 0,
-                    cpu::bf16::panels_of(n), split_operand(true, trans_b) && packed_finite(weights));
+                    cpu::bf16::panels_of(n), split_operand(true, trans_b) && finite);
         }
         return;
       }
@@ -621,8 +616,9 @@ struct CpuBackend {
       wide_gemm<float>(false, trans_b, m, n, k, 1.0, rounded.data(), k, b, ldb, accumulate ? 1.0 : 0.0, c, ldc);
       return;
     }
-    const auto* weights = static_cast<const uint16_t*>(packed(b, k, n, ldb, trans_b, true));
-    bf16_split(m, n, k, a, lda, weights, c, ldc, accumulate, nullptr, split && packed_finite(weights));
+    bool finite = true;
+    const auto* weights = static_cast<const uint16_t*>(packed(b, k, n, ldb, trans_b, true, &finite));
+    bf16_split(m, n, k, a, lda, weights, c, ldc, accumulate, nullptr, split && finite);
   }
 
   // C(m, n) (+)= A B split between threads in units of (64 rows) x (a group of panels), each unit's
