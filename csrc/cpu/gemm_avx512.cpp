@@ -18,8 +18,12 @@
 
 #include <immintrin.h>
 
+#include "transpose_avx512.h"
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,bmi2")
+// (GCC 12 warns about its own intrinsics' undefined first operands in the lane shuffles of the transposes.)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace lstmfast::cpu::avx512 {
 namespace {
@@ -37,6 +41,8 @@ struct Simd<float> {
   static void store(float* p, Mask m, V v) { _mm512_mask_storeu_ps(p, m, v); }
   static V broadcast(float x) { return _mm512_set1_ps(x); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static __m512i load_bits(Mask m, const float* p) { return _mm512_maskz_loadu_epi32(m, p); }
+  static void transpose(__m512i v[16]) { simd::transpose16(v); }
 };
 
 template <>
@@ -48,6 +54,8 @@ struct Simd<double> {
   static void store(double* p, Mask m, V v) { _mm512_mask_storeu_pd(p, m, v); }
   static V broadcast(double x) { return _mm512_set1_pd(x); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static __m512i load_bits(Mask m, const double* p) { return _mm512_maskz_loadu_epi64(m, p); }
+  static void transpose(__m512i v[8]) { simd::transpose8(v); }
 };
 
 // At most this many 512-bit accumulators per tile (of 32 registers: the rest hold B and A).
@@ -138,14 +146,17 @@ void pack_b(const T* b, int64_t k, int64_t n, int64_t ld, bool transposed, T* ou
       }
       continue;
     }
-    // B(kk, j) = W(j, kk): w rows of W become one panel, w x w blocks at a time through L1.
-    if (cols < w) std::fill(panel, panel + k * w, T(0));
+    // B(kk, j) = W(j, kk): w rows of W become one panel, w x w blocks at a time transposed in registers
+    // (rows past n as zeros).
     for (int64_t k0 = 0; k0 < k; k0 += w) {
       const int64_t depth = std::min(w, k - k0);
-      for (int64_t c = 0; c < cols; ++c) {
-        const T* src = b + (j0 + c) * ld + k0;
-        for (int64_t d = 0; d < depth; ++d) panel[(k0 + d) * w + c] = src[d];
+      const typename Simd<T>::Mask lanes = depth == w ? Simd<T>::kAll : typename Simd<T>::Mask((1u << depth) - 1);
+      __m512i v[w];
+      for (int64_t c = 0; c < w; ++c) {
+        v[c] = c < cols ? Simd<T>::load_bits(lanes, b + (j0 + c) * ld + k0) : _mm512_setzero_si512();
       }
+      Simd<T>::transpose(v);
+      for (int64_t d = 0; d < depth; ++d) _mm512_storeu_si512(panel + (k0 + d) * w, v[d]);
     }
   }
 }

@@ -12,6 +12,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "transpose_avx512.h"
+
 namespace lstmfast::cpu::bf16 {
 
 bool supported() {
@@ -122,41 +124,22 @@ bool pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, u
     bool rows_finite = true;
     round_rows(b + j0 * ld, ld, count, k, reinterpret_cast<uint16_t*>(rows.data()), &rows_finite);
     finite &= rows_finite;
-    std::fill(rows.begin() + count * kp / 2, rows.end(), 0u);
+    // 16 pairs of the 16 rows at a time (rows past n as zeros), transposed in registers.
+    const int64_t row_words = kp / 2;
     auto* words = reinterpret_cast<uint32_t*>(panel);
-    for (int64_t pair = 0; pair < kp / 2; ++pair) {
-      for (int64_t c = 0; c < kPanel; ++c) words[pair * kPanel + c] = rows[c * kp / 2 + pair];
+    for (int64_t pair = 0; pair < row_words; pair += 16) {
+      const __mmask16 lanes = first_lanes(row_words - pair);
+      __m512i v[16];
+      for (int64_t c = 0; c < kPanel; ++c) {
+        v[c] = c < count ? _mm512_maskz_loadu_epi32(lanes, rows.data() + c * row_words + pair) : _mm512_setzero_si512();
+      }
+      simd::transpose16(v);
+      for (int64_t i = 0; i < std::min<int64_t>(16, row_words - pair); ++i) {
+        _mm512_storeu_si512(words + (pair + i) * kPanel, v[i]);
+      }
     }
   }
   return finite;
-}
-
-// v[i] becomes the vector of word i of every v[j] (lane j): a 16 x 16 transpose of 32-bit words in
-// registers (interleaves of words, then of word pairs, within 128-bit lanes; then two exchanges of
-// 128-bit lanes).
-inline void transpose16(__m512i v[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
-  }
-  // u[4g + e], lane L: word 4L + e of v[4g .. 4g + 3].
-  __m512i u[16];
-  for (int g = 0; g < 16; g += 4) {
-    u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
-    u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
-    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
-    u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
-  }
-  for (int e = 0; e < 4; ++e) {
-    const __m512i even_a = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88), odd_a = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xDD);
-    const __m512i even_b = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x88);
-    const __m512i odd_b = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xDD);
-    v[e] = _mm512_shuffle_i32x4(even_a, even_b, 0x88);
-    v[8 + e] = _mm512_shuffle_i32x4(even_a, even_b, 0xDD);
-    v[4 + e] = _mm512_shuffle_i32x4(odd_a, odd_b, 0x88);
-    v[12 + e] = _mm512_shuffle_i32x4(odd_a, odd_b, 0xDD);
-  }
 }
 
 void round_columns(const float* a, int64_t ld, int64_t rows, int64_t k, uint16_t* out) {
@@ -180,7 +163,7 @@ void round_columns(const float* a, int64_t ld, int64_t rows, int64_t k, uint16_t
         const __m512 hi = _mm512_maskz_loadu_ps(d + 1 < k ? lanes : __mmask16(0), a + (d + 1) * ld + r);
         v[j] = pairs_of(lo, hi);
       }
-      transpose16(v);
+      simd::transpose16(v);
       const __mmask16 stored = first_lanes(pairs);
       for (int64_t i = 0; i < count; ++i) _mm512_mask_storeu_epi32(out + (r + i) * kp + kk, stored, v[i]);
     }
