@@ -368,7 +368,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
                                          training ? cells.data_ptr<scalar_t>() : nullptr,
                                          wr.has_value() ? hidden.data_ptr<scalar_t>() : nullptr,
                                          training};
-    if (!whole_layer(dev, a)) dev.template run<scalar_t>(B, 4 * H, P, [&] { kernels::lstm_forward(a, dev); });
+    if (!whole_layer(dev, a)) dev.template run<scalar_t>(a.seq.steps, B, 4 * H, P, [&] { kernels::lstm_forward(a, dev); });
   });
   if (!training) gates = at::empty({0}, input.options());
   return {output, h_n, c_n, gates, cells};
@@ -441,7 +441,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
         return_norms ? grad_h_norm.data_ptr<norm_t>() : nullptr,
         return_norms ? grad_c_norm.data_ptr<norm_t>() : nullptr,
         grad_clip.value_or(0.0)};
-    if (!whole_layer(dev, a)) dev.template run<scalar_t>(B, 4 * H, P, [&] { kernels::lstm_backward(a, dev); });
+    if (!whole_layer(dev, a)) dev.template run<scalar_t>(a.seq.steps, B, 4 * H, P, [&] { kernels::lstm_backward(a, dev); });
   });
   if (return_norms) {
     grad_h_norm.sqrt_();
@@ -500,7 +500,7 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const OptTensor& bat
                                         output.data_ptr<scalar_t>(),
                                         h_n.data_ptr<scalar_t>(),
                                         nl};
-    if (!whole_layer(dev, a)) dev.template run<scalar_t>(B, H, H, [&] { kernels::rnn_forward(a, dev); });
+    if (!whole_layer(dev, a)) dev.template run<scalar_t>(a.seq.steps, B, H, H, [&] { kernels::rnn_forward(a, dev); });
   });
   return {output, h_n};
 }
@@ -551,7 +551,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
         return_norms ? grad_h_norm.data_ptr<norm_t>() : nullptr,
         nl,
         grad_clip.value_or(0.0)};
-    if (!whole_layer(dev, a)) dev.template run<scalar_t>(B, H, H, [&] { kernels::rnn_backward(a, dev); });
+    if (!whole_layer(dev, a)) dev.template run<scalar_t>(a.seq.steps, B, H, H, [&] { kernels::rnn_backward(a, dev); });
   });
   if (return_norms) grad_h_norm.sqrt_();
   const auto empty = [&] { return at::empty({0}, input.options()); };
@@ -605,7 +605,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const OptTen
                                         gate_rows,
                                         hidden_gates.data_ptr<scalar_t>(),
                                         training};
-    if (!whole_layer(dev, a)) dev.template run<scalar_t>(B, 3 * H, H, [&] { kernels::gru_forward(a, dev); });
+    if (!whole_layer(dev, a)) dev.template run<scalar_t>(a.seq.steps, B, 3 * H, H, [&] { kernels::gru_forward(a, dev); });
   });
   if (!training) gates = at::empty({0}, input.options());
   return {output, h_n, gates};
@@ -661,7 +661,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
         hidden_prev.defined() ? hidden_prev.data_ptr<scalar_t>() : nullptr,
         return_norms ? grad_h_norm.data_ptr<norm_t>() : nullptr,
         grad_clip.value_or(0.0)};
-    if (!whole_layer(dev, a)) dev.template run<scalar_t>(B, 3 * H, H, [&] { kernels::gru_backward(a, dev); });
+    if (!whole_layer(dev, a)) dev.template run<scalar_t>(a.seq.steps, B, 3 * H, H, [&] { kernels::gru_backward(a, dev); });
   });
   if (return_norms) grad_h_norm.sqrt_();
   const auto empty = [&] { return at::empty({0}, input.options()); };

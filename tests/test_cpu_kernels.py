@@ -260,6 +260,35 @@ def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(kind, kwargs, grad, d
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("kind, kwargs", [("LSTM", {}), ("LSTM", dict(proj_size=21)), ("GRU", {}), ("RNN", {})],
+                         ids=["lstm", "lstm-proj", "gru", "rnn"])
+@pytest.mark.parametrize("steps, rows", [(1, 1), (1, 3), (1, 8), (2, 4), (8, 1)])
+def test_weights_read_in_place_give_the_packed_bits(steps, rows, kind, kwargs, grad, dtype):
+    """A weight that multiplies at most 8 rows in a whole call (steps x rows <= 8: a decoder's one-step
+    calls) is read in place, a transposed one (W_ih^T, W_hh^T, W_hr^T) transposed in registers, instead
+    of packed first; more rows pack it. Both sum each element in the same order, so a call's rows must
+    equal the same sequences' rows in a call of 9 (packed), bit for bit: outputs, final states and the
+    input gradient. I = 530 crosses a depth block; H = 70 leaves ragged last panels and blocks."""
+    torch.manual_seed(0)
+    layer = getattr(lstmfast, kind)(530, 70, **kwargs).to(dtype)
+    x = torch.randn(steps, 9, 530, dtype=dtype)
+
+    def run(batch):
+        batch = batch.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            output, state = layer(batch)
+        results = [output] + list(state if isinstance(state, tuple) else (state,))
+        if grad:
+            output.backward(torch.ones_like(output))
+            results.append(batch.grad)
+        return [r.detach() for r in results]
+
+    for in_place, packed in zip(run(x[:, :rows]), run(x)):
+        assert torch.equal(in_place, packed[:, :rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("kind, hidden", [("LSTM", 37), ("GRU", 37), ("RNN", 37), ("RNN", 1)],
                          ids=["lstm", "gru", "rnn", "rnn-h1"])

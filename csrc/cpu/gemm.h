@@ -44,12 +44,14 @@ struct MatrixA {
   int64_t row_stride, depth_stride;
 };
 
-// B(kk, w p + c) = data[kk * depth_stride + p * panel_stride + c]: packed by pack_b, or a row-major
-// matrix read in place.
+// B(kk, w p + c) = data[kk * depth_stride + p * panel_stride + c * column_stride]: packed by pack_b, a
+// row-major matrix read in place, or (column_stride not 1) the transpose of a row-major W read in place,
+// B = W^T: each w x w block of W is then transposed in registers as the micro-kernel reaches it, which
+// costs shuffles at every use instead of a packed copy's write once (for a weight multiplied once).
 template <typename T>
 struct MatrixB {
   const T* data;
-  int64_t depth_stride, panel_stride;
+  int64_t depth_stride, panel_stride, column_stride = 1;
 };
 
 template <typename T>
@@ -60,9 +62,15 @@ template <typename T>
 inline MatrixB<T> row_major_matrix(const T* b, int64_t ld) {
   return {b, ld, kPanel<T>};
 }
+// B = W^T for W (n, k) row-major with row stride ld.
+template <typename T>
+inline MatrixB<T> transposed_matrix(const T* w, int64_t ld) {
+  return {w, 1, kPanel<T> * ld, ld};
+}
 
-// Panels per micro-kernel tile when a product has m rows (tiles have min(m, 8) rows).
-int64_t panels_per_tile(int64_t m);
+// Panels per micro-kernel tile when a product has m rows (tiles have min(m, 8) rows), for B packed or
+// row-major (or, when transposed, for B = W^T read in place).
+int64_t panels_per_tile(int64_t m, bool transposed = false);
 
 // C rows [row_begin, row_end) x panels [panel_begin, panel_end) of C(m, n) = A B (+ C when accumulate),
 // with k the depth. The columns of a panel past n are neither read nor written.

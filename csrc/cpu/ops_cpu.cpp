@@ -274,6 +274,8 @@ struct CpuBackend {
   // count.
   bool team_ = false, row_team_ = false;
   int64_t team_batch_ = 0;
+  // Time steps of the loop being run: a step's weight with one step is multiplied once.
+  int64_t steps_ = 0;
   SpinBarrier barrier_;
   std::exception_ptr team_error_;
 
@@ -282,7 +284,8 @@ struct CpuBackend {
   // to share; otherwise f runs as is. Nothing in a time loop throws except the weight packing, which
   // makes every thread throw together.
   template <typename T, typename F>
-  void run(int64_t batch, int64_t width, int64_t depth, const F& f) {
+  void run(int64_t steps, int64_t batch, int64_t width, int64_t depth, const F& f) {
+    steps_ = steps;
     const int threads = at::get_num_threads();
     if (!cpu::packed_gemm_enabled() || batch * width * depth < kTeamWork || threads < 2 ||
         at::in_parallel_region()) {
@@ -368,7 +371,7 @@ struct CpuBackend {
                    bool accumulate, T* c, int64_t ldc) {
     const int64_t panels = cpu::avx512::panels_of<T>(n);
     // A second thread pays off from about 64k multiply-adds.
-    const int64_t group = cpu::avx512::panels_per_tile(m), groups = (panels + group - 1) / group;
+    const int64_t group = cpu::avx512::panels_per_tile(m, b.column_stride != 1), groups = (panels + group - 1) / group;
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (m * group * cpu::avx512::kPanel<T> * k));
     share(groups, grain, [&](int64_t begin, int64_t end) {
       cpu::avx512::gemm<T>(n, k, a, b, c, ldc, accumulate, 0, m, begin * group, std::min(panels, end * group));
@@ -495,12 +498,24 @@ struct CpuBackend {
     return transposed_.back().copy.data_ptr<float>();
   }
 
-  // A per-step product's weight as the micro-kernels read it: a transposed weight (the forward's W^T)
-  // packed once per call; a row-major one (the backward's W) in place up to 1 MB, which is as fast and
-  // saves a copy of it, and packed above (at H = 1024 a training step is 5-10% faster: in place, each
-  // step of the depth loop reads a new page).
+  // A product's weight as the micro-kernels read it, for a product of m rows (a step's, or a few
+  // steps' input projection) with `uses` products by it in this call:
+  //  - multiplying at most one tile's rows in all (uses * m <= 8: a decoder's token-by-token calls, a
+  //    short sequence of a few rows): in place, a transposed one (W^T) transposed in registers at
+  //    every use. Packing it costs a read and a write of the weight first. GRU inference, 2 threads,
+  //    packed -> in place: H = 1024, B = 1: T=1 1.15 -> 0.65 ms, T=2 1.37 -> 0.89, T=8 2.89 -> 2.70;
+  //    B = 4, T=2: 1.50 -> 1.16. Past 8 rows in place loses: B = 1 T=16 5.1 -> 5.2 ms, B = 4 T=8
+  //    3.6 -> 3.9, H = 512 B = 8 T=8 0.96 -> 1.22;
+  //  - a transposed weight (the forward's W^T) otherwise packed once per call;
+  //  - a row-major one (the backward's W) in place up to 1 MB, which is as fast and saves a copy of
+  //    it, and packed above (at H = 1024 a training step is 5-10% faster: in place, each step of the
+  //    depth loop reads a new page).
   template <typename T>
-  cpu::avx512::MatrixB<T> weight_matrix(const T* b, int64_t k, int64_t n, int64_t ldb, bool trans_b) {
+  cpu::avx512::MatrixB<T> weight_matrix(const T* b, int64_t m, int64_t k, int64_t n, int64_t ldb, bool trans_b,
+                                        int64_t uses) {
+    if (uses * m <= cpu::avx512::kMaxRows) {
+      return trans_b ? cpu::avx512::transposed_matrix(b, ldb) : cpu::avx512::row_major_matrix(b, ldb);
+    }
     if (!trans_b && k * n * static_cast<int64_t>(sizeof(T)) <= (int64_t(1) << 20)) {
       return cpu::avx512::row_major_matrix(b, ldb);
     }
@@ -529,7 +544,7 @@ struct CpuBackend {
         return;
       }
     }
-    const cpu::avx512::MatrixB<T> weights = weight_matrix(b, k, n, ldb, trans_b);
+    const cpu::avx512::MatrixB<T> weights = weight_matrix(b, m, k, n, ldb, trans_b, steps_);
     const auto [begin, end] = own_rows(m);
     cpu::avx512::gemm<T>(n, k, {a, lda, 1}, weights, c, ldc, beta == 1.0, begin, end, 0,
                          cpu::avx512::panels_of<T>(n));
@@ -550,11 +565,12 @@ struct CpuBackend {
     if (row_team_) barrier_.wait();
     if constexpr (std::is_same_v<T, float>) {
       if (bf16_ && !trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0) {
-        bf16_gemm(m, n, k, a, lda, b, ldb, trans_b, beta == 1.0, c, ldc, split_operand(step, trans_b));
+        bf16_gemm(m, n, k, a, lda, b, ldb, trans_b, beta == 1.0, c, ldc, split_operand(step, trans_b),
+                  step ? steps_ : 1);
         return;
       }
     }
-    wide_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    wide_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, step ? steps_ : 1);
   }
 
   // ---- bfloat16 products (a bfloat16 call; float32 buffers everywhere else).
@@ -603,7 +619,7 @@ struct CpuBackend {
   // float32 scratch copy and multiplies it with the float32 GEMM by the weight as it is: a weight of a
   // bfloat16 call holds bfloat16 values already (widened at entry).
   void bf16_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                 bool trans_b, bool accumulate, float* c, int64_t ldc, bool split) {
+                 bool trans_b, bool accumulate, float* c, int64_t ldc, bool split, int64_t uses) {
     if (engine_ == cpu::Bf16Engine::kFloat32) {
       thread_local std::vector<float> rounded;
       if (static_cast<int64_t>(rounded.size()) < m * k) rounded.resize(m * k);
@@ -613,7 +629,8 @@ struct CpuBackend {
           rounded[r * k + kk] = split && !std::isinf(high) ? high + static_cast<float>(c10::BFloat16(x - high)) : high;
         }
       }
-      wide_gemm<float>(false, trans_b, m, n, k, 1.0, rounded.data(), k, b, ldb, accumulate ? 1.0 : 0.0, c, ldc);
+      wide_gemm<float>(false, trans_b, m, n, k, 1.0, rounded.data(), k, b, ldb, accumulate ? 1.0 : 0.0, c, ldc,
+                       uses);
       return;
     }
     bool finite = true;
@@ -659,8 +676,10 @@ struct CpuBackend {
 
   // The products of float32 and float64 calls.
   template <typename T>
+  // `uses`: how many products by b this call makes (weight_matrix), 1 for an input projection (a longer
+  // sequence's last chunk of a few rows then reads W_ih in place though it is packed: same bits).
   void wide_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
-                 int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc) {
+                 int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc, int64_t uses) {
     const bool plain = !trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0;
     if (plain && cpu::packed_gemm_enabled() && m > kStepRows) {
       // A product of many rows: the input projection x W_ih^T. Its weight is packed once per op call
@@ -671,7 +690,7 @@ struct CpuBackend {
       return;
     }
     if (plain && cpu::packed_gemm_enabled()) {
-      packed_gemm<T>(m, n, k, {a, lda, 1}, weight_matrix(b, k, n, ldb, trans_b), beta == 1.0, c, ldc);
+      packed_gemm<T>(m, n, k, {a, lda, 1}, weight_matrix(b, m, k, n, ldb, trans_b, uses), beta == 1.0, c, ldc);
       return;
     }
     if constexpr (std::is_same_v<T, float>) {

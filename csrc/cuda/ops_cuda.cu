@@ -196,7 +196,7 @@ struct CudaBackend {
 
   // Runs a time loop (the CPU backend may run it on a team of threads; here kernels queue on the stream).
   template <typename T, typename F>
-  void run(int64_t, int64_t, int64_t, const F& f) {
+  void run(int64_t, int64_t, int64_t, int64_t, const F& f) {
     f();
   }
 

@@ -11,10 +11,10 @@
 //   rnn_forward(step, rows), rnn_backward(step, rows, hidden_norm), sum(step, rows, norm)
 //   gru_forward(step, rows), gru_backward(step, rows, hidden_norm)
 // The loops allocate nothing: every buffer is passed in. The ops call each loop through
-//   run<scalar_t>(batch, width, depth, f)  f() runs the loop, whose steps multiply up to `batch` rows
-//                                        by a (depth, width) weight; the CPU backend may run it on
-//                                        every thread of a team, each primitive then doing that
-//                                        thread's share
+//   run<scalar_t>(steps, batch, width, depth, f)  f() runs the loop of `steps` time steps, which
+//                                        multiply up to `batch` rows by a (depth, width) weight; the
+//                                        CPU backend may run it on every thread of a team, each
+//                                        primitive then doing that thread's share
 // so a loop must make the same calls in the same order whatever thread runs it, and every per-step
 // primitive (step_gemm, copy_rows, the pointwise steps) must touch only the step's own rows: a team
 // may give each thread a fixed part of the batch for the whole sequence.
