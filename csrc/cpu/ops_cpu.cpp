@@ -825,6 +825,14 @@ struct CpuBackend {
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "lstmfast_tall_product", [&] {
       const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
       CpuBackend dev(a);
+      if (a.size(0) <= cpu::avx512::kMaxRows && a.stride(1) == 1 && row_sums == nullptr) {
+        // At most one tile's rows (a short call's input gradient, dG W_ih): b read in place once, not
+        // copied block by block for so few rows (same sums, same order).
+        dev.packed_gemm<scalar_t>(a.size(0), b.size(1), a.size(1), {a.data_ptr<scalar_t>(), a.stride(0), 1},
+                                  cpu::avx512::row_major_matrix(bc.data_ptr<scalar_t>(), bc.stride(0)), accumulate,
+                                  c.data_ptr<scalar_t>(), c.size(1));
+        return;
+      }
       dev.tall_gemm<scalar_t>(a.size(0), b.size(1), a.size(1), {a.data_ptr<scalar_t>(), a.stride(0), a.stride(1)},
                               bc.data_ptr<scalar_t>(), bc.stride(0), false, c.data_ptr<scalar_t>(), c.size(1),
                               accumulate, nullptr, row_sums != nullptr ? row_sums->data_ptr<scalar_t>() : nullptr);
