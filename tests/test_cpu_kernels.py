@@ -231,6 +231,19 @@ def test_input_projection_deeper_than_a_depth_block(kw, training, dtype):
                                    atol=TOLERANCES[dtype]["atol"] * scale)
 
 
+def _outputs_and_input_grad(layer, batch, grad):
+    """A module's output and final states for `batch`, and with `grad` the input's gradient for an
+    all-ones output gradient."""
+    batch = batch.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        output, state = layer(batch)
+    results = [output] + list(state if isinstance(state, tuple) else (state,))
+    if grad:
+        output.backward(torch.ones_like(output))
+        results.append(batch.grad)
+    return [r.detach() for r in results]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("kind, kwargs", [("LSTM", {}), ("LSTM", dict(proj_size=11)), ("GRU", {}), ("RNN", {}),
@@ -245,18 +258,9 @@ def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(kind, kwargs, grad, d
     layer = getattr(lstmfast, kind)(9, 37, **kwargs).to(dtype)
     x = torch.randn(7, 6, 9, dtype=dtype)
 
-    def run(batch):
-        batch = batch.clone().requires_grad_(grad)
-        with torch.set_grad_enabled(grad):
-            output, state = layer(batch)
-        results = [output] + list(state if isinstance(state, tuple) else (state,))
-        if grad:
-            output.backward(torch.ones_like(output))
-            results.append(batch.grad)
-        return [r.detach() for r in results]
-
-    for alone, in_batch in zip(run(x[:, :1]), run(x)):
-        assert torch.equal(alone, in_batch[:, :1])
+    alone, in_batch = (_outputs_and_input_grad(layer, batch, grad) for batch in (x[:, :1], x))
+    for one, batched in zip(alone, in_batch):
+        assert torch.equal(one, batched[:, :1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -274,18 +278,9 @@ def test_weights_read_in_place_give_the_packed_bits(steps, rows, kind, kwargs, g
     layer = getattr(lstmfast, kind)(530, 70, **kwargs).to(dtype)
     x = torch.randn(steps, 9, 530, dtype=dtype)
 
-    def run(batch):
-        batch = batch.clone().requires_grad_(grad)
-        with torch.set_grad_enabled(grad):
-            output, state = layer(batch)
-        results = [output] + list(state if isinstance(state, tuple) else (state,))
-        if grad:
-            output.backward(torch.ones_like(output))
-            results.append(batch.grad)
-        return [r.detach() for r in results]
-
-    for in_place, packed in zip(run(x[:, :rows]), run(x)):
-        assert torch.equal(in_place, packed[:, :rows])
+    in_place, packed = (_outputs_and_input_grad(layer, batch, grad) for batch in (x[:, :rows], x))
+    for few, many in zip(in_place, packed):
+        assert torch.equal(few, many[:, :rows])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

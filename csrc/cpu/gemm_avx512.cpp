@@ -79,6 +79,30 @@ template <typename T>
 using TileFn = void (*)(int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, bool accumulate,
                         typename Simd<T>::Mask last);
 
+// A tile's accumulators: C(MR, w NV) at c (or zeros when not accumulating), and back into C; `last`
+// masks the columns of the last panel that exist. Inlined, so that the accumulators stay in registers.
+template <typename T, int MR, int NV>
+[[gnu::always_inline]] inline void load_tile(typename Simd<T>::V acc[MR * NV], const T* c, int64_t ldc,
+                                             bool accumulate, typename Simd<T>::Mask last) {
+  using S = Simd<T>;
+#pragma GCC unroll 32
+  for (int i = 0; i < MR * NV; ++i) {
+    const int r = i / NV, v = i % NV;
+    const typename S::Mask m = accumulate ? (v == NV - 1 ? last : S::kAll) : typename S::Mask(0);
+    acc[i] = S::load(m, c + r * ldc + v * kPanel<T>);
+  }
+}
+template <typename T, int MR, int NV>
+[[gnu::always_inline]] inline void store_tile(T* c, int64_t ldc, const typename Simd<T>::V acc[MR * NV],
+                                              typename Simd<T>::Mask last) {
+  using S = Simd<T>;
+#pragma GCC unroll 32
+  for (int i = 0; i < MR * NV; ++i) {
+    const int r = i / NV, v = i % NV;
+    S::store(c + r * ldc + v * kPanel<T>, v == NV - 1 ? last : S::kAll, acc[i]);
+  }
+}
+
 // C(MR, w NV) (+)= A(MR, k) B(k, w NV), a and b pointing at the tile's first row and panel; `last` masks
 // the columns of the last panel that exist. Each C element starts from C or 0 and adds a(r, kk) b(kk, j)
 // for kk = 0, 1, ... with one fused multiply-add each: the same operations whatever MR and NV are.
@@ -89,12 +113,7 @@ void tile(int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, bool accumul
           typename Simd<T>::Mask last) {
   using S = Simd<T>;
   typename S::V acc[MR * NV];
-#pragma GCC unroll 32
-  for (int i = 0; i < MR * NV; ++i) {
-    const int r = i / NV, v = i % NV;
-    const typename S::Mask m = accumulate ? (v == NV - 1 ? last : S::kAll) : typename S::Mask(0);
-    acc[i] = S::load(m, c + r * ldc + v * kPanel<T>);
-  }
+  load_tile<T, MR, NV>(acc, c, ldc, accumulate, last);
   const T* ap = a.data;
   const T* bp = b.data;
   const int64_t as = a.row_stride, bs = b.panel_stride;
@@ -111,11 +130,7 @@ void tile(int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, bool accumul
     ap += a.depth_stride;
     bp += b.depth_stride;
   }
-#pragma GCC unroll 32
-  for (int i = 0; i < MR * NV; ++i) {
-    const int r = i / NV, v = i % NV;
-    S::store(c + r * ldc + v * kPanel<T>, v == NV - 1 ? last : S::kAll, acc[i]);
-  }
+  store_tile<T, MR, NV>(c, ldc, acc, last);
 }
 
 // Rows x panels of a tile over B = W^T in place, at most (one panel at any number of rows). Few panels
@@ -134,12 +149,7 @@ void transposed_tile(int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, b
   using S = Simd<T>;
   constexpr int w = static_cast<int>(kPanel<T>);
   typename S::V acc[MR * NV];
-#pragma GCC unroll 32
-  for (int i = 0; i < MR * NV; ++i) {
-    const int r = i / NV, v = i % NV;
-    const typename S::Mask m = accumulate ? (v == NV - 1 ? last : S::kAll) : typename S::Mask(0);
-    acc[i] = S::load(m, c + r * ldc + v * kPanel<T>);
-  }
+  load_tile<T, MR, NV>(acc, c, ldc, accumulate, last);
   // Columns of the last panel that exist (`last` has them as its low bits).
   const int tail = __builtin_popcount(static_cast<unsigned>(last));
   const int64_t ld = b.column_stride, as = a.row_stride, ad = a.depth_stride;
@@ -171,11 +181,7 @@ void transposed_tile(int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, b
       }
     }
   }
-#pragma GCC unroll 32
-  for (int i = 0; i < MR * NV; ++i) {
-    const int r = i / NV, v = i % NV;
-    S::store(c + r * ldc + v * kPanel<T>, v == NV - 1 ? last : S::kAll, acc[i]);
-  }
+  store_tile<T, MR, NV>(c, ldc, acc, last);
 }
 
 template <typename T, int MR, int NV, bool Transposed>
@@ -208,8 +214,8 @@ constexpr auto kTiles = table_of<T, Transposed>(std::make_integer_sequence<int, 
 // As many panels as the accumulators allow (several independent accumulators also hide the
 // multiply-add latency when there are few rows).
 int64_t panels_per_tile(int64_t m, bool transposed) {
-  return std::clamp<int64_t>((transposed ? kTransposedAccumulators : kAccumulators) / std::clamp<int64_t>(m, 1, kMaxRows),
-                             1, kMaxPanels);
+  const int64_t accumulators = transposed ? kTransposedAccumulators : kAccumulators;
+  return std::clamp<int64_t>(accumulators / std::clamp<int64_t>(m, 1, kMaxRows), 1, kMaxPanels);
 }
 
 template <typename T>

@@ -24,7 +24,8 @@ namespace lstmfast::cpu::simd {
     u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
   }
   for (int e = 0; e < 4; ++e) {
-    const __m512i even_a = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88), odd_a = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xDD);
+    const __m512i even_a = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88);
+    const __m512i odd_a = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xDD);
     const __m512i even_b = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x88);
     const __m512i odd_b = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xDD);
     v[e] = _mm512_shuffle_i32x4(even_a, even_b, 0x88);
@@ -43,7 +44,8 @@ namespace lstmfast::cpu::simd {
     t[i + 1] = _mm512_unpackhi_epi64(v[i], v[i + 1]);
   }
   for (int e = 0; e < 2; ++e) {
-    const __m512i even_a = _mm512_shuffle_i64x2(t[e], t[2 + e], 0x88), odd_a = _mm512_shuffle_i64x2(t[e], t[2 + e], 0xDD);
+    const __m512i even_a = _mm512_shuffle_i64x2(t[e], t[2 + e], 0x88);
+    const __m512i odd_a = _mm512_shuffle_i64x2(t[e], t[2 + e], 0xDD);
     const __m512i even_b = _mm512_shuffle_i64x2(t[4 + e], t[6 + e], 0x88);
     const __m512i odd_b = _mm512_shuffle_i64x2(t[4 + e], t[6 + e], 0xDD);
     v[e] = _mm512_shuffle_i64x2(even_a, even_b, 0x88);
