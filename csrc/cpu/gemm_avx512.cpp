@@ -163,6 +163,7 @@ void transposed_tile(int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, b
       const int cols = v == NV - 1 ? tail : w;
       __m512i block[w];
       transposed_block<T>(rows, ld, cols, lanes, block);
+      // A whole block fully unrolled (its vectors stay in registers); a last partial one as a loop.
       if (depth == w) {
 #pragma GCC unroll 16
         for (int d = 0; d < w; ++d) {

@@ -274,7 +274,7 @@ struct CpuBackend {
   // count.
   bool team_ = false, row_team_ = false;
   int64_t team_batch_ = 0;
-  // Time steps of the loop being run: a step's weight with one step is multiplied once.
+  // Time steps of the loop being run: how many products a step's weight takes in this call.
   int64_t steps_ = 0;
   SpinBarrier barrier_;
   std::exception_ptr team_error_;
@@ -371,7 +371,8 @@ struct CpuBackend {
                    bool accumulate, T* c, int64_t ldc) {
     const int64_t panels = cpu::avx512::panels_of<T>(n);
     // A second thread pays off from about 64k multiply-adds.
-    const int64_t group = cpu::avx512::panels_per_tile(m, b.column_stride != 1), groups = (panels + group - 1) / group;
+    const int64_t group = cpu::avx512::panels_per_tile(m, b.column_stride != 1);
+    const int64_t groups = (panels + group - 1) / group;
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (m * group * cpu::avx512::kPanel<T> * k));
     share(groups, grain, [&](int64_t begin, int64_t end) {
       cpu::avx512::gemm<T>(n, k, a, b, c, ldc, accumulate, 0, m, begin * group, std::min(panels, end * group));
@@ -510,10 +511,11 @@ struct CpuBackend {
   //  - a row-major one (the backward's W) in place up to 1 MB, which is as fast and saves a copy of
   //    it, and packed above (at H = 1024 a training step is 5-10% faster: in place, each step of the
   //    depth loop reads a new page).
+  static bool read_in_place(int64_t m, int64_t uses) { return uses * m <= cpu::avx512::kMaxRows; }
   template <typename T>
   cpu::avx512::MatrixB<T> weight_matrix(const T* b, int64_t m, int64_t k, int64_t n, int64_t ldb, bool trans_b,
                                         int64_t uses) {
-    if (uses * m <= cpu::avx512::kMaxRows) {
+    if (read_in_place(m, uses)) {
       return trans_b ? cpu::avx512::transposed_matrix(b, ldb) : cpu::avx512::row_major_matrix(b, ldb);
     }
     if (!trans_b && k * n * static_cast<int64_t>(sizeof(T)) <= (int64_t(1) << 20)) {
@@ -674,10 +676,10 @@ struct CpuBackend {
     });
   }
 
-  // The products of float32 and float64 calls.
+  // The products of float32 and float64 calls. `uses`: how many products by b this call makes
+  // (weight_matrix), 1 for an input projection (a longer sequence's last chunk of a few rows then reads
+  // W_ih in place though it is packed: same bits).
   template <typename T>
-  // `uses`: how many products by b this call makes (weight_matrix), 1 for an input projection (a longer
-  // sequence's last chunk of a few rows then reads W_ih in place though it is packed: same bits).
   void wide_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
                  int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc, int64_t uses) {
     const bool plain = !trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0;
@@ -825,15 +827,16 @@ struct CpuBackend {
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "lstmfast_tall_product", [&] {
       const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
       CpuBackend dev(a);
-      if (a.size(0) <= cpu::avx512::kMaxRows && a.stride(1) == 1 && row_sums == nullptr) {
-        // At most one tile's rows (a short call's input gradient, dG W_ih): b read in place once, not
-        // copied block by block for so few rows (same sums, same order).
-        dev.packed_gemm<scalar_t>(a.size(0), b.size(1), a.size(1), {a.data_ptr<scalar_t>(), a.stride(0), 1},
-                                  cpu::avx512::row_major_matrix(bc.data_ptr<scalar_t>(), bc.stride(0)), accumulate,
-                                  c.data_ptr<scalar_t>(), c.size(1));
+      const int64_t m = a.size(0), n = b.size(1), k = a.size(1);
+      if (read_in_place(m, 1) && a.stride(1) == 1 && row_sums == nullptr) {
+        // A short call's input gradient, dG W_ih: b read in place once (weight_matrix), not copied
+        // block by block for so few rows (same sums, same order).
+        dev.packed_gemm<scalar_t>(m, n, k, {a.data_ptr<scalar_t>(), a.stride(0), 1},
+                                  dev.weight_matrix(bc.data_ptr<scalar_t>(), m, k, n, bc.stride(0), false, 1),
+                                  accumulate, c.data_ptr<scalar_t>(), c.size(1));
         return;
       }
-      dev.tall_gemm<scalar_t>(a.size(0), b.size(1), a.size(1), {a.data_ptr<scalar_t>(), a.stride(0), a.stride(1)},
+      dev.tall_gemm<scalar_t>(m, n, k, {a.data_ptr<scalar_t>(), a.stride(0), a.stride(1)},
                               bc.data_ptr<scalar_t>(), bc.stride(0), false, c.data_ptr<scalar_t>(), c.size(1),
                               accumulate, nullptr, row_sums != nullptr ? row_sums->data_ptr<scalar_t>() : nullptr);
     });

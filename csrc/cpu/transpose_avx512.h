@@ -7,6 +7,24 @@
 
 namespace lstmfast::cpu::simd {
 
+// The last two stages of both transposes (4 q vectors of q words each per 128-bit lane): u[g q + e],
+// lane L, holds word L q + e of the inputs in quarter g; 128-bit lanes are exchanged twice so that
+// out[i] holds word i of every input, in order (_mm512_shuffle_i32x4 moves whole 128-bit lanes,
+// whatever the word size).
+[[maybe_unused]] static inline __attribute__((target("avx512f"))) void exchange_lanes(const __m512i* u, __m512i* out,
+                                                                                    int q) {
+  for (int e = 0; e < q; ++e) {
+    const __m512i even_a = _mm512_shuffle_i32x4(u[e], u[q + e], 0x88);
+    const __m512i odd_a = _mm512_shuffle_i32x4(u[e], u[q + e], 0xDD);
+    const __m512i even_b = _mm512_shuffle_i32x4(u[2 * q + e], u[3 * q + e], 0x88);
+    const __m512i odd_b = _mm512_shuffle_i32x4(u[2 * q + e], u[3 * q + e], 0xDD);
+    out[e] = _mm512_shuffle_i32x4(even_a, even_b, 0x88);
+    out[2 * q + e] = _mm512_shuffle_i32x4(even_a, even_b, 0xDD);
+    out[q + e] = _mm512_shuffle_i32x4(odd_a, odd_b, 0x88);
+    out[3 * q + e] = _mm512_shuffle_i32x4(odd_a, odd_b, 0xDD);
+  }
+}
+
 // v[i] becomes the vector of 32-bit word i of every v[j] (lane j): a 16 x 16 transpose (interleaves of
 // words, then of word pairs, within 128-bit lanes; then two exchanges of 128-bit lanes).
 [[maybe_unused]] static inline __attribute__((target("avx512f"))) void transpose16(__m512i v[16]) {
@@ -23,16 +41,7 @@ namespace lstmfast::cpu::simd {
     u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
     u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
   }
-  for (int e = 0; e < 4; ++e) {
-    const __m512i even_a = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88);
-    const __m512i odd_a = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xDD);
-    const __m512i even_b = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x88);
-    const __m512i odd_b = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xDD);
-    v[e] = _mm512_shuffle_i32x4(even_a, even_b, 0x88);
-    v[8 + e] = _mm512_shuffle_i32x4(even_a, even_b, 0xDD);
-    v[4 + e] = _mm512_shuffle_i32x4(odd_a, odd_b, 0x88);
-    v[12 + e] = _mm512_shuffle_i32x4(odd_a, odd_b, 0xDD);
-  }
+  exchange_lanes(u, v, 4);
 }
 
 // The same for 64-bit words: v[i] becomes the vector of word i of every v[j], an 8 x 8 transpose.
@@ -43,16 +52,7 @@ namespace lstmfast::cpu::simd {
     t[i] = _mm512_unpacklo_epi64(v[i], v[i + 1]);
     t[i + 1] = _mm512_unpackhi_epi64(v[i], v[i + 1]);
   }
-  for (int e = 0; e < 2; ++e) {
-    const __m512i even_a = _mm512_shuffle_i64x2(t[e], t[2 + e], 0x88);
-    const __m512i odd_a = _mm512_shuffle_i64x2(t[e], t[2 + e], 0xDD);
-    const __m512i even_b = _mm512_shuffle_i64x2(t[4 + e], t[6 + e], 0x88);
-    const __m512i odd_b = _mm512_shuffle_i64x2(t[4 + e], t[6 + e], 0xDD);
-    v[e] = _mm512_shuffle_i64x2(even_a, even_b, 0x88);
-    v[4 + e] = _mm512_shuffle_i64x2(even_a, even_b, 0xDD);
-    v[2 + e] = _mm512_shuffle_i64x2(odd_a, odd_b, 0x88);
-    v[6 + e] = _mm512_shuffle_i64x2(odd_a, odd_b, 0xDD);
-  }
+  exchange_lanes(t, v, 2);
 }
 
 }  // namespace lstmfast::cpu::simd
