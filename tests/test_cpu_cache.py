@@ -186,10 +186,14 @@ def test_reduced_precision_temporaries_are_cached_and_never_returned(cache_limit
     x1, x2 = torch.randn(2, 4, 1, hidden, dtype=dtype)
     out1, grads1 = step(x1)
     held = lstmfast.cpu_cache_bytes()
-    # Small activations: the backward holds the two weights' float32 copies and computes the two
-    # float32 weight gradients at once, 1 MiB or more each (without them: no block, or float16's two
-    # packed weights).
-    assert held >= 4 << 20
+    # Small activations: the backward computes the two float32 weight gradients at once, 1 MiB or more
+    # each, and holds the two weights' float32 copies, as big (without them: no block, or float16's two
+    # packed weights), except where a bfloat16 engine packs bfloat16 weights from their own bits: no
+    # copies then.
+    if dtype == torch.bfloat16 and not lstmfast.cpu_gemm_engines()["bfloat16"].startswith("float32"):
+        assert 2 << 20 <= held < 4 << 20
+    else:
+        assert held >= 4 << 20
     kept = [out1.clone()] + [g.clone() for g in grads1]
     out2, grads2 = step(x2)
     assert lstmfast.cpu_cache_bytes() == held, "the second step reuses the first one's blocks"

@@ -204,6 +204,59 @@ def test_every_engine_is_deterministic_across_threads(engine):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def _outputs_and_input_grad(layer, batch, h0):
+    """A bfloat16 module's output, final states and input gradient (all-ones output gradient), as bits."""
+    batch = batch.clone().requires_grad_()
+    output, state = layer(batch, h0 if h0 is None or not isinstance(layer, lstmfast.LSTM) else (h0, h0))
+    output.backward(torch.ones_like(output))
+    results = [output] + list(state if isinstance(state, tuple) else (state,)) + [batch.grad]
+    return [r.detach().view(torch.int16) for r in results]
+
+
+def _check_streamed_weights_give_the_packed_bits():
+    """A weight that a call multiplies at most twice, by at most 64 rows (a decoder's one-step calls), is
+    packed a few panels at a time into a thread's scratch and used at once (streamed); more uses or rows
+    pack it whole first. Both multiply the same packed panels, so a call's rows must equal the same
+    sequences' rows in a call of 65 (all packed), bit for bit (outputs, final states, input gradient);
+    T = 2, B = 33 streams the steps' products and packs the input projection's. I = 530 crosses
+    an AMX chunk and a depth block, H = 70 leaves ragged panels. An infinity in W_hh (row 40: a gate of
+    hidden unit 40, in the product's third 16-column panel, units 32-47) makes the products take h_{t-1}
+    as one term in that panel only: over two steps (h_1 is not a bfloat16 value, so its second term
+    counts), every unit outside the panel gets the bits it gets without the infinity (W_hh's column 40
+    zero, so that unit 40's h_1 reaches no other unit)."""
+    cases = [("LSTM", {}), ("LSTM", dict(proj_size=21)), ("GRU", {}), ("RNN", {})]
+    for (kind, kwargs), (steps, rows) in itertools.product(cases, [(1, 1), (1, 64), (2, 4), (2, 33), (3, 1)]):
+        torch.manual_seed(0)
+        layer = getattr(lstmfast, kind)(530, 70, **kwargs).bfloat16()
+        x = torch.randn(steps, 65, 530).bfloat16()
+        few, many = (_outputs_and_input_grad(layer, batch, None) for batch in (x[:, :rows], x))
+        for a, b in zip(few, many):
+            assert torch.equal(a, b[:, :rows] if b.dim() == 3 else b[:rows]), (kind, kwargs, steps, rows)
+    for kind, rows in itertools.product(("LSTM", "GRU", "RNN"), (1, 65)):
+        torch.manual_seed(0)
+        layer = getattr(lstmfast, kind)(530, 70).bfloat16()
+        x, h0 = torch.randn(2, rows, 530).bfloat16(), torch.randn(1, rows, 70).bfloat16()
+        with torch.no_grad():
+            layer.weight_hh_l0[:, 40] = 0
+        finite = _outputs_and_input_grad(layer, x, h0)[0]
+        with torch.no_grad():
+            layer.weight_hh_l0[40, 3] = float("inf")
+        output = _outputs_and_input_grad(layer, x, h0)[0]
+        assert output.view(torch.bfloat16).isfinite().all()
+        others = [u for u in range(70) if not 32 <= u < 48]
+        assert torch.equal(output[..., others], finite[..., others]), (kind, rows)
+        assert not torch.equal(output[..., 40], finite[..., 40])
+
+
+@pytest.mark.parametrize("engine", ["amx", "avx512_bf16"])
+def test_streamed_weights_give_the_packed_bits_on_every_engine(engine):
+    if engine not in _supported_engines():
+        pytest.skip(f"this CPU has no {engine}")
+    proc = _in_process({"LSTMFAST_CPU_BF16_ENGINE": engine},
+                       "import test_reduced_precision as t; t._check_streamed_weights_give_the_packed_bits()")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 # Shapes for the engines' edges: batches of 1 to 33 rows (AMX tiles hold 16), depths below, at and past
 # a whole 32-deep AMX chunk (odd too), hidden sizes whose gate columns end in a part-filled 16-column panel,
 # and more than four panels (an AMX pass covers four).

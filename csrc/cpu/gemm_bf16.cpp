@@ -98,6 +98,36 @@ inline __mmask16 first_lanes(int64_t count) {
 // _mm512_fpclass_ps_mask's categories: +inf and -inf; those, quiet NaN and signalling NaN.
 constexpr int kInfinite = 0x18, kNonFinite = 0x99;
 
+namespace {
+
+// The pairs of a transposed panel's first `count` rows of W (load(c, pair): row c's 16 words from word
+// `pair` on, zeros past the row) moved to the panel's layout: 16 pairs of the 16 rows at a time (rows
+// past `count` as zeros), transposed in registers.
+template <typename Load>
+__attribute__((always_inline)) inline void transpose_pairs(int64_t row_words, int64_t count, const Load& load, uint16_t* panel) {
+  auto* words = reinterpret_cast<uint32_t*>(panel);
+  for (int64_t pair = 0; pair < row_words; pair += 16) {
+    __m512i v[16];
+    for (int64_t c = 0; c < kPanel; ++c) v[c] = c < count ? load(c, pair) : _mm512_setzero_si512();
+    simd::transpose16(v);
+    for (int64_t i = 0; i < std::min<int64_t>(16, row_words - pair); ++i) {
+      _mm512_storeu_si512(words + (pair + i) * kPanel, v[i]);
+    }
+  }
+}
+
+// Lanes of bfloat16 words that hold an infinity or NaN (every exponent bit set).
+inline __mmask32 nonfinite_words(__m512i v) {
+  const __m512i exponent = _mm512_set1_epi16(0x7F80);
+  return _mm512_cmpeq_epi16_mask(_mm512_and_si512(v, exponent), exponent);
+}
+
+inline __mmask32 first_words(int64_t count) {
+  return count >= 32 ? ~__mmask32(0) : count <= 0 ? __mmask32(0) : (__mmask32(1) << count) - 1;
+}
+
+}  // namespace
+
 bool pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
             int64_t panel_begin, int64_t panel_end) {
   const int64_t kp = padded_depth(k);
@@ -118,28 +148,48 @@ bool pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, u
     }
     // B = W^T: column j of B is row j of W, whose consecutive pairs go to lane j - j0 of each vector:
     // the panel's 16 rows of W rounded (round_rows), then their pairs moved as 32-bit words.
-    const int64_t count = std::min<int64_t>(kPanel, n - j0);
+    const int64_t count = std::min<int64_t>(kPanel, n - j0), row_words = kp / 2;
     thread_local std::vector<uint32_t> rows;
-    rows.resize(kPanel * kp / 2);
+    rows.resize(kPanel * row_words);
     bool rows_finite = true;
     round_rows(b + j0 * ld, ld, count, k, reinterpret_cast<uint16_t*>(rows.data()), &rows_finite);
     finite &= rows_finite;
-    // 16 pairs of the 16 rows at a time (rows past n as zeros), transposed in registers.
-    const int64_t row_words = kp / 2;
-    auto* words = reinterpret_cast<uint32_t*>(panel);
-    for (int64_t pair = 0; pair < row_words; pair += 16) {
-      const __mmask16 lanes = first_lanes(row_words - pair);
-      __m512i v[16];
-      for (int64_t c = 0; c < kPanel; ++c) {
-        v[c] = c < count ? _mm512_maskz_loadu_epi32(lanes, rows.data() + c * row_words + pair) : _mm512_setzero_si512();
-      }
-      simd::transpose16(v);
-      for (int64_t i = 0; i < std::min<int64_t>(16, row_words - pair); ++i) {
-        _mm512_storeu_si512(words + (pair + i) * kPanel, v[i]);
-      }
-    }
+    transpose_pairs(row_words, count, [&](int64_t c, int64_t pair) {
+      return _mm512_maskz_loadu_epi32(first_lanes(row_words - pair), rows.data() + c * row_words + pair);
+    }, panel);
   }
   return finite;
+}
+
+bool pack_b(const uint16_t* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
+            int64_t panel_begin, int64_t panel_end) {
+  const int64_t kp = padded_depth(k);
+  __mmask32 nonfinite = 0;
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    uint16_t* panel = out + p * panel_stride(k);
+    const int64_t j0 = p * kPanel;
+    if (!transposed) {
+      // Two rows of B at a time, their 16 columns' words interleaved into pairs.
+      const __mmask16 columns = first_lanes(n - j0);
+      for (int64_t kk = 0; kk < kp; kk += 2) {
+        const __m256i lo = _mm256_maskz_loadu_epi16(columns, b + kk * ld + j0);
+        const __m256i hi = _mm256_maskz_loadu_epi16(kk + 1 < k ? columns : __mmask16(0), b + (kk + 1) * ld + j0);
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        nonfinite |= nonfinite_words(both);
+        _mm512_storeu_si512(panel + kk * kPanel, _mm512_or_si512(_mm512_cvtepu16_epi32(lo),
+                                                                 _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16)));
+      }
+      continue;
+    }
+    // B = W^T: row j of W's pairs are words already (an odd depth's last word padded with a zero).
+    const int64_t count = std::min<int64_t>(kPanel, n - j0);
+    transpose_pairs(kp / 2, count, [&](int64_t c, int64_t pair) {
+      const __m512i v = _mm512_maskz_loadu_epi16(first_words(k - 2 * pair), b + (j0 + c) * ld + 2 * pair);
+      nonfinite |= nonfinite_words(v);
+      return v;
+    }, panel);
+  }
+  return nonfinite == 0;
 }
 
 void round_columns(const float* a, int64_t ld, int64_t rows, int64_t k, uint16_t* out) {
@@ -497,6 +547,7 @@ void amx_gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, co
 namespace lstmfast::cpu::bf16 {
 bool supported() { return false; }
 bool pack_b(const float*, int64_t, int64_t, int64_t, bool, uint16_t*, int64_t, int64_t) { return true; }
+bool pack_b(const uint16_t*, int64_t, int64_t, int64_t, bool, uint16_t*, int64_t, int64_t) { return true; }
 void round_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, bool*) {}
 void round_columns(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
 void round_rows_split(const float*, int64_t, int64_t, int64_t, uint16_t*, uint16_t*) {}

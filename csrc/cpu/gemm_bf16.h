@@ -31,6 +31,9 @@ inline int64_t packed_size(int64_t k, int64_t n) { return panels_of(n) * panel_s
 // whether every value it packed is finite.
 bool pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
             int64_t panel_begin, int64_t panel_end);
+// The same for a B that holds bfloat16 values already (their bits): the words moved, nothing rounded.
+bool pack_b(const uint16_t* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
+            int64_t panel_begin, int64_t panel_end);
 
 // Rounds rows [0, rows) of A (a[r * lda + kk]) to bfloat16 rows of padded_depth(k) elements in out;
 // with `finite`, also says whether every value it read was finite.

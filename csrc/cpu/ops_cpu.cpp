@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <omp.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include <exception>
 #include <thread>
 #include <utility>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -142,6 +144,37 @@ std::string gemm_engine(at::ScalarType dtype) {
 // thread then rounds its products' operands to bfloat16.
 thread_local bool bf16_products = false;
 
+// A bfloat16 call's weight matrices as the caller passed them (ReducedPrecision below), when a bfloat16
+// engine multiplies them. In each one's place the loops get a float32 tensor over address space
+// reserved without access, and the bfloat16 products pack the weight from its own bits
+// (CpuBackend::narrow_source): every call is spared widening it (2 bytes read, 4 written an element)
+// and rounding it back. Nothing else reads a weight in such a call; the float32 paths that take a
+// weight check that (wide()), and any other read would fault rather than see stale memory.
+struct NarrowWeight {
+  const float* wide;  // the reserved range
+  int64_t numel;
+  const uint16_t* narrow;
+};
+using NarrowWeights = std::vector<NarrowWeight>;
+thread_local NarrowWeights* narrow_weights = nullptr;  // the current bfloat16 call's, on its thread
+
+// The entry whose float32 range holds p, or nullptr.
+NarrowWeight* narrow_entry(NarrowWeights* weights, const void* p) {
+  if (weights == nullptr) return nullptr;
+  for (auto& w : *weights) {
+    if (p >= w.wide && p < w.wide + w.numel) return &w;
+  }
+  return nullptr;
+}
+
+// p, for a float32 read: checked not to lie in a narrow weight.
+template <typename T>
+const T* wide(NarrowWeights* weights, const T* p) {
+  TORCH_INTERNAL_ASSERT(narrow_entry(weights, p) == nullptr,
+                        "lstmfast: internal error: a float32 read of a bfloat16 weight kept as it is");
+  return p;
+}
+
 }  // namespace cpu
 
 namespace {
@@ -239,11 +272,21 @@ struct CpuBackend {
   static constexpr const char* kDtypes = "float32, float64, bfloat16 or float16";
 
   explicit CpuBackend(const at::Tensor&)
-      : bf16_(cpu::bf16_products), engine_(bf16_ ? cpu::bf16_engine() : cpu::Bf16Engine::kFloat32) {}
+      : bf16_(cpu::bf16_products),
+        engine_(bf16_ ? cpu::bf16_engine() : cpu::Bf16Engine::kFloat32),
+        narrow_(cpu::narrow_weights) {}
 
   // A bfloat16 call: every product's operands are rounded to bfloat16 (sums stay float32).
   bool bf16_;
   cpu::Bf16Engine engine_;
+  // The call's weights kept in bfloat16 (cpu::NarrowWeight), looked up from any thread of a team.
+  cpu::NarrowWeights* narrow_;
+  // The bfloat16 bits of the matrix at b when b lies in a narrow weight (same element offsets), else
+  // nullptr.
+  const uint16_t* narrow_source(const float* b) const {
+    const cpu::NarrowWeight* w = cpu::narrow_entry(narrow_, b);
+    return w == nullptr ? nullptr : w->narrow + (b - w->wide);
+  }
   // Whether a bfloat16 call's product takes its A operand as two bfloat16 terms (high + low, 16
   // significant bits; bf16::round_rows_split): the forward's per-step products, which multiply the state
   // h_{t-1} (or m_t) by a weight's transpose (trans_b; the backward's per-step products multiply gate
@@ -421,26 +464,27 @@ struct CpuBackend {
     int64_t k, n, ld;
     bool transposed, bf16;
     at::Tensor data;
+    // bf16: per panel, whether its weights hold an infinity or NaN (then products take A as one term
+    // there: a second term's product with an infinite weight is NaN, or an infinity of the other sign,
+    // where torch.nn's one-term product is the infinity).
+    std::vector<uint8_t> nonfinite;
   };
   static constexpr int kPackedSlots = 8;
   Packed packed_[kPackedSlots];
   std::atomic<int> packed_count_{0};
-  // Per bf16 slot: whether the weight holds an infinity or NaN (then its products take A as one term:
-  // a second term's product with an infinite weight is NaN, or an infinity of the other sign, where
-  // torch.nn's one-term product is the infinity).
-  std::atomic<bool> nonfinite_[kPackedSlots] = {};
 
   // op(B) (k, n) packed: B = b (k, n) with row stride ld, or B = W^T with W = b (n, k) when transposed.
-  // With bf16 (T = float only), the weight is rounded to bfloat16 and packed for bf16::gemm instead; the
-  // result then points at bfloat16 bits, and `finite` (if given) says whether B holds only finite values.
+  // With bf16 (T = float only), the weight is rounded to bfloat16 (or taken as it is, a narrow weight)
+  // and packed for bf16::gemm instead; the result then points at bfloat16 bits, and `nonfinite` (if
+  // given) at the per-panel flags of Packed::nonfinite.
   template <typename T>
   const void* packed(const T* b, int64_t k, int64_t n, int64_t ld, bool transposed, bool bf16 = false,
-                     bool* finite = nullptr) {
+                     const uint8_t** nonfinite = nullptr) {
     const int count = packed_count_.load(std::memory_order_acquire);
     for (int i = 0; i < count; ++i) {
       const Packed& p = packed_[i];
       if (p.source == b && p.k == k && p.n == n && p.ld == ld && p.transposed == transposed && p.bf16 == bf16) {
-        if (finite != nullptr) *finite = !nonfinite_[i].load(std::memory_order_relaxed);
+        if (nonfinite != nullptr) *nonfinite = p.nonfinite.data();
         return p.data.data_ptr();
       }
     }
@@ -451,6 +495,7 @@ struct CpuBackend {
         packed_[count] = {b, k, n, ld, transposed, bf16,
                           bf16 ? workspace({cpu::bf16::packed_size(k, n)}, at::kBFloat16)
                                : workspace({cpu::avx512::packed_size<T>(k, n)}, c10::CppTypeToScalarType<T>::value)};
+        if (bf16) packed_[count].nonfinite.assign(cpu::bf16::panels_of(n), 0);
       } catch (...) {
         team_error_ = std::current_exception();
       }
@@ -463,19 +508,22 @@ struct CpuBackend {
     void* out = packed_[count].data.data_ptr();
     if constexpr (std::is_same_v<T, float>) {
       if (bf16) {
-        nonfinite_[count].store(false, std::memory_order_relaxed);
+        uint8_t* flags = packed_[count].nonfinite.data();
+        const uint16_t* narrow = narrow_source(b);
         share(cpu::bf16::panels_of(n), 4, [&](int64_t begin, int64_t end) {
-          if (!cpu::bf16::pack_b(b, k, n, ld, transposed, static_cast<uint16_t*>(out), begin, end)) {
-            nonfinite_[count].store(true, std::memory_order_relaxed);
+          for (int64_t p = begin; p < end; ++p) {
+            auto* to = static_cast<uint16_t*>(out);
+            flags[p] = !(narrow != nullptr ? cpu::bf16::pack_b(narrow, k, n, ld, transposed, to, p, p + 1)
+                                           : cpu::bf16::pack_b(b, k, n, ld, transposed, to, p, p + 1));
           }
         });
-        if (finite != nullptr) *finite = !nonfinite_[count].load(std::memory_order_relaxed);
+        if (nonfinite != nullptr) *nonfinite = flags;
         packed_count_.store(count + 1, std::memory_order_release);
         return out;
       }
     }
     share(cpu::avx512::panels_of<T>(n), 16, [&](int64_t begin, int64_t end) {
-      cpu::avx512::pack_b<T>(b, k, n, ld, transposed, static_cast<T*>(out), begin, end);
+      cpu::avx512::pack_b<T>(cpu::wide(narrow_, b), k, n, ld, transposed, static_cast<T*>(out), begin, end);
     });
     packed_count_.store(count + 1, std::memory_order_release);
     return out;
@@ -536,12 +584,12 @@ struct CpuBackend {
     }
     if constexpr (std::is_same_v<T, float>) {
       if (bf16_) {
-        bool finite = true;
-        const auto* weights = static_cast<const uint16_t*>(packed(b, k, n, ldb, trans_b, true, &finite));
+        const uint8_t* nonfinite = nullptr;
+        const auto* weights = static_cast<const uint16_t*>(packed(b, k, n, ldb, trans_b, true, &nonfinite));
         const auto [begin, end] = own_rows(m);
         if (begin < end) {
           bf16_rows(end - begin, n, k, a + begin * lda, lda, weights, c + begin * ldc, ldc, beta == 1.0, 0,
-                    cpu::bf16::panels_of(n), split_operand(true, trans_b) && finite);
+                    cpu::bf16::panels_of(n), split_operand(true, trans_b) ? nonfinite : nullptr);
         }
         return;
       }
@@ -572,7 +620,8 @@ struct CpuBackend {
         return;
       }
     }
-    wide_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, step ? steps_ : 1);
+    wide_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, cpu::wide(narrow_, b), ldb, beta, c, ldc,
+              step ? steps_ : 1);
   }
 
   // ---- bfloat16 products (a bfloat16 call; float32 buffers everywhere else).
@@ -595,24 +644,34 @@ struct CpuBackend {
     cpu::bf16::round_rows(a, lda, rows, k, high);
     return {high, nullptr};
   }
-  // C (+)= the block times B over panels [panel_begin, panel_end), with the low terms' products too when
-  // split (each element's sum in the same order however the panels are grouped), on the engine's tiles.
+  // C (+)= the block times B over panels [panel_begin, panel_end), on the engine's tiles, with the low
+  // terms' products too (when the block has them) on the panels whose `nonfinite` flag (B's, indexed
+  // from its panel 0) is clear. Each element's sum is in the same order however the panels are grouped.
   static void block_product(const RoundedBlock& block, int64_t rows, int64_t n, int64_t k, const uint16_t* b,
-                            float* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end) {
+                            float* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end,
+                            const uint8_t* nonfinite) {
     auto* product = cpu::bf16_engine() == cpu::Bf16Engine::kAmx ? &cpu::bf16::amx_gemm : &cpu::bf16::gemm;
-    product(n, k, block.high, block.low, b, c, ldc, accumulate, rows, panel_begin, panel_end);
+    for (int64_t p = panel_begin; p < panel_end;) {
+      // A run of panels that take A the same way.
+      const bool one_term = block.low == nullptr || nonfinite[p];
+      int64_t q = p + 1;
+      while (q < panel_end && (block.low == nullptr || nonfinite[q]) == one_term) ++q;
+      product(n, k, block.high, one_term ? nullptr : block.low, b, c, ldc, accumulate, rows, p, q);
+      p = q;
+    }
   }
 
   // Rows [0, rows) x panels [panel_begin, panel_end) of C = A B (+ C when accumulate) with B packed by
-  // packed(..., bf16 = true): A's rows rounded to bfloat16 here, 64 at a time, into this thread's scratch
-  // (as two terms, two products, when split: split_operand).
+  // packed(..., bf16 = true): A's rows rounded to bfloat16 here, 64 at a time, into this thread's scratch.
+  // `split`: nullptr for a product that takes A as one term; for one that takes it as two (two products:
+  // split_operand), B's per-panel flags (Packed::nonfinite) of the panels that take one all the same.
   static void bf16_rows(int64_t rows, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* b,
                         float* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end,
-                        bool split = false) {
+                        const uint8_t* split = nullptr) {
     for (int64_t r = 0; r < rows; r += kBf16Block) {
       const int64_t count = std::min(kBf16Block, rows - r);
-      const RoundedBlock block = round_block(a + r * lda, lda, count, k, split);
-      block_product(block, count, n, k, b, c + r * ldc, ldc, accumulate, panel_begin, panel_end);
+      const RoundedBlock block = round_block(a + r * lda, lda, count, k, split != nullptr);
+      block_product(block, count, n, k, b, c + r * ldc, ldc, accumulate, panel_begin, panel_end, split);
     }
   }
 
@@ -635,10 +694,51 @@ struct CpuBackend {
                        uses);
       return;
     }
-    bool finite = true;
-    const auto* weights = static_cast<const uint16_t*>(packed(b, k, n, ldb, trans_b, true, &finite));
-    bf16_split(m, n, k, a, lda, weights, c, ldc, accumulate, nullptr, split && finite);
+    if (bf16_streams(m, uses)) {
+      bf16_streamed(m, n, k, a, lda, b, ldb, trans_b, accumulate, c, ldc, split);
+      return;
+    }
+    const uint8_t* nonfinite = nullptr;
+    const auto* weights = static_cast<const uint16_t*>(packed(b, k, n, ldb, trans_b, true, &nonfinite));
+    bf16_split(m, n, k, a, lda, weights, c, ldc, accumulate, nullptr, split ? nonfinite : nullptr);
   }
+
+  // Whether a bfloat16 product packs its weight a few panels at a time and uses them at once
+  // (bf16_streamed) rather than packing it whole into memory first: where this call multiplies the
+  // weight at most twice (`uses`), by at most one rounding block of rows. Packing from bfloat16 bits
+  // costs about what reading the packed copy back does, so a third use pays for it. GRU H = 1024 (H = 512
+  // where said) inference, 2 threads, packed -> streamed (ms): T=1 B=8 1.06 -> 0.70, B=16 1.15 -> 0.87,
+  // B=32 1.33 -> 1.09, B=64 1.84 -> 1.63; T=2 B=1 1.21 -> 0.97, B=16 1.32 -> 1.24, H=512 B=4 0.38 ->
+  // 0.31; but T=3 B=8 1.37 -> 1.39, T=4 B=1 1.42 -> 1.50, T=8 B=1 1.83 -> 2.39.
+  static bool bf16_streams(int64_t m, int64_t uses) { return uses <= 2 && m <= kBf16Block; }
+
+  // bf16_gemm's product for bf16_streams: each thread packs its panels of op(B) a few at a time into
+  // its own scratch and multiplies them at once. The same packed panels, so the same bits.
+  void bf16_streamed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                     bool trans_b, bool accumulate, float* c, int64_t ldc, bool split) {
+    namespace x = cpu::bf16;
+    const int64_t panels = x::panels_of(n), bs = x::panel_stride(k);
+    const int64_t group = std::clamp<int64_t>(kStreamedBytes / (bs * 2), 1, kStreamedPanels);
+    const uint16_t* narrow = narrow_source(b);
+    share((panels + group - 1) / group, 1, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<uint16_t> scratch;
+      if (static_cast<int64_t>(scratch.size()) < group * bs) scratch.resize(group * bs);
+      const RoundedBlock rows = round_block(a, lda, m, k, split);
+      uint8_t nonfinite[kStreamedPanels];
+      for (int64_t g = begin; g < end; ++g) {
+        // op(B)'s columns from j0 on: W's rows from j0 (transposed), or B's columns.
+        const int64_t p0 = g * group, count = std::min(group, panels - p0), j0 = p0 * x::kPanel;
+        const int64_t from = trans_b ? j0 * ldb : j0;
+        for (int64_t q = 0; q < count; ++q) {
+          nonfinite[q] = !(narrow != nullptr ? x::pack_b(narrow + from, k, n - j0, ldb, trans_b, scratch.data(), q, q + 1)
+                                             : x::pack_b(b + from, k, n - j0, ldb, trans_b, scratch.data(), q, q + 1));
+        }
+        block_product(rows, m, n - j0, k, scratch.data(), c + j0, ldc, accumulate, 0, count, nonfinite);
+      }
+    });
+  }
+  // bf16_streamed's scratch: up to this many panels, about this many bytes.
+  static constexpr int64_t kStreamedPanels = 8, kStreamedBytes = int64_t(128) << 10;
 
   // C(m, n) (+)= A B split between threads in units of (64 rows) x (a group of panels), each unit's
   // work at least about 64k multiply-adds where there is that much, except that in a team (whose
@@ -647,9 +747,9 @@ struct CpuBackend {
   // threads idle: RNN T=128 B=1 H=256 inference 1.34x faster without that). A thread rounds
   // each 64-row block of A once for the run of its units on that block (units go block by block),
   // however many panel groups the block is cut into. With `rounded` (A already rounded to bfloat16
-  // rows of padded_depth(k)), a is not read.
+  // rows of padded_depth(k)), a is not read. `split` as for bf16_rows.
   void bf16_split(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* b, float* c,
-                  int64_t ldc, bool accumulate, const uint16_t* rounded = nullptr, bool split = false) {
+                  int64_t ldc, bool accumulate, const uint16_t* rounded = nullptr, const uint8_t* split = nullptr) {
     const int64_t panels = cpu::bf16::panels_of(n), blocks = (m + kBf16Block - 1) / kBf16Block;
     const int64_t block_rows = std::min(kBf16Block, m);
     int64_t group = std::clamp<int64_t>((int64_t(1) << 16) / (block_rows * cpu::bf16::kPanel * k),
@@ -669,8 +769,8 @@ struct CpuBackend {
         const int64_t p0 = (u % groups) * group, p1 = std::min(panels, ((last - 1) % groups + 1) * group);
         const RoundedBlock rows_of_a = rounded != nullptr
                                            ? RoundedBlock{rounded + r0 * kp, nullptr}
-                                           : round_block(a + r0 * lda, lda, rows, k, split);
-        block_product(rows_of_a, rows, n, k, b, c + r0 * ldc, ldc, accumulate, p0, p1);
+                                           : round_block(a + r0 * lda, lda, rows, k, split != nullptr);
+        block_product(rows_of_a, rows, n, k, b, c + r0 * ldc, ldc, accumulate, p0, p1, split);
         u = last;
       }
     });
@@ -756,12 +856,22 @@ struct CpuBackend {
   }
 
   // A float32 copy of t rounded to bfloat16 values.
-  static at::Tensor bf16_values(const at::Tensor& t) { return t.to(at::kBFloat16).to(at::kFloat); }
+  static at::Tensor bf16_values(const at::Tensor& t) {
+    cpu::wide(cpu::narrow_weights, t.data_ptr<float>());
+    return t.to(at::kBFloat16).to(at::kFloat);
+  }
 
   // c (contiguous) = a @ b, or c += a @ b when accumulate, through bf16::gemm: a copied to contiguous rows
-  // when it is a transposed view (a weight gradient's G^T), b packed here (it is a sequence buffer, used
-  // once).
+  // when it is a transposed view (a weight gradient's G^T), b packed here (a sequence buffer, used once,
+  // or W_ih for the input gradient: a narrow weight is packed from its bfloat16 bits), or, for a few
+  // rows of a (bf16_streams: a short call's input gradient dG W_ih), streamed (bf16_streamed).
   static void bf16_product(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+    CpuBackend dev(a);
+    if (bf16_streams(a.size(0), 1) && a.stride(1) == 1 && b.stride(1) == 1) {
+      dev.bf16_streamed(a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(),
+                        b.stride(0), false, accumulate, c.data_ptr<float>(), c.size(1), false);
+      return;
+    }
     const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
     const bool columns = a.stride(1) != 1 && a.stride(0) == 1;
     const at::Tensor ac = a.stride(1) == 1 || columns ? a : a.contiguous();
@@ -771,15 +881,16 @@ struct CpuBackend {
     const at::Tensor rounded = workspace({m * kp}, options);
     auto* b_out = reinterpret_cast<uint16_t*>(packed.data_ptr());
     auto* a_out = reinterpret_cast<uint16_t*>(rounded.data_ptr());
+    const uint16_t* narrow = dev.narrow_source(bc.data_ptr<float>());
     at::parallel_for(0, cpu::bf16::panels_of(n), 4, [&](int64_t begin, int64_t end) {
-      cpu::bf16::pack_b(bc.data_ptr<float>(), k, n, bc.stride(0), false, b_out, begin, end);
+      if (narrow != nullptr) cpu::bf16::pack_b(narrow, k, n, bc.stride(0), false, b_out, begin, end);
+      else cpu::bf16::pack_b(bc.data_ptr<float>(), k, n, bc.stride(0), false, b_out, begin, end);
     });
     at::parallel_for(0, (m + 15) / 16, 4, [&](int64_t begin, int64_t end) {
       const int64_t r0 = begin * 16, rows = std::min(m, end * 16) - r0;
       if (columns) cpu::bf16::round_columns(ac.data_ptr<float>() + r0, ac.stride(1), rows, k, a_out + r0 * kp);
       else cpu::bf16::round_rows(ac.data_ptr<float>() + r0 * ac.stride(0), ac.stride(0), rows, k, a_out + r0 * kp);
     });
-    CpuBackend dev(a);
     dev.bf16_split(m, n, k, nullptr, 0, b_out, c.data_ptr<float>(), c.size(1), accumulate, a_out);
   }
 
@@ -930,7 +1041,8 @@ struct CpuBackend {
 // gate pre-activations, pointwise math and weight-gradient sums stay float32 throughout, and so do the
 // activations saved for backward (outputs named gates / cells: rounding the saved forget gate would
 // compound over the steps of backward) and the gradient norms (float32 for these dtypes on every
-// device). Written once for every op, from its schema's names: an op of the same form (GRU's) gets it
+// device). A bfloat16 call's weight matrices are not widened when a bfloat16 engine multiplies them:
+// they are packed from their own bits (cpu::NarrowWeight). Written once for every op, from its schema's names: an op of the same form (GRU's) gets it
 // by registering through it.
 template <const char* Name, auto Op, typename Signature = decltype(Op)>
 struct ReducedPrecision;
@@ -949,6 +1061,20 @@ struct ReducedPrecision<Name, Op, Result (*)(Args...)> {
   // oneDNN path takes): it is float32 inside anyway, and c_n and grad_c0 then stay float32, unrounded.
   static bool float_state(const std::string& name) { return name == "c0" || name == "grad_c_n"; }
   static bool state_result(const std::string& name) { return name == "c_n" || name == "grad_c0"; }
+  static bool is_weight(const std::string& name) { return name == "w_ih" || name == "w_hh" || name == "w_hr"; }
+
+  // A narrow weight's stand-in (cpu::NarrowWeight): a float32 tensor shaped like t (contiguous) over
+  // address space reserved without access, released with the tensor.
+  static at::Tensor reserved(const at::Tensor& t, cpu::NarrowWeights& narrow) {
+    TORCH_INTERNAL_ASSERT(narrow.size() < narrow.capacity());
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t bytes = (static_cast<size_t>(t.numel()) * sizeof(float) + page - 1) / page * page;
+    void* p = mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    TORCH_CHECK(p != MAP_FAILED, "lstmfast: could not reserve ", bytes, " bytes of address space: ",
+                std::strerror(errno));
+    narrow.push_back({static_cast<const float*>(p), t.numel(), reinterpret_cast<const uint16_t*>(t.data_ptr())});
+    return at::from_blob(p, t.sizes(), [bytes](void* q) { munmap(q, bytes); }, t.options().dtype(at::kFloat));
+  }
 
   static Result call(Args... args) {
     at::ScalarType dtype = at::kFloat;
@@ -968,13 +1094,21 @@ struct ReducedPrecision<Name, Op, Result (*)(Args...)> {
     }();
     int index = 0;
     bool float_c0 = false;
+    // (At most three weights: reserved up front, so that the entries do not move.)
+    cpu::NarrowWeights narrow;
+    narrow.reserve(3);
+    const bool keep_narrow = dtype == at::kBFloat16 && cpu::bf16_engine() != cpu::Bf16Engine::kFloat32 &&
+                             !cpu::persistent_emulation_requested();
     const auto widen = [&](const auto& arg) {
       using A = std::decay_t<decltype(arg)>;
       const int i = index++;
       const auto one = [&](const at::Tensor& t) {
         if (!t.is_floating_point()) return t;
-        if (t.scalar_type() == dtype) return workspace(t.sizes(), t.options().dtype(at::kFloat)).copy_(t);
         const std::string& name = schema().arguments()[i].name();
+        if (t.scalar_type() == dtype) {
+          if (keep_narrow && is_weight(name) && t.is_contiguous() && t.numel() > 0) return reserved(t, narrow);
+          return workspace(t.sizes(), t.options().dtype(at::kFloat)).copy_(t);
+        }
         const bool may_be_float = kept_float(name) || float_state(name);
         // (A mismatch is reported in the op's words; saved activations are float32 here.)
         TORCH_CHECK(may_be_float && t.scalar_type() == at::kFloat, op, ": expected ", name,
@@ -996,9 +1130,11 @@ struct ReducedPrecision<Name, Op, Result (*)(Args...)> {
 
     struct Restore {
       bool products = cpu::bf16_products, temporary = cpu::temporary_results;
-      ~Restore() { cpu::bf16_products = products, cpu::temporary_results = temporary; }
+      cpu::NarrowWeights* weights = cpu::narrow_weights;
+      ~Restore() { cpu::bf16_products = products, cpu::temporary_results = temporary, cpu::narrow_weights = weights; }
     } restore;
     cpu::bf16_products = dtype == at::kBFloat16;
+    cpu::narrow_weights = &narrow;
     cpu::temporary_results = true;
     Result result = std::apply(Op, wide);
 

@@ -17,13 +17,19 @@ thread_local EmulatedThread emulated_thread;
 }
 
 namespace lstmfast::cpu {
+
+bool persistent_emulation_requested() {
+  const char* value = std::getenv("LSTMFAST_EMULATE_PERSISTENT");
+  return value != nullptr && *value != '\0';
+}
+
 namespace {
 
 using persistent::kPersistentThreads;
 
 bool limits_from_environment(kernels::DeviceLimits* d) {
+  if (!persistent_emulation_requested()) return false;
   const char* value = std::getenv("LSTMFAST_EMULATE_PERSISTENT");
-  if (value == nullptr || *value == '\0') return false;
   int sms = 0;
   long long smem = 0;
   TORCH_CHECK(std::sscanf(value, "%d,%lld", &sms, &smem) == 2 && sms > 0 && smem > 0,

@@ -10,6 +10,9 @@
 
 namespace lstmfast::cpu {
 
+// Whether LSTMFAST_EMULATE_PERSISTENT is set (the emulation may then read any float32 argument).
+bool persistent_emulation_requested();
+
 bool emulate_persistent(const kernels::LstmForwardArgs<float>& a);
 bool emulate_persistent(const kernels::LstmBackwardArgs<float, float>& a);
 bool emulate_persistent(const kernels::RnnForwardArgs<float>& a);
