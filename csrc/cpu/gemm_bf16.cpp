@@ -100,19 +100,56 @@ constexpr int kInfinite = 0x18, kNonFinite = 0x99;
 
 namespace {
 
-// The pairs of a transposed panel's first `count` rows of W (load(c, pair): row c's 16 words from word
-// `pair` on, zeros past the row) moved to the panel's layout: 16 pairs of the 16 rows at a time (rows
-// past `count` as zeros), transposed in registers.
-template <typename Load>
-__attribute__((always_inline)) inline void transpose_pairs(int64_t row_words, int64_t count, const Load& load, uint16_t* panel) {
-  auto* words = reinterpret_cast<uint32_t*>(panel);
-  for (int64_t pair = 0; pair < row_words; pair += 16) {
-    __m512i v[16];
-    for (int64_t c = 0; c < kPanel; ++c) v[c] = c < count ? load(c, pair) : _mm512_setzero_si512();
-    simd::transpose16(v);
-    for (int64_t i = 0; i < std::min<int64_t>(16, row_words - pair); ++i) {
-      _mm512_storeu_si512(words + (pair + i) * kPanel, v[i]);
+// Panels [panel_begin, panel_end) of a row-major B (k, n), up to kRowPanels at a time: for each pair of
+// rows, the next 16 columns of each panel (pair(row, j0, columns) -> those columns of rows row and row + 1,
+// or zeros past k, as one vector of pairs, and a mask of its lanes that hold an infinity or NaN), so that
+// each row is read kRowPanels x 16 columns at a time rather than 16 (a weight of 2 KB rows read 32 bytes
+// a row went at the speed of its row misses).
+constexpr int64_t kRowPanels = 4;
+template <typename Pair>
+__attribute__((always_inline)) inline void pack_rows(int64_t k, int64_t n, uint16_t* out, int64_t panel_begin,
+                                                     int64_t panel_end, uint8_t* nonfinite, const Pair& pair) {
+  const int64_t kp = padded_depth(k);
+  for (int64_t p0 = panel_begin; p0 < panel_end; p0 += kRowPanels) {
+    const int64_t count = std::min(kRowPanels, panel_end - p0);
+    __mmask16 columns[kRowPanels], bad[kRowPanels] = {};
+    for (int64_t i = 0; i < count; ++i) columns[i] = first_lanes(n - (p0 + i) * kPanel);
+    for (int64_t kk = 0; kk < kp; kk += 2) {
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t p = p0 + i;
+        __mmask16 lanes;
+        _mm512_storeu_si512(out + p * panel_stride(k) + kk * kPanel, pair(kk, p * kPanel, columns[i], &lanes));
+        bad[i] |= lanes;
+      }
     }
+    if (nonfinite != nullptr) {
+      for (int64_t i = 0; i < count; ++i) nonfinite[p0 + i - panel_begin] = bad[i] != 0;
+    }
+  }
+}
+
+// Panels [panel_begin, panel_end) of B = W^T (W (n, k) rows, ld apart): per panel, the pairs of its 16 rows of W
+// (rows(j0, count, words) -> W's rows j0.. as 32-bit words, row_words each, and whether all are finite)
+// moved to the panel's layout, 16 pairs of the 16 rows at a time (rows past n as zeros), transposed in
+// registers.
+template <typename Rows>
+__attribute__((always_inline)) inline void pack_transposed(int64_t k, int64_t n, uint16_t* out,
+                                                           int64_t panel_begin, int64_t panel_end,
+                                                           uint8_t* nonfinite, const Rows& rows) {
+  const int64_t row_words = padded_depth(k) / 2;
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    const int64_t j0 = p * kPanel, count = std::min<int64_t>(kPanel, n - j0);
+    auto* words = reinterpret_cast<uint32_t*>(out + p * panel_stride(k));
+    const auto load = rows(j0, count);  // load(c, pair): row c's 16 words from `pair` on, zeros past it
+    for (int64_t pair = 0; pair < row_words; pair += 16) {
+      __m512i v[16];
+      for (int64_t c = 0; c < kPanel; ++c) v[c] = c < count ? load(c, pair) : _mm512_setzero_si512();
+      simd::transpose16(v);
+      for (int64_t i = 0; i < std::min<int64_t>(16, row_words - pair); ++i) {
+        _mm512_storeu_si512(words + (pair + i) * kPanel, v[i]);
+      }
+    }
+    if (nonfinite != nullptr) nonfinite[p - panel_begin] = !load.finite();
   }
 }
 
@@ -128,68 +165,64 @@ inline __mmask32 first_words(int64_t count) {
 
 }  // namespace
 
-bool pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
-            int64_t panel_begin, int64_t panel_end) {
-  const int64_t kp = padded_depth(k);
-  bool finite = true;
-  for (int64_t p = panel_begin; p < panel_end; ++p) {
-    uint16_t* panel = out + p * panel_stride(k);
-    const int64_t j0 = p * kPanel;
-    if (!transposed) {
-      // Two rows of B at a time: 16 columns each, one vector of pairs.
-      const __mmask16 columns = first_lanes(n - j0);
-      for (int64_t kk = 0; kk < kp; kk += 2) {
-        const __m512 lo = _mm512_maskz_loadu_ps(columns, b + kk * ld + j0);
-        const __m512 hi = _mm512_maskz_loadu_ps(kk + 1 < k ? columns : __mmask16(0), b + (kk + 1) * ld + j0);
-        _mm512_storeu_si512(panel + kk * kPanel, pairs_of(lo, hi));
-        finite &= (_mm512_fpclass_ps_mask(lo, kNonFinite) | _mm512_fpclass_ps_mask(hi, kNonFinite)) == 0;
-      }
-      continue;
-    }
-    // B = W^T: column j of B is row j of W, whose consecutive pairs go to lane j - j0 of each vector:
-    // the panel's 16 rows of W rounded (round_rows), then their pairs moved as 32-bit words.
-    const int64_t count = std::min<int64_t>(kPanel, n - j0), row_words = kp / 2;
-    thread_local std::vector<uint32_t> rows;
-    rows.resize(kPanel * row_words);
-    bool rows_finite = true;
-    round_rows(b + j0 * ld, ld, count, k, reinterpret_cast<uint16_t*>(rows.data()), &rows_finite);
-    finite &= rows_finite;
-    transpose_pairs(row_words, count, [&](int64_t c, int64_t pair) {
-      return _mm512_maskz_loadu_epi32(first_lanes(row_words - pair), rows.data() + c * row_words + pair);
-    }, panel);
+void pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out, int64_t panel_begin,
+            int64_t panel_end, uint8_t* nonfinite) {
+  if (!transposed) {
+    pack_rows(k, n, out, panel_begin, panel_end, nonfinite, [&](int64_t kk, int64_t j0, __mmask16 columns, __mmask16* bad) {
+      const __m512 lo = _mm512_maskz_loadu_ps(columns, b + kk * ld + j0);
+      const __m512 hi = _mm512_maskz_loadu_ps(kk + 1 < k ? columns : __mmask16(0), b + (kk + 1) * ld + j0);
+      *bad = _mm512_fpclass_ps_mask(lo, kNonFinite) | _mm512_fpclass_ps_mask(hi, kNonFinite);
+      return pairs_of(lo, hi);
+    });
+    return;
   }
-  return finite;
+  // The panel's rows of W rounded (round_rows) into a scratch, then moved as words.
+  struct Load {
+    const uint32_t* rows;
+    int64_t row_words;
+    bool all_finite;
+    __m512i operator()(int64_t c, int64_t pair) const {
+      return _mm512_maskz_loadu_epi32(first_lanes(row_words - pair), rows + c * row_words + pair);
+    }
+    bool finite() const { return all_finite; }
+  };
+  thread_local std::vector<uint32_t> scratch;
+  const int64_t row_words = padded_depth(k) / 2;
+  scratch.resize(kPanel * row_words);
+  pack_transposed(k, n, out, panel_begin, panel_end, nonfinite, [&](int64_t j0, int64_t count) {
+    Load load{scratch.data(), row_words, true};
+    round_rows(b + j0 * ld, ld, count, k, reinterpret_cast<uint16_t*>(scratch.data()), &load.all_finite);
+    return load;
+  });
 }
 
-bool pack_b(const uint16_t* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
-            int64_t panel_begin, int64_t panel_end) {
-  const int64_t kp = padded_depth(k);
-  __mmask32 nonfinite = 0;
-  for (int64_t p = panel_begin; p < panel_end; ++p) {
-    uint16_t* panel = out + p * panel_stride(k);
-    const int64_t j0 = p * kPanel;
-    if (!transposed) {
-      // Two rows of B at a time, their 16 columns' words interleaved into pairs.
-      const __mmask16 columns = first_lanes(n - j0);
-      for (int64_t kk = 0; kk < kp; kk += 2) {
-        const __m256i lo = _mm256_maskz_loadu_epi16(columns, b + kk * ld + j0);
-        const __m256i hi = _mm256_maskz_loadu_epi16(kk + 1 < k ? columns : __mmask16(0), b + (kk + 1) * ld + j0);
-        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        nonfinite |= nonfinite_words(both);
-        _mm512_storeu_si512(panel + kk * kPanel, _mm512_or_si512(_mm512_cvtepu16_epi32(lo),
-                                                                 _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16)));
-      }
-      continue;
-    }
-    // B = W^T: row j of W's pairs are words already (an odd depth's last word padded with a zero).
-    const int64_t count = std::min<int64_t>(kPanel, n - j0);
-    transpose_pairs(kp / 2, count, [&](int64_t c, int64_t pair) {
-      const __m512i v = _mm512_maskz_loadu_epi16(first_words(k - 2 * pair), b + (j0 + c) * ld + 2 * pair);
-      nonfinite |= nonfinite_words(v);
-      return v;
-    }, panel);
+void pack_b(const uint16_t* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
+            int64_t panel_begin, int64_t panel_end, uint8_t* nonfinite) {
+  if (!transposed) {
+    // Two rows' 16 columns interleaved into pairs.
+    pack_rows(k, n, out, panel_begin, panel_end, nonfinite, [&](int64_t kk, int64_t j0, __mmask16 columns, __mmask16* bad) {
+      const __m256i lo = _mm256_maskz_loadu_epi16(columns, b + kk * ld + j0);
+      const __m256i hi = _mm256_maskz_loadu_epi16(kk + 1 < k ? columns : __mmask16(0), b + (kk + 1) * ld + j0);
+      const __mmask32 words = nonfinite_words(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+      *bad = __mmask16(words | (words >> 16));
+      return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+    });
+    return;
   }
-  return nonfinite == 0;
+  // W's rows read in place: their pairs are words already (an odd depth's last word padded with a zero).
+  struct Load {
+    const uint16_t* rows;
+    int64_t ld, k;
+    mutable __mmask32 bad;
+    __m512i operator()(int64_t c, int64_t pair) const {
+      const __m512i v = _mm512_maskz_loadu_epi16(first_words(k - 2 * pair), rows + c * ld + 2 * pair);
+      bad |= nonfinite_words(v);
+      return v;
+    }
+    bool finite() const { return bad == 0; }
+  };
+  pack_transposed(k, n, out, panel_begin, panel_end, nonfinite,
+                  [&](int64_t j0, int64_t) { return Load{b + j0 * ld, ld, k, 0}; });
 }
 
 void round_columns(const float* a, int64_t ld, int64_t rows, int64_t k, uint16_t* out) {
@@ -546,8 +579,8 @@ void amx_gemm(int64_t n, int64_t k, const uint16_t* a, const uint16_t* a_low, co
 
 namespace lstmfast::cpu::bf16 {
 bool supported() { return false; }
-bool pack_b(const float*, int64_t, int64_t, int64_t, bool, uint16_t*, int64_t, int64_t) { return true; }
-bool pack_b(const uint16_t*, int64_t, int64_t, int64_t, bool, uint16_t*, int64_t, int64_t) { return true; }
+void pack_b(const float*, int64_t, int64_t, int64_t, bool, uint16_t*, int64_t, int64_t, uint8_t*) {}
+void pack_b(const uint16_t*, int64_t, int64_t, int64_t, bool, uint16_t*, int64_t, int64_t, uint8_t*) {}
 void round_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, bool*) {}
 void round_columns(const float*, int64_t, int64_t, int64_t, uint16_t*) {}
 void round_rows_split(const float*, int64_t, int64_t, int64_t, uint16_t*, uint16_t*) {}

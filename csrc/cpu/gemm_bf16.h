@@ -27,13 +27,13 @@ inline int64_t panel_stride(int64_t k) { return padded_depth(k) * kPanel; }
 inline int64_t packed_size(int64_t k, int64_t n) { return panels_of(n) * panel_stride(k); }
 
 // Rounds (nearest even) and packs panels [panel_begin, panel_end) of B (k, n), read as b[kk * ld + j], or
-// b[j * ld + kk] when transposed (B = W^T, W an (n, k) matrix); zero past column n and depth k. Returns
-// whether every value it packed is finite.
-bool pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
-            int64_t panel_begin, int64_t panel_end);
+// b[j * ld + kk] when transposed (B = W^T, W an (n, k) matrix); zero past column n and depth k. With
+// `nonfinite`, also says for each panel (nonfinite[p - panel_begin]) whether it holds an infinity or NaN.
+void pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
+            int64_t panel_begin, int64_t panel_end, uint8_t* nonfinite = nullptr);
 // The same for a B that holds bfloat16 values already (their bits): the words moved, nothing rounded.
-bool pack_b(const uint16_t* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
-            int64_t panel_begin, int64_t panel_end);
+void pack_b(const uint16_t* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out,
+            int64_t panel_begin, int64_t panel_end, uint8_t* nonfinite = nullptr);
 
 // Rounds rows [0, rows) of A (a[r * lda + kk]) to bfloat16 rows of padded_depth(k) elements in out;
 // with `finite`, also says whether every value it read was finite.

@@ -511,11 +511,9 @@ struct CpuBackend {
         uint8_t* flags = packed_[count].nonfinite.data();
         const uint16_t* narrow = narrow_source(b);
         share(cpu::bf16::panels_of(n), 4, [&](int64_t begin, int64_t end) {
-          for (int64_t p = begin; p < end; ++p) {
-            auto* to = static_cast<uint16_t*>(out);
-            flags[p] = !(narrow != nullptr ? cpu::bf16::pack_b(narrow, k, n, ld, transposed, to, p, p + 1)
-                                           : cpu::bf16::pack_b(b, k, n, ld, transposed, to, p, p + 1));
-          }
+          auto* to = static_cast<uint16_t*>(out);
+          if (narrow != nullptr) cpu::bf16::pack_b(narrow, k, n, ld, transposed, to, begin, end, flags + begin);
+          else cpu::bf16::pack_b(b, k, n, ld, transposed, to, begin, end, flags + begin);
         });
         if (nonfinite != nullptr) *nonfinite = flags;
         packed_count_.store(count + 1, std::memory_order_release);
@@ -718,7 +716,7 @@ struct CpuBackend {
                      bool trans_b, bool accumulate, float* c, int64_t ldc, bool split) {
     namespace x = cpu::bf16;
     const int64_t panels = x::panels_of(n), bs = x::panel_stride(k);
-    const int64_t group = std::clamp<int64_t>(kStreamedBytes / (bs * 2), 1, kStreamedPanels);
+    const int64_t group = std::clamp<int64_t>(kStreamedBytes / (bs * 2), trans_b ? 1 : 4, kStreamedPanels);
     const uint16_t* narrow = narrow_source(b);
     share((panels + group - 1) / group, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<uint16_t> scratch;
@@ -729,10 +727,8 @@ struct CpuBackend {
         // op(B)'s columns from j0 on: W's rows from j0 (transposed), or B's columns.
         const int64_t p0 = g * group, count = std::min(group, panels - p0), j0 = p0 * x::kPanel;
         const int64_t from = trans_b ? j0 * ldb : j0;
-        for (int64_t q = 0; q < count; ++q) {
-          nonfinite[q] = !(narrow != nullptr ? x::pack_b(narrow + from, k, n - j0, ldb, trans_b, scratch.data(), q, q + 1)
-                                             : x::pack_b(b + from, k, n - j0, ldb, trans_b, scratch.data(), q, q + 1));
-        }
+        if (narrow != nullptr) x::pack_b(narrow + from, k, n - j0, ldb, trans_b, scratch.data(), 0, count, nonfinite);
+        else x::pack_b(b + from, k, n - j0, ldb, trans_b, scratch.data(), 0, count, nonfinite);
         block_product(rows, m, n - j0, k, scratch.data(), c + j0, ldc, accumulate, 0, count, nonfinite);
       }
     });
