@@ -214,24 +214,31 @@ def _outputs_and_input_grad(layer, batch, h0):
 
 
 def _check_streamed_weights_give_the_packed_bits():
-    """A weight that a call multiplies at most twice, by at most 64 rows (a decoder's one-step calls), is
-    packed a few panels at a time into a thread's scratch and used at once (streamed); more uses or rows
-    pack it whole first. Both multiply the same packed panels, so a call's rows must equal the same
-    sequences' rows in a call of 65 (all packed), bit for bit (outputs, final states, input gradient);
-    T = 2, B = 33 streams the steps' products and packs the input projection's. I = 530 crosses
-    an AMX chunk and a depth block, H = 70 leaves ragged panels. An infinity in W_hh (row 40: a gate of
-    hidden unit 40, in the product's third 16-column panel, units 32-47) makes the products take h_{t-1}
-    as one term in that panel only: over two steps (h_1 is not a bfloat16 value, so its second term
-    counts), every unit outside the panel gets the bits it gets without the infinity (W_hh's column 40
-    zero, so that unit 40's h_1 reaches no other unit)."""
+    """A weight that a call multiplies at most twice, by at most 64 rows (a decoder's one-step calls), is packed
+    a few panels at a time into a thread's scratch and used at once (streamed); more uses or rows pack it whole
+    first. Both multiply the same packed panels, so a call's rows must equal the same sequences' rows in a call
+    of 65 (all packed), bit for bit (outputs, final states, input gradient), and the same on one thread; T = 2,
+    B = 33 streams the steps' products and packs the input projection's. I = 530 crosses an AMX chunk and a
+    depth block, H = 70 leaves ragged panels. An infinity in W_hh (row 40: a gate of hidden unit 40, in the
+    product's third 16-column panel, units 32-47) makes the products take h_{t-1} as one term in that panel
+    only: over two steps (h_1 is not a bfloat16 value, so its second term counts), every unit outside the panel
+    gets the bits it gets without the infinity (W_hh's column 40 zero, so that unit 40's h_1 reaches no other
+    unit)."""
     cases = [("LSTM", {}), ("LSTM", dict(proj_size=21)), ("GRU", {}), ("RNN", {})]
     for (kind, kwargs), (steps, rows) in itertools.product(cases, [(1, 1), (1, 64), (2, 4), (2, 33), (3, 1)]):
         torch.manual_seed(0)
         layer = getattr(lstmfast, kind)(530, 70, **kwargs).bfloat16()
         x = torch.randn(steps, 65, 530).bfloat16()
         few, many = (_outputs_and_input_grad(layer, batch, None) for batch in (x[:, :rows], x))
-        for a, b in zip(few, many):
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            alone = _outputs_and_input_grad(layer, x[:, :rows], None)
+        finally:
+            torch.set_num_threads(threads)
+        for a, b, c in zip(few, many, alone):
             assert torch.equal(a, b[:, :rows] if b.dim() == 3 else b[:rows]), (kind, kwargs, steps, rows)
+            assert torch.equal(a, c), (kind, kwargs, steps, rows, "one thread")
     for kind, rows in itertools.product(("LSTM", "GRU", "RNN"), (1, 65)):
         torch.manual_seed(0)
         layer = getattr(lstmfast, kind)(530, 70).bfloat16()

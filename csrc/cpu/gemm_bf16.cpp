@@ -101,10 +101,10 @@ constexpr int kInfinite = 0x18, kNonFinite = 0x99;
 namespace {
 
 // Panels [panel_begin, panel_end) of a row-major B (k, n), up to kRowPanels at a time: for each pair of
-// rows, the next 16 columns of each panel (pair(row, j0, columns) -> those columns of rows row and row + 1,
-// or zeros past k, as one vector of pairs, and a mask of its lanes that hold an infinity or NaN), so that
-// each row is read kRowPanels x 16 columns at a time rather than 16 (a weight of 2 KB rows read 32 bytes
-// a row went at the speed of its row misses).
+// rows, the 16 columns of each of those panels (pair(kk, j0, columns, &bad): columns j0.. (`columns` the
+// lanes that exist) of rows kk and kk + 1, zeros past k, as one vector of pairs, with `bad` the lanes
+// that hold an infinity or NaN), so that each row is read kRowPanels x 16 columns at a time rather than
+// 16 (a weight of 2 KB rows read 32 bytes a row went at the speed of its row misses).
 constexpr int64_t kRowPanels = 4;
 template <typename Pair>
 __attribute__((always_inline)) inline void pack_rows(int64_t k, int64_t n, uint16_t* out, int64_t panel_begin,
@@ -128,10 +128,10 @@ __attribute__((always_inline)) inline void pack_rows(int64_t k, int64_t n, uint1
   }
 }
 
-// Panels [panel_begin, panel_end) of B = W^T (W (n, k) rows, ld apart): per panel, the pairs of its 16 rows of W
-// (rows(j0, count, words) -> W's rows j0.. as 32-bit words, row_words each, and whether all are finite)
+// Panels [panel_begin, panel_end) of B = W^T (W (n, k)): per panel, the pairs of its `count` rows of W
 // moved to the panel's layout, 16 pairs of the 16 rows at a time (rows past n as zeros), transposed in
-// registers.
+// registers. rows(j0, count) gives the panel's loader: load(c, pair), row j0 + c's 32-bit words (pairs)
+// from `pair` on, zeros past the row; load.finite(), whether every value it loaded was finite.
 template <typename Rows>
 __attribute__((always_inline)) inline void pack_transposed(int64_t k, int64_t n, uint16_t* out,
                                                            int64_t panel_begin, int64_t panel_end,
@@ -168,12 +168,13 @@ inline __mmask32 first_words(int64_t count) {
 void pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, uint16_t* out, int64_t panel_begin,
             int64_t panel_end, uint8_t* nonfinite) {
   if (!transposed) {
-    pack_rows(k, n, out, panel_begin, panel_end, nonfinite, [&](int64_t kk, int64_t j0, __mmask16 columns, __mmask16* bad) {
+    const auto pair = [&](int64_t kk, int64_t j0, __mmask16 columns, __mmask16* bad) {
       const __m512 lo = _mm512_maskz_loadu_ps(columns, b + kk * ld + j0);
       const __m512 hi = _mm512_maskz_loadu_ps(kk + 1 < k ? columns : __mmask16(0), b + (kk + 1) * ld + j0);
       *bad = _mm512_fpclass_ps_mask(lo, kNonFinite) | _mm512_fpclass_ps_mask(hi, kNonFinite);
       return pairs_of(lo, hi);
-    });
+    };
+    pack_rows(k, n, out, panel_begin, panel_end, nonfinite, pair);
     return;
   }
   // The panel's rows of W rounded (round_rows) into a scratch, then moved as words.
@@ -200,13 +201,14 @@ void pack_b(const uint16_t* b, int64_t k, int64_t n, int64_t ld, bool transposed
             int64_t panel_begin, int64_t panel_end, uint8_t* nonfinite) {
   if (!transposed) {
     // Two rows' 16 columns interleaved into pairs.
-    pack_rows(k, n, out, panel_begin, panel_end, nonfinite, [&](int64_t kk, int64_t j0, __mmask16 columns, __mmask16* bad) {
+    const auto pair = [&](int64_t kk, int64_t j0, __mmask16 columns, __mmask16* bad) {
       const __m256i lo = _mm256_maskz_loadu_epi16(columns, b + kk * ld + j0);
       const __m256i hi = _mm256_maskz_loadu_epi16(kk + 1 < k ? columns : __mmask16(0), b + (kk + 1) * ld + j0);
       const __mmask32 words = nonfinite_words(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
       *bad = __mmask16(words | (words >> 16));
       return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
-    });
+    };
+    pack_rows(k, n, out, panel_begin, panel_end, nonfinite, pair);
     return;
   }
   // W's rows read in place: their pairs are words already (an odd depth's last word padded with a zero).

@@ -1038,8 +1038,8 @@ struct CpuBackend {
 // activations saved for backward (outputs named gates / cells: rounding the saved forget gate would
 // compound over the steps of backward) and the gradient norms (float32 for these dtypes on every
 // device). A bfloat16 call's weight matrices are not widened when a bfloat16 engine multiplies them:
-// they are packed from their own bits (cpu::NarrowWeight). Written once for every op, from its schema's names: an op of the same form (GRU's) gets it
-// by registering through it.
+// they are packed from their own bits (cpu::NarrowWeight). Written once for every op, from its schema's
+// names: an op of the same form (GRU's) gets it by registering through it.
 template <const char* Name, auto Op, typename Signature = decltype(Op)>
 struct ReducedPrecision;
 
