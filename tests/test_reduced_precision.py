@@ -205,7 +205,8 @@ def test_every_engine_is_deterministic_across_threads(engine):
 
 
 def _outputs_and_input_grad(layer, batch, h0):
-    """A bfloat16 module's output, final states and input gradient (all-ones output gradient), as bits."""
+    """A reduced-precision module's output, final states and input gradient (all-ones output gradient), as
+    bits."""
     batch = batch.clone().requires_grad_()
     output, state = layer(batch, h0 if h0 is None or not isinstance(layer, lstmfast.LSTM) else (h0, h0))
     output.backward(torch.ones_like(output))
@@ -213,13 +214,13 @@ def _outputs_and_input_grad(layer, batch, h0):
     return [r.detach().view(torch.int16) for r in results]
 
 
-def _check_streamed_weights_give_the_packed_bits():
+def _check_streamed_weights_give_the_packed_bits(dtype=torch.bfloat16):
     """A weight that a call multiplies at most twice, by at most 64 rows (a decoder's one-step calls), is packed
     a few panels at a time into a thread's scratch and used at once (streamed); more uses or rows pack it whole
     first. Both multiply the same packed panels, so a call's rows must equal the same sequences' rows in a call
     of 65 (all packed), bit for bit (outputs, final states, input gradient), and the same on one thread; T = 2,
     B = 33 streams the steps' products and packs the input projection's. I = 530 crosses an AMX chunk and a
-    depth block, H = 70 leaves ragged panels. An infinity in W_hh (row 40: a gate of hidden unit 40, in the
+    depth block, H = 70 leaves ragged panels. In bfloat16, an infinity in W_hh (row 40: a gate of hidden unit 40, in the
     product's third 16-column panel, units 32-47) makes the products take h_{t-1} as one term in that panel
     only: over two steps (h_1 is not a bfloat16 value, so its second term counts), every unit outside the panel
     gets the bits it gets without the infinity (W_hh's column 40 zero, so that unit 40's h_1 reaches no other
@@ -227,8 +228,8 @@ def _check_streamed_weights_give_the_packed_bits():
     cases = [("LSTM", {}), ("LSTM", dict(proj_size=21)), ("GRU", {}), ("RNN", {})]
     for (kind, kwargs), (steps, rows) in itertools.product(cases, [(1, 1), (1, 64), (2, 4), (2, 33), (3, 1)]):
         torch.manual_seed(0)
-        layer = getattr(lstmfast, kind)(530, 70, **kwargs).bfloat16()
-        x = torch.randn(steps, 65, 530).bfloat16()
+        layer = getattr(lstmfast, kind)(530, 70, **kwargs).to(dtype)
+        x = torch.randn(steps, 65, 530).to(dtype)
         few, many = (_outputs_and_input_grad(layer, batch, None) for batch in (x[:, :rows], x))
         threads = torch.get_num_threads()
         try:
@@ -239,6 +240,8 @@ def _check_streamed_weights_give_the_packed_bits():
         for a, b, c in zip(few, many, alone):
             assert torch.equal(a, b[:, :rows] if b.dim() == 3 else b[:rows]), (kind, kwargs, steps, rows)
             assert torch.equal(a, c), (kind, kwargs, steps, rows, "one thread")
+    if dtype != torch.bfloat16:
+        return
     for kind, rows in itertools.product(("LSTM", "GRU", "RNN"), (1, 65)):
         torch.manual_seed(0)
         layer = getattr(lstmfast, kind)(530, 70).bfloat16()
@@ -253,6 +256,12 @@ def _check_streamed_weights_give_the_packed_bits():
         others = [u for u in range(70) if not 32 <= u < 48]
         assert torch.equal(output[..., others], finite[..., others]), (kind, rows)
         assert not torch.equal(output[..., 40], finite[..., 40])
+
+
+def test_streamed_float16_weights_give_the_packed_bits():
+    """float16 weights are packed from their own bits too (widened as they are packed), and streamed by the
+    same rule: the float32 kernels' streamed and packed products must agree bit for bit."""
+    _check_streamed_weights_give_the_packed_bits(torch.float16)
 
 
 @pytest.mark.parametrize("engine", ["amx", "avx512_bf16"])

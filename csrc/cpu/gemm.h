@@ -36,6 +36,10 @@ template <typename T>
 void pack_b(const T* b, int64_t k, int64_t n, int64_t ld, bool transposed, T* out, int64_t panel_begin,
             int64_t panel_end);
 
+// pack_b<float> for a B of float16 values (their bits): each widened to float32 (exactly) as it is packed.
+void pack_b_half(const uint16_t* b, int64_t k, int64_t n, int64_t ld, bool transposed, float* out,
+                 int64_t panel_begin, int64_t panel_end);
+
 // A(r, kk) = data[r * row_stride + kk * depth_stride]: any strides, e.g. (1, ld) for a transposed
 // row-major matrix (the weight gradients' G^T X reads G in place).
 template <typename T>

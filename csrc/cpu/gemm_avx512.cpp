@@ -246,6 +246,45 @@ void pack_b(const T* b, int64_t k, int64_t n, int64_t ld, bool transposed, T* ou
   }
 }
 
+void pack_b_half(const uint16_t* b, int64_t k, int64_t n, int64_t ld, bool transposed, float* out,
+                 int64_t panel_begin, int64_t panel_end) {
+  constexpr int64_t w = kPanel<float>;
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    float* panel = out + p * k * w;
+    const int64_t j0 = p * w, cols = std::min(w, n - j0);
+    if (!transposed) {
+      // Up to four panels a row at a time (a row's 16 halves are 32 bytes: one panel at a time down the
+      // rows reads at the speed of its row misses).
+      const int64_t count = std::min<int64_t>(4, panel_end - p);
+      __mmask16 lanes[4];
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t c = std::min(w, n - (p + i) * w);
+        lanes[i] = c == w ? __mmask16(0xFFFF) : __mmask16((1u << c) - 1);
+      }
+      for (int64_t kk = 0; kk < k; ++kk) {
+        for (int64_t i = 0; i < count; ++i) {
+          const __m256i halves = _mm256_maskz_loadu_epi16(lanes[i], b + kk * ld + j0 + i * w);
+          _mm512_storeu_ps(panel + i * k * w + kk * w, _mm512_cvtph_ps(halves));
+        }
+      }
+      p += count - 1;
+      continue;
+    }
+    // As pack_b's: w x w blocks of W transposed in registers, each row's halves widened as loaded.
+    for (int64_t k0 = 0; k0 < k; k0 += w) {
+      const int64_t depth = std::min(w, k - k0);
+      const __mmask16 lanes = depth == w ? __mmask16(0xFFFF) : __mmask16((1u << depth) - 1);
+      __m512i v[w];
+      for (int64_t j = 0; j < w; ++j) {
+        v[j] = j < cols ? _mm512_castps_si512(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, b + (j0 + j) * ld + k0)))
+                        : _mm512_setzero_si512();
+      }
+      simd::transpose16(v);
+      for (int64_t d = 0; d < depth; ++d) _mm512_storeu_si512(panel + (k0 + d) * w, v[d]);
+    }
+  }
+}
+
 template <typename T>
 void gemm(int64_t n, int64_t k, MatrixA<T> a, MatrixB<T> b, T* c, int64_t ldc, bool accumulate,
           int64_t row_begin, int64_t row_end, int64_t panel_begin, int64_t panel_end) {
@@ -355,6 +394,7 @@ LSTMFAST_INSTANTIATE(double)
 
 namespace lstmfast::cpu::avx512 {
 int64_t panels_per_tile(int64_t, bool) { return 1; }
+void pack_b_half(const uint16_t*, int64_t, int64_t, int64_t, bool, float*, int64_t, int64_t) {}
 template <typename T>
 void pack_b(const T*, int64_t, int64_t, int64_t, bool, T*, int64_t, int64_t) {}
 template <typename T>

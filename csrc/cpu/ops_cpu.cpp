@@ -144,12 +144,14 @@ std::string gemm_engine(at::ScalarType dtype) {
 // thread then rounds its products' operands to bfloat16.
 thread_local bool bf16_products = false;
 
-// A bfloat16 call's weight matrices as the caller passed them (ReducedPrecision below), when a bfloat16
-// engine multiplies them. In each one's place the loops get a float32 tensor over address space
-// reserved without access, and the bfloat16 products pack the weight from its own bits
-// (CpuBackend::narrow_source): every call is spared widening it (2 bytes read, 4 written an element)
-// and rounding it back. Nothing else reads a weight in such a call; the float32 paths that take a
-// weight check that (wide()), and any other read would fault rather than see stale memory.
+// A bfloat16 or float16 call's weight matrices as the caller passed them (ReducedPrecision below), when
+// lstmfast's own GEMMs multiply them (a bfloat16 engine; the AVX-512 float32 GEMM for float16). In each
+// one's place the loops get a float32 tensor over address space reserved without access, and the
+// products pack the weight from its own bits (CpuBackend::narrow_source: bfloat16 bits in a bfloat16
+// call, rounded no further; float16 bits in a float16 one, widened exactly as they are packed): every
+// call is spared widening it at entry (2 bytes read, 4 written an element). Nothing else reads a weight
+// in such a call; the float32 paths that take a weight check that (wide()), and any other read would
+// fault rather than see stale memory.
 struct NarrowWeight {
   const float* wide;  // the reserved range
   int64_t numel;
@@ -171,7 +173,7 @@ NarrowWeight* narrow_entry(NarrowWeights* weights, const void* p) {
 template <typename T>
 const T* wide(NarrowWeights* weights, const T* p) {
   TORCH_INTERNAL_ASSERT(narrow_entry(weights, p) == nullptr,
-                        "lstmfast: internal error: a float32 read of a bfloat16 weight kept as it is");
+                        "lstmfast: internal error: a float32 read of a weight kept in its own dtype");
   return p;
 }
 
@@ -279,13 +281,19 @@ struct CpuBackend {
   // A bfloat16 call: every product's operands are rounded to bfloat16 (sums stay float32).
   bool bf16_;
   cpu::Bf16Engine engine_;
-  // The call's weights kept in bfloat16 (cpu::NarrowWeight), looked up from any thread of a team.
+  // The call's weights kept in its own dtype (cpu::NarrowWeight), looked up from any thread of a team.
   cpu::NarrowWeights* narrow_;
-  // The bfloat16 bits of the matrix at b when b lies in a narrow weight (same element offsets), else
-  // nullptr.
+  // The bits (bfloat16 or float16: the call's dtype) of the matrix at b when b lies in a narrow weight
+  // (same element offsets), else nullptr.
   const uint16_t* narrow_source(const float* b) const {
     const cpu::NarrowWeight* w = cpu::narrow_entry(narrow_, b);
     return w == nullptr ? nullptr : w->narrow + (b - w->wide);
+  }
+  // The float16 bits of the matrix at b (a float16 call's narrow weight), else nullptr.
+  template <typename T>
+  const uint16_t* half_source(const T* b) const {
+    if constexpr (std::is_same_v<T, float>) return bf16_ ? nullptr : narrow_source(b);
+    else return nullptr;
   }
   // Whether a bfloat16 call's product takes its A operand as two bfloat16 terms (high + low, 16
   // significant bits; bf16::round_rows_split): the forward's per-step products, which multiply the state
@@ -520,9 +528,15 @@ struct CpuBackend {
         return out;
       }
     }
-    share(cpu::avx512::panels_of<T>(n), 16, [&](int64_t begin, int64_t end) {
-      cpu::avx512::pack_b<T>(cpu::wide(narrow_, b), k, n, ld, transposed, static_cast<T*>(out), begin, end);
-    });
+    if (const uint16_t* half = half_source(b)) {
+      share(cpu::avx512::panels_of<T>(n), 16, [&](int64_t begin, int64_t end) {
+        cpu::avx512::pack_b_half(half, k, n, ld, transposed, static_cast<float*>(out), begin, end);
+      });
+    } else {
+      share(cpu::avx512::panels_of<T>(n), 16, [&](int64_t begin, int64_t end) {
+        cpu::avx512::pack_b<T>(cpu::wide(narrow_, b), k, n, ld, transposed, static_cast<T*>(out), begin, end);
+      });
+    }
     packed_count_.store(count + 1, std::memory_order_release);
     return out;
   }
@@ -558,14 +572,19 @@ struct CpuBackend {
   //    it, and packed above (at H = 1024 a training step is 5-10% faster: in place, each step of the
   //    depth loop reads a new page).
   static bool read_in_place(int64_t m, int64_t uses) { return uses * m <= cpu::avx512::kMaxRows; }
+  // A float16 call's narrow weight is always packed (and streamed where half_streams says so, before).
   template <typename T>
   cpu::avx512::MatrixB<T> weight_matrix(const T* b, int64_t m, int64_t k, int64_t n, int64_t ldb, bool trans_b,
                                         int64_t uses) {
+    if (half_source(b) != nullptr) {
+      return cpu::avx512::packed_matrix(static_cast<const T*>(packed(b, k, n, ldb, trans_b)), k);
+    }
     if (read_in_place(m, uses)) {
-      return trans_b ? cpu::avx512::transposed_matrix(b, ldb) : cpu::avx512::row_major_matrix(b, ldb);
+      return trans_b ? cpu::avx512::transposed_matrix(cpu::wide(narrow_, b), ldb)
+                     : cpu::avx512::row_major_matrix(cpu::wide(narrow_, b), ldb);
     }
     if (!trans_b && k * n * static_cast<int64_t>(sizeof(T)) <= (int64_t(1) << 20)) {
-      return cpu::avx512::row_major_matrix(b, ldb);
+      return cpu::avx512::row_major_matrix(cpu::wide(narrow_, b), ldb);
     }
     return cpu::avx512::packed_matrix(static_cast<const T*>(packed(b, k, n, ldb, trans_b)), k);
   }
@@ -618,8 +637,7 @@ struct CpuBackend {
         return;
       }
     }
-    wide_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, cpu::wide(narrow_, b), ldb, beta, c, ldc,
-              step ? steps_ : 1);
+    wide_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, step ? steps_ : 1);
   }
 
   // ---- bfloat16 products (a bfloat16 call; float32 buffers everywhere else).
@@ -710,30 +728,66 @@ struct CpuBackend {
   // 0.31; but T=3 B=8 1.37 -> 1.39, T=4 B=1 1.42 -> 1.50, T=8 B=1 1.83 -> 2.39.
   static bool bf16_streams(int64_t m, int64_t uses) { return uses <= 2 && m <= kBf16Block; }
 
-  // bf16_gemm's product for bf16_streams: each thread packs its panels of op(B) a few at a time into
-  // its own scratch and multiplies them at once. The same packed panels, so the same bits.
+  // bf16_gemm's product for bf16_streams (streamed): A rounded once per thread.
   void bf16_streamed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                      bool trans_b, bool accumulate, float* c, int64_t ldc, bool split) {
     namespace x = cpu::bf16;
-    const int64_t panels = x::panels_of(n), bs = x::panel_stride(k);
-    const int64_t group = std::clamp<int64_t>(kStreamedBytes / (bs * 2), trans_b ? 1 : 4, kStreamedPanels);
     const uint16_t* narrow = narrow_source(b);
-    share((panels + group - 1) / group, 1, [&](int64_t begin, int64_t end) {
-      thread_local std::vector<uint16_t> scratch;
-      if (static_cast<int64_t>(scratch.size()) < group * bs) scratch.resize(group * bs);
-      const RoundedBlock rows = round_block(a, lda, m, k, split);
-      uint8_t nonfinite[kStreamedPanels];
-      for (int64_t g = begin; g < end; ++g) {
-        // op(B)'s columns from j0 on: W's rows from j0 (transposed), or B's columns.
-        const int64_t p0 = g * group, count = std::min(group, panels - p0), j0 = p0 * x::kPanel;
+    streamed<uint16_t>(x::panels_of(n), x::panel_stride(k), x::kPanel, trans_b, [&] {
+      const RoundedBlock rows = round_block(a, lda, m, k, split);  // (into this thread's scratch)
+      return [&, rows](int64_t count, int64_t j0, uint16_t* panels) {
+        uint8_t nonfinite[kStreamedPanels];
         const int64_t from = trans_b ? j0 * ldb : j0;
-        if (narrow != nullptr) x::pack_b(narrow + from, k, n - j0, ldb, trans_b, scratch.data(), 0, count, nonfinite);
-        else x::pack_b(b + from, k, n - j0, ldb, trans_b, scratch.data(), 0, count, nonfinite);
-        block_product(rows, m, n - j0, k, scratch.data(), c + j0, ldc, accumulate, 0, count, nonfinite);
+        if (narrow != nullptr) x::pack_b(narrow + from, k, n - j0, ldb, trans_b, panels, 0, count, nonfinite);
+        else x::pack_b(b + from, k, n - j0, ldb, trans_b, panels, 0, count, nonfinite);
+        block_product(rows, m, n - j0, k, panels, c + j0, ldc, accumulate, 0, count, nonfinite);
+      };
+    });
+  }
+
+  // Whether a float16 call's product streams its narrow weight (streamed) rather than packing it whole
+  // (a float16 weight is never read in place: the float32 kernels read float32): bf16_streams' rule.
+  // GRU H = 1024 float16 inference, 2 threads, packed -> streamed (ms): T=1 B=1 1.57 -> 0.76, B=8 1.65
+  // -> 0.95, B=64 3.50 -> 2.87; T=2 B=1 1.84 -> 1.16, B=16 2.54 -> 2.14. Streaming the steps' products
+  // at 3 or 4 uses changed T=3 B=8 and T=4 B=1 by under 3%, and lost at 8: T=8 B=1 2.94 -> 3.32, H=512
+  // T=8 B=8 0.98 -> 1.32.
+  static bool half_streams(int64_t m, int64_t uses) { return bf16_streams(m, uses); }
+
+  // C(m, n) (+)= A(m, k) op(B) with op(B) a float16 call's narrow weight (half: its float16 bits; W^T
+  // when trans_b), streamed, widened as it is packed.
+  void half_streamed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* half, int64_t ldb,
+                     bool trans_b, bool accumulate, float* c, int64_t ldc) {
+    namespace x = cpu::avx512;
+    streamed<float>(x::panels_of<float>(n), k * x::kPanel<float>, x::kPanel<float>, trans_b, [&] {
+      return [&](int64_t count, int64_t j0, float* panels) {
+        x::pack_b_half(half + (trans_b ? j0 * ldb : j0), k, n - j0, ldb, trans_b, panels, 0, count);
+        x::gemm<float>(n - j0, k, {a, lda, 1}, x::packed_matrix<float>(panels, k), c + j0, ldc, accumulate, 0, m, 0,
+                       count);
+      };
+    });
+  }
+
+  // A product of few rows by a weight the call multiplies at most twice (bf16_streams, half_streams),
+  // packed a few panels at a time into each thread's scratch and used at once instead of packed whole
+  // into memory first and read back: the same packed panels, so the same bits. use(count, j0, panels):
+  // pack op(B)'s `count` panels from column j0 into `panels` and multiply them, made by start() once per
+  // thread. A row-major B goes at least four panels at a time (its packers read four panels of a row at
+  // once).
+  template <typename Elem, typename Start>
+  void streamed(int64_t panels, int64_t panel_elems, int64_t width, bool trans_b, const Start& start) {
+    const int64_t group = std::clamp<int64_t>(kStreamedBytes / (panel_elems * static_cast<int64_t>(sizeof(Elem))),
+                                              trans_b ? 1 : 4, kStreamedPanels);
+    share((panels + group - 1) / group, 1, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<Elem> scratch;
+      if (static_cast<int64_t>(scratch.size()) < group * panel_elems) scratch.resize(group * panel_elems);
+      const auto use = start();
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t p0 = g * group;
+        use(std::min(group, panels - p0), p0 * width, scratch.data());
       }
     });
   }
-  // bf16_streamed's scratch: up to this many panels, about this many bytes.
+  // streamed's scratch: up to this many panels, about this many bytes.
   static constexpr int64_t kStreamedPanels = 8, kStreamedBytes = int64_t(128) << 10;
 
   // C(m, n) (+)= A B split between threads in units of (64 rows) x (a group of panels), each unit's
@@ -779,18 +833,27 @@ struct CpuBackend {
   void wide_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const T* a,
                  int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc, int64_t uses) {
     const bool plain = !trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0;
+    if constexpr (std::is_same_v<T, float>) {
+      if (const uint16_t* half = half_source(b); half != nullptr && plain && half_streams(m, uses)) {
+        half_streamed(m, n, k, a, lda, half, ldb, trans_b, beta == 1.0, c, ldc);
+        return;
+      }
+    }
     if (plain && cpu::packed_gemm_enabled() && m > kStepRows) {
       // A product of many rows: the input projection x W_ih^T. Its weight is packed once per op call
       // (an inference call projects a few steps at a time, and each thread of a row split would
       // otherwise pack all of it for every chunk); any other B is packed block by block as it goes.
-      const T* packed_b = trans_b ? static_cast<const T*>(packed(b, k, n, ldb, true)) : nullptr;
-      tall_gemm<T>(m, n, k, {a, lda, 1}, b, ldb, trans_b, c, ldc, beta == 1.0, packed_b);
+      const T* packed_b = trans_b || half_source(b) != nullptr ? static_cast<const T*>(packed(b, k, n, ldb, trans_b))
+                                                               : nullptr;
+      tall_gemm<T>(m, n, k, {a, lda, 1}, packed_b != nullptr ? b : cpu::wide(narrow_, b), ldb, trans_b, c, ldc,
+                   beta == 1.0, packed_b);
       return;
     }
     if (plain && cpu::packed_gemm_enabled()) {
       packed_gemm<T>(m, n, k, {a, lda, 1}, weight_matrix(b, m, k, n, ldb, trans_b, uses), beta == 1.0, c, ldc);
       return;
     }
+    cpu::wide(narrow_, b);  // (the GEMMs below read b as float32)
     if constexpr (std::is_same_v<T, float>) {
       if (plain) {
         const float* b_rows = trans_b ? transposed(b, n, k, ldb) : b;
@@ -935,6 +998,15 @@ struct CpuBackend {
       const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
       CpuBackend dev(a);
       const int64_t m = a.size(0), n = b.size(1), k = a.size(1);
+      const uint16_t* half = dev.half_source(bc.data_ptr<scalar_t>());
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (half != nullptr && half_streams(m, 1) && a.stride(1) == 1 && row_sums == nullptr) {
+          // A float16 call's short input gradient, dG W_ih: W_ih streamed from its float16 bits.
+          dev.half_streamed(m, n, k, a.data_ptr<float>(), a.stride(0), half, bc.stride(0), false, accumulate,
+                            c.data_ptr<float>(), c.size(1));
+          return;
+        }
+      }
       if (read_in_place(m, 1) && a.stride(1) == 1 && row_sums == nullptr) {
         // A short call's input gradient, dG W_ih: b read in place once (weight_matrix), not copied
         // block by block for so few rows (same sums, same order).
@@ -943,9 +1015,13 @@ struct CpuBackend {
                                   accumulate, c.data_ptr<scalar_t>(), c.size(1));
         return;
       }
+      // (A float16 call's narrow W_ih packed whole: gemm_tall cannot read float16 rows in place.)
+      const scalar_t* packed_b = half != nullptr ? static_cast<const scalar_t*>(dev.packed(
+                                                       bc.data_ptr<scalar_t>(), k, n, bc.stride(0), false))
+                                                 : nullptr;
       dev.tall_gemm<scalar_t>(m, n, k, {a.data_ptr<scalar_t>(), a.stride(0), a.stride(1)},
                               bc.data_ptr<scalar_t>(), bc.stride(0), false, c.data_ptr<scalar_t>(), c.size(1),
-                              accumulate, nullptr, row_sums != nullptr ? row_sums->data_ptr<scalar_t>() : nullptr);
+                              accumulate, packed_b, row_sums != nullptr ? row_sums->data_ptr<scalar_t>() : nullptr);
     });
   }
 
@@ -1037,8 +1113,8 @@ struct CpuBackend {
 // gate pre-activations, pointwise math and weight-gradient sums stay float32 throughout, and so do the
 // activations saved for backward (outputs named gates / cells: rounding the saved forget gate would
 // compound over the steps of backward) and the gradient norms (float32 for these dtypes on every
-// device). A bfloat16 call's weight matrices are not widened when a bfloat16 engine multiplies them:
-// they are packed from their own bits (cpu::NarrowWeight). Written once for every op, from its schema's
+// device). Weight matrices are not widened where lstmfast's own GEMMs multiply them: they are packed
+// from their own bits (cpu::NarrowWeight). Written once for every op, from its schema's
 // names: an op of the same form (GRU's) gets it by registering through it.
 template <const char* Name, auto Op, typename Signature = decltype(Op)>
 struct ReducedPrecision;
@@ -1093,7 +1169,8 @@ struct ReducedPrecision<Name, Op, Result (*)(Args...)> {
     // (At most three weights: reserved up front, so that the entries do not move.)
     cpu::NarrowWeights narrow;
     narrow.reserve(3);
-    const bool keep_narrow = dtype == at::kBFloat16 && cpu::bf16_engine() != cpu::Bf16Engine::kFloat32 &&
+    const bool keep_narrow = (dtype == at::kBFloat16 ? cpu::bf16_engine() != cpu::Bf16Engine::kFloat32
+                                                     : cpu::packed_gemm_enabled()) &&
                              !cpu::persistent_emulation_requested();
     const auto widen = [&](const auto& arg) {
       using A = std::decay_t<decltype(arg)>;
