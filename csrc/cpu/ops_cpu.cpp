@@ -158,7 +158,7 @@ struct NarrowWeight {
   const uint16_t* narrow;
 };
 using NarrowWeights = std::vector<NarrowWeight>;
-thread_local NarrowWeights* narrow_weights = nullptr;  // the current bfloat16 call's, on its thread
+thread_local NarrowWeights* narrow_weights = nullptr;  // the current reduced-precision call's, on its thread
 
 // The entry whose float32 range holds p, or nullptr.
 NarrowWeight* narrow_entry(NarrowWeights* weights, const void* p) {
@@ -528,15 +528,11 @@ struct CpuBackend {
         return out;
       }
     }
-    if (const uint16_t* half = half_source(b)) {
-      share(cpu::avx512::panels_of<T>(n), 16, [&](int64_t begin, int64_t end) {
-        cpu::avx512::pack_b_half(half, k, n, ld, transposed, static_cast<float*>(out), begin, end);
-      });
-    } else {
-      share(cpu::avx512::panels_of<T>(n), 16, [&](int64_t begin, int64_t end) {
-        cpu::avx512::pack_b<T>(cpu::wide(narrow_, b), k, n, ld, transposed, static_cast<T*>(out), begin, end);
-      });
-    }
+    const uint16_t* half = half_source(b);
+    share(cpu::avx512::panels_of<T>(n), 16, [&](int64_t begin, int64_t end) {
+      if (half != nullptr) cpu::avx512::pack_b_half(half, k, n, ld, transposed, static_cast<float*>(out), begin, end);
+      else cpu::avx512::pack_b<T>(cpu::wide(narrow_, b), k, n, ld, transposed, static_cast<T*>(out), begin, end);
+    });
     packed_count_.store(count + 1, std::memory_order_release);
     return out;
   }
@@ -572,7 +568,7 @@ struct CpuBackend {
   //    it, and packed above (at H = 1024 a training step is 5-10% faster: in place, each step of the
   //    depth loop reads a new page).
   static bool read_in_place(int64_t m, int64_t uses) { return uses * m <= cpu::avx512::kMaxRows; }
-  // A float16 call's narrow weight is always packed (and streamed where half_streams says so, before).
+  // A float16 call's narrow weight is always packed (and streamed where streams_weight says so, before).
   template <typename T>
   cpu::avx512::MatrixB<T> weight_matrix(const T* b, int64_t m, int64_t k, int64_t n, int64_t ldb, bool trans_b,
                                         int64_t uses) {
@@ -710,7 +706,7 @@ struct CpuBackend {
                        uses);
       return;
     }
-    if (bf16_streams(m, uses)) {
+    if (streams_weight(m, uses)) {
       bf16_streamed(m, n, k, a, lda, b, ldb, trans_b, accumulate, c, ldc, split);
       return;
     }
@@ -719,16 +715,20 @@ struct CpuBackend {
     bf16_split(m, n, k, a, lda, weights, c, ldc, accumulate, nullptr, split ? nonfinite : nullptr);
   }
 
-  // Whether a bfloat16 product packs its weight a few panels at a time and uses them at once
-  // (bf16_streamed) rather than packing it whole into memory first: where this call multiplies the
-  // weight at most twice (`uses`), by at most one rounding block of rows. Packing from bfloat16 bits
-  // costs about what reading the packed copy back does, so a third use pays for it. GRU H = 1024 (H = 512
-  // where said) inference, 2 threads, packed -> streamed (ms): T=1 B=8 1.06 -> 0.70, B=16 1.15 -> 0.87,
-  // B=32 1.33 -> 1.09, B=64 1.84 -> 1.63; T=2 B=1 1.21 -> 0.97, B=16 1.32 -> 1.24, H=512 B=4 0.38 ->
-  // 0.31; but T=3 B=8 1.37 -> 1.39, T=4 B=1 1.42 -> 1.50, T=8 B=1 1.83 -> 2.39.
-  static bool bf16_streams(int64_t m, int64_t uses) { return uses <= 2 && m <= kBf16Block; }
+  // Whether a bfloat16 product, or a float16 call's product by a narrow weight, packs its weight a few
+  // panels at a time and uses them at once (streamed) rather than packing it whole into memory first:
+  // where this call multiplies the weight at most twice (`uses`), by at most one rounding block of rows.
+  // Packing from bfloat16 or float16 bits costs about what reading the packed copy back does, so a third
+  // use pays for it. GRU H = 1024 (H = 512 where said) inference, 2 threads, packed -> streamed (ms):
+  //  - bfloat16: T=1 B=8 1.06 -> 0.70, B=16 1.15 -> 0.87, B=32 1.33 -> 1.09, B=64 1.84 -> 1.63; T=2 B=1
+  //    1.21 -> 0.97, B=16 1.32 -> 1.24, H=512 B=4 0.38 -> 0.31; but T=3 B=8 1.37 -> 1.39, T=4 B=1 1.42
+  //    -> 1.50, T=8 B=1 1.83 -> 2.39;
+  //  - float16 (whose weights the float32 kernels never read in place): T=1 B=1 1.57 -> 0.76, B=8 1.65
+  //    -> 0.95, B=64 3.50 -> 2.87; T=2 B=1 1.84 -> 1.16, B=16 2.54 -> 2.14; 3 or 4 uses within 3%; but
+  //    T=8 B=1 2.94 -> 3.32, H=512 T=8 B=8 0.98 -> 1.32.
+  static bool streams_weight(int64_t m, int64_t uses) { return uses <= 2 && m <= kBf16Block; }
 
-  // bf16_gemm's product for bf16_streams (streamed): A rounded once per thread.
+  // bf16_gemm's product where streams_weight says so (streamed): A rounded once per thread.
   void bf16_streamed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                      bool trans_b, bool accumulate, float* c, int64_t ldc, bool split) {
     namespace x = cpu::bf16;
@@ -745,14 +745,6 @@ struct CpuBackend {
     });
   }
 
-  // Whether a float16 call's product streams its narrow weight (streamed) rather than packing it whole
-  // (a float16 weight is never read in place: the float32 kernels read float32): bf16_streams' rule.
-  // GRU H = 1024 float16 inference, 2 threads, packed -> streamed (ms): T=1 B=1 1.57 -> 0.76, B=8 1.65
-  // -> 0.95, B=64 3.50 -> 2.87; T=2 B=1 1.84 -> 1.16, B=16 2.54 -> 2.14. Streaming the steps' products
-  // at 3 or 4 uses changed T=3 B=8 and T=4 B=1 by under 3%, and lost at 8: T=8 B=1 2.94 -> 3.32, H=512
-  // T=8 B=8 0.98 -> 1.32.
-  static bool half_streams(int64_t m, int64_t uses) { return bf16_streams(m, uses); }
-
   // C(m, n) (+)= A(m, k) op(B) with op(B) a float16 call's narrow weight (half: its float16 bits; W^T
   // when trans_b), streamed, widened as it is packed.
   void half_streamed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* half, int64_t ldb,
@@ -767,7 +759,7 @@ struct CpuBackend {
     });
   }
 
-  // A product of few rows by a weight the call multiplies at most twice (bf16_streams, half_streams),
+  // A product of few rows by a weight the call multiplies at most twice (streams_weight),
   // packed a few panels at a time into each thread's scratch and used at once instead of packed whole
   // into memory first and read back: the same packed panels, so the same bits. use(count, j0, panels):
   // pack op(B)'s `count` panels from column j0 into `panels` and multiply them, made by start() once per
@@ -834,7 +826,7 @@ struct CpuBackend {
                  int64_t lda, const T* b, int64_t ldb, double beta, T* c, int64_t ldc, int64_t uses) {
     const bool plain = !trans_a && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0;
     if constexpr (std::is_same_v<T, float>) {
-      if (const uint16_t* half = half_source(b); half != nullptr && plain && half_streams(m, uses)) {
+      if (const uint16_t* half = half_source(b); half != nullptr && plain && streams_weight(m, uses)) {
         half_streamed(m, n, k, a, lda, half, ldb, trans_b, beta == 1.0, c, ldc);
         return;
       }
@@ -923,10 +915,10 @@ struct CpuBackend {
   // c (contiguous) = a @ b, or c += a @ b when accumulate, through bf16::gemm: a copied to contiguous rows
   // when it is a transposed view (a weight gradient's G^T), b packed here (a sequence buffer, used once,
   // or W_ih for the input gradient: a narrow weight is packed from its bfloat16 bits), or, for a few
-  // rows of a (bf16_streams: a short call's input gradient dG W_ih), streamed (bf16_streamed).
+  // rows of a (streams_weight: a short call's input gradient dG W_ih), streamed (bf16_streamed).
   static void bf16_product(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
     CpuBackend dev(a);
-    if (bf16_streams(a.size(0), 1) && a.stride(1) == 1 && b.stride(1) == 1) {
+    if (streams_weight(a.size(0), 1) && a.stride(1) == 1 && b.stride(1) == 1) {
       dev.bf16_streamed(a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(),
                         b.stride(0), false, accumulate, c.data_ptr<float>(), c.size(1), false);
       return;
@@ -1000,7 +992,7 @@ struct CpuBackend {
       const int64_t m = a.size(0), n = b.size(1), k = a.size(1);
       const uint16_t* half = dev.half_source(bc.data_ptr<scalar_t>());
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (half != nullptr && half_streams(m, 1) && a.stride(1) == 1 && row_sums == nullptr) {
+        if (half != nullptr && streams_weight(m, 1) && a.stride(1) == 1 && row_sums == nullptr) {
           // A float16 call's short input gradient, dG W_ih: W_ih streamed from its float16 bits.
           dev.half_streamed(m, n, k, a.data_ptr<float>(), a.stride(0), half, bc.stride(0), false, accumulate,
                             c.data_ptr<float>(), c.size(1));
