@@ -318,16 +318,25 @@ def time_case(case: Case, contenders=CONTENDERS, min_run_time=0.3, memory=True) 
     row = asdict(case)
     row["label"] = case.label
     stmts = {name: _statements(fn, case, params) for name, fn in runners.items()}
+    for name in [n for n in stmts if n.startswith("torch.nn")]:
+        # torch.nn refuses some rows on some CPUs (its oneDNN bfloat16 LSTM under autocast on a CPU
+        # without AVX512-BF16): the row says so and goes on with the others.
+        try:
+            for mode in MODES:
+                stmts[name][mode]()
+        except RuntimeError as e:
+            row[f"{name}_unavailable"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            del stmts[name]
     for mode in MODES:
         ms = measure_interleaved({name: s[mode] for name, s in stmts.items()}, min_run_time)
-        for name in runners:
+        for name in stmts:
             row[f"{name}_{mode}_ms"] = ms[name]
     if memory:
         for name in ("lstmfast", "torch.nn"):
             if name in stmts:
                 stmts[name]["train"]()  # warm caches so that only the step's own allocations count
                 row[f"{name}_train_peak_mb"] = peak_memory_mb(stmts[name]["train"])
-    for name in runners:
+    for name in stmts:
         if name == "lstmfast":
             continue
         for mode in MODES:
@@ -470,9 +479,14 @@ def run(cases: List[Case], contenders=CONTENDERS, progress=True, min_run_time=0.
                 cost_ratios=cost_ratios(quick, min_run_time) if ratios else {})
 
 
+def _competitors(rows: List[dict]) -> List[str]:
+    """The contenders other than lstmfast that ran (or were refused by torch.nn) in any of the rows."""
+    return [n for n in ALL_CONTENDERS[1:] if any(f"{n}_fwd_ms" in r or f"{n}_unavailable" in r for r in rows)]
+
+
 def format_table(result: dict) -> str:
     rows = result["rows"]
-    others = [n for n in ALL_CONTENDERS[1:] if f"{n}_fwd_ms" in rows[0]]
+    others = _competitors(rows)
     head = f"{'case':36}{'lstmfast ms fwd/train':>24}" + "".join(f"{'x vs ' + n:>24}" for n in others)
     head += f"{'peak MB ours/nn':>18}{'eff fwd/train':>16}{'nn eff fwd/train':>18}"
     engines = result["meta"].get("cpu_gemm_engines", {})
@@ -484,7 +498,8 @@ def format_table(result: dict) -> str:
              head, "-" * len(head)]
     for r in rows:
         line = f"{r['label']:36}{r['lstmfast_fwd_ms']:11.3f}/{r['lstmfast_train_ms']:<12.3f}"
-        line += "".join(f"{r[f'speedup_fwd_vs_{n}']:13.2f}/{r[f'speedup_train_vs_{n}']:<10.2f}" for n in others)
+        line += "".join(f"{r[f'speedup_fwd_vs_{n}']:13.2f}/{r[f'speedup_train_vs_{n}']:<10.2f}"
+                        if f"speedup_fwd_vs_{n}" in r else f"{'refused':>13} {'':10}" for n in others)
         mem = (f"{r['lstmfast_train_peak_mb']:8.1f}/{r['torch.nn_train_peak_mb']:<9.1f}"
                if "torch.nn_train_peak_mb" in r else " " * 18)
         eff = f"{r['efficiency_fwd']:7.2f}/{r['efficiency_train']:<8.2f}" if "efficiency_fwd" in r else ""
@@ -492,6 +507,10 @@ def format_table(result: dict) -> str:
             eff += f"{r['efficiency_fwd_torch.nn']:9.2f}/{r['efficiency_train_torch.nn']:<8.2f}"
         lines.append(line + mem + eff)
     lines.append("")
+    refusals = {(n, r[f"{n}_unavailable"]): None for r in rows for n in others if f"{n}_unavailable" in r}
+    for n, reason in refusals:
+        count = sum(r.get(f"{n}_unavailable") == reason for r in rows)
+        lines.append(f"{n} refused {count} row(s) on this machine: {reason}")
     for key, s in result["summary"].items():
         if "geomean" in s and "min" in s:
             lines.append(f"{key}: geometric mean {s['geomean']:.2f}x, min {s['min']:.2f}x ({s['rows']} rows)")
@@ -508,13 +527,14 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    others = [n for n in ALL_CONTENDERS[1:] if f"speedup_train_vs_{n}" in rows[0]]
+    others = _competitors(rows)
     fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.22 * len(rows) + 1.5)), sharey=True)
     y = list(range(len(rows)))
     for ax, mode in zip(axes, MODES):
         width = 0.8 / max(1, len(others))
         for i, name in enumerate(others):
-            ax.barh([v + i * width for v in y], [r[f"speedup_{mode}_vs_{name}"] for r in rows], height=width,
+            ax.barh([v + i * width for v in y], [r.get(f"speedup_{mode}_vs_{name}", math.nan) for r in rows],
+                    height=width,
                     label=f"vs {name}")
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")

@@ -58,11 +58,45 @@ def test_reduced_precision_benchmark(tmp_path, dtype):
     assert {"grid", "bidirectional 2-layer", "packed", "proj_size"} <= {r["group"] for r in rows}
     for r in rows:
         for name in bench.REDUCED_CONTENDERS[dtype][1:]:
+            if f"{name}_unavailable" in r:
+                # torch.nn's oneDNN makes no bfloat16 LSTM primitive on a CPU without AVX512-BF16, and
+                # only there may a torch.nn contender sit a row out.
+                assert name.startswith("torch.nn") and r["kind"] == "LSTM"
+                assert "avx512_bf16" not in bench.cpu_description()
+                continue
             for mode in bench.MODES:
                 assert r[f"{name}_{mode}_ms"] > 0 and math.isfinite(r[f"speedup_{mode}_vs_{name}"])
         assert r["efficiency_fwd"] > 0 and r["efficiency_train"] > 0
         assert r["efficiency_fwd_torch.nn"] > 0 and r["efficiency_train_torch.nn"] > 0
     assert "LSTM B>=8 speedup_train_vs_torch.nn" in loaded["summary"]
+
+
+def test_a_contender_torch_refuses_sits_the_row_out(monkeypatch, tmp_path):
+    """Where torch.nn raises for a row on this machine (its oneDNN bfloat16 LSTM on a CPU without
+    AVX512-BF16), the row records the refusal and times the others; the table and plot say so."""
+    build = bench.build
+
+    def refusing(case, contenders):
+        runners, params = build(case, contenders)
+
+        def refuse(x):
+            raise RuntimeError("could not create a primitive descriptor\nsecond line")
+        return {**runners, "torch.nn": refuse}, params
+
+    monkeypatch.setattr(bench, "build", refusing)
+    case = bench.Case("GRU", 3, 2, 8, 8)
+    row = bench.time_case(case, ("lstmfast", "torch.nn", "torch.nn-native"), min_run_time=0.001)
+    assert row["torch.nn_unavailable"] == "could not create a primitive descriptor"
+    assert not any(k.startswith("torch.nn_") and k != "torch.nn_unavailable" for k in row)
+    assert "speedup_train_vs_torch.nn" not in row and row["speedup_train_vs_torch.nn-native"] > 0
+    assert row["lstmfast_train_ms"] > 0
+    result = dict(meta=dict(processor="cpu", threads=1, date="d", torch="t", large_gemm_gflops={"float32": 1.0}),
+                  rows=[row], summary=bench.summarize([row]), cost_ratios={})
+    table = bench.format_table(result)
+    assert "refused" in table
+    assert "torch.nn refused 1 row(s) on this machine: could not create a primitive descriptor" in table
+    bench.plot(result, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0
 
 
 def test_kinds_option_selects_the_layers():
