@@ -98,9 +98,11 @@ const PointwiseKernels<double>& pointwise_kernels<double>() {
 
 std::string isa_name() { return pointwise_kernels<float>().isa; }
 
-// lstmfast's own AVX-512 GEMM (gemm.h) runs the float32 and float64 products when the AVX-512 kernels
-// are chosen.
-bool packed_gemm_enabled() { return chosen_isa() == 0; }
+// lstmfast's own GEMM (gemm.h) runs the float32 and float64 products when the AVX-512 or the AVX2
+// kernels are chosen (in their build: the same bits either way); with the baseline ones, torch's.
+bool packed_gemm_enabled() { return chosen_isa() <= 1; }
+
+bool own::uses_avx512() { return chosen_isa() == 0; }
 
 // The engine of the products of a bfloat16 op call (operands rounded to bfloat16, sums in float32):
 // LSTMFAST_CPU_BF16_ENGINE if set (and supported), else the fastest this CPU has: AMX tiles, else
@@ -127,7 +129,7 @@ Bf16Engine bf16_engine() {
 
 // Which GEMM runs the products of an op called with `dtype` on the CPU.
 std::string gemm_engine(at::ScalarType dtype) {
-  const std::string wide = packed_gemm_enabled() ? "avx512" : "brgemm/blas";
+  const std::string wide = !packed_gemm_enabled() ? "brgemm/blas" : own::uses_avx512() ? "avx512" : "avx2";
   if (dtype == at::kBFloat16) {
     switch (bf16_engine()) {
       case Bf16Engine::kAmx: return "amx";
@@ -145,7 +147,7 @@ std::string gemm_engine(at::ScalarType dtype) {
 thread_local bool bf16_products = false;
 
 // A bfloat16 or float16 call's weight matrices as the caller passed them (ReducedPrecision below), when
-// lstmfast's own GEMMs multiply them (a bfloat16 engine; the AVX-512 float32 GEMM for float16). In each
+// lstmfast's own GEMMs multiply them (a bfloat16 engine; the own float32 GEMM for float16). In each
 // one's place the loops get a float32 tensor over address space reserved without access, and the
 // products pack the weight from its own bits (CpuBackend::narrow_source: bfloat16 bits in a bfloat16
 // call, rounded no further; float16 bits in a float16 one, widened exactly as they are packed): every
@@ -331,7 +333,7 @@ struct CpuBackend {
   std::exception_ptr team_error_;
 
   // Runs f (a time loop over this backend whose steps multiply up to `batch` rows by a (depth, width)
-  // weight) with a team of threads when lstmfast's GEMM is in use (AVX-512) and a step has enough work
+  // weight) with a team of threads when lstmfast's own GEMM is in use (AVX-512 or AVX2) and a step has enough work
   // to share; otherwise f runs as is. Nothing in a time loop throws except the weight packing, which
   // makes every thread throw together.
   template <typename T, typename F>
@@ -413,32 +415,32 @@ struct CpuBackend {
 
   // ---- GEMMs.
 
-  // Row-major C(m, n) = A(m, k) B(k, n) (+ C when accumulate) through lstmfast's AVX-512 GEMM (gemm.h),
+  // Row-major C(m, n) = A(m, k) B(k, n) (+ C when accumulate) through lstmfast's own GEMM (gemm.h),
   // for a product of at most kStepRows rows (one time step; taller ones go through tall_gemm). Threads
   // split B's panels, whole tiles' worth at a time; each element is computed by one micro-kernel call in
   // a fixed order.
   template <typename T>
-  void packed_gemm(int64_t m, int64_t n, int64_t k, cpu::avx512::MatrixA<T> a, cpu::avx512::MatrixB<T> b,
+  void packed_gemm(int64_t m, int64_t n, int64_t k, cpu::own::MatrixA<T> a, cpu::own::MatrixB<T> b,
                    bool accumulate, T* c, int64_t ldc) {
-    const int64_t panels = cpu::avx512::panels_of<T>(n);
+    const int64_t panels = cpu::own::panels_of<T>(n);
     // A second thread pays off from about 64k multiply-adds.
-    const int64_t group = cpu::avx512::panels_per_tile(m, b.column_stride != 1);
+    const int64_t group = cpu::own::panels_per_tile(m, b.column_stride != 1);
     const int64_t groups = (panels + group - 1) / group;
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (m * group * cpu::avx512::kPanel<T> * k));
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (m * group * cpu::own::kPanel<T> * k));
     share(groups, grain, [&](int64_t begin, int64_t end) {
-      cpu::avx512::gemm<T>(n, k, a, b, c, ldc, accumulate, 0, m, begin * group, std::min(panels, end * group));
+      cpu::own::gemm<T>(n, k, a, b, c, ldc, accumulate, 0, m, begin * group, std::min(panels, end * group));
     });
   }
 
   // C(m, n) = A(m, k) B(k, n) for a whole-sequence product with B row-major in place (or packed whole
-  // when `packed_b` is given), through avx512::gemm_tall: threads split A's rows or B's panels, each
+  // when `packed_b` is given), through own::gemm_tall: threads split A's rows or B's panels, each
   // with its own scratch. With `row_sums` (A a transposed row-major G), row_sums[r] += the sum of A's row r,
   // made by the part that multiplies B's first panels.
   template <typename T>
-  void tall_gemm(int64_t m, int64_t n, int64_t k, cpu::avx512::MatrixA<T> a, const T* b, int64_t ldb,
+  void tall_gemm(int64_t m, int64_t n, int64_t k, cpu::own::MatrixA<T> a, const T* b, int64_t ldb,
                  bool b_transposed, T* c, int64_t ldc, bool accumulate, const T* packed_b = nullptr,
                  T* row_sums = nullptr) {
-    namespace x = cpu::avx512;
+    namespace x = cpu::own;
     TORCH_INTERNAL_ASSERT(row_sums == nullptr || (a.row_stride == 1 && a.depth_stride != 1));
     const int64_t panels = x::panels_of<T>(n), group = x::panels_per_tile(x::kMaxRows);
     const auto run_part = [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
@@ -502,7 +504,7 @@ struct CpuBackend {
         TORCH_CHECK(count < kPackedSlots, "lstmfast: internal error: too many packed weights");
         packed_[count] = {b, k, n, ld, transposed, bf16,
                           bf16 ? workspace({cpu::bf16::packed_size(k, n)}, at::kBFloat16)
-                               : workspace({cpu::avx512::packed_size<T>(k, n)}, c10::CppTypeToScalarType<T>::value)};
+                               : workspace({cpu::own::packed_size<T>(k, n)}, c10::CppTypeToScalarType<T>::value)};
         if (bf16) packed_[count].nonfinite.assign(cpu::bf16::panels_of(n), 0);
       } catch (...) {
         team_error_ = std::current_exception();
@@ -529,9 +531,9 @@ struct CpuBackend {
       }
     }
     const uint16_t* half = half_source(b);
-    share(cpu::avx512::panels_of<T>(n), 16, [&](int64_t begin, int64_t end) {
-      if (half != nullptr) cpu::avx512::pack_b_half(half, k, n, ld, transposed, static_cast<float*>(out), begin, end);
-      else cpu::avx512::pack_b<T>(cpu::wide(narrow_, b), k, n, ld, transposed, static_cast<T*>(out), begin, end);
+    share(cpu::own::panels_of<T>(n), 16, [&](int64_t begin, int64_t end) {
+      if (half != nullptr) cpu::own::pack_b_half(half, k, n, ld, transposed, static_cast<float*>(out), begin, end);
+      else cpu::own::pack_b<T>(cpu::wide(narrow_, b), k, n, ld, transposed, static_cast<T*>(out), begin, end);
     });
     packed_count_.store(count + 1, std::memory_order_release);
     return out;
@@ -567,22 +569,22 @@ struct CpuBackend {
   //  - a row-major one (the backward's W) in place up to 1 MB, which is as fast and saves a copy of
   //    it, and packed above (at H = 1024 a training step is 5-10% faster: in place, each step of the
   //    depth loop reads a new page).
-  static bool read_in_place(int64_t m, int64_t uses) { return uses * m <= cpu::avx512::kMaxRows; }
+  static bool read_in_place(int64_t m, int64_t uses) { return uses * m <= cpu::own::kMaxRows; }
   // A float16 call's narrow weight is always packed (and streamed where streams_weight says so, before).
   template <typename T>
-  cpu::avx512::MatrixB<T> weight_matrix(const T* b, int64_t m, int64_t k, int64_t n, int64_t ldb, bool trans_b,
+  cpu::own::MatrixB<T> weight_matrix(const T* b, int64_t m, int64_t k, int64_t n, int64_t ldb, bool trans_b,
                                         int64_t uses) {
     if (half_source(b) != nullptr) {
-      return cpu::avx512::packed_matrix(static_cast<const T*>(packed(b, k, n, ldb, trans_b)), k);
+      return cpu::own::packed_matrix(static_cast<const T*>(packed(b, k, n, ldb, trans_b)), k);
     }
     if (read_in_place(m, uses)) {
-      return trans_b ? cpu::avx512::transposed_matrix(cpu::wide(narrow_, b), ldb)
-                     : cpu::avx512::row_major_matrix(cpu::wide(narrow_, b), ldb);
+      return trans_b ? cpu::own::transposed_matrix(cpu::wide(narrow_, b), ldb)
+                     : cpu::own::row_major_matrix(cpu::wide(narrow_, b), ldb);
     }
     if (!trans_b && k * n * static_cast<int64_t>(sizeof(T)) <= (int64_t(1) << 20)) {
-      return cpu::avx512::row_major_matrix(cpu::wide(narrow_, b), ldb);
+      return cpu::own::row_major_matrix(cpu::wide(narrow_, b), ldb);
     }
-    return cpu::avx512::packed_matrix(static_cast<const T*>(packed(b, k, n, ldb, trans_b)), k);
+    return cpu::own::packed_matrix(static_cast<const T*>(packed(b, k, n, ldb, trans_b)), k);
   }
 
   // One time step's product (row b of C depends only on row b of A): in a row team, this thread's rows
@@ -607,10 +609,10 @@ struct CpuBackend {
         return;
       }
     }
-    const cpu::avx512::MatrixB<T> weights = weight_matrix(b, m, k, n, ldb, trans_b, steps_);
+    const cpu::own::MatrixB<T> weights = weight_matrix(b, m, k, n, ldb, trans_b, steps_);
     const auto [begin, end] = own_rows(m);
-    cpu::avx512::gemm<T>(n, k, {a, lda, 1}, weights, c, ldc, beta == 1.0, begin, end, 0,
-                         cpu::avx512::panels_of<T>(n));
+    cpu::own::gemm<T>(n, k, {a, lda, 1}, weights, c, ldc, beta == 1.0, begin, end, 0,
+                         cpu::own::panels_of<T>(n));
   }
 
   template <typename T>
@@ -749,7 +751,7 @@ struct CpuBackend {
   // when trans_b), streamed, widened as it is packed.
   void half_streamed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* half, int64_t ldb,
                      bool trans_b, bool accumulate, float* c, int64_t ldc) {
-    namespace x = cpu::avx512;
+    namespace x = cpu::own;
     streamed<float>(x::panels_of<float>(n), k * x::kPanel<float>, x::kPanel<float>, trans_b, [&] {
       return [&](int64_t count, int64_t j0, float* panels) {
         x::pack_b_half(half + (trans_b ? j0 * ldb : j0), k, n - j0, ldb, trans_b, panels, 0, count);
@@ -866,7 +868,7 @@ struct CpuBackend {
     gemm(&ta, &tb, &mi, &ni, &ki, &alpha_t, b, &la, a, &lb, &beta_t, c, &lc);
   }
 
-  // G's column sums (a bias gradient) for G (N, X), in avx512::column_sums' fixed order, threads
+  // G's column sums (a bias gradient) for G (N, X), in own::column_sums' fixed order, threads
   // splitting the columns: the same bits whatever the thread count, and whether they come from here or
   // from a weight gradient's product (mm with row_sums).
   static at::Tensor column_sums(const at::Tensor& grad) {
@@ -877,13 +879,13 @@ struct CpuBackend {
       const scalar_t* data = g.data_ptr<scalar_t>();
       scalar_t* out = sums.data_ptr<scalar_t>();
       at::parallel_for(0, g.size(1), 64, [&](int64_t begin, int64_t end) {
-        cpu::avx512::column_sums<scalar_t>(data, rows, ld, out, begin, end);
+        cpu::own::column_sums<scalar_t>(data, rows, ld, out, begin, end);
       });
     });
     return sums;
   }
 
-  // a (M, K) @ b (K, N) as a new tensor (whole-sequence products, outside any team). With AVX-512: A is
+  // a (M, K) @ b (K, N) as a new tensor (whole-sequence products, outside any team). With lstmfast's own GEMM: A is
   // read through its strides (a weight gradient G^T X reads G in place) and B's rows in place, both
   // copied block by block into contiguous tiles (tall_gemm). Else
   // float32 goes through blocked_brgemm, where a weight gradient a = g^T (g an (N, X) row-major
