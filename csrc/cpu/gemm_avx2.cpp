@@ -152,8 +152,6 @@ struct Simd<double> : Pair<double, uint8_t> {};
 
 // At most this many accumulators (each two registers) per tile: 12 of the 16 registers.
 constexpr int kAccumulators = 6;
-// As the AVX-512 build's (a w x w block of W in registers: here it spills to the stack, as a packed copy).
-constexpr int kTransposedAccumulators = 2;
 constexpr int kTileRows = 6;
 
 }  // namespace

@@ -61,11 +61,6 @@ struct Simd<double> {
 
 // At most this many 512-bit accumulators per tile (of 32 registers: the rest hold B and A).
 constexpr int kAccumulators = 24;
-// Rows x panels of a tile over B = W^T in place, at most (one panel at any number of rows). Few panels
-// at a time keep few rows of W streaming: GRU T=1 H=1024 inference, one row, 2 threads, a tile's
-// panels at most 8 / 4 / 2 / 1: 1.15 / 1.00 / 0.65 / 0.65 ms (a prefetch of each row 4 or 12 blocks
-// ahead: 0.72, 0.92).
-constexpr int kTransposedAccumulators = 2;
 constexpr int kTileRows = 8;
 
 }  // namespace
