@@ -280,16 +280,25 @@ def _clock() -> float:
     return time.perf_counter()
 
 
-def measure_interleaved(stmts: Dict[str, Callable], min_run_time: float, rounds: int = ROUNDS) -> Dict[str, float]:
+def measure_interleaved(stmts: Dict[str, Callable], min_run_time: float, rounds: int = ROUNDS,
+                        refused: Optional[Dict[str, Optional[str]]] = None) -> Dict[str, float]:
     """Median ms per call of each statement, timed interleaved: `rounds` rounds, in each of which every
     statement runs one block of calls (about min_run_time / rounds seconds, at least one call), the order
     rotated from round to round. On a shared machine whose speed drifts by tens of percent within
     minutes, this puts all contenders of a row in the same moments, so their ratio holds where
-    back-to-back timings of each do not."""
+    back-to-back timings of each do not. `refused`: the statements that may refuse (torch.nn on a row
+    some CPUs lack a kernel for), each mapped to None; one whose first calls raise RuntimeError is left
+    out, the first line of its message in its place."""
     per_call = {}
     for name, stmt in stmts.items():
-        for _ in range(2):  # first calls compile kernels, create oneDNN primitives, start threads
-            stmt()
+        try:
+            for _ in range(2):  # first calls compile kernels, create oneDNN primitives, start threads
+                stmt()
+        except RuntimeError as e:
+            if refused is None or name not in refused:
+                raise
+            refused[name] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            continue
         start = _clock()
         stmt()
         per_call[name] = _clock() - start
@@ -297,7 +306,7 @@ def measure_interleaved(stmts: Dict[str, Callable], min_run_time: float, rounds:
     # A statement whose one call outlasts the whole budget (the plain-PyTorch reference on large rows)
     # sits out after three rounds rather than stretching the run.
     slow = {name for name, t in per_call.items() if t > min_run_time}
-    names = list(stmts)
+    names = list(per_call)
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -318,17 +327,16 @@ def time_case(case: Case, contenders=CONTENDERS, min_run_time=0.3, memory=True) 
     row = asdict(case)
     row["label"] = case.label
     stmts = {name: _statements(fn, case, params) for name, fn in runners.items()}
-    for name in [n for n in stmts if n.startswith("torch.nn")]:
-        # torch.nn refuses some rows on some CPUs (its oneDNN bfloat16 LSTM under autocast on a CPU
-        # without AVX512-BF16): the row says so and goes on with the others.
-        try:
-            for mode in MODES:
-                stmts[name][mode]()
-        except RuntimeError as e:
-            row[f"{name}_unavailable"] = str(e).splitlines()[0] if str(e) else type(e).__name__
-            del stmts[name]
+    # torch.nn refuses some rows on some CPUs (its oneDNN bfloat16 LSTM under autocast on a CPU without
+    # AVX512-BF16): the row says so and goes on with the others.
+    refused = {name: None for name in stmts if name.startswith("torch.nn")}
     for mode in MODES:
-        ms = measure_interleaved({name: s[mode] for name, s in stmts.items()}, min_run_time)
+        ms = measure_interleaved({name: s[mode] for name, s in stmts.items()}, min_run_time, refused=refused)
+        for name, reason in refused.items():
+            if reason is not None and name in stmts:
+                row[f"{name}_unavailable"] = reason
+                row.pop(f"{name}_fwd_ms", None)  # (refused in training only: no half a row)
+                del stmts[name]
         for name in stmts:
             row[f"{name}_{mode}_ms"] = ms[name]
     if memory:

@@ -189,11 +189,12 @@ def test_reduced_precision_temporaries_are_cached_and_never_returned(cache_limit
     # Small activations: the backward computes the two float32 weight gradients at once, 1 MiB or more
     # each, and holds the two weights' float32 copies, as big (without them: no block, or float16's two
     # packed weights), except where lstmfast's own GEMMs pack the weights from their own bits (a bfloat16
-    # engine; the own float32 GEMM, AVX-512 or AVX2, for float16): no copies then. Without AVX-512 (torch's float32
-    # GEMMs) one weight gradient is a product from the cache and torch's addmm_ accumulates the other
-    # into torch's own memory: three blocks.
+    # engine; the own float32 GEMM, AVX-512 or AVX2, for float16): no copies then. With torch's float32
+    # GEMMs (the baseline ISA) one weight gradient is a product from the cache and torch's addmm_
+    # accumulates the other into torch's own memory: three blocks.
     engine = lstmfast.cpu_gemm_engines()[str(dtype).removeprefix("torch.")]
-    if (not engine.startswith("float32")) if dtype == torch.bfloat16 else engine in ("float32 (avx512)", "float32 (avx2)"):
+    own_packs = engine in ("float32 (avx512)", "float32 (avx2)")
+    if (not engine.startswith("float32")) if dtype == torch.bfloat16 else own_packs:
         assert 2 << 20 <= held < 4 << 20
     elif engine == "float32 (brgemm/blas)":
         assert 3 << 20 <= held < 4 << 20

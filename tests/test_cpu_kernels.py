@@ -20,7 +20,7 @@ SHAPES = dict(steps=6, batch=5, input_size=9, hidden=37)
 
 def _needs_own_gemm(dtype):
     """Skips a bit-for-bit promise where it is not made: results are bitwise identical across thread
-    counts, batch sizes and weight paths where lstmfast's own GEMMs run (CPUs with AVX-512, README:
+    counts, batch sizes and weight paths where lstmfast's own GEMMs run (CPUs with AVX-512 or AVX2, README:
     "Deterministic on the CPU"); elsewhere the products are torch's (oneDNN's brgemm, the BLAS torch
     links), whose bits may change with the thread count and the shape, as torch.nn's do."""
     engine = lstmfast.cpu_gemm_engines()[str(dtype).removeprefix("torch.")]

@@ -99,7 +99,8 @@ const PointwiseKernels<double>& pointwise_kernels<double>() {
 std::string isa_name() { return pointwise_kernels<float>().isa; }
 
 // lstmfast's own GEMM (gemm.h) runs the float32 and float64 products when the AVX-512 or the AVX2
-// kernels are chosen (in their build: the same bits either way); with the baseline ones, torch's.
+// kernels are chosen (each element summed in the same order in either build); with the baseline ones,
+// torch's.
 bool packed_gemm_enabled() { return chosen_isa() <= 1; }
 
 bool own::uses_avx512() { return chosen_isa() == 0; }
@@ -333,8 +334,8 @@ struct CpuBackend {
   std::exception_ptr team_error_;
 
   // Runs f (a time loop over this backend whose steps multiply up to `batch` rows by a (depth, width)
-  // weight) with a team of threads when lstmfast's own GEMM is in use (AVX-512 or AVX2) and a step has enough work
-  // to share; otherwise f runs as is. Nothing in a time loop throws except the weight packing, which
+  // weight) with a team of threads when lstmfast's own GEMM is in use (AVX-512 or AVX2) and a step has
+  // enough work to share; otherwise f runs as is. Nothing in a time loop throws except the weight packing, which
   // makes every thread throw together.
   template <typename T, typename F>
   void run(int64_t steps, int64_t batch, int64_t width, int64_t depth, const F& f) {
@@ -573,7 +574,7 @@ struct CpuBackend {
   // A float16 call's narrow weight is always packed (and streamed where streams_weight says so, before).
   template <typename T>
   cpu::own::MatrixB<T> weight_matrix(const T* b, int64_t m, int64_t k, int64_t n, int64_t ldb, bool trans_b,
-                                        int64_t uses) {
+                                     int64_t uses) {
     if (half_source(b) != nullptr) {
       return cpu::own::packed_matrix(static_cast<const T*>(packed(b, k, n, ldb, trans_b)), k);
     }
@@ -611,8 +612,7 @@ struct CpuBackend {
     }
     const cpu::own::MatrixB<T> weights = weight_matrix(b, m, k, n, ldb, trans_b, steps_);
     const auto [begin, end] = own_rows(m);
-    cpu::own::gemm<T>(n, k, {a, lda, 1}, weights, c, ldc, beta == 1.0, begin, end, 0,
-                         cpu::own::panels_of<T>(n));
+    cpu::own::gemm<T>(n, k, {a, lda, 1}, weights, c, ldc, beta == 1.0, begin, end, 0, cpu::own::panels_of<T>(n));
   }
 
   template <typename T>
@@ -885,10 +885,10 @@ struct CpuBackend {
     return sums;
   }
 
-  // a (M, K) @ b (K, N) as a new tensor (whole-sequence products, outside any team). With lstmfast's own GEMM: A is
-  // read through its strides (a weight gradient G^T X reads G in place) and B's rows in place, both
-  // copied block by block into contiguous tiles (tall_gemm). Else
-  // float32 goes through blocked_brgemm, where a weight gradient a = g^T (g an (N, X) row-major
+  // a (M, K) @ b (K, N) as a new tensor (whole-sequence products, outside any team). With lstmfast's own
+  // GEMM: A is read through its strides (a weight gradient G^T X reads G in place) and B's rows in
+  // place, both copied block by block into contiguous tiles (tall_gemm). Else float32 goes through
+  // blocked_brgemm, where a weight gradient a = g^T (g an (N, X) row-major
   // sequence buffer) is computed as (b^T g)^T, transposing the narrower b instead of g.
   // With row_sums (zeros), also row_sums += a.sum(1) in column_sums' order: from the product's own pass
   // over a when a is a weight gradient's G^T (tall_product), else from column_sums.
