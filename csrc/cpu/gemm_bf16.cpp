@@ -1,9 +1,10 @@
 // The AVX512-BF16 GEMM of gemm_bf16.h: register-tiled vdpbf16ps micro-kernels over B in packed panels.
 #include "gemm_bf16.h"
 
+#include "aligned.h"
+
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
@@ -187,7 +188,7 @@ void pack_b(const float* b, int64_t k, int64_t n, int64_t ld, bool transposed, u
     }
     bool finite() const { return all_finite; }
   };
-  thread_local std::vector<uint32_t> scratch;
+  thread_local AlignedVector<uint32_t> scratch;
   const int64_t row_words = padded_depth(k) / 2;
   scratch.resize(kPanel * row_words);
   pack_transposed(k, n, out, panel_begin, panel_end, nonfinite, [&](int64_t j0, int64_t count) {

@@ -25,6 +25,7 @@
 
 #include "persistent_emulator.h"
 #include "../layer_ops.h"
+#include "aligned.h"
 #include "gemm.h"
 #include "gemm_bf16.h"
 #include "pointwise.h"
@@ -445,7 +446,7 @@ struct CpuBackend {
     TORCH_INTERNAL_ASSERT(row_sums == nullptr || (a.row_stride == 1 && a.depth_stride != 1));
     const int64_t panels = x::panels_of<T>(n), group = x::panels_per_tile(x::kMaxRows);
     const auto run_part = [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
-      thread_local std::vector<T> scratch(x::gemm_tall_scratch<T>());
+      thread_local cpu::AlignedVector<T> scratch(x::gemm_tall_scratch<T>());
       x::gemm_tall<T>(r1 - r0, n, k, {a.data + r0 * a.row_stride, a.row_stride, a.depth_stride}, b, ldb,
                       b_transposed, packed_b, c + r0 * ldc, ldc, accumulate, p0, p1, scratch.data(),
                       row_sums != nullptr && p0 == 0 ? row_sums + r0 : nullptr);
@@ -647,7 +648,7 @@ struct CpuBackend {
     const uint16_t *high, *low;
   };
   static RoundedBlock round_block(const float* a, int64_t lda, int64_t rows, int64_t k, bool split) {
-    thread_local std::vector<uint16_t> scratch;
+    thread_local cpu::AlignedVector<uint16_t> scratch;
     const int64_t kp = cpu::bf16::padded_depth(k);
     if (static_cast<int64_t>(scratch.size()) < 2 * kBf16Block * kp) scratch.resize(2 * kBf16Block * kp);
     uint16_t *high = scratch.data(), *low = high + kBf16Block * kp;
@@ -696,7 +697,7 @@ struct CpuBackend {
   void bf16_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                  bool trans_b, bool accumulate, float* c, int64_t ldc, bool split, int64_t uses) {
     if (engine_ == cpu::Bf16Engine::kFloat32) {
-      thread_local std::vector<float> rounded;
+      thread_local cpu::AlignedVector<float> rounded;
       if (static_cast<int64_t>(rounded.size()) < m * k) rounded.resize(m * k);
       for (int64_t r = 0; r < m; ++r) {
         for (int64_t kk = 0; kk < k; ++kk) {
@@ -772,7 +773,7 @@ struct CpuBackend {
     const int64_t group = std::clamp<int64_t>(kStreamedBytes / (panel_elems * static_cast<int64_t>(sizeof(Elem))),
                                               trans_b ? 1 : 4, kStreamedPanels);
     share((panels + group - 1) / group, 1, [&](int64_t begin, int64_t end) {
-      thread_local std::vector<Elem> scratch;
+      thread_local cpu::AlignedVector<Elem> scratch;
       if (static_cast<int64_t>(scratch.size()) < group * panel_elems) scratch.resize(group * panel_elems);
       const auto use = start();
       for (int64_t g = begin; g < end; ++g) {
