@@ -3,7 +3,8 @@ activations saved for backward, once nothing else uses them): fresh pages for ev
 page faults by the hundred thousand per second of training.
 
 Each thread that runs lstmfast ops keeps its own cache, freed when the thread ends; all threads'
-caches together hold at most ``cpu_cache_limit()`` bytes (512 MiB unless set otherwise).
+caches together hold at most ``cpu_cache_limit()`` bytes (unless set otherwise, an eighth of the
+machine's memory, from 512 MiB to 2 GiB).
 """
 
 from ._ops import ops

@@ -31,8 +31,9 @@ def train_step(model, x):
     (y.square().mean() + h.sum()).backward()
 
 
-def test_default_limit_is_512_mib():
-    assert lstmfast.cpu_cache_limit() == 512 << 20
+def test_default_limit_is_an_eighth_of_memory_from_512_mib_to_2_gib():
+    eighth = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8
+    assert lstmfast.cpu_cache_limit() == min(max(eighth, 512 << 20), 2 << 30)
 
 
 def test_threads_caches_are_counted_together_and_freed_from_the_main_thread(cache_limit):
