@@ -670,10 +670,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
       input_weight_and_bias_grads(dev, need_weights, need_bias, grad_input_gates, input, l.input_size);
   Tensor grad_w_hh =
       need_weights ? grad_recurrent_weight(dev, l, grad_hidden_gates, out, h_init, hidden_prev) : empty();
-  // Unlike LSTM / RNN the two bias gradients differ: b_hn sits inside the reset gate's product.
-  // (b_hh's gradient is summed on its own: dW_hh's products do not take G's rows in order.)
-  const Tensor grad_b_hh =
-      need_bias ? column_sums(dev, grad_hidden_gates) : at::empty({0}, grad_hidden_gates.options());
+  // Unlike LSTM / RNN the two bias gradients differ, but only in b_hn's part, which sits inside the
+  // reset gate's product: the r and z columns of the two gate-gradient buffers are the same numbers, so
+  // b_hh's r and z parts are b_ih's (the same sums, in the same order), and one pass over G's n columns
+  // makes the rest. (That pass is b_hn's own: dW_hh's products do not take G's rows in order.)
+  Tensor grad_b_hh = at::empty({need_bias ? 3 * H : 0}, grad_hidden_gates.options());
+  if (need_bias) {
+    grad_b_hh.narrow(0, 0, 2 * H).copy_(grad_b_ih.narrow(0, 0, 2 * H));
+    grad_b_hh.narrow(0, 2 * H, H).copy_(column_sums(dev, grad_hidden_gates.narrow(1, 2 * H, H)));
+  }
   grad_w_ih = grad_w_ih.contiguous(), grad_w_hh = grad_w_hh.contiguous();
   return {grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_h_norm};
 }
