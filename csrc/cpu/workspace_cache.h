@@ -33,9 +33,8 @@ void empty_cache();
 int64_t cache_limit();
 void set_cache_limit(int64_t bytes);
 
-// The sizes the cache serves: from 1 MiB (smaller blocks cost few page faults) to the limit. Long
-// sequences' gate buffers run to hundreds of MB, and their fresh pages cost more than small ones':
-// GRU T=512 B=64 H=1024 training spent 17% of its time zeroing fresh pages (clear_page in `perf`).
+// The sizes the cache serves: from 1 MiB (smaller blocks cost few page faults) up to the limit (long
+// sequences' gate buffers run to hundreds of MB; see the default limit in workspace_cache.cpp).
 constexpr int64_t kSmallestBlock = int64_t(1) << 20;
 inline bool cached_size(int64_t bytes) { return bytes >= kSmallestBlock && bytes <= cache_limit(); }
 
